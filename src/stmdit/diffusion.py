@@ -1,0 +1,341 @@
+"""Training objective and dual-guidance sampling.
+
+Training follows PixArt / PixCell: diffusers' ``DDPMScheduler`` with a linear beta schedule
+over 1000 steps and epsilon prediction. Morphology and gene expression are dropped
+independently (each replaced by its null embedding with its own probability), so one model
+learns the four conditionals needed for dual classifier-free guidance:
+
+    eps = eps(0, 0) + s_m * (eps(m, 0) - eps(0, 0)) + s_g * (eps(m, g) - eps(m, 0))
+
+Sampling uses ``DPMSolverMultistepScheduler`` (DPM-Solver++, order 2, 20 steps) and computes
+all guidance branches of a step in one batched forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from tqdm.auto import tqdm
+
+from stmdit.model import STMDiT
+
+# PixCell drops its UNI condition with probability 0.1; GE gets the same default.
+DEFAULT_P_DROP_MORPHOLOGY = 0.1
+DEFAULT_P_DROP_GE = 0.1
+
+
+@dataclass
+class Condition:
+    """The conditioning inputs of a batch. Any field may be None (that modality is absent).
+
+    ``ge_mask`` is True for real genes and False for padding, as in :class:`~stmdit.STMDiT`.
+    """
+
+    morphology: torch.Tensor | None = None
+    ge: torch.Tensor | None = None
+    ge_tokens: torch.Tensor | None = None
+    ge_mask: torch.Tensor | None = None
+
+    @property
+    def has_morphology(self) -> bool:
+        return self.morphology is not None
+
+    @property
+    def has_ge(self) -> bool:
+        return self.ge is not None or self.ge_tokens is not None
+
+    def _map(self, fn) -> Condition:
+        return Condition(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self)})
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device) if (dtype is None or not t.is_floating_point()) else t.to(device, dtype)
+
+        return self._map(move)
+
+    def repeat(self, n: int) -> Condition:
+        """Stack the batch ``n`` times along dim 0 (for batched guidance branches)."""
+        return self._map(lambda t: t.repeat(n, *([1] * (t.ndim - 1))))
+
+    def repeat_interleave(self, n: int) -> Condition:
+        """Repeat every row ``n`` times (several images per spot)."""
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def without_ge(self) -> Condition:
+        return replace(self, ge=None, ge_tokens=None, ge_mask=None)
+
+    def without_morphology(self) -> Condition:
+        return replace(self, morphology=None)
+
+    def model_kwargs(self) -> dict[str, torch.Tensor | None]:
+        return {"morphology": self.morphology, "ge": self.ge, "ge_tokens": self.ge_tokens, "ge_mask": self.ge_mask}
+
+    def batch_size(self) -> int | None:
+        sizes = {getattr(self, f.name).shape[0] for f in fields(self) if getattr(self, f.name) is not None}
+        if len(sizes) > 1:
+            raise ValueError(f"condition fields have different batch sizes: {sorted(sizes)}")
+        return sizes.pop() if sizes else None
+
+
+def make_training_scheduler(num_train_timesteps: int = 1000, learned_variance: bool = False) -> DDPMScheduler:
+    """PixArt's forward process: linear betas 1e-4..0.02, epsilon prediction."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type="epsilon",
+        variance_type="learned_range" if learned_variance else "fixed_small",
+        clip_sample=False,
+    )
+
+
+def make_sampling_scheduler(training_scheduler: DDPMScheduler | None = None) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (order 2) over the same noise schedule.
+
+    Learned-variance channels are split off before the scheduler sees the prediction, so the
+    scheduler is configured for plain epsilon.
+    """
+    config = dict((training_scheduler or make_training_scheduler()).config)
+    config.update(variance_type=None, algorithm_type="dpmsolver++", solver_order=2)
+    return DPMSolverMultistepScheduler.from_config(config)
+
+
+@dataclass
+class ModalityDropout:
+    """Independent per-sample condition dropout for classifier-free guidance."""
+
+    p_morphology: float = DEFAULT_P_DROP_MORPHOLOGY
+    p_ge: float = DEFAULT_P_DROP_GE
+
+    def __post_init__(self):
+        for name in ("p_morphology", "p_ge"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1]; got {p}")
+
+    def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean masks (drop_morphology, drop_ge), drawn independently."""
+        u = torch.rand(2, batch, generator=generator)
+        return u[0] < self.p_morphology, u[1] < self.p_ge
+
+
+def _gaussian_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def variational_bound_term(
+    scheduler: DDPMScheduler, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, var_values: torch.Tensor
+) -> torch.Tensor:
+    """IDDPM's L_vlb term for the learned-variance channels, in nats per dimension, per sample.
+
+    The model's variance is ``exp(f log beta_t + (1 - f) log beta~_t)`` with ``f = (v + 1) / 2``;
+    the mean comes from the (detached) epsilon prediction so that this term trains only the
+    variance. KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0; for t = 0 the Gaussian
+    negative log-likelihood of x_0 (latents are continuous, so no discretised decoder).
+    """
+    ac = scheduler.alphas_cumprod.to(x0.device, torch.float64)
+    betas = scheduler.betas.to(x0.device, torch.float64)
+    ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    # beta~_0 is 0; IDDPM clips its log at beta~_1.
+    post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    coef_x0 = betas * ac_prev.sqrt() / (1.0 - ac)
+    coef_xt = (1.0 - ac_prev) * (1.0 - betas).sqrt() / (1.0 - ac)
+
+    def at(v: torch.Tensor) -> torch.Tensor:
+        return v[t].float().view(-1, *([1] * (x0.ndim - 1)))
+
+    true_mean = at(coef_x0) * x0 + at(coef_xt) * xt
+    x0_pred = (xt - at((1 - ac).sqrt()) * eps.detach()) / at(ac.sqrt())
+    model_mean = at(coef_x0) * x0_pred + at(coef_xt) * xt
+    frac = (var_values.float() + 1) / 2
+    model_logvar = frac * at(torch.log(betas)) + (1 - frac) * at(post_logvar)
+
+    kl = _gaussian_kl(true_mean, at(post_logvar), model_mean, model_logvar).flatten(1).mean(1)
+    nll = 0.5 * (model_logvar + (x0 - model_mean) ** 2 * torch.exp(-model_logvar) + torch.log(torch.tensor(2 * torch.pi)))
+    nll = nll.flatten(1).mean(1)
+    return torch.where(t == 0, nll, kl)
+
+
+def training_loss(
+    model: STMDiT,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    cond: Condition,
+    dropout: ModalityDropout,
+    generator: torch.Generator | None = None,
+    vlb_weight: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Epsilon-MSE (plus ``vlb_weight`` * L_vlb for learned-variance models) on one batch.
+
+    All randomness (timesteps, noise, dropout masks) comes from ``generator`` (a CPU
+    generator), so a step is reproducible from its seed alone: this is what makes resume exact.
+    Returns ``{"loss", "mse"[, "vlb"]}``.
+    """
+    b = x0.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    drop_m, drop_g = dropout.sample(b, generator)
+    xt = scheduler.add_noise(x0, noise, t)
+    kwargs = cond.model_kwargs()
+    if not model_has_ge(model):
+        if cond.has_ge:
+            raise ValueError("the batch carries gene expression but the model has ge_injection='none'")
+        drop_g = None
+    out = model(xt, t, drop_morphology=drop_m.to(x0.device), drop_ge=None if drop_g is None else drop_g.to(x0.device), **kwargs)
+    c = x0.shape[1]
+    eps = out[:, :c]
+    mse = torch.mean((eps.float() - noise.float()) ** 2)
+    losses = {"mse": mse}
+    loss = mse
+    if model_learns_variance(model) and vlb_weight > 0:
+        vlb = variational_bound_term(scheduler, x0.float(), xt.float(), t, eps.float(), out[:, c:]).mean()
+        losses["vlb"] = vlb
+        loss = loss + vlb_weight * vlb
+    losses["loss"] = loss
+    return losses
+
+
+def _config(model) -> dict:
+    # Works on a bare STMDiT and on one wrapped by DDP / accelerate.
+    return getattr(model, "module", model).config
+
+
+def model_has_ge(model) -> bool:
+    return _config(model).ge_injection != "none"
+
+
+def model_learns_variance(model) -> bool:
+    cfg = _config(model)
+    return cfg.out_channels == 2 * cfg.in_channels
+
+
+def guidance_branches(cond: Condition, model_has_ge_pathway: bool) -> list[tuple[bool, bool]]:
+    """(drop_morphology, drop_ge) for each forward a guided step needs, in formula order.
+
+    both given        -> [(0,0), (m,0), (m,g)]
+    morphology only   -> [(0,0), (m,0)]
+    GE only           -> [(0,0), (0,g)]
+    nothing           -> [(0,0)]
+    """
+    has_m = cond.has_morphology
+    has_g = cond.has_ge and model_has_ge_pathway
+    if has_m and has_g:
+        return [(True, True), (False, True), (False, False)]
+    if has_m:
+        return [(True, True), (False, True)]
+    if has_g:
+        return [(True, True), (True, False)]
+    return [(True, True)]
+
+
+def combine_guidance(preds: list[torch.Tensor], branches: list[tuple[bool, bool]], s_m: float, s_g: float) -> torch.Tensor:
+    """Apply the nested dual-guidance formula to the branch predictions."""
+    if len(preds) == 3:
+        e00, em0, emg = preds
+        return e00 + s_m * (em0 - e00) + s_g * (emg - em0)
+    if len(preds) == 2:
+        e00, e1 = preds
+        scale = s_m if branches[1] == (False, True) else s_g
+        return e00 + scale * (e1 - e00)
+    return preds[0]
+
+
+@torch.no_grad()
+def guided_prediction(
+    model: STMDiT,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Condition,
+    guidance_morph: float = 1.5,
+    guidance_ge: float = 1.5,
+) -> torch.Tensor:
+    """Guided epsilon for a batch of latents, all branches in one forward."""
+    has_ge_pathway = model_has_ge(model)
+    if cond.has_ge and not has_ge_pathway:
+        raise ValueError("gene expression was given but the model has ge_injection='none'")
+    branches = guidance_branches(cond, has_ge_pathway)
+    n, b = len(branches), x.shape[0]
+    drops = torch.tensor(branches, device=x.device).repeat_interleave(b, dim=0)
+    out = model(
+        x.repeat(n, 1, 1, 1),
+        torch.as_tensor(t, device=x.device).expand(n * b),
+        drop_morphology=drops[:, 0],
+        drop_ge=drops[:, 1] if has_ge_pathway else None,
+        **cond.repeat(n).model_kwargs(),
+    )
+    eps = out[:, : x.shape[1]]
+    return combine_guidance(list(eps.chunk(n)), branches, guidance_morph, guidance_ge)
+
+
+def initial_noise(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise on the CPU from one generator, or one generator per row."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generator])
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample(
+    model: STMDiT,
+    scheduler: DPMSolverMultistepScheduler,
+    cond: Condition,
+    num_images: int | None = None,
+    guidance_morph: float = 1.5,
+    guidance_ge: float = 1.5,
+    num_inference_steps: int = 20,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
+    strength: float = 1.0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Draw latents for every row of ``cond`` (or ``num_images`` unconditional ones).
+
+    ``generator`` may be one generator for the batch or one per row; per-row generators make
+    each image independent of how spots are batched (paired counterfactuals rely on this).
+
+    With ``strength < 1`` and ``latents`` given, sampling starts from ``latents`` noised to
+    that fraction of the schedule (SDEdit), which keeps the layout of a real tile.
+    """
+    cfg = _config(model)
+    batch = cond.batch_size()
+    if batch is None:
+        if num_images is None:
+            raise ValueError("give num_images when no condition is given")
+        batch = num_images
+    elif num_images is not None and num_images != batch:
+        raise ValueError(f"num_images ({num_images}) differs from the condition's batch size ({batch})")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1]; got {strength}")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    cond = cond.to(device, dtype)
+
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    noise = initial_noise(shape, generator).to(device, dtype)
+    if strength < 1.0:
+        if latents is None:
+            raise ValueError("strength < 1 edits given latents: pass latents")
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
+        start = int(round(num_inference_steps * (1.0 - strength)))
+        timesteps = timesteps[start:]
+        if len(timesteps) == 0:
+            raise ValueError(f"strength {strength} leaves no denoising step at {num_inference_steps} steps")
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        x = scheduler.add_noise(latents.to(device, dtype), noise, timesteps[:1].expand(batch))
+    else:
+        x = noise * scheduler.init_noise_sigma
+    for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
+        x_in = scheduler.scale_model_input(x, t)
+        eps = guided_prediction(model, x_in, t, cond, guidance_morph, guidance_ge)
+        x = scheduler.step(eps, t, x).prev_sample
+    return x

@@ -1,0 +1,221 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stmdit import STMDiT
+from stmdit.diffusion import (
+    Condition,
+    ModalityDropout,
+    guidance_branches,
+    guided_prediction,
+    make_sampling_scheduler,
+    make_training_scheduler,
+    sample,
+    training_loss,
+    variational_bound_term,
+)
+
+
+class StubDenoiser(torch.nn.Module):
+    """Returns a known value per branch: 1 + 10*[morphology kept] + 100*[GE kept], plus x.
+
+    Records every call so the test can check that all branches ran in one forward.
+    """
+
+    def __init__(self, has_ge=True):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.config = type("C", (), {"ge_injection": "xattn" if has_ge else "none", "in_channels": 2,
+                                     "out_channels": 2, "sample_size": 4})()  # fmt: skip
+        self.calls = []
+
+    def forward(self, x, t, morphology=None, ge=None, ge_tokens=None, ge_mask=None, drop_morphology=None, drop_ge=None):
+        self.calls.append(x.shape[0])
+        b = x.shape[0]
+        keep_m = torch.zeros(b) if morphology is None else (~drop_morphology).float()
+        keep_g = torch.zeros(b) if (ge is None or drop_ge is None) else (~drop_ge).float()
+        return x + (1 + 10 * keep_m + 100 * keep_g).view(b, 1, 1, 1)
+
+
+def test_dual_guidance_matches_the_formula_by_hand():
+    stub = StubDenoiser()
+    x = torch.zeros(2, 2, 4, 4)
+    cond = Condition(morphology=torch.ones(2, 3), ge=torch.ones(2, 5))
+    out = guided_prediction(stub, x, torch.tensor(10), cond, guidance_morph=2.0, guidance_ge=3.0)
+    # eps(0,0)=1, eps(m,0)=11, eps(m,g)=111: 1 + 2*(11-1) + 3*(111-11) = 321
+    assert torch.allclose(out, torch.full_like(out, 321.0))
+    assert stub.calls == [6]  # three branches, one batched forward
+
+
+@pytest.mark.parametrize(
+    ("cond", "has_ge", "expected", "calls"),
+    [
+        (Condition(ge=torch.ones(2, 5)), True, 1 + 3 * (101 - 1), 4),  # GE only: eps00 + s_g (eps0g - eps00)
+        (Condition(morphology=torch.ones(2, 3)), True, 1 + 2 * (11 - 1), 4),  # morphology only
+        (Condition(morphology=torch.ones(2, 3)), False, 1 + 2 * (11 - 1), 4),  # no-GE model
+        (Condition(), True, 1, 2),  # unconditional
+    ],
+)
+def test_single_modality_modes(cond, has_ge, expected, calls):
+    stub = StubDenoiser(has_ge=has_ge)
+    out = guided_prediction(stub, torch.zeros(2, 2, 4, 4), torch.tensor(3), cond, guidance_morph=2.0, guidance_ge=3.0)
+    assert torch.allclose(out, torch.full_like(out, float(expected)))
+    assert stub.calls == [calls]
+
+
+def test_guidance_scale_one_gives_the_fully_conditional_prediction():
+    stub = StubDenoiser()
+    cond = Condition(morphology=torch.ones(1, 3), ge=torch.ones(1, 5))
+    out = guided_prediction(stub, torch.zeros(1, 2, 4, 4), 5, cond, 1.0, 1.0)
+    assert torch.allclose(out, torch.full_like(out, 111.0))
+
+
+def test_ge_given_to_a_model_without_ge_pathway_is_an_error():
+    with pytest.raises(ValueError, match="ge_injection='none'"):
+        guided_prediction(StubDenoiser(has_ge=False), torch.zeros(1, 2, 4, 4), 5, Condition(ge=torch.ones(1, 5)))
+    assert guidance_branches(Condition(ge=torch.ones(1, 5)), False) == [(True, True)]
+
+
+def test_modality_dropout_rates_and_independence():
+    g = torch.Generator().manual_seed(0)
+    drop_m, drop_g = ModalityDropout(p_morphology=0.3, p_ge=0.1).sample(200_000, g)
+    assert abs(drop_m.float().mean().item() - 0.3) < 0.005
+    assert abs(drop_g.float().mean().item() - 0.1) < 0.005
+    both = (drop_m & drop_g).float().mean().item()
+    assert abs(both - 0.03) < 0.003  # independent: P(both) = 0.3 * 0.1
+    with pytest.raises(ValueError, match="p_ge must be a probability"):
+        ModalityDropout(p_ge=1.5)
+
+
+def test_training_loss_drops_conditions_at_the_configured_rates():
+    seen = []
+
+    class Spy(StubDenoiser):
+        def forward(self, x, t, drop_morphology=None, drop_ge=None, **kw):
+            seen.append((drop_morphology.clone(), drop_ge.clone()))
+            return torch.zeros_like(x) + self.anchor
+
+    cond = Condition(morphology=torch.ones(5000, 3), ge=torch.ones(5000, 5))
+    training_loss(Spy(), make_training_scheduler(), torch.zeros(5000, 2, 4, 4), cond,
+                  ModalityDropout(0.25, 0.5), torch.Generator().manual_seed(1))  # fmt: skip
+    drop_m, drop_g = seen[0]
+    assert abs(drop_m.float().mean().item() - 0.25) < 0.03
+    assert abs(drop_g.float().mean().item() - 0.5) < 0.03
+
+
+def test_schedulers_follow_pixart():
+    train = make_training_scheduler()
+    assert train.config.num_train_timesteps == 1000
+    assert train.config.beta_schedule == "linear"
+    assert math.isclose(train.config.beta_start, 1e-4) and math.isclose(train.config.beta_end, 0.02)
+    assert train.config.prediction_type == "epsilon"
+    sampler = make_sampling_scheduler(train)
+    assert type(sampler).__name__ == "DPMSolverMultistepScheduler"
+    assert sampler.config.algorithm_type == "dpmsolver++" and sampler.config.solver_order == 2
+    assert torch.allclose(sampler.betas, train.betas)
+
+
+def tiny_model(**kw):
+    return STMDiT.from_preset("tiny", in_channels=3, sample_size=8, patch_size=2, morph_dim=6, ge_dim=5, **kw)
+
+
+def test_loss_falls_when_overfitting_a_tiny_batch():
+    torch.manual_seed(0)
+    model = tiny_model()
+    sched = make_training_scheduler()
+    x0 = torch.rand(8, 3, 8, 8) * 2 - 1
+    cond = Condition(morphology=torch.randn(8, 6), ge=torch.randn(8, 5))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(150):
+        g = torch.Generator().manual_seed(step % 4)  # a few fixed noise draws, so it can overfit
+        loss = training_loss(model, sched, x0, cond, ModalityDropout(0.1, 0.1), g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+
+
+def test_vlb_term_matches_a_hand_computed_gaussian_kl():
+    sched = make_training_scheduler(learned_variance=True)
+    x0, xt, eps = torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2)
+    v = torch.full((1, 1, 2, 2), 0.3)
+    t = 500
+    b = sched.betas.double()
+    ac = sched.alphas_cumprod.double()
+    ac_prev = ac[t - 1]
+    post_var = b[t] * (1 - ac_prev) / (1 - ac[t])
+    mu_true = (b[t] * ac_prev.sqrt() / (1 - ac[t])) * x0 + ((1 - ac_prev) * (1 - b[t]).sqrt() / (1 - ac[t])) * xt
+    x0_hat = (xt - (1 - ac[t]).sqrt() * eps) / ac[t].sqrt()
+    mu_model = (b[t] * ac_prev.sqrt() / (1 - ac[t])) * x0_hat + ((1 - ac_prev) * (1 - b[t]).sqrt() / (1 - ac[t])) * xt
+    frac = (0.3 + 1) / 2
+    var_model = torch.exp(frac * torch.log(b[t]) + (1 - frac) * torch.log(post_var))
+    kl = 0.5 * (torch.log(var_model / post_var) + post_var / var_model + (mu_true - mu_model) ** 2 / var_model - 1)
+    got = variational_bound_term(sched, x0, xt, torch.tensor([t]), eps, v)
+    assert torch.allclose(got.double(), kl.mean().reshape(1).double(), rtol=1e-4)
+
+
+def test_learned_variance_model_trains_with_the_vlb_term():
+    model = tiny_model(out_channels=6)
+    cond = Condition(morphology=torch.randn(4, 6), ge=torch.randn(4, 5))
+    out = training_loss(model, make_training_scheduler(learned_variance=True), torch.randn(4, 3, 8, 8), cond,
+                        ModalityDropout(), torch.Generator().manual_seed(0), vlb_weight=1.0)  # fmt: skip
+    assert set(out) == {"loss", "mse", "vlb"} and torch.isfinite(out["loss"])
+    out["loss"].backward()
+
+
+def test_sampling_is_reproducible_and_per_row_generators_are_batch_independent():
+    model = tiny_model()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    sched = make_sampling_scheduler()
+    cond = Condition(morphology=torch.randn(3, 6), ge=torch.randn(3, 5))
+
+    def run(c, gens):
+        return sample(model, sched, c, num_inference_steps=4, generator=gens, progress=False)
+
+    a = run(cond, [torch.Generator().manual_seed(i) for i in range(3)])
+    b = run(cond, [torch.Generator().manual_seed(i) for i in range(3)])
+    assert torch.equal(a, b) and a.shape == (3, 3, 8, 8)
+    alone = run(Condition(morphology=cond.morphology[1:2], ge=cond.ge[1:2]), [torch.Generator().manual_seed(1)])
+    torch.testing.assert_close(alone[0], a[1], atol=1e-5, rtol=1e-5)
+
+
+class OracleDenoiser(StubDenoiser):
+    """Predicts the exact noise that separates x_t from a fixed target: a perfect denoiser
+    for a one-point data distribution."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+        self.config.in_channels, self.config.out_channels = target.shape[1], target.shape[1]
+        self.alphas_cumprod = make_training_scheduler().alphas_cumprod
+
+    def forward(self, x, t, **kw):
+        self.calls.append(x.shape[0])
+        ac = self.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+        return (x - ac.sqrt() * self.target.repeat(x.shape[0] // self.target.shape[0], 1, 1, 1)) / (1 - ac).sqrt()
+
+
+@pytest.mark.parametrize(("strength", "steps_run"), [(1.0, 10), (0.3, 3), (0.55, 6)])
+def test_partial_noising_starts_at_the_right_step_and_lands_on_the_target(strength, steps_run):
+    target = torch.randn(2, 3, 4, 4)
+    oracle = OracleDenoiser(target)
+    oracle.config.sample_size = 4
+    out = sample(oracle, make_sampling_scheduler(), Condition(), num_images=2, latents=torch.randn(2, 3, 4, 4),
+                 strength=strength, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                 progress=False)  # fmt: skip
+    assert len(oracle.calls) == steps_run
+    torch.testing.assert_close(out, target, atol=1e-3, rtol=1e-3)
+
+
+def test_partial_noising_needs_latents_and_a_valid_strength():
+    model = tiny_model()
+    sched = make_sampling_scheduler()
+    with pytest.raises(ValueError, match="strength must be in"):
+        sample(model, sched, Condition(ge=torch.randn(2, 5)), latents=torch.randn(2, 3, 8, 8), strength=0.0, progress=False)
+    with pytest.raises(ValueError, match="pass latents"):
+        sample(model, sched, Condition(ge=torch.randn(2, 5)), strength=0.5, progress=False)
