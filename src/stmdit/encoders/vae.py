@@ -1,0 +1,57 @@
+"""Images <-> diffusion latents.
+
+With a diffusers ``AutoencoderKL`` (PixCell uses the Stable Diffusion 3.5 VAE) latents are
+``(z - shift) * scale`` with the factors from the VAE's config; without one the model works
+in pixel space on images scaled to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _factors(vae) -> tuple[float, float]:
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scale = getattr(vae.config, "scaling_factor", None) or 1.0
+    return float(shift), float(scale)
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None, batch_size: int = 32) -> torch.Tensor:
+    """(B, 3, H, W) images in [0, 1] -> latents. With a VAE the posterior mean is used unless
+    a generator is given, in which case the latent is sampled."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (batch, 3, height, width); got {tuple(images.shape)}")
+    x = images.float() * 2.0 - 1.0
+    if vae is None:
+        return x
+    shift, scale = _factors(vae)
+    out = []
+    for chunk in x.split(batch_size):
+        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+        z = dist.sample(generator) if generator is not None else dist.mean
+        out.append((z.float() - shift) * scale)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Latents -> (B, 3, H, W) images in [0, 1]."""
+    if vae is None:
+        x = latents.float()
+    else:
+        shift, scale = _factors(vae)
+        x = torch.cat(
+            [vae.decode((z.float() / scale + shift).to(vae.device, vae.dtype)).sample.float() for z in latents.split(batch_size)]
+        )
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def latent_shape(vae, image_size: int) -> tuple[int, int]:
+    """(channels, side) of the latent of a square ``image_size`` tile."""
+    if vae is None:
+        return 3, image_size
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if image_size % factor:
+        raise ValueError(f"image size {image_size} is not divisible by the VAE's downsampling factor {factor}")
+    return vae.config.latent_channels, image_size // factor
