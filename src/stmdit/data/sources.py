@@ -1,0 +1,92 @@
+"""Training data from a config's ``data`` section.
+
+``source: synthetic`` simulates tissue with the embedded simulator (the demo's default);
+its keys are those of :func:`prepare_synthetic`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anndata
+import numpy as np
+import torch
+
+from stmdit.data.features import FeatureDataset
+from stmdit.data.synthetic import SimulatedTissue, simulate_tissue
+from stmdit.encoders.expression import PanelExpressionEncoder, align_to_panel
+from stmdit.encoders.morphology import StainFeatureEncoder
+from stmdit.encoders.vae import encode_images
+
+
+@dataclass
+class TrainingData:
+    """What a training run needs: features, and the frozen components that made them."""
+
+    train: FeatureDataset
+    val: FeatureDataset | None = None
+    ge_encoder: object | None = None
+    morphology_encoder: object | None = None
+    vae: object | None = None
+
+
+@dataclass
+class SyntheticData(TrainingData):
+    tissue: SimulatedTissue | None = None
+    train_index: np.ndarray | None = None
+    held_out_index: np.ndarray | None = None
+
+    @property
+    def adata(self) -> anndata.AnnData:
+        return self.tissue.adata
+
+    @property
+    def tiles(self) -> torch.Tensor:
+        """All tiles as (N, 3, H, W) floats in [0, 1]."""
+        return torch.from_numpy(self.tissue.tiles).permute(0, 3, 1, 2).float() / 255.0
+
+
+def prepare_synthetic(
+    n_sections: int = 6, grid: int = 24, tile_size: int = 32, n_genes: int = 128, seed: int = 0
+) -> SyntheticData:
+    """Simulate sections, hold the last one out, fit the panel and stain encoders on the
+    others, and encode every spot (pixel-space latents, morphology features, GE vector)."""
+    if n_sections < 2:
+        raise ValueError(f"data.n_sections must be >= 2 (one is held out); got {n_sections}")
+    tissue = simulate_tissue(n_sections=n_sections, grid=grid, tile_size=tile_size, seed=seed)
+    adata = tissue.adata
+    sections = sorted(adata.obs["sample_id"].unique())
+    held_out = adata.obs["sample_id"].to_numpy() == sections[-1]
+    train_idx, test_idx = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    tiles = torch.from_numpy(tissue.tiles).permute(0, 3, 1, 2).float() / 255.0
+
+    ge_encoder = PanelExpressionEncoder.fit(adata[train_idx], n_genes=n_genes)
+    morphology_encoder = StainFeatureEncoder(image_size=tile_size).fit(tiles[train_idx])
+    counts, library, _ = align_to_panel(adata, ge_encoder.genes)
+    with torch.no_grad():
+        features = FeatureDataset(
+            latents=encode_images(None, tiles),
+            morphology=morphology_encoder(tiles),
+            ge=ge_encoder(torch.from_numpy(counts), torch.from_numpy(library))["ge"],
+        )
+    return SyntheticData(
+        train=features.subset(train_idx),
+        val=features.subset(test_idx),
+        ge_encoder=ge_encoder,
+        morphology_encoder=morphology_encoder,
+        vae=None,
+        tissue=tissue,
+        train_index=train_idx,
+        held_out_index=test_idx,
+    )
+
+
+def load_training_data(spec: dict) -> TrainingData:
+    spec = dict(spec or {})
+    source = spec.pop("source", "synthetic")
+    if source == "synthetic":
+        try:
+            return prepare_synthetic(**spec)
+        except TypeError as err:
+            raise ValueError(f"data (source: synthetic): {err}") from err
+    raise ValueError(f"data.source must be 'synthetic'; got {source!r}")

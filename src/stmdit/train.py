@@ -1,0 +1,438 @@
+"""Training loop on HuggingFace ``accelerate``.
+
+One process or many (``accelerate launch --num_processes N``): AdamW with warm-up, gradient
+clipping, EMA weights, mixed precision, TensorBoard scalars, periodic sample grids, and
+checkpoints that are written atomically and resume exactly.
+
+Exact resume rests on one rule: all randomness of step ``s`` (the batch, the timesteps, the
+noise, the modality-dropout masks) is derived from ``(seed, s, process)``. A checkpoint
+therefore only needs the weights, the EMA, the optimizer and LR-schedule state and the step;
+a resumed run then reproduces the losses of an uninterrupted one.
+
+Checkpoints hold no pickled objects: weights are safetensors, the optimizer state is a
+tensor dict loaded with ``torch.load(weights_only=True)``, the rest is JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from stmdit.data.features import FeatureDataset, StepBatchSampler, batch_condition
+from stmdit.diffusion import (
+    ModalityDropout,
+    make_sampling_scheduler,
+    make_training_scheduler,
+    sample,
+    training_loss,
+)
+from stmdit.encoders.vae import decode_latents
+from stmdit.io import atomic_path, write_json, write_text
+from stmdit.model import STMDiT
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+# Keys that may change between a run and its resume without changing what is computed.
+RESUME_FREE_KEYS = {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every"}
+
+
+class ConfigMismatchError(ValueError):
+    """A resume folder was written by a run with a different configuration."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved as ``config.yaml`` in the run folder.
+
+    ``data`` says where the training features come from (read by
+    :func:`stmdit.data.sources.load_training_data`; the trainer itself takes a dataset).
+    ``model`` holds STMDiT constructor arguments plus ``preset`` (default ``tiny``); the
+    channel count, sample size and feature widths are filled in from the data.
+    Defaults follow PixCell where it has one (dropout 0.1, AdamW); the learning rate, warm-up
+    and clipping defaults suit training from scratch rather than PixCell's fine-tuning values
+    (lr 2e-5, 1000 warm-up steps, clip 0.01).
+    """
+
+    output_dir: str = "runs/stmdit"
+    data: dict = field(default_factory=lambda: {"source": "synthetic"})
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    max_steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: str = "constant_with_warmup"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    p_drop_morphology: float = 0.1
+    p_drop_ge: float = 0.1
+    vlb_weight: float = 0.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 0
+    sample_spots: int = 8
+    sample_steps: int = 20
+    guidance_morph: float = 1.5
+    guidance_ge: float = 1.5
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
+        for name in ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "sample_spots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        ModalityDropout(self.p_drop_morphology, self.p_drop_ge)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a training config must be a mapping of keys to values")
+        data.update(overrides)
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown training config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def build_model(config: TrainConfig, dataset: FeatureDataset) -> STMDiT:
+    """STMDiT from the config's ``model`` section, with data-determined entries filled in."""
+    spec = dict(config.model)
+    preset = spec.pop("preset", "tiny")
+    from_data = dataset.model_kwargs()
+    for key, value in from_data.items():
+        if key in spec and spec[key] != value:
+            raise ValueError(f"model.{key} is {spec[key]} in the config but the training data has {value}")
+    spec = {**from_data, **spec}
+    if spec.get("ge_injection", "adaln+xattn") != "none":
+        needed = "ge_dim" if spec.get("ge_pooling", "cls") == "cls" else "ge_token_dim"
+        if needed not in from_data:
+            raise ValueError(f"the model injects gene expression but the training data has no {needed[:-4] or 'ge'} features")
+    return STMDiT.from_preset(preset, **spec)
+
+
+def _step_seed(seed: int, step: int, process: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{step}/{process}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**63)
+
+
+def _config_digest(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in RESUME_FREE_KEYS}
+
+
+def find_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders of a crashed save are ignored)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_step: int
+    losses: list[tuple[int, float]]
+    pipeline_dir: Path | None
+
+
+class Trainer:
+    """Train an STMDiT on a :class:`FeatureDataset`.
+
+    ``ge_encoder``, ``morphology_encoder`` and ``vae`` are the frozen components that
+    produced the features; they are saved with the final pipeline (``run/pipeline``) so that
+    sampling uses the same genes and encoders. ``val`` supplies the spots of the periodic
+    sample grids (the first ``sample_spots`` rows; default: the training set).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset: FeatureDataset,
+        *,
+        ge_encoder=None,
+        morphology_encoder=None,
+        vae=None,
+        val: FeatureDataset | None = None,
+        resume: bool = True,
+        progress: bool = True,
+    ):
+        self.config = config
+        self.dataset = dataset
+        self.val = val if val is not None else dataset
+        self.ge_encoder, self.morphology_encoder, self.vae = ge_encoder, morphology_encoder, vae
+        self.resume = resume
+        self.progress = progress
+        self.run_dir = Path(config.output_dir)
+        self._stop_requested = False
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def _check_resume_config(self) -> None:
+        saved = self.run_dir / "config.yaml"
+        if not saved.exists():
+            raise ConfigMismatchError(f"{self.run_dir} has checkpoints but no config.yaml; it is not a training run folder")
+        old = _config_digest(yaml.safe_load(saved.read_text()) or {})
+        new = _config_digest(self.config.to_dict())
+        diffs = [f"{k}: {old.get(k)!r} (saved) vs {new.get(k)!r} (now)" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if diffs:
+            raise ConfigMismatchError(
+                f"cannot resume {self.run_dir}: it was trained with a different configuration ("
+                + "; ".join(diffs)
+                + "). Use another output_dir, or pass resume=False / --no-resume to start over."
+            )
+
+    def _save_checkpoint(self, step: int, model, optimizer, lr_scheduler, ema: EMAModel, accelerator: Accelerator) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            final = self.run_dir / "checkpoints" / f"step_{step:08d}"
+            with atomic_path(final) as tmp:
+                tmp.mkdir()
+                unwrapped = accelerator.unwrap_model(model)
+                unwrapped.save_pretrained(tmp / "transformer", safe_serialization=True)
+                names = [n for n, _ in unwrapped.named_parameters()]
+                save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params, strict=True)}, tmp / "ema.safetensors")
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "ema_optimization_step": torch.tensor(ema.optimization_step),
+                    "torch_rng": torch.get_rng_state(),
+                }
+                if accelerator.scaler is not None:
+                    state["grad_scaler"] = accelerator.scaler.state_dict()
+                torch.save(state, tmp / "training_state.pt")
+                write_json(tmp / "trainer_state.json", {"step": step, "config": self.config.to_dict()})
+            for old in find_checkpoints(self.run_dir)[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def _load_checkpoint(self, path: Path, model, optimizer, lr_scheduler, ema: EMAModel, accelerator: Accelerator) -> int:
+        try:
+            step = json.loads((path / "trainer_state.json").read_text())["step"]
+            weights = load_file(path / "transformer" / "diffusion_pytorch_model.safetensors")
+            ema_weights = load_file(path / "ema.safetensors")
+            state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        except (OSError, KeyError, json.JSONDecodeError, RuntimeError) as err:
+            raise RuntimeError(f"checkpoint {path} is incomplete or corrupt ({type(err).__name__}: {err})") from err
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.load_state_dict(weights, strict=False)
+        missing = set(n for n, _ in unwrapped.named_parameters()) - set(weights)
+        if missing:
+            raise RuntimeError(f"checkpoint {path} lacks parameters {sorted(missing)[:5]}")
+        names = [n for n, _ in unwrapped.named_parameters()]
+        for shadow, name in zip(ema.shadow_params, names, strict=True):
+            shadow.copy_(ema_weights[name])
+        ema.optimization_step = int(state["ema_optimization_step"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if accelerator.scaler is not None and "grad_scaler" in state:
+            accelerator.scaler.load_state_dict(state["grad_scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(step)
+
+    # -- sampling grids and final pipeline ---------------------------------------------
+
+    def _sample_grid(self, step: int, model, ema: EMAModel) -> None:
+        from stmdit.plotting import save_tile_grid
+
+        n = min(self.config.sample_spots, len(self.val))
+        batch = self.val.batch(range(n))
+        params = list(model.parameters())
+        ema.store(params)
+        ema.copy_to(params)
+        try:
+            model.eval()
+            cond = batch_condition(batch, use_ge=model.has_ge)
+            gen = torch.Generator().manual_seed(self.config.seed)
+            latents = sample(
+                model,
+                make_sampling_scheduler(make_training_scheduler()),
+                cond,
+                guidance_morph=self.config.guidance_morph,
+                guidance_ge=self.config.guidance_ge,
+                num_inference_steps=self.config.sample_steps,
+                generator=gen,
+                progress=False,
+            )
+        finally:
+            ema.restore(params)
+            model.train()
+        real = decode_latents(self.vae, batch["latents"])
+        fake = decode_latents(self.vae, latents)
+        save_tile_grid([("real", real), (f"step {step}", fake)], self.run_dir / "samples" / f"step_{step:08d}.png")
+
+    def _save_pipeline(self, model, ema: EMAModel) -> Path:
+        from stmdit.pipeline import STMDiTPipeline
+
+        final = STMDiT.from_config(model.config)
+        final.load_state_dict(model.state_dict())
+        ema.copy_to(final.parameters())
+        pipe = STMDiTPipeline(
+            transformer=final,
+            scheduler=make_sampling_scheduler(make_training_scheduler(learned_variance=final.learns_variance)),
+            ge_encoder=self.ge_encoder,
+            morphology_encoder=self.morphology_encoder,
+            vae=self.vae,
+        )
+        with atomic_path(self.run_dir / "pipeline") as tmp:
+            pipe.save_pretrained(tmp)
+        return self.run_dir / "pipeline"
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _request_stop(self, signum, frame) -> None:
+        logger.warning("signal %s: finishing this step, writing a checkpoint, then stopping", signum)
+        self._stop_requested = True
+
+    def run(self) -> TrainResult:
+        cfg = self.config
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(self.run_dir))
+        device = accelerator.device
+        existing = find_checkpoints(self.run_dir)
+        if existing and self.resume:
+            self._check_resume_config()
+        elif existing and accelerator.is_main_process:
+            for old in existing:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every process
+        model = build_model(cfg, self.dataset)
+        if cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        noise_scheduler = make_training_scheduler(learned_variance=model.learns_variance)
+        dropout = ModalityDropout(cfg.p_drop_morphology, cfg.p_drop_ge)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        # Stepped once per optimisation step by us (accelerate would step it once per process).
+        lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+        ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        ema.to(device)
+
+        start_step = 0
+        losses_path = self.run_dir / "losses.jsonl"
+        history: list[tuple[int, float]] = []
+        if existing and self.resume:
+            start_step = self._load_checkpoint(existing[-1], model, optimizer, lr_scheduler, ema, accelerator)
+            if losses_path.exists():
+                history = [(r["step"], r["loss"]) for r in map(json.loads, losses_path.read_text().splitlines()) if r["step"] < start_step]
+            logger.info("resumed %s at step %d", existing[-1], start_step)
+        if accelerator.is_main_process:
+            write_text(losses_path, "".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in history))
+            accelerator.init_trackers("tensorboard")
+
+        sampler = StepBatchSampler(
+            len(self.dataset), cfg.batch_size, cfg.seed, start_step, cfg.max_steps,
+            accelerator.process_index, accelerator.num_processes,
+        )
+        unwrapped = accelerator.unwrap_model(model)
+        use_ge = unwrapped.has_ge
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if accelerator.is_local_main_process else {}
+        for s in previous:
+            signal.signal(s, self._request_stop)
+        bar = tqdm(total=cfg.max_steps, initial=start_step, desc=f"training {self.run_dir.name}",
+                   disable=not (self.progress and accelerator.is_main_process), dynamic_ncols=True)
+        done = start_step
+        window: list[float] = []
+        model.train()
+        try:
+            with open(losses_path, "a") if accelerator.is_main_process else contextlib.nullcontext() as loss_log:
+                for step, indices in enumerate(sampler, start=start_step):
+                    batch = {k: v.to(device) for k, v in self.dataset.batch(indices).items()}
+                    gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, accelerator.process_index))
+                    with accelerator.autocast():
+                        out = training_loss(model, noise_scheduler, batch["latents"], batch_condition(batch, use_ge),
+                                            dropout, gen, cfg.vlb_weight)
+                    accelerator.backward(out["loss"])
+                    if cfg.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    ema.step(unwrapped.parameters())
+
+                    loss = accelerator.reduce(out["loss"].detach(), reduction="mean").item()
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"training loss became {loss} at step {step}; lower the learning rate")
+                    window.append(loss)
+                    done = step + 1
+                    if accelerator.is_main_process:
+                        loss_log.write(json.dumps({"step": step, "loss": loss}) + "\n")
+                        history.append((step, loss))
+                        bar.update(1)
+                        if done % cfg.log_every == 0 or done == cfg.max_steps:
+                            loss_log.flush()
+                            mean = sum(window) / len(window)
+                            accelerator.log({"loss": mean, "lr": lr_scheduler.get_last_lr()[0]}, step=done)
+                            bar.set_postfix(loss=f"{mean:.4f}")
+                            window = []
+                    stop = self._stop_requested_anywhere(accelerator)
+                    if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or stop:
+                        if accelerator.is_main_process:
+                            loss_log.flush()
+                        self._save_checkpoint(done, model, optimizer, lr_scheduler, ema, accelerator)
+                    if cfg.sample_every and done % cfg.sample_every == 0 and accelerator.is_main_process:
+                        self._sample_grid(done, unwrapped, ema)
+                    if stop:
+                        break
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        final_step = done
+        pipeline_dir = None
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            accelerator.end_training()
+            if final_step >= cfg.max_steps:
+                pipeline_dir = self._save_pipeline(unwrapped, ema)
+        accelerator.wait_for_everyone()
+        return TrainResult(self.run_dir, final_step, history, pipeline_dir)
+
+    def _stop_requested_anywhere(self, accelerator: Accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return self._stop_requested
+        flag = torch.tensor(float(self._stop_requested), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def train(config: TrainConfig, dataset: FeatureDataset, **kwargs) -> TrainResult:
+    """Functional entry point: ``Trainer(config, dataset, **kwargs).run()``."""
+    return Trainer(config, dataset, **kwargs).run()
