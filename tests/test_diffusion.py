@@ -115,6 +115,11 @@ def test_schedulers_follow_pixart():
     assert type(sampler).__name__ == "DPMSolverMultistepScheduler"
     assert sampler.config.algorithm_type == "dpmsolver++" and sampler.config.solver_order == 2
     assert torch.allclose(sampler.betas, train.betas)
+    assert not sampler.config.thresholding
+    pixel = make_sampling_scheduler(train, pixel_space=True)
+    assert pixel.config.thresholding and pixel.config.sample_max_value == 1.0
+    learned = make_sampling_scheduler(make_training_scheduler(learned_variance=True))
+    assert learned.config.variance_type is None
 
 
 def tiny_model(**kw):

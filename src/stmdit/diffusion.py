@@ -92,15 +92,23 @@ def make_training_scheduler(num_train_timesteps: int = 1000, learned_variance: b
     )
 
 
-def make_sampling_scheduler(training_scheduler: DDPMScheduler | None = None) -> DPMSolverMultistepScheduler:
+def make_sampling_scheduler(
+    training_scheduler: DDPMScheduler | None = None, pixel_space: bool = False
+) -> DPMSolverMultistepScheduler:
     """DPM-Solver++ (order 2) over the same noise schedule.
 
     Learned-variance channels are split off before the scheduler sees the prediction, so the
-    scheduler is configured for plain epsilon.
+    scheduler is configured for plain epsilon. In pixel space the data live in [-1, 1], so the
+    solver's x0 predictions are dynamically thresholded to that range (Imagen); an early,
+    poor x0 estimate then cannot push colours out of gamut. Latents have no such bound.
     """
-    config = dict((training_scheduler or make_training_scheduler()).config)
-    config.update(variance_type=None, algorithm_type="dpmsolver++", solver_order=2)
-    return DPMSolverMultistepScheduler.from_config(config)
+    # Overrides go in as keyword arguments: from_config drops config keys that the source
+    # scheduler left at their defaults (its "_use_default_values"), so a value written into
+    # the dict itself could be silently ignored.
+    overrides = {"variance_type": None, "algorithm_type": "dpmsolver++", "solver_order": 2}
+    if pixel_space:
+        overrides.update(thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.995)
+    return DPMSolverMultistepScheduler.from_config((training_scheduler or make_training_scheduler()).config, **overrides)
 
 
 @dataclass
@@ -317,6 +325,10 @@ def sample(
     shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     cond = cond.to(device, dtype)
 
+    base = getattr(model, "module", model)
+    if hasattr(base, "check_inputs"):
+        # Check shapes once, at the user's batch size, before guidance multiplies the batch.
+        base.check_inputs(torch.empty(shape, device=device), 0, **cond.model_kwargs())
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
     noise = initial_noise(shape, generator).to(device, dtype)

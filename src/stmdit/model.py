@@ -390,7 +390,11 @@ class STMDiT(ModelMixin, ConfigMixin):
 
     # -- forward ------------------------------------------------------------------------
 
-    def _check_inputs(self, x, timestep, morphology, ge, ge_tokens, ge_mask, drop_morphology, drop_ge):
+    def check_inputs(
+        self, x, timestep, morphology=None, ge=None, ge_tokens=None, ge_mask=None, drop_morphology=None, drop_ge=None
+    ) -> None:
+        """Raise ValueError, naming the expected shape, for inputs :meth:`forward` cannot take."""
+        timestep = torch.as_tensor(timestep)
         cfg = self.config
         expected = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
@@ -446,7 +450,7 @@ class STMDiT(ModelMixin, ConfigMixin):
         drop_ge: torch.Tensor | None = None,
     ) -> torch.Tensor:
         timestep = torch.as_tensor(timestep, device=x.device)
-        self._check_inputs(x, timestep, morphology, ge, ge_tokens, ge_mask, drop_morphology, drop_ge)
+        self.check_inputs(x, timestep, morphology, ge, ge_tokens, ge_mask, drop_morphology, drop_ge)
         b, _, h, w = x.shape
         p = self.config.patch_size
         if morphology is not None and morphology.ndim == 2:
