@@ -59,6 +59,14 @@ class ConfigMismatchError(ValueError):
     """A resume folder was written by a run with a different configuration."""
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT / SIGTERM after writing a checkpoint; rerun to resume."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"training interrupted at step {step}; checkpoint {checkpoint} written, rerun to resume")
+        self.step, self.checkpoint = step, checkpoint
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved as ``config.yaml`` in the run folder.
@@ -104,7 +112,9 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "sample_spots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        ModalityDropout(self.p_drop_morphology, self.p_drop_ge)
+        for name in ("p_drop_morphology", "p_drop_ge"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1]; got {getattr(self, name)}")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
@@ -168,7 +178,7 @@ class TrainResult:
     run_dir: Path
     final_step: int
     losses: list[tuple[int, float]]
-    pipeline_dir: Path | None
+    pipeline_dir: Path
 
 
 class Trainer:
@@ -247,7 +257,7 @@ class Trainer:
             weights = load_file(path / "transformer" / "diffusion_pytorch_model.safetensors")
             ema_weights = load_file(path / "ema.safetensors")
             state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-        except (OSError, KeyError, json.JSONDecodeError, RuntimeError) as err:
+        except Exception as err:  # any failure to read a checkpoint means it cannot be resumed from
             raise RuntimeError(f"checkpoint {path} is incomplete or corrupt ({type(err).__name__}: {err})") from err
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.load_state_dict(weights, strict=False)
@@ -281,7 +291,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(self.config.seed)
             latents = sample(
                 model,
-                make_sampling_scheduler(make_training_scheduler()),
+                make_sampling_scheduler(make_training_scheduler(), pixel_space=self.vae is None),
                 cond,
                 guidance_morph=self.config.guidance_morph,
                 guidance_ge=self.config.guidance_ge,
@@ -304,7 +314,9 @@ class Trainer:
         ema.copy_to(final.parameters())
         pipe = STMDiTPipeline(
             transformer=final,
-            scheduler=make_sampling_scheduler(make_training_scheduler(learned_variance=final.learns_variance)),
+            scheduler=make_sampling_scheduler(
+                make_training_scheduler(learned_variance=final.learns_variance), pixel_space=self.vae is None
+            ),
             ge_encoder=self.ge_encoder,
             morphology_encoder=self.morphology_encoder,
             vae=self.vae,
@@ -416,15 +428,14 @@ class Trainer:
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        final_step = done
-        pipeline_dir = None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             accelerator.end_training()
-            if final_step >= cfg.max_steps:
-                pipeline_dir = self._save_pipeline(unwrapped, ema)
+        if done < cfg.max_steps:
+            raise TrainingInterrupted(done, find_checkpoints(self.run_dir)[-1])
+        pipeline_dir = self._save_pipeline(unwrapped, ema) if accelerator.is_main_process else self.run_dir / "pipeline"
         accelerator.wait_for_everyone()
-        return TrainResult(self.run_dir, final_step, history, pipeline_dir)
+        return TrainResult(self.run_dir, done, history, pipeline_dir)
 
     def _stop_requested_anywhere(self, accelerator: Accelerator) -> bool:
         if accelerator.num_processes == 1:

@@ -1,0 +1,148 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stmdit.data.features import FeatureDataset, StepBatchSampler
+from stmdit.train import ConfigMismatchError, TrainConfig, Trainer, TrainingInterrupted, find_checkpoints
+
+
+def dataset(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return FeatureDataset(latents=torch.randn(n, 3, 8, 8, generator=g), morphology=torch.randn(n, 6, generator=g),
+                          ge=torch.randn(n, 5, generator=g))  # fmt: skip
+
+
+def config(tmp_path, name="run", **kw):
+    base = {"output_dir": str(tmp_path / name), "model": {"preset": "tiny", "patch_size": 2}, "max_steps": 6,
+            "batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 2, "checkpoint_every": 2, "log_every": 1}  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "losses.jsonl").read_text().splitlines()]
+
+
+def test_step_sampler_is_deterministic_covers_epochs_and_shards():
+    s = StepBatchSampler(10, 4, seed=3, max_steps=5)
+    batches = [s.global_batch(i) for i in range(5)]
+    flat = [int(i) for b in batches for i in b]
+    assert sorted(flat[:10]) == list(range(10))  # the first epoch is a permutation
+    assert StepBatchSampler(10, 4, seed=3).global_batch(2).tolist() == batches[2].tolist()
+    shards = [list(StepBatchSampler(10, 4, 3, 1, 2, p, 2)) for p in range(2)]
+    assert sorted(shards[0][0] + shards[1][0]) == sorted(batches[1].tolist())
+    with pytest.raises(ValueError, match="divisible by the number of processes"):
+        StepBatchSampler(10, 5, 0, num_processes=2)
+
+
+def test_training_writes_config_checkpoints_losses_and_a_pipeline(tmp_path):
+    cfg = config(tmp_path, sample_every=3, sample_spots=2, sample_steps=2, keep_checkpoints=2)
+    result = Trainer(cfg, dataset(), progress=False).run()
+    run = Path(cfg.output_dir)
+    assert result.final_step == 6 and len(result.losses) == 6
+    assert yaml.safe_load((run / "config.yaml").read_text())["max_steps"] == 6
+    assert [p.name for p in find_checkpoints(run)] == ["step_00000004", "step_00000006"]  # keep the last 2
+    ckpt = find_checkpoints(run)[-1]
+    assert {p.name for p in ckpt.iterdir()} == {"transformer", "ema.safetensors", "training_state.pt", "trainer_state.json"}
+    assert (run / "samples" / "step_00000006.png").exists()
+    assert (run / "pipeline" / "model_index.json").exists()
+    assert any((run / "tensorboard").rglob("events.out.tfevents*"))
+    assert len(losses(run)) == 6
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_losses(tmp_path):
+    data = dataset()
+    full = Trainer(config(tmp_path, "full"), data, progress=False).run()
+    # "Crash" after step 4 (the last checkpoint), with a half-written checkpoint left behind.
+    Trainer(config(tmp_path, "resumed", max_steps=4), data, progress=False).run()
+    stale = tmp_path / "resumed" / "checkpoints" / ".step_00000006.abc.tmp"
+    stale.mkdir()
+    resumed = Trainer(config(tmp_path, "resumed"), data, progress=False).run()
+    assert resumed.final_step == 6
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")  # exact, step for step
+    assert [round(v, 12) for _, v in resumed.losses] == [round(v, 12) for _, v in full.losses]
+    a = torch.load(find_checkpoints(tmp_path / "full")[-1] / "training_state.pt", weights_only=True)
+    b = torch.load(find_checkpoints(tmp_path / "resumed")[-1] / "training_state.pt", weights_only=True)
+    for ka, kb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        torch.testing.assert_close(ka["exp_avg"], kb["exp_avg"], rtol=0, atol=0)
+
+
+def test_resume_refuses_a_folder_from_another_config(tmp_path):
+    Trainer(config(tmp_path, max_steps=2), dataset(), progress=False).run()
+    with pytest.raises(ConfigMismatchError, match=r"learning_rate: 0.001 \(saved\) vs 0.01 \(now\)"):
+        Trainer(config(tmp_path, learning_rate=1e-2), dataset(), progress=False).run()
+    # ... unless asked to start over.
+    Trainer(config(tmp_path, learning_rate=1e-2, max_steps=2), dataset(), resume=False, progress=False).run()
+
+
+def test_resume_from_a_corrupt_checkpoint_fails_clearly(tmp_path):
+    cfg = config(tmp_path, max_steps=2)
+    Trainer(cfg, dataset(), progress=False).run()
+    weights = find_checkpoints(cfg.output_dir)[-1] / "ema.safetensors"
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(RuntimeError, match=r"checkpoint .*step_00000002 is incomplete or corrupt"):
+        Trainer(config(tmp_path, max_steps=4), dataset(), progress=False).run()
+
+
+def test_stop_request_writes_a_checkpoint_and_resumes(tmp_path):
+    data = dataset()
+
+    class StopsEarly(Trainer):
+        def _stop_requested_anywhere(self, accelerator):
+            return self._done_steps() >= 3
+
+        def _done_steps(self):
+            return len(losses(self.run_dir))
+
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 3") as stop:
+        StopsEarly(config(tmp_path, checkpoint_every=100), data, progress=False).run()
+    assert stop.value.checkpoint.name == "step_00000003"
+    assert [p.name for p in find_checkpoints(tmp_path / "run")] == ["step_00000003"]
+    assert not (tmp_path / "run" / "pipeline").exists()
+    second = Trainer(config(tmp_path, checkpoint_every=100), data, progress=False).run()
+    assert second.final_step == 6 and second.pipeline_dir is not None
+
+
+def test_config_rejects_bad_values_and_unknown_keys(tmp_path):
+    with pytest.raises(ValueError, match="mixed_precision must be"):
+        TrainConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="p_drop_ge must be a probability"):
+        TrainConfig(p_drop_ge=2.0)
+    path = tmp_path / "c.yaml"
+    path.write_text("max_step: 10\n")
+    with pytest.raises(ValueError, match=r"unknown training config keys \['max_step'\]"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ValueError, match="model.in_channels is 4 in the config but the training data has 3"):
+        Trainer(config(tmp_path, model={"preset": "tiny", "in_channels": 4}), dataset(), progress=False).run()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_run_completes(tmp_path):
+    cfg = config(tmp_path, "ddp", max_steps=4, batch_size=8, checkpoint_every=2).to_dict()
+    cfg["data"] = {"source": "synthetic", "n_sections": 2, "grid": 6, "tile_size": 16, "n_genes": 16}
+    cfg["model"] = {"preset": "tiny", "patch_size": 4}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "stmdit", "train", str(path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert [p.name for p in find_checkpoints(run)][-1] == "step_00000004"
+    assert len(losses(run)) == 4
+    assert (run / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    assert "pipeline saved" in proc.stdout
