@@ -57,7 +57,7 @@ def train(
 ) -> None:
     """Train an STMDiT. Works in one process or under ``accelerate launch``."""
     from stmdit.data.sources import load_training_data
-    from stmdit.train import ConfigMismatchError, TrainConfig, Trainer
+    from stmdit.train import ConfigMismatchError, TrainConfig, Trainer, TrainingInterrupted
 
     _setup_logging(verbose)
     if not config.is_file():
@@ -70,10 +70,10 @@ def train(
                          vae=data.vae, val=data.val, resume=resume).run()  # fmt: skip
     except (ConfigMismatchError, ValueError) as err:
         _fail(str(err))
-    if result.pipeline_dir is not None:
-        typer.echo(f"trained to step {result.final_step}; pipeline saved to {result.pipeline_dir}")
-    else:
-        typer.echo(f"stopped at step {result.final_step}; rerun the same command to resume")
+    except TrainingInterrupted as stop:
+        typer.echo(str(stop), err=True)
+        raise typer.Exit(code=130) from None
+    typer.echo(f"trained to step {result.final_step}; pipeline saved to {result.pipeline_dir}")
 
 
 @app.command()
