@@ -109,6 +109,11 @@ def test_stop_request_writes_a_checkpoint_and_resumes(tmp_path):
     assert second.final_step == 6 and second.pipeline_dir is not None
 
 
+def test_bf16_mixed_precision_trains(tmp_path):
+    result = Trainer(config(tmp_path, max_steps=3, mixed_precision="bf16"), dataset(), progress=False).run()
+    assert result.final_step == 3 and all(0 < v < 10 for _, v in result.losses)
+
+
 def test_config_rejects_bad_values_and_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="mixed_precision must be"):
         TrainConfig(mixed_precision="fp8")
