@@ -103,6 +103,26 @@ def generate(
 
 
 @app.command()
+def weights() -> None:
+    """Where each component's real weights come from, whether they are gated, and whether
+    they are already on this machine (environment variable or hub cache)."""
+    from stmdit.hub import KNOWN_WEIGHTS, locate, offline
+
+    for src in KNOWN_WEIGHTS:
+        found = locate(src)
+        typer.secho(f"{src.component}: {src.name}", bold=True)
+        typer.echo(f"  from:    {src.where}")
+        typer.echo(f"  gated:   {src.gated}")
+        typer.echo(f"  files:   {src.files}")
+        typer.echo(f"  use:     {src.use}")
+        if src.env:
+            typer.echo(f"  env:     {src.env}=<local folder> makes it the default")
+        typer.echo(f"  on this machine: {found or 'not found'}")
+    typer.echo(f"\nHF_HUB_OFFLINE is {'set: only local folders and the hub cache are used' if offline() else 'not set'}.")
+    typer.echo("Without any of these, STMDiT runs with its weight-free encoders (panel GE, stain features, pixel space).")
+
+
+@app.command()
 def version() -> None:
     """Print the versions of stmdit and the libraries it rests on."""
     import diffusers

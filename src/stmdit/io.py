@@ -51,3 +51,35 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     plt.close(fig)
+
+
+class UntrustedPickleError(RuntimeError):
+    """A checkpoint holds pickled Python objects; loading it would run code from the file."""
+
+
+def load_state_dict_file(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
+    """Tensors from ``.safetensors``, or from a torch file read with ``weights_only=True``.
+
+    Files that need arbitrary unpickling (whole pickled modules, custom classes) are refused
+    unless ``trust_pickle`` is set, because unpickling executes code from the file.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            raise UntrustedPickleError(
+                f"{path} contains pickled Python objects, and loading it would run code from the file. "
+                "If you trust its origin, pass trust_pickle=True (CLI: --trust-pickle)."
+            ) from err
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -7,7 +7,33 @@ in pixel space on images scaled to [-1, 1].
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+
+# The SD3.5 VAE's latent normalisation (from its config); PixCell's latents use it.
+SD35_SHIFT = 0.0609
+SD35_SCALE = 1.5305
+
+
+def load_vae(source: str | os.PathLike = "stabilityai/stable-diffusion-3.5-large", subfolder: str = "vae", dtype=None):
+    """A diffusers ``AutoencoderKL`` from a local folder (the VAE folder itself, or a model
+    folder with a ``vae`` subfolder) or a hub id (its ``vae`` subfolder only is fetched; the
+    SD3.5 repository is gated: see ``stmdit weights``). Frozen, in eval mode."""
+    from diffusers import AutoencoderKL
+
+    from stmdit.hub import hub_snapshot, is_local
+
+    if is_local(source):
+        root = Path(source).expanduser()
+    else:
+        root = hub_snapshot(str(source), allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+    folder = root / subfolder if subfolder and (root / subfolder / "config.json").is_file() else root
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{root} has no VAE: expected config.json there or in {root / subfolder}")
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
+    return vae.eval().requires_grad_(False)
 
 
 def _factors(vae) -> tuple[float, float]:
