@@ -28,7 +28,11 @@ import math
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
+from diffusers.models.embeddings import (
+    get_2d_sincos_pos_embed,
+    get_2d_sincos_pos_embed_from_grid,
+    get_timestep_embedding,
+)
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -131,24 +135,34 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
+def token_grid_pos_embed(dim: int, num_tokens: int, base_size: int, interpolation_scale: float) -> torch.Tensor:
+    """PixCell-1024's sin-cos table for a square grid of morphology tokens: the grid is
+    stretched to the image's patch grid (``base_size``), scaled by ``interpolation_scale``
+    and shifted by ``base_size // num_tokens`` (PixCell's phase)."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"morph_tokens must be a square number (a grid of tiles); got {num_tokens}")
+    coords = torch.arange(side, dtype=torch.float32) / (side / base_size) / interpolation_scale
+    grid = torch.stack(torch.meshgrid(coords, coords, indexing="xy")).reshape(2, 1, side, side)
+    return get_2d_sincos_pos_embed_from_grid(dim, grid + base_size // num_tokens, output_type="pt").float()
+
+
 class MorphologyEmbedder(nn.Module):
     """Morphology embedding(s) (e.g. UNI-2h, 1536-d) -> hidden-size cross-attention tokens.
 
     The null condition is PixArt's fixed random buffer ``randn(tokens, dim) / sqrt(dim)``.
-    With several tokens (a grid of tile embeddings, as PixCell-1024) a fixed 2-D sin-cos
-    position embedding tells them apart.
+    With several tokens (a grid of tile embeddings, as PixCell-1024) PixCell's sin-cos grid
+    table is added to the embeddings (or the null) before the projection.
     """
 
-    def __init__(self, morph_dim: int, num_tokens: int, hidden_size: int):
+    def __init__(self, morph_dim: int, num_tokens: int, hidden_size: int, base_size: int, interpolation_scale: float):
         super().__init__()
         self.num_tokens = num_tokens
         self.y_proj = Mlp(morph_dim, hidden_size, hidden_size)
         self.register_buffer("y_embedding", torch.randn(num_tokens, morph_dim) / morph_dim**0.5)
         if num_tokens > 1:
-            side = math.isqrt(num_tokens)
-            grid = (side, side) if side * side == num_tokens else (num_tokens, 1)
-            pos = get_2d_sincos_pos_embed(hidden_size, grid, base_size=grid[0], output_type="pt")
-            self.register_buffer("pos_embed", pos.float()[None], persistent=False)
+            pos = token_grid_pos_embed(morph_dim, num_tokens, base_size, interpolation_scale)
+            self.register_buffer("pos_embed", pos[None], persistent=False)
         else:
             self.pos_embed = None
 
@@ -158,10 +172,10 @@ class MorphologyEmbedder(nn.Module):
             y = null
         else:
             y = morphology if drop is None else torch.where(drop[:, None, None], null.to(morphology.dtype), morphology)
-        y = self.y_proj(y.to(self.y_proj.fc1.weight.dtype))
+        y = y.to(self.y_proj.fc1.weight.dtype)
         if self.pos_embed is not None:
             y = y + self.pos_embed.to(y.dtype)
-        return y
+        return self.y_proj(y)
 
 
 class PoolingByMultiheadAttention(nn.Module):
@@ -328,7 +342,7 @@ class STMDiT(ModelMixin, ConfigMixin):
         self.register_buffer("pos_embed", pos.float()[None], persistent=False)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-        self.y_embedder = MorphologyEmbedder(morph_dim, morph_tokens, hidden_size)
+        self.y_embedder = MorphologyEmbedder(morph_dim, morph_tokens, hidden_size, grid, interpolation_scale)
 
         self.ge_embedder = None
         self.ge_adaln = None
