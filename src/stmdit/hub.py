@@ -9,6 +9,7 @@ name the model, the licence step and the local-folder alternative.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,19 +111,26 @@ def hub_file(repo_id: str, filename: str, subfolder: str | None = None) -> Path:
         raise _translate(err, repo_id, f"{subfolder + '/' if subfolder else ''}{filename}") from err
 
 
-def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
+def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None, revision: str | None = None) -> Path:
     """Local folder with (part of) a hub repository (from the cache when offline)."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=offline()))
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=offline())
+        )
     except Exception as err:  # every hub failure becomes one actionable message
         raise _translate(err, repo_id, ", ".join(allow_patterns or ["files"])) from err
 
 
 def is_local(source: str | os.PathLike) -> bool:
-    """A source is local when it exists on disk; hub ids look like ``owner/name`` and don't."""
-    return Path(source).expanduser().exists()
+    """A source is local when it exists on disk. Anything else must look like a hub id
+    (``owner/name``); a path that exists nowhere is reported as such."""
+    if Path(source).expanduser().exists():
+        return True
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a Hugging Face hub id (owner/name)")
+    return False
 
 
 def locate(source: WeightsSource) -> str | None:

@@ -53,12 +53,13 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     plt.close(fig)
 
 
-class UntrustedPickleError(RuntimeError):
+class UntrustedPickleError(ValueError):
     """A checkpoint holds pickled Python objects; loading it would run code from the file."""
 
 
-def load_state_dict_file(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
-    """Tensors from ``.safetensors``, or from a torch file read with ``weights_only=True``.
+def load_state_dict_file(path: str | os.PathLike, trust_pickle: bool = False):
+    """Tensors from ``.safetensors``, or the object in a torch file read with ``weights_only=True``
+    (a state dict, or a training checkpoint wrapping one).
 
     Files that need arbitrary unpickling (whole pickled modules, custom classes) are refused
     unless ``trust_pickle`` is set, because unpickling executes code from the file.
@@ -79,7 +80,8 @@ def load_state_dict_file(path: str | os.PathLike, trust_pickle: bool = False) ->
     except pickle.UnpicklingError as err:
         if not trust_pickle:
             raise UntrustedPickleError(
-                f"{path} contains pickled Python objects, and loading it would run code from the file. "
-                "If you trust its origin, pass trust_pickle=True (CLI: --trust-pickle)."
+                f"{path} holds pickled Python objects besides tensors, and loading it runs code from the file. "
+                "If you trust where it came from, pass trust_pickle=True (CLI: --trust-pickle), or re-save its "
+                "state dict as .safetensors."
             ) from err
     return torch.load(path, map_location="cpu", weights_only=False)
