@@ -333,6 +333,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg = self.config
+        _allow_new_precision(cfg.mixed_precision)
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(self.run_dir))
         device = accelerator.device
         existing = find_checkpoints(self.run_dir)
@@ -442,6 +443,17 @@ class Trainer:
             return self._stop_requested
         flag = torch.tensor(float(self._stop_requested), device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _allow_new_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with another
+    mixed-precision setting. In a single process (a notebook training twice) nothing else
+    depends on that state, so it is reset; under a distributed launch it is left alone."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        if AcceleratorState().mixed_precision != mixed_precision:
+            AcceleratorState._reset_state()
 
 
 def train(config: TrainConfig, dataset: FeatureDataset, **kwargs) -> TrainResult:
