@@ -53,6 +53,7 @@ def train(
     output_dir: Annotated[str | None, typer.Option(help="Override the config's output_dir")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Override the config's max_steps")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir")] = True,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow encoder checkpoints that need unpickling (runs code from them)")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train an STMDiT. Works in one process or under ``accelerate launch``."""
@@ -65,7 +66,7 @@ def train(
     overrides = {k: v for k, v in (("output_dir", output_dir), ("max_steps", max_steps)) if v is not None}
     try:
         cfg = TrainConfig.from_yaml(config, **overrides)
-        data = load_training_data(cfg.data)
+        data = load_training_data({**cfg.data, **({"trust_pickle": True} if trust_pickle else {})}, cfg.model)
         result = Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
                          vae=data.vae, val=data.val, resume=resume).run()  # fmt: skip
     except (ConfigMismatchError, ValueError) as err:

@@ -24,6 +24,7 @@ import torch
 
 from stmdit.data.sources import prepare_synthetic
 from stmdit.data.synthetic import CELL_TYPES
+from stmdit.encoders.factory import describe
 from stmdit.evaluate.composition import composition_agreement, fit_composition_estimator
 from stmdit.io import write_json
 from stmdit.pipeline import STMDiTPipeline
@@ -58,6 +59,8 @@ class DemoSettings:
     guidance_ge: float = 2.5
     sample_steps: int = 20
     estimator_epochs: int = 8
+    # UNI-2h when its weights are on this machine and a GPU is present, else stain features.
+    morphology_encoder: str = "auto"
     seed: int = 0
 
     @classmethod
@@ -75,7 +78,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     t0 = time.time()
     torch.manual_seed(s.seed)
 
-    data = prepare_synthetic(n_sections=s.n_sections, grid=s.grid, tile_size=s.tile_size, n_genes=s.n_genes, seed=s.seed)
+    data = prepare_synthetic(n_sections=s.n_sections, grid=s.grid, tile_size=s.tile_size, n_genes=s.n_genes, seed=s.seed,
+                             morphology_encoder=s.morphology_encoder)  # fmt: skip
     adata, tiles = data.adata, data.tiles
     composition = np.asarray(adata.obsm["composition"])
     train_idx = data.train_index
@@ -88,7 +92,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
         cfg = TrainConfig(
             output_dir=str(out / "runs" / name),
             data={"source": "synthetic", "n_sections": s.n_sections, "grid": s.grid, "tile_size": s.tile_size,
-                  "n_genes": s.n_genes, "seed": s.seed},  # fmt: skip
+                  "n_genes": s.n_genes, "seed": s.seed, "morphology_encoder": s.morphology_encoder},  # fmt: skip
             model={**s.model, "ge_injection": injection},
             max_steps=s.train_steps,
             batch_size=s.batch_size,
@@ -154,8 +158,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
         "train_spots": len(train_idx),
         "sampler": f"DPM-Solver++ {s.sample_steps} steps, dual guidance s_m={s.guidance_morph}, s_g={s.guidance_ge}",
         "noise_seed": s.seed + 1,
-        "ge_encoder": f"PanelExpressionEncoder ({s.n_genes} highly variable genes, log1p CP10k, standardised)",
-        "morphology_encoder": "StainFeatureEncoder (colour-deconvolution statistics; no pretrained weights)",
+        "ge_encoder": describe(data.ge_encoder) + ": highly variable genes, log1p CP10k, standardised",
+        "morphology_encoder": describe(data.morphology_encoder),
         "models": {name: {"ge_injection": r_cfg, "train_steps": s.train_steps, "batch_size": s.batch_size}
                    for name, r_cfg in (("ge", "adaln+xattn"), ("no_ge", "none"))},
         "settings": {"ge_only": "GE model, expression only", "morph_ge": "GE model, morphology + expression",

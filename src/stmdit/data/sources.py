@@ -1,7 +1,7 @@
 """Training data from a config's ``data`` section.
 
 ``source: synthetic`` simulates tissue with the embedded simulator (the demo's default);
-its keys are those of :func:`prepare_synthetic`.
+its keys are those of :func:`prepare_synthetic`, encoder specs included.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import torch
 
 from stmdit.data.features import FeatureDataset
 from stmdit.data.synthetic import SimulatedTissue, simulate_tissue
-from stmdit.encoders.expression import PanelExpressionEncoder, align_to_panel
-from stmdit.encoders.morphology import StainFeatureEncoder
+from stmdit.encoders.expression import align_to_panel
 from stmdit.encoders.vae import encode_images
 
 
@@ -47,10 +46,22 @@ class SyntheticData(TrainingData):
 
 
 def prepare_synthetic(
-    n_sections: int = 6, grid: int = 24, tile_size: int = 32, n_genes: int = 128, seed: int = 0
+    n_sections: int = 6,
+    grid: int = 24,
+    tile_size: int = 32,
+    n_genes: int = 128,
+    seed: int = 0,
+    ge_encoder: str = "panel",
+    morphology_encoder: str = "stain",
+    vae: str | None = "none",
+    ge_tokens: bool = False,
+    trust_pickle: bool = False,
 ) -> SyntheticData:
-    """Simulate sections, hold the last one out, fit the panel and stain encoders on the
-    others, and encode every spot (pixel-space latents, morphology features, GE vector)."""
+    """Simulate sections, hold the last one out, build the frozen encoders on the others
+    (specs as in :mod:`stmdit.encoders.factory`) and encode every spot. ``ge_tokens`` also
+    keeps the per-gene encoder outputs (for ``ge_pooling: pma`` models)."""
+    from stmdit.encoders.factory import build_ge_encoder, build_morphology_encoder, build_vae
+
     if n_sections < 2:
         raise ValueError(f"data.n_sections must be >= 2 (one is held out); got {n_sections}")
     tissue = simulate_tissue(n_sections=n_sections, grid=grid, tile_size=tile_size, seed=seed)
@@ -60,31 +71,39 @@ def prepare_synthetic(
     train_idx, test_idx = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     tiles = torch.from_numpy(tissue.tiles).permute(0, 3, 1, 2).float() / 255.0
 
-    ge_encoder = PanelExpressionEncoder.fit(adata[train_idx], n_genes=n_genes)
-    morphology_encoder = StainFeatureEncoder(image_size=tile_size).fit(tiles[train_idx])
-    counts, library, _ = align_to_panel(adata, ge_encoder.genes)
+    ge = build_ge_encoder(ge_encoder, adata[train_idx], n_genes=n_genes, trust_pickle=trust_pickle)
+    morphology = build_morphology_encoder(morphology_encoder, tiles[train_idx], tile_size, trust_pickle=trust_pickle)
+    codec = build_vae(vae)
+    counts, library, _ = align_to_panel(adata, ge.genes)
     with torch.no_grad():
+        ge_out = ge(torch.from_numpy(counts), torch.from_numpy(library))
         features = FeatureDataset(
-            latents=encode_images(None, tiles),
-            morphology=morphology_encoder(tiles),
-            ge=ge_encoder(torch.from_numpy(counts), torch.from_numpy(library))["ge"],
+            latents=encode_images(codec, tiles),
+            morphology=torch.cat([morphology(chunk) for chunk in tiles.split(256)]),
+            ge=ge_out["ge"],
+            ge_tokens=ge_out["ge_tokens"] if ge_tokens else None,
+            ge_mask=ge_out["ge_mask"] if ge_tokens else None,
         )
     return SyntheticData(
         train=features.subset(train_idx),
         val=features.subset(test_idx),
-        ge_encoder=ge_encoder,
-        morphology_encoder=morphology_encoder,
-        vae=None,
+        ge_encoder=ge,
+        morphology_encoder=morphology,
+        vae=codec,
         tissue=tissue,
         train_index=train_idx,
         held_out_index=test_idx,
     )
 
 
-def load_training_data(spec: dict) -> TrainingData:
+def load_training_data(spec: dict, model: dict | None = None) -> TrainingData:
+    """Training data for a config's ``data`` section. ``model`` (the config's model section)
+    says whether per-gene GE tokens are needed (``ge_pooling: pma``)."""
     spec = dict(spec or {})
     source = spec.pop("source", "synthetic")
+    needs_tokens = (model or {}).get("ge_pooling") == "pma"
     if source == "synthetic":
+        spec.setdefault("ge_tokens", needs_tokens)
         try:
             return prepare_synthetic(**spec)
         except TypeError as err:
