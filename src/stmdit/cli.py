@@ -78,6 +78,65 @@ def train(
 
 
 @app.command()
+def prepare(
+    config: Annotated[Path, typer.Argument(help="Prepare config (YAML): out, samples, tile_um, tile_px, ...")],
+    out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Read samples, tile every spot and write a prepared dataset (resumes when rerun)."""
+    from stmdit.data.chunks import StoreMismatchError
+    from stmdit.data.store import PrepareConfig
+    from stmdit.data.store import prepare as run_prepare
+
+    _setup_logging(verbose)
+    if not config.is_file():
+        _fail(f"config file {config} does not exist")
+    try:
+        cfg = PrepareConfig.from_yaml(config, out=out)
+        store = run_prepare(cfg)
+    except (StoreMismatchError, ValueError, FileNotFoundError, KeyError) as err:
+        _fail(str(err))
+    stages = store.manifest()["stages"]
+    typer.echo(f"{store.root}: {stages['spots']['n_spots']} spots, {stages['tiles']['kept']} kept "
+               f"({stages['tiles']['dropped_background']} background, {stages['tiles']['at_edge']} at the image edge)")
+
+
+@app.command()
+def encode(
+    dataset: Annotated[Path, typer.Argument(help="Prepared dataset folder")],
+    ge_encoder: Annotated[str, typer.Option(help="panel | cancerfoundation[:FOLDER]")] = "panel",
+    n_genes: Annotated[int | None, typer.Option(help="GE panel size (default: panel 256, CancerFoundation 1199)")] = None,
+    morphology_encoder: Annotated[str, typer.Option(help="stain | uni2h[:SOURCE] | timm:NAME[@WEIGHTS] | auto")] = "stain",
+    morphology_grid: Annotated[int, typer.Option(help="Tokens per side (4 = PixCell-1024's 4 x 4 grid)")] = 1,
+    vae: Annotated[str, typer.Option(help="none (pixel space) | sd35 | VAE folder or hub id")] = "none",
+    ge_tokens: Annotated[bool, typer.Option(help="Also cache per-gene GE tokens (for PMA models)")] = False,
+    features: Annotated[str, typer.Option(help="Features to cache, comma-separated (others: on the fly)")] = "latents,morphology,ge",
+    batch_size: Annotated[int, typer.Option()] = 32,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow checkpoints that need unpickling (runs code from them)")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Cache frozen-encoder features in a prepared dataset (resumes; shards under accelerate launch)."""
+    from stmdit.data.chunks import StoreMismatchError
+    from stmdit.data.encode import EncodeConfig
+    from stmdit.data.encode import encode as run_encode
+
+    _setup_logging(verbose)
+    cfg = EncodeConfig(ge_encoder=ge_encoder, n_genes=n_genes, morphology_encoder=morphology_encoder,
+                       morphology_grid=morphology_grid, vae=vae, ge_tokens=ge_tokens, batch_size=batch_size,
+                       features=tuple(f for f in features.split(",") if f), trust_pickle=trust_pickle)  # fmt: skip
+    try:
+        store = run_encode(dataset, cfg)
+    except (StoreMismatchError, ValueError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    for name, info in store.manifest().get("features", {}).items():
+        typer.echo(f"{name}: {tuple(info['shape'])} {info['dtype']} from {info['encoder']}")
+
+
+@app.command()
 def generate(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder (as written by training) or hub id")],
     expression: Annotated[Path | None, typer.Option(help="AnnData .h5ad with raw counts (layers['counts'] or X)")] = None,

@@ -34,9 +34,10 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from stmdit.data.features import FeatureDataset, StepBatchSampler, batch_condition
+from stmdit.data.features import FeatureDataset, StepBatchSampler, batch_condition, collate_batch
 from stmdit.diffusion import (
     ModalityDropout,
     make_sampling_scheduler,
@@ -52,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 # Keys that may change between a run and its resume without changing what is computed.
-RESUME_FREE_KEYS = {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every"}
+RESUME_FREE_KEYS = {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every",
+                    "num_workers"}
 
 
 class ConfigMismatchError(ValueError):
@@ -104,6 +106,7 @@ class TrainConfig:
     guidance_morph: float = 1.5
     guidance_ge: float = 1.5
     log_every: int = 10
+    num_workers: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -281,7 +284,7 @@ class Trainer:
         from stmdit.plotting import save_tile_grid
 
         n = min(self.config.sample_spots, len(self.val))
-        batch = self.val.batch(range(n))
+        batch = _on_device(self.val, self.val.batch(list(range(n))), next(model.parameters()).device)
         params = list(model.parameters())
         ema.store(params)
         ema.copy_to(params)
@@ -375,6 +378,9 @@ class Trainer:
             len(self.dataset), cfg.batch_size, cfg.seed, start_step, cfg.max_steps,
             accelerator.process_index, accelerator.num_processes,
         )
+        # Batches are fetched by __getitems__ (one call per step), in worker processes if asked.
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate_batch,
+                            num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)  # fmt: skip
         unwrapped = accelerator.unwrap_model(model)
         use_ge = unwrapped.has_ge
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if accelerator.is_local_main_process else {}
@@ -387,8 +393,8 @@ class Trainer:
         model.train()
         try:
             with open(losses_path, "a") if accelerator.is_main_process else contextlib.nullcontext() as loss_log:
-                for step, indices in enumerate(sampler, start=start_step):
-                    batch = {k: v.to(device) for k, v in self.dataset.batch(indices).items()}
+                for step, raw in enumerate(loader, start=start_step):
+                    batch = _on_device(self.dataset, raw, device)
                     gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, accelerator.process_index))
                     with accelerator.autocast():
                         out = training_loss(model, noise_scheduler, batch["latents"], batch_condition(batch, use_ge),
@@ -443,6 +449,13 @@ class Trainer:
             return self._stop_requested
         flag = torch.tensor(float(self._stop_requested), device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _on_device(dataset, batch: dict, device) -> dict:
+    """Move a batch to the device; datasets that encode features on the fly do it there."""
+    if hasattr(dataset, "encode_batch"):
+        return dataset.encode_batch(batch, device)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _allow_new_precision(mixed_precision: str) -> None:

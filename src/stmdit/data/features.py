@@ -52,6 +52,8 @@ class FeatureDataset(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         return {k: v[idx] for k, v in self.tensors.items()}
 
+    __getitems__ = batch
+
     def model_kwargs(self) -> dict[str, int]:
         """The STMDiT config entries fixed by this data (channels, size, feature widths)."""
         lat = self.tensors["latents"]
@@ -128,3 +130,107 @@ class StepBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, self.max_steps - self.start_step)
+
+
+class StoreDataset(Dataset):
+    """Training examples from a prepared dataset (:mod:`stmdit.data.store`).
+
+    Features that ``stmdit encode`` cached are read from their zarr arrays; the others are
+    computed on the fly from the tiles and counts with the store's saved encoders, in
+    :meth:`encode_batch` on the training device. Pixel-space latents are always made on the
+    fly (they are the tile, rescaled). Arrays are opened lazily, so DataLoader workers each
+    open their own handles.
+    """
+
+    def __init__(self, root, split: str = "train", ge_tokens: bool = False, encoders: dict | None = None):
+        from stmdit.data.encode import load_encoders
+        from stmdit.data.store import DatasetStore
+
+        self.store = DatasetStore(root)
+        self.split = split
+        self.indices = self.store.rows(split)
+        if len(self.indices) == 0:
+            raise ValueError(f"{self.store.root}: split {split!r} has no kept spots")
+        self.encoders = encoders if encoders is not None else load_encoders(self.store)
+        cached = set(self.store.features())
+        self.cached = {
+            name for name in ("latents", "morphology", "ge", "ge_tokens", "ge_mask") if name in cached
+        }
+        self.has_ge = self.encoders.get("ge_encoder") is not None
+        self.want = {"latents", "morphology"} | (
+            {"ge"} | ({"ge_tokens", "ge_mask"} if ge_tokens else set()) if self.has_ge else set()
+        )
+        self._counts = None
+        self._arrays = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _open(self) -> dict:
+        if self._arrays is None:
+            arrays = {name: self.store.feature(name) for name in self.cached & self.want}
+            arrays["tiles"] = self.store.tiles()
+            self._arrays = arrays
+        return self._arrays
+
+    def _panel_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._counts is None:
+            from stmdit.encoders.expression import align_to_panel
+
+            counts, library, _ = align_to_panel(self.store.spots(), self.encoders["ge_encoder"].genes)
+            self._counts = (counts, library)
+        return self._counts
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        rows = self.indices[np.asarray(indices, dtype=np.int64)]
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        arrays = self._open()
+        out = {}
+        for name in self.cached & self.want:
+            out[name] = torch.from_numpy(np.asarray(arrays[name].oindex[sorted_rows])[back])
+        missing = self.want - self.cached
+        if missing & {"latents", "morphology"}:
+            out["tiles"] = torch.from_numpy(np.asarray(arrays["tiles"].oindex[sorted_rows])[back])
+        if missing & {"ge", "ge_tokens", "ge_mask"}:
+            counts, library = self._panel_counts()
+            out["counts"], out["library"] = torch.from_numpy(counts[rows]), torch.from_numpy(library[rows])
+        return out
+
+    __getitems__ = batch
+
+    @torch.no_grad()
+    def encode_batch(
+        self, batch: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Fill in the features that were not cached, with the frozen encoders on ``device``."""
+        from stmdit.encoders.vae import encode_images
+
+        batch = dict(batch)
+        tiles = batch.pop("tiles", None)
+        counts, library = batch.pop("counts", None), batch.pop("library", None)
+        if tiles is not None:
+            images = tiles.to(device).permute(0, 3, 1, 2).float() / 255.0
+            if "latents" not in batch:
+                vae = self.encoders.get("vae")
+                batch["latents"] = encode_images(vae.to(device) if vae is not None else None, images)
+            if "morphology" not in batch:
+                batch["morphology"] = self.encoders["morphology_encoder"].to(device)(images)
+        if counts is not None:
+            ge = self.encoders["ge_encoder"].to(device)(counts.to(device), library.to(device))
+            for name in ("ge", "ge_tokens", "ge_mask"):
+                if name in self.want and name not in batch:
+                    batch[name] = ge[name]
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def model_kwargs(self) -> dict[str, int]:
+        """Channels, sample size and feature widths, read off one encoded example."""
+        example = self.encode_batch(self.batch([0]))
+        return FeatureDataset(**{k: v for k, v in example.items() if k in FEATURE_KEYS}).model_kwargs()
+
+
+def collate_batch(batch):
+    """DataLoader collate for datasets whose ``__getitems__`` already returns a batch."""
+    return batch

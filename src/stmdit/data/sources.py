@@ -2,6 +2,8 @@
 
 ``source: synthetic`` simulates tissue with the embedded simulator (the demo's default);
 its keys are those of :func:`prepare_synthetic`, encoder specs included.
+``source: store`` reads a prepared dataset (``path``; ``split`` default train, ``val_split``
+default val), with cached features where ``stmdit encode`` wrote them.
 """
 
 from __future__ import annotations
@@ -108,4 +110,21 @@ def load_training_data(spec: dict, model: dict | None = None) -> TrainingData:
             return prepare_synthetic(**spec)
         except TypeError as err:
             raise ValueError(f"data (source: synthetic): {err}") from err
-    raise ValueError(f"data.source must be 'synthetic'; got {source!r}")
+    if source == "store":
+        from stmdit.data.features import StoreDataset
+
+        if "path" not in spec:
+            raise ValueError("data (source: store) needs path: the prepared dataset folder")
+        unknown = set(spec) - {"path", "split", "val_split"}
+        if unknown:
+            raise ValueError(
+                f"data (source: store): unknown keys {sorted(unknown)}; use path, split, val_split"
+            )
+        train = StoreDataset(spec["path"], spec.get("split", "train"), ge_tokens=needs_tokens)
+        val_split = spec.get("val_split", "val")
+        val = None
+        if len(train.store.rows(val_split)):
+            val = StoreDataset(spec["path"], val_split, ge_tokens=needs_tokens, encoders=train.encoders)
+        enc = train.encoders
+        return TrainingData(train, val, enc["ge_encoder"], enc["morphology_encoder"], enc["vae"])
+    raise ValueError(f"data.source must be 'synthetic' or 'store'; got {source!r}")

@@ -1,0 +1,383 @@
+"""The prepared-dataset store: one folder per dataset, every frozen feature computed once.
+
+Layout::
+
+    DATASET/
+      manifest.json            provenance: sources and their hashes, parameters, versions, stages
+      spots.h5ad               every spot: layers counts (as read) and log1p (CP10k); obs with
+                               sample_id, patient_id, x_px, y_px, split, tissue_fraction, at_edge, keep
+      tiles.zarr               uint8 (N, tile_px, tile_px, 3), row i = spot i
+      tissue_fraction.zarr     float32 (N,)
+      features/<name>.zarr     cached encoder outputs: latents, morphology, ge[, ge_tokens, ge_mask]
+      encoders/                the frozen encoders that made them (save_pretrained folders)
+
+``prepare`` (readers + tiling) and ``encode`` (features) write in row chunks with done-markers
+(:mod:`stmdit.data.chunks`): a killed run resumes where it stopped, without partial or
+duplicated records, and gives the same bytes as an uninterrupted run. ``encode`` shards its
+chunks across processes under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from stmdit.data.chunks import ChunkedArray, StoreMismatchError
+from stmdit.io import atomic_path, write_json
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STORE_FORMAT = 1
+SPLITS = ("train", "val", "test")
+
+
+# -- provenance ---------------------------------------------------------------------------
+
+
+def file_digest(path: str | os.PathLike, full_limit: int = 256 * 2**20, block: int = 8 * 2**20) -> dict:
+    """SHA-256 of a source file. Files up to ``full_limit`` bytes are hashed whole; larger ones
+    (whole-slide images of several GB) by their size plus their first, middle and last
+    ``block`` bytes, and the record says so."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= full_limit:
+            for piece in iter(lambda: f.read(block), b""):
+                h.update(piece)
+            method = "sha256"
+        else:
+            h.update(str(size).encode())
+            for offset in (0, size // 2, max(0, size - block)):
+                f.seek(offset)
+                h.update(f.read(block))
+            method = f"sha256 of size + 3 x {block // 2**20} MiB samples"
+    return {"path": str(path.resolve()), "bytes": size, "digest": h.hexdigest(), "method": method}
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("stmdit", "torch", "diffusers", "anndata", "zarr", "numpy", "tifffile"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+@dataclass
+class PrepareConfig:
+    """What ``stmdit prepare`` builds. ``samples`` lists reader calls: each a mapping with
+    ``format`` (``visium``, ``hest``, ``legacy_st``, ``spatial_h5ad``, ``cell_table``, ``he_slide``) and that
+    reader's arguments (see :mod:`stmdit.data.readers`); ``cell_table`` also takes
+    ``pseudospot_um`` (and optionally ``spacing_um``, ``grid``) for the aggregation."""
+
+    out: str
+    samples: list[dict] = field(default_factory=list)
+    tile_um: float = 128.0
+    tile_px: int = 256
+    min_tissue: float = 0.25
+    split_by: str = "patient_id"
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    chunk_rows: int = 64
+
+    def __post_init__(self):
+        if not self.samples:
+            raise ValueError("prepare: 'samples' lists no input; give at least one sample")
+        for i, s in enumerate(self.samples):
+            if "format" not in s:
+                raise ValueError(
+                    f"prepare: samples[{i}] has no 'format' (visium, hest, legacy_st, cell_table, he_slide)"
+                )
+        if self.tile_um <= 0 or self.tile_px < 8:
+            raise ValueError(f"tile_um must be > 0 and tile_px >= 8; got {self.tile_um}, {self.tile_px}")
+        fr = tuple(float(f) for f in self.split_fractions)
+        if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1) > 1e-6:
+            raise ValueError(
+                f"split_fractions must be three non-negative numbers summing to 1; got {self.split_fractions}"
+            )
+        self.split_fractions = fr
+        if not 0 <= self.min_tissue <= 1:
+            raise ValueError(f"min_tissue must be in [0, 1]; got {self.min_tissue}")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> PrepareConfig:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown prepare keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def parameters(self) -> dict:
+        """Everything that determines the store's content (not where it is written)."""
+        d = dataclasses.asdict(self)
+        d.pop("out")
+        d["split_fractions"] = list(d["split_fractions"])
+        return d
+
+
+# -- reading and splitting -----------------------------------------------------------------
+
+
+def read_sample(spec: dict) -> ad.AnnData:
+    """Run the reader named by ``spec['format']`` with the rest of ``spec`` as arguments."""
+    from stmdit.data import readers
+
+    spec = dict(spec)
+    fmt = spec.pop("format")
+    if fmt == "cell_table":
+        diameter = spec.pop("pseudospot_um", None)
+        if diameter is None:
+            raise ValueError(
+                "samples: format cell_table needs pseudospot_um (the pseudo-spot diameter in µm)"
+            )
+        agg = {k: spec.pop(k) for k in ("spacing_um", "grid") if k in spec}
+        return readers.aggregate_to_pseudospots(readers.read_cell_table(**spec), diameter, **agg)
+    fn = {"visium": readers.read_visium, "hest": readers.read_hest, "legacy_st": readers.read_legacy_st,
+          "he_slide": readers.read_he_slide}.get(fmt)  # fmt: skip
+    if fn is None:
+        raise ValueError(
+            f"samples: unknown format {fmt!r}; use visium, hest, legacy_st, cell_table or he_slide"
+        )
+    return fn(**spec)
+
+
+def make_splits(groups: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, list[str]]:
+    """Assign whole groups (patients, or samples) to train / val / test.
+
+    Groups are shuffled with ``seed`` and dealt out by target spot share; no group is in two
+    splits. With fewer groups than non-empty splits, later splits stay empty (with a warning).
+    """
+    names, counts = np.unique(groups.astype(str), return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    total = counts.sum()
+    targets = np.cumsum(fractions) * total
+    out = {s: [] for s in SPLITS}
+    running = 0
+    for i in order:
+        # A group goes to the first split whose cumulative target its midpoint falls under.
+        mid = running + counts[i] / 2
+        split = SPLITS[int(np.searchsorted(targets, mid, side="right").clip(0, 2))]
+        out[split].append(str(names[i]))
+        running += counts[i]
+    for s in SPLITS:
+        out[s].sort()
+    empty = [s for s, f in zip(SPLITS, fractions, strict=True) if f > 0 and not out[s]]
+    if empty:
+        logger.warning(
+            "splits %s are empty: %d groups are too few for fractions %s", empty, len(names), fractions
+        )
+    return out
+
+
+# -- the store ----------------------------------------------------------------------------
+
+
+class DatasetStore:
+    """Read access to a prepared dataset folder (and the paths ``prepare``/``encode`` write)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def manifest(self) -> dict:
+        import json
+
+        if not self.manifest_path.exists():
+            raise FileNotFoundError(
+                f"{self.root} is not a prepared dataset (no {MANIFEST}); run `stmdit prepare` first"
+            )
+        return json.loads(self.manifest_path.read_text())
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_json(self.manifest_path, manifest)
+
+    def spots(self) -> ad.AnnData:
+        return ad.read_h5ad(self.root / "spots.h5ad")
+
+    def tiles(self):
+        import zarr
+
+        return zarr.open_array(self.root / "tiles.zarr", mode="r")
+
+    def feature_path(self, name: str) -> Path:
+        return self.root / "features" / f"{name}.zarr"
+
+    def features(self) -> dict[str, dict]:
+        """Complete cached features: name -> manifest record."""
+        return {k: v for k, v in self.manifest().get("features", {}).items() if v.get("complete")}
+
+    def feature(self, name: str):
+        import zarr
+
+        if name not in self.features():
+            raise KeyError(f"{self.root} has no complete cached feature {name!r}; run `stmdit encode`")
+        return zarr.open_array(self.feature_path(name), mode="r")
+
+    def rows(self, split: str | None = "train", only_kept: bool = True) -> np.ndarray:
+        obs = self.spots().obs
+        mask = np.ones(len(obs), dtype=bool)
+        if only_kept:
+            mask &= obs["keep"].to_numpy(dtype=bool)
+        if split is not None:
+            if split not in SPLITS:
+                raise ValueError(f"split must be one of {SPLITS} or None; got {split!r}")
+            mask &= (obs["split"] == split).to_numpy()
+        return np.flatnonzero(mask)
+
+
+def _check_parameters(manifest: dict, key: str, params: dict, root: Path) -> None:
+    old = manifest.get(key)
+    if old is not None and old != params:
+        diffs = [f"{k}: {old.get(k)!r} (store) vs {params.get(k)!r} (now)" for k in sorted(set(old) | set(params))
+                 if old.get(k) != params.get(k)]  # fmt: skip
+        raise StoreMismatchError(
+            f"{root} was made with other {key} ("
+            + "; ".join(diffs)
+            + "); use another folder or delete it to start over"
+        )
+
+
+def _tile_geometry(adata: ad.AnnData, tile_um: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per spot: the tile's box in its image's pixels (x0, y0, side) and whether it crosses
+    the image edge (such tiles are padded with white when read). Readers have already dropped
+    spots whose centre lies outside the image."""
+    from stmdit.data.images import open_image
+
+    boxes = np.zeros((adata.n_obs, 3))
+    at_edge = np.zeros(adata.n_obs, dtype=bool)
+    samples = adata.uns["stmdit"]["samples"]
+    for sid, rows in adata.obs.groupby("sample_id", observed=True).indices.items():
+        meta = samples[str(sid)]
+        if not meta.get("image_path"):
+            raise ValueError(f"sample {sid}: no image (uns['stmdit']['samples'][{sid!r}]['image_path']); tiles need one")
+        if not meta.get("mpp") or not np.isfinite(meta["mpp"]):
+            raise ValueError(f"sample {sid}: unknown microns per pixel (mpp); pass mpp= to the reader")
+        with open_image(meta["image_path"]) as image:
+            scale = float(meta.get("image_scale", 1.0))
+            side = tile_um / float(meta["mpp"]) * scale
+            x0 = adata.obs["x_px"].to_numpy(float)[rows] * scale - side / 2
+            y0 = adata.obs["y_px"].to_numpy(float)[rows] * scale - side / 2
+            boxes[rows] = np.stack([x0, y0, np.full_like(x0, side)], axis=1)
+            at_edge[rows] = (x0 < 0) | (y0 < 0) | (x0 + side > image.width) | (y0 + side > image.height)
+    return boxes, at_edge
+
+
+def _expression_layers(adata: ad.AnnData) -> None:
+    """Add layers['log1p'] (log1p CP10k of the counts) when raw counts are present."""
+    if "counts" not in adata.layers:
+        return
+    x = adata.layers["counts"]
+    x = x.tocsr() if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
+    norm = sp.diags(scale) @ x.astype(np.float64)
+    norm.data = np.log1p(norm.data)
+    adata.layers["log1p"] = norm.astype(np.float32).tocsr()
+
+
+def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
+    """Readers + tiling into ``config.out``; resumes an interrupted run of the same config."""
+    from stmdit.data.images import open_image, tissue_fraction, tissue_threshold
+    from stmdit.data.readers import concat_samples
+
+    store = DatasetStore(config.out)
+    store.root.mkdir(parents=True, exist_ok=True)
+    manifest = store.manifest() if store.manifest_path.exists() else {"format": STORE_FORMAT, "stages": {}}
+    _check_parameters(manifest, "prepare", config.parameters(), store.root)
+    manifest["prepare"] = config.parameters()
+
+    spots_path = store.root / "spots.h5ad"
+    if manifest["stages"].get("spots") and spots_path.exists():
+        adata = ad.read_h5ad(spots_path)
+    else:
+        parts = [read_sample(s) for s in tqdm(config.samples, desc="reading samples", disable=not progress)]
+        adata = parts[0] if len(parts) == 1 else concat_samples(parts)
+        boxes, at_edge = _tile_geometry(adata, config.tile_um)
+        adata.obsm["tile_box"] = boxes
+        adata.obs["at_edge"] = at_edge
+        key = (
+            config.split_by
+            if config.split_by in adata.obs and adata.obs[config.split_by].notna().all()
+            else "sample_id"
+        )
+        if key != config.split_by:
+            logger.warning("split_by=%r is not known for every spot; splitting by sample_id", config.split_by)
+        splits = make_splits(adata.obs[key].to_numpy(), config.split_fractions, config.seed)
+        group_split = {g: s for s, gs in splits.items() for g in gs}
+        adata.obs["split"] = adata.obs[key].astype(str).map(group_split).astype("category")
+        adata.uns["stmdit"]["splits"] = {"by": key, "seed": config.seed, **splits}
+        _expression_layers(adata)
+        with atomic_path(spots_path) as tmp:
+            adata.write_h5ad(tmp)
+        sources = sorted({str(v) for s in config.samples for k, v in s.items() if k != "format" and isinstance(v, str)
+                          and Path(v).is_file()})  # fmt: skip
+        manifest["sources"] = [file_digest(p) for p in sources]
+        manifest["versions"] = package_versions()
+        manifest["stages"]["spots"] = {"n_spots": adata.n_obs, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        store.write_manifest(manifest)
+
+    n, px = adata.n_obs, config.tile_px
+    tiles = ChunkedArray(store.root / "tiles.zarr", (n, px, px, 3), np.uint8, config.chunk_rows)
+    tissue = ChunkedArray(store.root / "tissue_fraction.zarr", (n,), np.float32, config.chunk_rows)
+    samples = adata.uns["stmdit"]["samples"]
+    sample_ids = adata.obs["sample_id"].astype(str).to_numpy()
+    boxes = np.asarray(adata.obsm["tile_box"])
+    images: dict[str, tuple] = {}  # sample -> (image, its tissue threshold from a thumbnail)
+    # A kill between the two writes of a chunk leaves one marked and not the other: redo both.
+    pending = [c for c in range(tiles.n_chunks) if not (tiles.is_done(c) and tissue.is_done(c))]
+    bar = tqdm(total=n, initial=n - sum(tiles.rows(c).stop - tiles.rows(c).start for c in pending),
+               desc="tiling", unit="tile", disable=not progress)  # fmt: skip
+    for chunk in pending:
+        rows = tiles.rows(chunk)
+        block = np.empty((rows.stop - rows.start, px, px, 3), np.uint8)
+        fractions = np.empty(rows.stop - rows.start, np.float32)
+        for j, i in enumerate(range(rows.start, rows.stop)):
+            sid = sample_ids[i]
+            if sid not in images:
+                image = open_image(samples[sid]["image_path"])
+                # One threshold per slide, so tiles of a section are judged alike.
+                images[sid] = (image, tissue_threshold(image.thumbnail(1024)[0]))
+            image, threshold = images[sid]
+            x0, y0, side = boxes[i]
+            block[j] = image.read_region(x0, y0, side, side, out_size=px)
+            fractions[j] = tissue_fraction(block[j], threshold)
+        tiles.write(chunk, block)
+        tissue.write(chunk, fractions)
+        bar.update(len(block))
+    bar.close()
+
+    if not manifest["stages"].get("tiles"):
+        adata.obs["tissue_fraction"] = np.asarray(tissue.array[:], dtype=np.float32)
+        adata.obs["keep"] = adata.obs["tissue_fraction"].to_numpy() >= config.min_tissue
+        with atomic_path(spots_path) as tmp:
+            adata.write_h5ad(tmp)
+        manifest["stages"]["tiles"] = {"kept": int(adata.obs["keep"].sum()), "dropped_background": int((~adata.obs["keep"]).sum()),
+                                       "at_edge": int(adata.obs["at_edge"].sum()), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+        store.write_manifest(manifest)
+    return store
