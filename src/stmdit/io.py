@@ -85,3 +85,26 @@ def load_state_dict_file(path: str | os.PathLike, trust_pickle: bool = False):
                 "state dict as .safetensors."
             ) from err
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def differences(old: dict, new: dict, old_label: str = "saved", new_label: str = "now") -> list[str]:
+    """``key: old (saved) vs new (now)`` for every key whose value differs, in key order."""
+    return [f"{k}: {old.get(k)!r} ({old_label}) vs {new.get(k)!r} ({new_label})"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]  # fmt: skip
+
+
+def dataclass_from_yaml(cls, path: str | os.PathLike, what: str, **overrides):
+    """Build a config dataclass from a YAML mapping; unknown keys are an error naming them."""
+    import dataclasses
+
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a {what} must be a mapping of keys to values")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown {what} keys {unknown}; known keys are {sorted(known)}")
+    return cls(**data)

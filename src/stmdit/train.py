@@ -46,7 +46,7 @@ from stmdit.diffusion import (
     training_loss,
 )
 from stmdit.encoders.vae import decode_latents
-from stmdit.io import atomic_path, write_json, write_text
+from stmdit.io import atomic_path, dataclass_from_yaml, differences, write_json, write_text
 from stmdit.model import STMDiT
 
 logger = logging.getLogger(__name__)
@@ -121,19 +121,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a training config must be a mapping of keys to values")
-        data.update(overrides)
-        return cls.from_dict(data, source=str(path))
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown training config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_yaml(cls, path, "training config", **overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -222,12 +210,11 @@ class Trainer:
             raise ConfigMismatchError(f"{self.run_dir} has checkpoints but no config.yaml; it is not a training run folder")
         old = _config_digest(yaml.safe_load(saved.read_text()) or {})
         new = _config_digest(self.config.to_dict())
-        diffs = [f"{k}: {old.get(k)!r} (saved) vs {new.get(k)!r} (now)" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        diffs = differences(old, new)
         if diffs:
             raise ConfigMismatchError(
-                f"cannot resume {self.run_dir}: it was trained with a different configuration ("
-                + "; ".join(diffs)
-                + "). Use another output_dir, or pass resume=False / --no-resume to start over."
+                f"cannot resume {self.run_dir}: it was trained with a different configuration ({'; '.join(diffs)}). "
+                "Use another output_dir, or pass resume=False / --no-resume to start over."
             )
 
     def _save_checkpoint(self, step: int, model, optimizer, lr_scheduler, ema: EMAModel, accelerator: Accelerator) -> None:

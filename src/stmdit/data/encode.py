@@ -82,9 +82,9 @@ def load_encoders(store: DatasetStore) -> dict:
     return out
 
 
-def _build_encoders(store: DatasetStore, cfg: EncodeConfig, progress: bool) -> None:
-    """Fit/load the encoders on the main process and save them into the store."""
-    from stmdit.encoders.factory import build_ge_encoder, build_morphology_encoder, build_vae, describe
+def _build_encoders(store: DatasetStore, cfg: EncodeConfig) -> dict:
+    """The encoders the specs of ``cfg`` name, fitted on the training split where they need data."""
+    from stmdit.encoders.factory import build_ge_encoder, build_morphology_encoder, build_vae
 
     adata = store.spots()
     train = store.rows("train")
@@ -103,12 +103,18 @@ def _build_encoders(store: DatasetStore, cfg: EncodeConfig, progress: bool) -> N
     encoders["morphology_encoder"] = build_morphology_encoder(cfg.morphology_encoder, train_tiles, tiles.shape[1],
                                                               trust_pickle=cfg.trust_pickle, grid=cfg.morphology_grid)  # fmt: skip
     encoders["vae"] = build_vae(cfg.vae)
+    return encoders
+
+
+def _save_encoders(store: DatasetStore, encoders: dict, parameters: dict) -> None:
+    from stmdit.encoders.factory import describe
+
     for name, enc in encoders.items():
         if enc is not None:
             _save_encoder(enc, store.root / "encoders" / name)
     manifest = store.manifest()
     manifest["encoders"] = {
-        "parameters": cfg.parameters(),
+        "parameters": parameters,
         "classes": {k: type(v).__name__ for k, v in encoders.items() if v is not None},
         "describe": {k: describe(v) for k, v in encoders.items()},
     }
@@ -140,8 +146,13 @@ def _encode_chunk(tiles_u8: np.ndarray, counts: np.ndarray | None, library: np.n
     return out
 
 
-def encode(root, cfg: EncodeConfig | None = None, progress: bool = True) -> DatasetStore:
-    """Compute and cache the features of every spot of a prepared dataset (resumable)."""
+def encode(root, cfg: EncodeConfig | None = None, progress: bool = True, encoders: dict | None = None) -> DatasetStore:
+    """Compute and cache the features of every spot of a prepared dataset (resumable).
+
+    ``encoders`` (keys ``ge_encoder``, ``morphology_encoder``, ``vae``) replaces the encoders
+    that ``cfg``'s specs name, for models built in Python; they are saved into the store like
+    any other, and the manifest records them by class.
+    """
     from accelerate import PartialState
 
     from stmdit.encoders.expression import align_to_panel
@@ -152,9 +163,12 @@ def encode(root, cfg: EncodeConfig | None = None, progress: bool = True) -> Data
     manifest = store.manifest()
     if not manifest.get("stages", {}).get("tiles"):
         raise ValueError(f"{store.root}: tiling is not finished; rerun `stmdit prepare` first")
-    _check_parameters(manifest.get("encoders", {}), "parameters", cfg.parameters(), store.root)
+    parameters = cfg.parameters()
+    if encoders is not None:
+        parameters.update({k: f"given: {type(v).__name__}" for k, v in encoders.items() if k != "vae" or v is not None})
+    _check_parameters(manifest.get("encoders", {}), "parameters", parameters, store.root)
     if state.is_main_process and not manifest.get("encoders"):
-        _build_encoders(store, cfg, progress)
+        _save_encoders(store, encoders if encoders is not None else _build_encoders(store, cfg), parameters)
     state.wait_for_everyone()
     encoders = load_encoders(store)
     device = state.device

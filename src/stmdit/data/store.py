@@ -34,7 +34,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from stmdit.data.chunks import ChunkedArray, StoreMismatchError
-from stmdit.io import atomic_path, write_json
+from stmdit.io import atomic_path, dataclass_from_yaml, differences, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -120,15 +120,7 @@ class PrepareConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> PrepareConfig:
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown prepare keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_yaml(cls, path, "prepare config", **overrides)
 
     def parameters(self) -> dict:
         """Everything that determines the store's content (not where it is written)."""
@@ -254,13 +246,8 @@ class DatasetStore:
 def _check_parameters(manifest: dict, key: str, params: dict, root: Path) -> None:
     old = manifest.get(key)
     if old is not None and old != params:
-        diffs = [f"{k}: {old.get(k)!r} (store) vs {params.get(k)!r} (now)" for k in sorted(set(old) | set(params))
-                 if old.get(k) != params.get(k)]  # fmt: skip
-        raise StoreMismatchError(
-            f"{root} was made with other {key} ("
-            + "; ".join(diffs)
-            + "); use another folder or delete it to start over"
-        )
+        diffs = "; ".join(differences(old, params, "store", "now"))
+        raise StoreMismatchError(f"{root} was made with other {key} ({diffs}); use another folder or delete it to start over")
 
 
 def _tile_geometry(adata: ad.AnnData, tile_um: float) -> tuple[np.ndarray, np.ndarray]:
@@ -286,6 +273,15 @@ def _tile_geometry(adata: ad.AnnData, tile_um: float) -> tuple[np.ndarray, np.nd
             boxes[rows] = np.stack([x0, y0, np.full_like(x0, side)], axis=1)
             at_edge[rows] = (x0 < 0) | (y0 < 0) | (x0 + side > image.width) | (y0 + side > image.height)
     return boxes, at_edge
+
+
+def _shrink(tile: np.ndarray, side: int) -> np.ndarray:
+    """Box-downsample a tile for tissue detection, which needs no more than ``side`` px."""
+    if tile.shape[0] <= side:
+        return tile
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(tile).resize((side, side), Image.Resampling.BOX))
 
 
 def _expression_layers(adata: ad.AnnData) -> None:
@@ -366,7 +362,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
             image, threshold = images[sid]
             x0, y0, side = boxes[i]
             block[j] = image.read_region(x0, y0, side, side, out_size=px)
-            fractions[j] = tissue_fraction(block[j], threshold)
+            fractions[j] = tissue_fraction(_shrink(block[j], 64), threshold)
         tiles.write(chunk, block)
         tissue.write(chunk, fractions)
         bar.update(len(block))
