@@ -136,6 +136,30 @@ def encode(
         typer.echo(f"{name}: {tuple(info['shape'])} {info['dtype']} from {info['encoder']}")
 
 
+@app.command("train-predictor")
+def train_predictor(
+    dataset: Annotated[Path, typer.Argument(help="Prepared dataset folder (train split for fitting, val for early stopping)")],
+    out: Annotated[Path, typer.Option(help="Folder for the predictor (safetensors, gene list, scaler)")],
+    morphology_encoder: Annotated[str, typer.Option(help="stain | uni2h[:SOURCE] | timm:NAME[@WEIGHTS]")] = "stain",
+    n_genes: Annotated[int, typer.Option(help="Top highly variable genes to predict")] = 256,
+    epochs: Annotated[int, typer.Option()] = 100,
+    batch_size: Annotated[int, typer.Option()] = 256,
+    leave_one_patient_out: Annotated[bool, typer.Option(help="Also fit one model per held-out patient")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow checkpoints that need unpickling (runs code from them)")] = False,
+) -> None:
+    """Train the DeepSpot-style expression predictor (H&E features -> spot expression)."""
+    from stmdit.encoders.predictor import train_predictor_command
+
+    try:
+        path = train_predictor_command(dataset, out, morphology_encoder=morphology_encoder, n_genes=n_genes,
+                                       epochs=epochs, leave_one_patient_out=leave_one_patient_out, seed=seed,
+                                       trust_pickle=trust_pickle, batch_size=batch_size)  # fmt: skip
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    typer.echo(f"predictor saved to {path}")
+
+
 @app.command()
 def generate(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder (as written by training) or hub id")],

@@ -1,0 +1,546 @@
+"""The DeepSpot-style expression predictor: architecture against a hand-written reference, the
+neighbour graph, context features, learning on simulated and real tissue, DeepSpot weights,
+and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from stmdit.data.store import DatasetStore, PrepareConfig, prepare
+from stmdit.data.synthetic import MARKER_GENES, simulate_tissue
+from stmdit.encoders.morphology import StainFeatureEncoder
+from stmdit.encoders.predictor import (
+    PREDICTION_KEY,
+    ContextFeatures,
+    ExpressionPredictor,
+    SpotSet,
+    build_predictor_encoder,
+    context_features,
+    expression_targets,
+    fit_predictor,
+    load_predictor,
+    neighbour_index,
+    per_gene_pearson,
+    save_predictor,
+    train_predictor,
+    train_predictor_command,
+)
+from stmdit.io import UntrustedPickleError
+
+SIM_TILE_UM = 64.0  # the simulator's tiles show 64 µm of tissue
+SMALL = {"hidden_dim": 32, "n_phi": 3, "n_rho": 3}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is faster than several contending on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- architecture ------------------------------------------------------------------------------
+
+
+def reference_forward(model: ExpressionPredictor, spot, subspots, neighbours, mask) -> torch.Tensor:
+    """The DeepSpot computation written out spot by spot: per phi copy Linear + ReLU, the lower
+    middle value over copies; sub-spots summed; neighbours max-pooled over those present
+    (zeros if none); per rho copy ReLU + Linear, averaged."""
+    n_phi, n_rho = model.config.n_phi, model.config.n_rho
+
+    def phi(x):
+        copies = torch.stack([torch.relu(model.phi_weight[c] @ x + model.phi_bias[c]) for c in range(n_phi)])
+        return copies.sort(dim=0).values[(n_phi - 1) // 2]
+
+    out = []
+    for b in range(spot.shape[0]):
+        h_spot = phi(spot[b])
+        h_sub = sum(phi(s) for s in subspots[b])
+        present = [phi(neighbours[b, k]) for k in range(neighbours.shape[1]) if mask[b, k]]
+        h_nb = torch.stack(present).max(dim=0).values if present else torch.zeros_like(h_spot)
+        h = torch.relu(torch.cat([h_spot, h_sub, h_nb]))
+        out.append(sum(model.rho_weight[c] @ h + model.rho_bias[c] for c in range(n_rho)) / n_rho)
+    return torch.stack(out)
+
+
+def tiny_model(genes=("A", "B", "C"), input_dim=5, seed=0, **kw) -> ExpressionPredictor:
+    torch.manual_seed(seed)
+    config = {"hidden_dim": 4, "n_phi": 4, "n_rho": 3, **kw}
+    return ExpressionPredictor(genes=list(genes), input_dim=input_dim, provenance={"test": True}, **config).eval()
+
+
+def tiny_inputs(b=3, k=4, d=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])[:b, :k]
+    return torch.randn(b, d, generator=g), torch.randn(b, 9, d, generator=g), torch.randn(b, k, d, generator=g), mask
+
+
+def test_forward_matches_a_hand_written_reference():
+    model = tiny_model()
+    spot, subspots, neighbours, mask = tiny_inputs()
+    with torch.no_grad():
+        out = model(spot, subspots, neighbours, mask)
+        ref = reference_forward(model, spot, subspots, neighbours, mask)
+    assert out.shape == (3, 3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # No neighbour slots at all is the same as none present.
+    with torch.no_grad():
+        empty = model(spot[1:2], subspots[1:2], neighbours[1:2, :0], mask[1:2, :0])
+    torch.testing.assert_close(empty, out[1:2])
+
+
+def test_masked_neighbours_are_ignored_and_dropout_only_acts_in_training():
+    model = tiny_model()
+    spot, subspots, neighbours, mask = tiny_inputs()
+    changed = neighbours.clone()
+    changed[~mask] = 1e3  # whatever sits in the padding must not leak into the max
+    with torch.no_grad():
+        torch.testing.assert_close(model(spot, subspots, changed, mask), model(spot, subspots, neighbours, mask))
+        changed[0, 0] += 5.0  # a present neighbour does count
+        assert not torch.allclose(model(spot, subspots, changed, mask)[0], model(spot, subspots, neighbours, mask)[0])
+    model.train()
+    torch.manual_seed(0)
+    a = model(spot, subspots, neighbours, mask)
+    b = model(spot, subspots, neighbours, mask)
+    assert not torch.allclose(a, b)  # dropout masks differ per call in training
+    out = model.predict(spot, subspots, neighbours, mask)  # predict runs in eval mode...
+    assert model.training  # ...and leaves the mode as it was
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(spot, subspots, neighbours, mask) * model.target_std + model.target_mean)
+
+
+def test_save_load_round_trip_keeps_outputs_genes_and_scaler(tmp_path):
+    model = tiny_model(genes=("CD3E", "KRT8", "MKI67"))
+    model.set_scaler([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])
+    inputs = tiny_inputs()
+    model.save_pretrained(tmp_path / "p")
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["genes"] == ["CD3E", "KRT8", "MKI67"] and config["provenance"] == {"test": True}
+    loaded = ExpressionPredictor.from_pretrained(tmp_path / "p").eval()
+    assert loaded.genes == model.genes
+    torch.testing.assert_close(loaded.target_mean, torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(loaded.target_std, torch.tensor([0.5, 1.5, 2.5]))
+    torch.testing.assert_close(loaded.predict(*inputs), model.predict(*inputs), rtol=0, atol=0)
+    # Predictions as AnnData say what they are.
+    values = model.predict(*inputs).numpy()
+    obs = pd.DataFrame({"sample_id": ["s"] * 3}, index=["a", "b", "c"])
+    out = model.to_anndata(values, obs)
+    assert list(out.var_names) == model.genes and list(out.obs_names) == ["a", "b", "c"]
+    np.testing.assert_array_equal(out.X, values)
+    assert "predicted" in out.uns[PREDICTION_KEY]["values"] and json.loads(out.uns[PREDICTION_KEY]["provenance"]) == {"test": True}
+    out.write_h5ad(tmp_path / "pred.h5ad")
+    assert ad.read_h5ad(tmp_path / "pred.h5ad").uns[PREDICTION_KEY]["predictor"] == "ExpressionPredictor"
+
+
+def test_training_is_deterministic_for_a_seed_and_early_stops_on_validation():
+    g = torch.Generator().manual_seed(0)
+    n, d = 120, 6
+    spot = torch.randn(n, d, generator=g)
+    feats = ContextFeatures(spot, torch.randn(n, 9, d, generator=g), torch.from_numpy(neighbour_index(pd.DataFrame(
+        {"array_row": np.arange(n) // 12, "array_col": np.arange(n) % 12}))))  # fmt: skip
+    targets = np.stack([spot[:, 0].numpy(), -spot[:, 1].numpy() + 1.0], axis=1)
+    val = (feats.subset(np.arange(80, 120)), targets[80:])
+    train_feats, train_targets = feats.subset(np.arange(80)), targets[:80]
+    kwargs = {"epochs": 40, "batch_size": 16, "lr": 3e-3, "model_kwargs": SMALL, "progress": False, "seed": 3}
+    a = fit_predictor(train_feats, train_targets, ["g1", "g2"], val=val, patience=3, **kwargs)
+    b = fit_predictor(train_feats, train_targets, ["g1", "g2"], val=val, patience=3, **kwargs)
+    for key, value in a.predictor.state_dict().items():
+        torch.testing.assert_close(value, b.predictor.state_dict()[key], rtol=0, atol=0)
+    h = a.history
+    assert len(h["val_loss"]) == h["epochs_run"] and h["best_epoch"] <= h["epochs_run"]
+    assert min(h["val_loss"]) == h["val_loss"][h["best_epoch"] - 1]
+    assert h["epochs_run"] == 40 or h["epochs_run"] - h["best_epoch"] == 3  # ran out, or stopped by patience
+    torch.testing.assert_close(a.predictor.target_mean, torch.from_numpy(train_targets.mean(0)))
+
+
+# -- the neighbour graph ---------------------------------------------------------------------
+
+
+def brute_force_neighbours(obs: pd.DataFrame, within) -> list[set[int]]:
+    samples = obs["sample_id"].to_numpy()
+    rows, cols = obs["array_row"].to_numpy(), obs["array_col"].to_numpy()
+    return [{j for j in range(len(obs)) if j != i and samples[j] == samples[i] and within(rows[j] - rows[i], cols[j] - cols[i])}
+            for i in range(len(obs))]  # fmt: skip
+
+
+def as_sets(index: np.ndarray) -> list[set[int]]:
+    return [set(row[row >= 0].tolist()) for row in index]
+
+
+def hex_layout(n_rows=6, n_cols=8, samples=("s1", "s2")) -> pd.DataFrame:
+    """Two Visium-like sections on identical array positions: a row's spots 2 columns apart,
+    odd rows shifted by one; pixel centres on the true hexagonal geometry (pitch 100 px)."""
+    frames = []
+    for s in samples:
+        r, c = np.divmod(np.arange(n_rows * n_cols), n_cols)
+        col = 2 * c + r % 2
+        frames.append(pd.DataFrame({"sample_id": s, "array_row": r, "array_col": col,
+                                    "x_px": 50.0 * col, "y_px": 100.0 * math.sqrt(3) / 2 * r}))  # fmt: skip
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_hexagonal_neighbours_are_the_six_spots_one_pitch_away():
+    obs = hex_layout()
+    index = neighbour_index(obs)
+    assert index.shape == (len(obs), 6)
+    counts = (index >= 0).sum(1)
+    rows, cols = obs["array_row"].to_numpy(), obs["array_col"].to_numpy()
+    interior = (rows > 0) & (rows < 5) & (cols > 1) & (cols < 14)
+    assert (counts[interior] == 6).all() and (counts[~interior] < 6).all()
+    assert counts[0] == 2  # row 0, col 0: (0, 2) and (1, 1)
+    expected = brute_force_neighbours(obs, lambda dr, dc: (dr == 0 and abs(dc) == 2) or (abs(dr) == 1 and abs(dc) == 1))
+    assert as_sets(index) == expected  # same sample only, though s1 and s2 share positions
+    # Without array coordinates the pixel fallback (1.5 pitches) finds the same neighbours.
+    assert as_sets(neighbour_index(obs.drop(columns=["array_row", "array_col"]))) == expected
+    # Forcing a square grid reads the same numbers as DeepSpot's box query would.
+    square = neighbour_index(obs, grid="square")
+    assert as_sets(square) == brute_force_neighbours(obs, lambda dr, dc: max(abs(dr), abs(dc)) == 1)
+
+
+@pytest.fixture(scope="module")
+def her2st_store(tmp_path_factory, test_data) -> DatasetStore:
+    """The three her2st sections (patient C) prepared with tiny 32 px tiles of 128 µm."""
+    root = test_data / "her2st"
+    samples = [{"format": "legacy_st", "counts": str(root / s / "counts.tsv.gz"), "spots": str(root / s / "spots.tsv"),
+                "image": str(root / s / "he.jpg"), "sample_id": s, "patient_id": "C"} for s in ("C2", "C3", "C4")]  # fmt: skip
+    config = PrepareConfig(out=str(tmp_path_factory.mktemp("predictor") / "her2st"), samples=samples, tile_um=128.0,
+                           tile_px=32, split_by="sample_id", split_fractions=(0.34, 0.33, 0.33))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # C3 and C4 list positions without counts
+        return prepare(config, progress=False)
+
+
+def test_square_grid_neighbours_on_her2st(her2st_store):
+    obs = her2st_store.spots().obs
+    index = neighbour_index(obs)
+    assert index.shape[1] == 8
+    expected = brute_force_neighbours(obs, lambda dr, dc: max(abs(dr), abs(dc)) == 1)
+    assert as_sets(index) == expected
+    counts = (index >= 0).sum(1)
+    assert counts.max() == 8 and (counts == 8).mean() > 0.5 and counts.min() < 8
+    samples = obs["sample_id"].astype(str).to_numpy()
+    for i, row in enumerate(index):
+        assert (samples[row[row >= 0]] == samples[i]).all()
+    # The sections overlap in array coordinates, so a graph that ignored samples would differ.
+    grid = obs[["array_row", "array_col"]].astype(int).apply(tuple, axis=1)
+    assert grid[samples == "C2"].isin(set(grid[samples == "C3"])).any()
+
+
+# -- context features ------------------------------------------------------------------------
+
+
+class MeanColour:
+    """An 'encoder' whose features are a crop's mean RGB and its side in pixels."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        side = torch.full((images.shape[0], 1), float(images.shape[-1]))
+        return torch.cat([images.mean(dim=(2, 3)), side], dim=1)
+
+
+def test_context_features_crop_the_spot_its_sub_spots_and_link_neighbours():
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (12, 40, 40, 3), dtype=np.uint8)
+    obs = pd.DataFrame({"sample_id": ["a"] * 6 + ["b"] * 6, "array_row": [0, 0, 0, 1, 1, 1] * 2,
+                        "array_col": [0, 1, 2, 0, 1, 2] * 2})  # fmt: skip
+    # A 30 µm spot in a 40 µm tile of 40 px: the central 30 px, sub-spots of 10 px.
+    feats = context_features(tiles, obs, 40.0, 30.0, MeanColour(), batch_size=5, progress=False)
+    assert feats.spot.shape == (12, 4) and feats.subspots.shape == (12, 9, 4) and len(feats) == 12
+    crop = tiles[:, 5:35, 5:35].astype(np.float64) / 255
+    np.testing.assert_allclose(feats.spot[:, :3].numpy(), crop.mean(axis=(1, 2)), rtol=1e-5)
+    assert (feats.spot[:, 3] == 30).all() and (feats.subspots[..., 3] == 10).all()
+    for k, (i, j) in enumerate((i, j) for i in range(3) for j in range(3)):  # row-major
+        sub = crop[:, 10 * i : 10 * i + 10, 10 * j : 10 * j + 10].mean(axis=(1, 2))
+        np.testing.assert_allclose(feats.subspots[:, k, :3].numpy(), sub, rtol=1e-5)
+    np.testing.assert_array_equal(feats.neighbours.numpy(), neighbour_index(obs))
+    # Model inputs: neighbour features are the neighbours' spot features.
+    spot, subspots, neighbours, mask = feats.batch([7])
+    present = feats.neighbours[7][feats.neighbours[7] >= 0]
+    torch.testing.assert_close(neighbours[0][mask[0]], feats.spot[present])
+    # Generated tiles as a float tensor (N, 3, S, S) give the same features.
+    generated = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    again = context_features(generated, obs, 40.0, 30.0, MeanColour(), progress=False)
+    torch.testing.assert_close(again.spot, feats.spot)
+    # Per-spot diameters: spots of another size are cropped to theirs.
+    mixed = context_features(tiles, obs, 40.0, np.r_[[30.0] * 6, [36.0] * 6], MeanColour(), progress=False)
+    assert (mixed.spot[:6, 3] == 30).all() and (mixed.spot[6:, 3] == 36).all()
+    # A subset keeps neighbours inside it and drops the others.
+    part = feats.subset([0, 1, 6])
+    assert as_sets(part.neighbours.numpy()) == [{1}, {0}, set()]
+
+
+# -- learning ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tissue():
+    """Four simulated sections of 12 x 12 spots, two per patient."""
+    sim = simulate_tissue(n_sections=4, grid=12, tile_size=32, seed=0)
+    sim.adata.obs["patient_id"] = sim.adata.obs["sample_id"].map(
+        {"section0": "P1", "section1": "P1", "section2": "P2", "section3": "P2"}
+    )
+    return SpotSet(sim.adata, sim.tiles, SIM_TILE_UM, SIM_TILE_UM)
+
+
+def rows_of(spots: SpotSet, *samples: str) -> np.ndarray:
+    return np.flatnonzero(spots.adata.obs["sample_id"].isin(samples).to_numpy())
+
+
+def test_predictor_learns_marker_genes_of_held_out_simulated_sections(tissue):
+    train, val, test = (tissue.subset(rows_of(tissue, *s)) for s in (("section0", "section1"), ("section2",), ("section3",)))
+    encoder = build_predictor_encoder("stain", train)
+    assert isinstance(encoder, StainFeatureEncoder) and encoder.config.image_size == 32
+    fit = train_predictor(train, encoder, n_genes=48, val=val, epochs=30, batch_size=64, lr=1e-3, patience=5,
+                          model_kwargs=SMALL, progress=False)  # fmt: skip
+    losses = fit.history["train_loss"]
+    assert losses[-1] < 0.6 * losses[0]
+    markers = {g for genes in MARKER_GENES.values() for g in genes}
+    genes = [g for g in fit.predictor.genes if g in markers]
+    assert len(genes) >= 20
+    features = context_features(test.tiles, test.adata.obs, SIM_TILE_UM, SIM_TILE_UM, encoder, progress=False)
+    predicted = fit.predictor.to_anndata(fit.predictor.predict_features(features), test.adata.obs)[:, genes].X
+    measured = expression_targets(test.adata, genes)
+    r = per_gene_pearson(measured, predicted)
+    shuffled = per_gene_pearson(measured, predicted[np.random.default_rng(0).permutation(len(predicted))])
+    print(f"simulated held-out section: median marker r {np.median(r):.3f}, shuffled {np.median(shuffled):.3f}")
+    assert np.median(r) > 0.4 and np.median(r) > np.median(shuffled) + 0.35
+
+
+def test_leave_one_patient_out_gives_a_model_and_test_predictions_per_patient(tissue, tmp_path):
+    encoder = build_predictor_encoder("stain", tissue)
+    fit = train_predictor(tissue, encoder, n_genes=24, epochs=6, batch_size=128, lr=1e-3, leave_one_patient_out=True,
+                          model_kwargs=SMALL, progress=False)  # fmt: skip
+    assert sorted(fit.folds) == ["P1", "P2"] and fit.predictor.config.provenance["n_train_spots"] == len(tissue)
+    for patient, fold in fit.folds.items():
+        held_out = tissue.adata.obs["patient_id"] == patient
+        assert fold.predictor.config.provenance["held_out_patient"] == patient
+        assert set(fold.predictor.config.provenance["train_samples"]).isdisjoint(set(tissue.adata.obs["sample_id"][held_out]))
+        pred = fold.test_predictions
+        assert pred.n_obs == held_out.sum() and list(pred.var_names) == fold.predictor.genes
+        assert pred.uns[PREDICTION_KEY]["median_pearson"] == fold.history["test_median_pearson"] > 0.2
+    out = save_predictor(fit, encoder, tmp_path / "lopo")
+    record = json.loads((out / "training.json").read_text())
+    assert sorted(record["folds"]) == ["P1", "P2"]
+    saved = ad.read_h5ad(out / "folds" / "P2" / "test_predictions.h5ad")
+    np.testing.assert_array_equal(saved.X, fit.folds["P2"].test_predictions.X)
+    fold_model = ExpressionPredictor.from_pretrained(out / "folds" / "P2")
+    assert fold_model.genes == fit.folds["P2"].predictor.genes
+    predictor, loaded_encoder = load_predictor(out)
+    torch.testing.assert_close(loaded_encoder.mean, encoder.mean)
+    torch.testing.assert_close(predictor.rho_weight, fit.predictor.rho_weight)
+
+
+def test_real_her2st_predictions_beat_a_shuffled_control(her2st_store):
+    train = SpotSet.from_store(her2st_store, split=None, samples=["C2", "C3"])
+    test = SpotSet.from_store(her2st_store, split=None, samples=["C4"])
+    assert set(train.adata.obs["sample_id"]) == {"C2", "C3"} and len(test) > 150
+    assert train.tile_um == 128.0 and (train.spot_diameter_um == 100.0).all()  # legacy ST: 100 µm spots
+    encoder = build_predictor_encoder("stain", train)
+    fit = train_predictor(train, encoder, n_genes=100, epochs=30, batch_size=64, lr=1e-3, model_kwargs=SMALL,
+                          progress=False)  # fmt: skip
+    features = context_features(test.tiles, test.adata.obs, test.tile_um, test.spot_diameter_um, encoder, progress=False)
+    predicted = fit.predictor.predict_features(features)
+    measured = expression_targets(test.adata, fit.predictor.genes, source="C4")
+    r = np.median(per_gene_pearson(measured, predicted))
+    shuffled = [np.median(per_gene_pearson(measured, predicted[np.random.default_rng(s).permutation(len(predicted))]))
+                for s in range(5)]  # fmt: skip
+    print(f"her2st C2+C3 -> C4, top 100 genes: median Pearson {r:.3f}; shuffled spots {np.round(shuffled, 3).tolist()}")
+    assert r > max(shuffled) + 0.15
+
+
+def test_command_writes_a_loadable_predictor_folder(her2st_store, tmp_path):
+    out = train_predictor_command(her2st_store.root, tmp_path / "predictor", n_genes=20, epochs=2, progress=False)
+    assert (out / "config.json").is_file() and (out / "morphology_encoder" / "config.json").is_file()
+    record = json.loads((out / "training.json").read_text())
+    assert len(record["genes"]) == 20 and record["history"]["epochs_run"] <= 2 and record["history"]["val_loss"]
+    predictor, encoder = load_predictor(out)
+    provenance = predictor.config.provenance
+    assert provenance["morphology_spec"] == "stain" and provenance["dataset"] == str(her2st_store.root.resolve())
+    test = SpotSet.from_store(her2st_store, "test")
+    feats = context_features(test.tiles, test.adata.obs, test.tile_um, test.spot_diameter_um, encoder, progress=False)
+    assert predictor.predict_features(feats).shape == (len(test), 20)
+    with pytest.raises(ValueError, match="at least two patients"):
+        train_predictor_command(her2st_store.root, tmp_path / "lopo", n_genes=20, epochs=1, leave_one_patient_out=True,
+                                progress=False)  # fmt: skip
+    assert not (tmp_path / "lopo").exists()
+
+
+# -- DeepSpot's weights ------------------------------------------------------------------------
+
+
+class Phi(nn.Module):
+    """DeepSpot's Phi: its Sequential is called ``model``: Linear, Dropout, ReLU."""
+
+    def __init__(self, n_in: int, n_out: int, p: float):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(n_in, n_out), nn.Dropout(p), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class Rho(nn.Module):
+    """DeepSpot's Rho: Dropout, ReLU, Linear, and a Dropout(0.1) on the output."""
+
+    def __init__(self, n_in: int, n_out: int, p: float):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(p), nn.ReLU(inplace=True), nn.Linear(n_in, n_out), nn.Dropout(0.1))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class StandardScalerStandIn:
+    """What DeepSpot's module keeps in ``scaler``: an sklearn StandardScaler's fitted arrays."""
+
+    def __init__(self, mean, scale):
+        self.mean_, self.scale_ = np.asarray(mean), np.asarray(scale)
+
+    def inverse_transform(self, x):
+        return x * self.scale_ + self.mean_
+
+
+class DeepSpotStandIn(nn.Module):
+    """DeepSpot's spot model as its pickles hold it (``phi_spot``, ``rho``, ``scaler``,
+    ``hparams``), with its forward for the 'spot_subspot_neighbors' context: inputs (spot
+    (B, 1, D), sub-spots (B, 9, D), neighbours (B, K, D)); per tile the median over phi copies,
+    then none / sum / max over the tiles; rho copies averaged."""
+
+    def __init__(self, input_size: int, output_size: int, n_ensemble: int = 4, phi2rho_size: int = 8, p: float = 0.3):
+        super().__init__()
+        self.hparams = {"input_size": input_size, "output_size": output_size, "p": p, "p_phi": None, "p_rho": None,
+                        "n_ensemble": n_ensemble, "phi2rho_size": phi2rho_size, "spot_context": "spot_subspot_neighbors"}  # fmt: skip
+        self.scaler = None
+        self.phi_spot = nn.ModuleList(Phi(input_size, phi2rho_size, p) for _ in range(n_ensemble))
+        self.rho = nn.ModuleList(Rho(3 * phi2rho_size, output_size, p) for _ in range(n_ensemble))
+
+    def _phi(self, x, how: str):
+        b, s, d = x.shape
+        h = torch.stack([phi(x.reshape(-1, d)) for phi in self.phi_spot], dim=1).median(dim=1).values.view(b, s, -1)
+        return {"none": h.reshape(b, -1), "sum": h.sum(1), "max": h.max(1).values}[how]
+
+    def forward(self, x):
+        spot, subspots, neighbours = x
+        h = torch.cat([self._phi(spot, "none"), self._phi(subspots, "sum"), self._phi(neighbours, "max")], dim=1)
+        return torch.stack([rho(h) for rho in self.rho], dim=1).mean(dim=1)
+
+
+@pytest.fixture
+def deepspot_file(tmp_path):
+    torch.manual_seed(7)
+    model = DeepSpotStandIn(input_size=6, output_size=5).eval()
+    model.scaler = StandardScalerStandIn(np.arange(5.0), np.linspace(0.5, 2.5, 5))
+    torch.save(model, tmp_path / "final_model.pkl")
+    genes = pd.DataFrame({"gene_name": ["G0", "X1", "G1", "G2", "X2", "G3", "G4"],
+                          "isPredicted": [True, False, True, True, False, True, True]})  # fmt: skip
+    genes.to_csv(tmp_path / "info_highly_variable_genes.csv", index=False)
+    (tmp_path / "top_param_overall.yaml").write_text("image_feature_model: uni\n")
+    return tmp_path / "final_model.pkl", model
+
+
+def test_deepspot_pickle_needs_trust_and_then_maps_onto_the_predictor(deepspot_file):
+    path, reference = deepspot_file
+    with pytest.raises(UntrustedPickleError, match="--trust-pickle"):
+        ExpressionPredictor.from_deepspot(path)
+    model = ExpressionPredictor.from_deepspot(path, trust_pickle=True)
+    assert model.genes == ["G0", "G1", "G2", "G3", "G4"]
+    assert (model.config.input_dim, model.config.hidden_dim, model.config.n_phi, model.config.n_rho) == (6, 8, 4, 4)
+    assert model.config.dropout == 0.3 and model.config.provenance["image_feature_model"] == "uni"
+    g = torch.Generator().manual_seed(0)
+    spot, subspots, neighbours = torch.randn(4, 6, generator=g), torch.randn(4, 9, 6, generator=g), torch.randn(4, 3, 6, generator=g)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    with torch.no_grad():
+        expected = reference([spot[:, None], subspots, neighbours])
+    torch.testing.assert_close(model(spot, subspots, neighbours, mask), expected, rtol=1e-5, atol=1e-6)
+    predicted = model.predict(spot, subspots, neighbours, mask).numpy()
+    np.testing.assert_allclose(predicted, reference.scaler.inverse_transform(expected.numpy()), rtol=1e-5, atol=1e-5)
+
+
+def test_deepspot_genes_can_be_given_and_a_state_dict_needs_no_trust(deepspot_file, tmp_path):
+    path, reference = deepspot_file
+    with pytest.raises(ValueError, match="predicts 5 genes but 2"):
+        ExpressionPredictor.from_deepspot(path, genes=["A", "B"], trust_pickle=True)
+    save_file(reference.state_dict(), tmp_path / "weights.safetensors")
+    with pytest.warns(UserWarning, match="no target scaler"):
+        model = ExpressionPredictor.from_deepspot(tmp_path / "weights.safetensors", genes=list("ABCDE"))
+    assert model.genes == list("ABCDE") and (model.target_std == 1).all() and (model.target_mean == 0).all()
+    torch.testing.assert_close(model.phi_weight[2], reference.phi_spot[2].model[0].weight)
+    torch.testing.assert_close(model.rho_bias[3], reference.rho[3].model[2].bias)
+
+
+def test_deepspot_pickle_without_its_package_says_what_to_install(tmp_path):
+    fake = types.ModuleType("deepspot")
+
+    class DeepSpot(nn.Module):
+        pass
+
+    DeepSpot.__module__, DeepSpot.__qualname__ = "deepspot", "DeepSpot"
+    fake.DeepSpot = DeepSpot
+    sys.modules["deepspot"] = fake
+    try:
+        torch.save(DeepSpot(), tmp_path / "final_model.pkl")
+    finally:
+        del sys.modules["deepspot"]
+    with pytest.raises(ImportError, match=r"Install DeepSpot .*lightning and scikit-learn"):
+        ExpressionPredictor.from_deepspot(tmp_path / "final_model.pkl", genes=["A"], trust_pickle=True)
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_give_clear_errors(tissue, tmp_path):
+    model = tiny_model()
+    spot, subspots, neighbours, mask = tiny_inputs()
+    with pytest.raises(ValueError, match=r"spot features must be \(B, 5\).*morphology encoder"):
+        model(spot[:, :4], subspots, neighbours, mask)
+    with pytest.raises(ValueError, match="sub-spot features"):
+        model(spot, subspots[:2], neighbours, mask)
+    with pytest.raises(ValueError, match="neighbour_mask must be a bool"):
+        model(spot, subspots, neighbours, mask.float())
+    with pytest.raises(ValueError, match="duplicated genes"):
+        ExpressionPredictor(genes=["A", "A"], input_dim=3)
+    feats = ContextFeatures(torch.zeros(2, 4), torch.zeros(2, 9, 4), torch.full((2, 1), -1))
+    with pytest.raises(ValueError, match="use the morphology encoder it was trained with"):
+        model.predict_features(feats)
+    with pytest.raises(ValueError, match="12 tiles but 11 spots"):
+        context_features(np.zeros((12, 40, 40, 3), np.uint8), pd.DataFrame({"x_px": range(11), "y_px": 0.0}), 40.0, 30.0,
+                         MeanColour(), progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="larger than the tile"):
+        context_features(np.zeros((2, 40, 40, 3), np.uint8), pd.DataFrame({"x_px": [0.0, 1.0], "y_px": 0.0}), 40.0, 55.0,
+                         MeanColour(), progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="one tile per spot"):
+        SpotSet(tissue.adata, tissue.tiles[:5], SIM_TILE_UM, SIM_TILE_UM)
+    with pytest.raises(ValueError, match="not measured: \\['NOT_A_GENE'\\]"):
+        expression_targets(tissue.adata, ["CD3E", "NOT_A_GENE"])
+    he_only = tissue.adata.copy()
+    del he_only.layers["counts"]
+    with pytest.raises(ValueError, match="no raw counts.*H&E-only"):
+        train_predictor(SpotSet(he_only, tissue.tiles, SIM_TILE_UM, SIM_TILE_UM), MeanColour(), progress=False)
+    with pytest.raises(ValueError, match="x_px/y_px"):
+        neighbour_index(pd.DataFrame({"sample_id": ["a", "a"]}))
+
+
+def test_command_refuses_a_store_without_counts(her2st_store, tmp_path):
+    copy = Path(shutil.copytree(her2st_store.root, tmp_path / "he_only"))
+    adata = ad.read_h5ad(copy / "spots.h5ad")
+    for layer in ("counts", "log1p"):
+        del adata.layers[layer]
+    adata.write_h5ad(copy / "spots.h5ad")
+    with pytest.raises(ValueError, match="no raw counts.*H&E-only"):
+        train_predictor_command(copy, tmp_path / "out", epochs=1, progress=False)
+    assert not (tmp_path / "out").exists()
