@@ -58,6 +58,15 @@ KNOWN_WEIGHTS: tuple[WeightsSource, ...] = (
         hub_id="stabilityai/stable-diffusion-3.5-large",
     ),
     WeightsSource(
+        component="FID feature extractor",
+        name="Inception v3 (FID, 2048-d pool features)",
+        where="github.com/toshas/torch-fidelity releases: weights-inception-2015-12-05-6726825d.pth",
+        gated="no; fetched on first use when online, else place the file and name it",
+        files="weights-inception-2015-12-05-6726825d.pth",
+        use="InceptionFeatures(weights=FILE); `stmdit evaluate --inception-weights FILE`",
+        env="STMDIT_INCEPTION_WEIGHTS",
+    ),
+    WeightsSource(
         component="transformer (warm start)",
         name="PixCell-256",
         where="Hugging Face hub StonyBrook-CVLab/PixCell-256 (diffusers format, subfolder transformer)",
