@@ -22,3 +22,50 @@ def test_data() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+HER2ST_SECTIONS = ("C2", "C3", "C4")
+
+
+def her2st_prepare_config(test_data: Path, out: Path, **overrides) -> dict:
+    """The three her2st sections (patient C) with tiny 32 px tiles of 128 µm, one section per split."""
+    root = test_data / "her2st"
+    samples = [{"format": "legacy_st", "counts": str(root / s / "counts.tsv.gz"), "spots": str(root / s / "spots.tsv"),
+                "image": str(root / s / "he.jpg"), "sample_id": s, "patient_id": "C"} for s in HER2ST_SECTIONS]  # fmt: skip
+    base = {"out": str(out), "samples": samples, "tile_um": 128.0, "tile_px": 32, "split_by": "sample_id",
+            "split_fractions": [0.34, 0.33, 0.33], "chunk_rows": 32}  # fmt: skip
+    return {**base, **overrides}
+
+
+@pytest.fixture(scope="session")
+def her2st_store(tmp_path_factory, test_data):
+    """One prepared store of the three her2st sections, shared read-only by the tests (copy it to write)."""
+    import warnings
+
+    from stmdit.data.store import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("her2st") / "store"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # C3 and C4 list spot positions without counts
+        return prepare(PrepareConfig(**her2st_prepare_config(test_data, out)), progress=False)
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """torch-fidelity's FID Inception-v3 with random (He-scaled) weights, saved as the plain state
+    dict its constructor loads, the format of the real weights file."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    with pytest.MonkeyPatch.context() as patch:  # build the architecture without fetching weights
+        patch.setattr(fe, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(model.state_dict(), path)
+    return path

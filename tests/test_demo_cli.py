@@ -18,7 +18,7 @@ def test_quick_demo_writes_every_promised_file(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for setting in ("real_tiles", "ge_only", "morph_ge", "morph_only", "unconditional"):
-        assert set(metrics[setting]) >= {"composition_corr", "composition_mae"}
+        assert set(metrics[setting]) >= {"composition_corr", "composition_mae", "fidelity_auc"}
         assert -1 <= metrics[setting]["composition_corr"] <= 1
     assert "protocol" in metrics and metrics["protocol"]["eval_spots"] == 16
     for run in ("ge", "no_ge"):

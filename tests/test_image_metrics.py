@@ -157,29 +157,6 @@ def test_kid_draws_subsets_as_torch_fidelity_does():
 
 
 @pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory):
-    """torch-fidelity's FID Inception-v3 with random (He-scaled) weights, saved as the plain state
-    dict its constructor loads, the format of the real weights file."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    with pytest.MonkeyPatch.context() as patch:  # build the architecture without fetching weights
-        patch.setattr(fe, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        patch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
-        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(
-                    torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5
-                )
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(model.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def inception(random_inception_weights):
     return InceptionFeatures(weights=random_inception_weights)
 

@@ -9,7 +9,6 @@ import math
 import shutil
 import sys
 import types
-import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -20,7 +19,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from stmdit.data.store import DatasetStore, PrepareConfig, prepare
 from stmdit.data.synthetic import MARKER_GENES, simulate_tissue
 from stmdit.encoders.morphology import StainFeatureEncoder
 from stmdit.encoders.predictor import (
@@ -211,19 +209,6 @@ def test_hexagonal_neighbours_are_the_six_spots_one_pitch_away():
     # Forcing a square grid reads the same numbers as DeepSpot's box query would.
     square = neighbour_index(obs, grid="square")
     assert as_sets(square) == brute_force_neighbours(obs, lambda dr, dc: max(abs(dr), abs(dc)) == 1)
-
-
-@pytest.fixture(scope="module")
-def her2st_store(tmp_path_factory, test_data) -> DatasetStore:
-    """The three her2st sections (patient C) prepared with tiny 32 px tiles of 128 µm."""
-    root = test_data / "her2st"
-    samples = [{"format": "legacy_st", "counts": str(root / s / "counts.tsv.gz"), "spots": str(root / s / "spots.tsv"),
-                "image": str(root / s / "he.jpg"), "sample_id": s, "patient_id": "C"} for s in ("C2", "C3", "C4")]  # fmt: skip
-    config = PrepareConfig(out=str(tmp_path_factory.mktemp("predictor") / "her2st"), samples=samples, tile_um=128.0,
-                           tile_px=32, split_by="sample_id", split_fractions=(0.34, 0.33, 0.33))  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # C3 and C4 list positions without counts
-        return prepare(config, progress=False)
 
 
 def test_square_grid_neighbours_on_her2st(her2st_store):

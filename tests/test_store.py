@@ -18,6 +18,8 @@ import yaml
 import zarr
 from typer.testing import CliRunner
 
+from conftest import HER2ST_SECTIONS as SECTIONS
+from conftest import her2st_prepare_config
 from stmdit.cli import app
 from stmdit.data.chunks import StoreMismatchError
 from stmdit.data.encode import EncodeConfig, encode, load_encoders
@@ -26,27 +28,14 @@ from stmdit.data.sources import load_training_data
 from stmdit.data.store import DatasetStore, PrepareConfig, make_splits, prepare
 from stmdit.train import TrainConfig, Trainer
 
-SECTIONS = ("C2", "C3", "C4")
-
-
-def her2st_samples(test_data: Path) -> list[dict]:
-    root = test_data / "her2st"
-    return [{"format": "legacy_st", "counts": str(root / s / "counts.tsv.gz"), "spots": str(root / s / "spots.tsv"),
-             "image": str(root / s / "he.jpg"), "sample_id": s, "patient_id": "C"} for s in SECTIONS]  # fmt: skip
-
 
 def prepare_config(test_data, out, **kw) -> dict:
-    base = {"out": str(out), "samples": her2st_samples(test_data), "tile_um": 128.0, "tile_px": 32,
-            "split_by": "sample_id", "split_fractions": [0.34, 0.33, 0.33], "chunk_rows": 32}  # fmt: skip
-    return {**base, **kw}
+    return her2st_prepare_config(test_data, out, **kw)
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, test_data) -> DatasetStore:
-    """One uninterrupted prepare of the three sections, shared by the tests below (read-only)."""
-    out = tmp_path_factory.mktemp("store") / "her2st"
-    with pytest.warns(UserWarning):  # C3 and C4 list spot positions without counts
-        return prepare(PrepareConfig(**prepare_config(test_data, out)), progress=False)
+@pytest.fixture
+def prepared(her2st_store) -> DatasetStore:
+    return her2st_store
 
 
 def copy_store(store: DatasetStore, dest: Path) -> Path:

@@ -534,8 +534,12 @@ def compute_image_metrics(
     reference: str | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    real_cache: dict | None = None,
 ) -> dict:
     """FID, KID and FD-<name> between real and generated tiles, overall and per group.
+
+    ``real_cache``: a dict kept by the caller for one real set; its features are extracted once
+    and reused when several generated sets are compared with the same real tiles.
 
     ``extractors``: ``"inception"`` (an :class:`InceptionFeatures`) gives FID and KID; every other
     entry, e.g. ``"uni"`` (:func:`uni2h_features`), gives ``fd_<name>``. Images: tensors
@@ -554,7 +558,12 @@ def compute_image_metrics(
     groups = _groups(per_group, n_real, n_fake)
     features, described, sizes = {}, {}, {"real": set(), "generated": set()}
     for name, extractor in extractors.items():
-        fr, real_sizes = extract_features(extractor, real_images, batch_size)
+        if real_cache is not None and name in real_cache:
+            fr, real_sizes = real_cache[name]
+        else:
+            fr, real_sizes = extract_features(extractor, real_images, batch_size)
+            if real_cache is not None:
+                real_cache[name] = (fr, real_sizes)
         ff, fake_sizes = extract_features(extractor, fake_images, batch_size)
         features[name] = (fr, ff)
         described[name] = _describe(name, extractor)

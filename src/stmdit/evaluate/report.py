@@ -1,0 +1,205 @@
+"""The evaluation report: one HTML page with PNG figures beside ``metrics.json``.
+
+Every number in the page appears next to its protocol; warnings (too few images for a stable
+FID, non-standard Inception weights, ...) are shown above the table, not hidden.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from stmdit.io import save_figure, write_text
+from stmdit.plotting import plt, save_tile_grid
+
+METRICS = (("fid", "FID", "{:.1f}"), ("kid", "KID", "{:.4f}"), ("fd_morph", "FD-morph", "{:.2f}"),
+           ("fidelity_auc", "fidelity AUC", "{:.3f}"))  # fmt: skip
+
+
+def _fmt(summary: dict, key: str, pattern: str) -> str:
+    entry = summary.get(key)
+    if not entry or entry.get("mean") is None:
+        return "–"
+    text = pattern.format(entry["mean"])
+    return text + (f" ± {pattern.format(entry['std'])}" if len(entry.get("per_seed", [])) > 1 else "")
+
+
+def _table(results: dict) -> str:
+    head = "".join(f"<th>{label}</th>" for _, label, _ in METRICS)
+    rows = []
+    if "ceiling" in results:
+        rows.append(f"<tr><td>real tiles (ceiling)</td><td>–</td>{'<td>–</td>' * 3}<td>{results['ceiling']['auc']:.3f}</td>"
+                    "<td>1.00</td></tr>")  # fmt: skip
+    for name, model in results["models"].items():
+        for setting, res in model["settings"].items():
+            s = res["summary"]
+            cells = "".join(f"<td>{_fmt(s, key, pat)}</td>" for key, _, pat in METRICS)
+            ratio = s.get("fidelity_ratio_to_ceiling")
+            rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(setting)}</td>{cells}"
+                        f"<td>{'–' if ratio is None else f'{ratio:.2f}'}</td></tr>")  # fmt: skip
+    return (f"<table><tr><th>model</th><th>setting</th>{head}<th>fidelity / ceiling</th></tr>"
+            + "".join(rows) + "</table>")  # fmt: skip
+
+
+def _ablation_table(results: dict) -> str:
+    rows = []
+    for name, model in results["models"].items():
+        for ablation, deltas in model.get("ge_ablation", {}).items():
+            cells = "".join(f"<td>{deltas[k]:+.3f}</td>" if k in deltas else "<td>–</td>" for k, _, _ in METRICS)
+            rows.append(f"<tr><td>{html.escape(name)}</td><td>{ablation} − ge</td>{cells}</tr>")
+    if not rows:
+        return "<p>No GE model was evaluated.</p>"
+    head = "".join(f"<th>Δ {label}</th>" for _, label, _ in METRICS)
+    return f"<table><tr><th>model</th><th>delta</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _first_protocol(results: dict) -> dict:
+    for model in results["models"].values():
+        for setting in model["settings"].values():
+            for detail in setting["details"].values():
+                overall = detail["image_metrics"]["overall"]
+                return {k: v.get("protocol") for k, v in overall.items()}
+    return {}
+
+
+def _plot_fidelity_curves(results: dict, path: Path) -> bool:
+    curves = {}
+    if "ceiling" in results:
+        curves["real tiles (ceiling)"] = results["ceiling"]["per_sample"]
+    for name, model in results["models"].items():
+        for setting in ("ge", "none"):
+            res = model["settings"].get(setting)
+            if res is None:
+                continue
+            first = next(iter(res["details"].values()))
+            if "fidelity" in first:
+                curves[f"{name} ({setting})"] = first["fidelity"]["per_sample"]
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, per_sample in curves.items():
+        samples = list(per_sample.values())
+        n = samples[0]["curve"]["n"]
+        r = np.mean([s["curve"]["median_r"] for s in samples if s["curve"]["n"] == n], axis=0)
+        auc = np.mean([s["auc"] for s in samples])
+        ax.plot(n, r, marker="o", markersize=3, label=f"{label}: AUC {auc:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("top-N highly variable genes")
+    ax.set_ylabel("median Pearson r (mean over test samples)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return True
+
+
+def _plot_gene_scatter(measured, predictions: dict, genes: list[str], chosen: list[str], path: Path) -> bool:
+    if measured is None or not predictions:
+        return False
+    index = {g: i for i, g in enumerate(genes)}
+    chosen = [g for g in chosen if g in index] or [genes[i] for i in np.argsort(-measured.var(axis=0))[:3]]
+    sources = [k for k in predictions if k == "real" or k.endswith("/ge") or k.endswith("/none")]
+    fig, axes = plt.subplots(len(chosen), len(sources), figsize=(2.6 * len(sources), 2.4 * len(chosen)), squeeze=False)
+    for r, gene in enumerate(chosen):
+        j = index[gene]
+        for c, source in enumerate(sources):
+            ax = axes[r, c]
+            x, y = measured[:, j], predictions[source][:, j]
+            ax.scatter(x, y, s=4, alpha=0.6)
+            rho = np.corrcoef(x, y)[0, 1] if x.std() > 0 and y.std() > 0 else float("nan")
+            ax.set_title(f"{gene} | {source}: r={rho:.2f}", fontsize=7)
+            if r == len(chosen) - 1:
+                ax.set_xlabel("measured log1p CP10k", fontsize=7)
+            if c == 0:
+                ax.set_ylabel("predicted from tile", fontsize=7)
+    save_figure(fig, path)
+    return True
+
+
+def _plot_ablation(results: dict, path: Path) -> bool:
+    entries = [(name, ab, d) for name, m in results["models"].items() for ab, d in m.get("ge_ablation", {}).items()]
+    if not entries:
+        return False
+    keys = [k for k in ("fid", "fd_morph", "fidelity_auc") if any(k in d for _, _, d in entries)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    labels = [f"{n}\n{a}" for n, a, _ in entries]
+    for ax, key in zip(axes[0], keys, strict=True):
+        values = [d.get(key, np.nan) for _, _, d in entries]
+        ax.bar(range(len(values)), values, color=["tab:red" if v < 0 else "tab:blue" for v in values])
+        ax.set_xticks(range(len(values)), labels, fontsize=7)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_title(f"Δ {dict((k, lbl) for k, lbl, _ in METRICS)[key]} (ablated − ge)", fontsize=8)
+    save_figure(fig, path)
+    return True
+
+
+def _plot_sweep(results: dict, path: Path) -> bool:
+    series = {}
+    for name, model in results["models"].items():
+        pts = [(s["guidance_ge"], s["summary"]) for key, s in model["settings"].items() if key == "ge" or key.startswith("ge@")]
+        if len(pts) > 1:
+            series[name] = sorted(pts, key=lambda p: p[0])
+    if not series:
+        return False
+    keys = [k for k in ("fid", "fidelity_auc") if any(k in p[1] for pts in series.values() for p in pts)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.5 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for name, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1][key]["mean"] for p in pts], marker="o", label=name)
+        ax.set_xlabel("GE guidance scale")
+        ax.set_title(dict((k, lbl) for k, lbl, _ in METRICS)[key], fontsize=8)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return True
+
+
+def write_report(out: Path, results: dict, real_grid: np.ndarray, model_grids: dict, held, measured, predictions,
+                 genes: list[str], scatter_genes: list[str]) -> Path:  # fmt: skip
+    """Write ``report.html`` and its PNGs into ``out``; returns the HTML path."""
+    out = Path(out)
+    figures = []
+    rows = [("real", real_grid)] + [(name, tiles) for name, tiles in model_grids.items()]
+    save_tile_grid(rows, out / "samples_grid.png", column_titles=[str(s) for s in held.adata.obs_names[: len(real_grid)]])
+    figures.append(("samples_grid.png", "Real held-out tiles and each model's tile for the same spots (seed 0; "
+                    "GE models with the spot's measured expression)."))  # fmt: skip
+    if _plot_fidelity_curves(results, out / "fidelity_curves.png"):
+        figures.append(("fidelity_curves.png", "Median per-gene Pearson r of the expression predictor against the "
+                        "measured expression, over the top-N highly variable genes; AUC with N normalised to [0, 1]."))  # fmt: skip
+    if _plot_gene_scatter(measured, predictions, genes, scatter_genes, out / "gene_scatter.png"):
+        figures.append(("gene_scatter.png", "Measured expression against the expression the predictor reads off "
+                        "real and generated tiles, for chosen genes."))  # fmt: skip
+    if _plot_ablation(results, out / "ge_ablation.png"):
+        figures.append(("ge_ablation.png", "GE ablation: metric with GE removed (null) or shuffled minus the metric "
+                        "with the true GE. Positive FID/FD deltas and negative fidelity deltas mean GE helps."))  # fmt: skip
+    if _plot_sweep(results, out / "guidance_sweep.png"):
+        figures.append(("guidance_sweep.png", "FID and fidelity against the GE guidance scale."))
+
+    warnings = results.get("warnings", [])
+    warn_html = ("<div class='warn'><b>Read these numbers with care:</b><ul>"
+                 + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul></div>") if warnings else ""  # fmt: skip
+    figs_html = "".join(f"<figure><img src='{name}' alt='{name}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+                        for name, caption in figures)  # fmt: skip
+    protocol = {**results["protocol"], "image_metrics": _first_protocol(results)}
+    if "ceiling" in results:
+        protocol["fidelity_auc"] = results["ceiling"]["protocol"]
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>STMDiT evaluation</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
+.warn{{background:#fff4e5;border:1px solid #f0b37e;padding:0.5em 1em}}img{{max-width:100%}}
+pre{{background:#f6f6f6;padding:1em;font-size:11px;overflow:auto}}</style></head><body>
+<h1>STMDiT evaluation</h1>
+<p>{results['n_spots']} held-out spots from samples {', '.join(map(html.escape, results['samples']))};
+seeds {results['config']['seeds']}; {results['config']['steps']} sampling steps.</p>
+{warn_html}
+<h2>Metrics</h2>{_table(results)}
+<h2>GE ablation</h2>{_ablation_table(results)}
+<h2>Figures</h2>{figs_html}
+<h2>Protocol</h2><pre>{html.escape(json.dumps(protocol, indent=2, default=str))}</pre>
+</body></html>
+"""
+    path = out / "report.html"
+    write_text(path, page)
+    return path

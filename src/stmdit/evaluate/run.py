@@ -1,0 +1,321 @@
+"""``stmdit evaluate``: several models on the same held-out spots and seeds, as the paper's table.
+
+For every model (a pipeline folder) and setting, tiles are generated for the held-out spots of
+a prepared dataset with per-spot noise that depends only on (seed, spot), so all models and
+settings see identical noise. Settings of a GE model: ``ge`` (the spot's measured expression),
+and the GE ablations ``null`` (expression removed: the GE null) and ``shuffled`` (another
+held-out spot's expression); a no-GE model has the single setting ``none``. Optionally the GE
+guidance scale is swept.
+
+Numbers, each with its protocol:
+
+* image metrics against the real tiles of the same spots (resized to the model's resolution):
+  FID and KID on Inception features and FD in the morphology encoder's feature space;
+* transcriptomic fidelity: the expression predictor applied to the generated tiles, compared
+  with the spot's measured expression, as DeepSpot's AUC per test sample (then averaged); the
+  predictor on the real tiles gives the ceiling. Sub-spots come from the generated tile itself
+  and neighbours from the generated tiles of the neighbouring spots (every held-out spot of a
+  sample is generated). In the ``shuffled`` setting the comparison is still with the spot's own
+  measured expression, so a model that follows its GE loses fidelity there.
+* the GE-ablation deltas: metric(ablated) - metric(ge), per metric and ablation.
+
+Generated tiles are saved (``generated/<model>/<setting>/seed<k>.npy``) and reused, so an
+interrupted evaluation continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stmdit.io import atomic_path, dataclass_from_yaml, write_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateConfig:
+    """What ``stmdit evaluate`` compares. ``models`` maps a name to a pipeline folder."""
+
+    out: str
+    dataset: str
+    models: dict[str, str] = field(default_factory=dict)
+    predictor: str | None = None
+    split: str = "test"
+    samples: list[str] | None = None
+    max_spots_per_sample: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    inputs: str = "both"
+    guidance_morph: float = 1.5
+    guidance_ge: float = 2.0
+    steps: int = 20
+    ablations: list[str] = field(default_factory=lambda: ["null", "shuffled"])
+    sweep_guidance_ge: list[float] = field(default_factory=list)
+    inception_weights: str | None = None
+    fd_encoder: str = "store"
+    kid_subsets: int = 50
+    kid_subset_size: int = 1000
+    n_bootstrap: int = 1000
+    batch_size: int = 16
+    grid_spots: int = 8
+    scatter_genes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.models:
+            raise ValueError("evaluate: 'models' names no pipeline; give name: folder pairs")
+        if self.inputs not in ("both", "ge_only"):
+            raise ValueError(f"inputs must be 'both' (morphology and GE) or 'ge_only'; got {self.inputs!r}")
+        unknown = set(self.ablations) - {"null", "shuffled"}
+        if unknown:
+            raise ValueError(f"ablations must be among null, shuffled; got {sorted(unknown)}")
+        if not self.seeds:
+            raise ValueError("evaluate: give at least one seed")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> EvaluateConfig:
+        return dataclass_from_yaml(cls, path, "evaluate config", **overrides)
+
+
+@dataclass
+class HeldOut:
+    """The evaluated spots: their AnnData (counts), real tiles and geometry."""
+
+    adata: object
+    tiles: np.ndarray
+    tile_um: float
+    spot_diameter_um: np.ndarray
+    samples: np.ndarray
+
+
+def held_out_spots(cfg: EvaluateConfig) -> HeldOut:
+    from stmdit.encoders.predictor import SpotSet
+
+    spots = SpotSet.from_store(cfg.dataset, split=cfg.split, samples=cfg.samples)
+    if len(spots) == 0:
+        raise ValueError(f"{cfg.dataset}: split {cfg.split!r} has no kept spots to evaluate on")
+    rows = np.arange(len(spots))
+    if cfg.max_spots_per_sample:
+        # The first spots of each sample in reading order: a contiguous patch, so neighbours stay.
+        sample = spots.adata.obs["sample_id"].astype(str).to_numpy()
+        rows = np.concatenate([np.flatnonzero(sample == s)[: cfg.max_spots_per_sample] for s in dict.fromkeys(sample)])
+        spots = spots.subset(rows)
+    tiles = np.asarray(spots.tiles[np.arange(len(spots))])
+    diam = np.broadcast_to(np.asarray(spots.spot_diameter_um, dtype=float), (len(spots),)).copy()
+    return HeldOut(spots.adata, tiles, spots.tile_um, diam, spots.adata.obs["sample_id"].astype(str).to_numpy())
+
+
+def _model_resolution(pipe) -> int:
+    size = pipe.transformer.config.sample_size
+    if pipe.vae is None:
+        return size
+    return size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def _to_nchw(tiles_u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(tiles_u8)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _resize_u8(tiles_u8: np.ndarray, size: int) -> np.ndarray:
+    if tiles_u8.shape[1] == size:
+        return tiles_u8
+    x = F.interpolate(_to_nchw(tiles_u8), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def generate_setting(pipe, folder: str, held: HeldOut, setting: str, seed: int, cfg: EvaluateConfig,
+                     guidance_ge: float, path: Path) -> np.ndarray:  # fmt: skip
+    """Tiles (N, R, R, 3) uint8 for every held-out spot under one setting; cached at ``path``
+    with a record of what made them, so a rerun with other parameters regenerates."""
+    import json
+
+    from stmdit.generate import spot_generator
+
+    made_by = {"pipeline": str(Path(folder).resolve()), "setting": setting, "seed": seed, "inputs": cfg.inputs, "guidance_morph": cfg.guidance_morph,
+               "guidance_ge": guidance_ge, "steps": cfg.steps, "spots": list(map(str, held.adata.obs_names))}  # fmt: skip
+    record = path.with_suffix(".json")
+    if path.exists() and record.exists() and json.loads(record.read_text()) == made_by:
+        return np.load(path)
+    n = held.adata.n_obs
+    order = np.arange(n)
+    if setting == "shuffled":
+        order = np.random.default_rng(seed).permutation(n)
+    out = []
+    for start in tqdm(range(0, n, cfg.batch_size), desc=f"{path.parent.parent.name}/{setting}/seed{seed}", leave=False):
+        idx = np.arange(start, min(start + cfg.batch_size, n))
+        kwargs = {}
+        if setting in ("ge", "shuffled"):
+            kwargs["expression"] = held.adata[order[idx]]
+        if cfg.inputs == "both":
+            kwargs["morphology"] = _to_nchw(held.tiles[idx])
+        if not kwargs:
+            kwargs["num_images"] = len(idx)
+        images = pipe(**kwargs, guidance_morph=cfg.guidance_morph, guidance_ge=guidance_ge,
+                      num_inference_steps=cfg.steps, generator=[spot_generator(seed, int(i)) for i in idx],
+                      output_type="np", progress=False).images  # fmt: skip
+        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+    tiles = np.concatenate(out)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, tiles)
+    write_json(record, made_by)
+    return tiles
+
+
+def _settings(pipe, cfg: EvaluateConfig) -> list[tuple[str, float]]:
+    if not pipe.transformer.has_ge:
+        return [("none", cfg.guidance_ge)]
+    out = [("ge", cfg.guidance_ge)] + [(a, cfg.guidance_ge) for a in cfg.ablations]
+    out += [(f"ge@{s:g}", s) for s in cfg.sweep_guidance_ge if s != cfg.guidance_ge]
+    return out
+
+
+def _fidelity(predictor, encoder, tiles_u8: np.ndarray, held: HeldOut, measured: np.ndarray, n_bootstrap: int) -> dict:
+    """DeepSpot AUC per sample of the predictor on these tiles against the measured expression."""
+    from stmdit.encoders.predictor import context_features
+    from stmdit.evaluate.fidelity import fidelity_auc
+
+    feats = context_features(tiles_u8, held.adata.obs, held.tile_um, held.spot_diameter_um, encoder, progress=False)
+    predicted = predictor.predict_features(feats)
+    per_sample = {}
+    for sample in dict.fromkeys(held.samples):
+        rows = held.samples == sample
+        if rows.sum() < 3:
+            continue
+        res = fidelity_auc(measured[rows], predicted[rows], n_bootstrap=n_bootstrap)
+        per_sample[sample] = res.to_dict()
+    if not per_sample:
+        raise ValueError("fidelity needs at least 3 spots in some sample")
+    aucs = [r["auc"] for r in per_sample.values()]
+    return {"auc": float(np.mean(aucs)), "per_sample": per_sample, "predicted": predicted,
+            "protocol": next(iter(per_sample.values()))["protocol"]}  # fmt: skip
+
+
+def _mean_std(values: list[float | None]) -> dict:
+    """Mean and std over seeds; a metric withheld for every seed (too few images) stays None."""
+    arr = np.asarray([np.nan if v is None else v for v in values], dtype=float)
+    if np.isnan(arr).all():
+        return {"mean": None, "std": None, "per_seed": values}
+    return {"mean": float(np.nanmean(arr)), "std": float(np.nanstd(arr)), "per_seed": values}
+
+
+def _deltas(ablated: dict, reference: dict) -> dict:
+    """metric(ablated) - metric(reference) for every metric both have a value for."""
+    out = {}
+    for metric, entry in reference.items():
+        other = ablated.get(metric)
+        if isinstance(entry, dict) and isinstance(other, dict) and None not in (entry["mean"], other["mean"]):
+            out[metric] = other["mean"] - entry["mean"]
+    return out
+
+
+def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
+    """Run the evaluation and write ``metrics.json`` and the HTML report into ``cfg.out``."""
+    from stmdit.data.encode import load_encoders
+    from stmdit.data.store import DatasetStore
+    from stmdit.encoders.predictor import expression_targets, load_predictor
+    from stmdit.evaluate.image_metrics import InceptionFeatures, MorphologyFeatures, compute_image_metrics
+    from stmdit.evaluate.report import write_report
+    from stmdit.pipeline import STMDiTPipeline
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    held = held_out_spots(cfg)
+    store = DatasetStore(cfg.dataset)
+    if cfg.fd_encoder == "store":
+        fd_encoder = load_encoders(store)["morphology_encoder"]
+    else:
+        from stmdit.encoders.factory import build_morphology_encoder
+
+        fd_encoder = build_morphology_encoder(cfg.fd_encoder, _to_nchw(held.tiles))
+    if fd_encoder is None:
+        raise ValueError(f"{cfg.dataset} has no saved morphology encoder for FD; run `stmdit encode` or set fd_encoder")
+    extractors = {"inception": InceptionFeatures(cfg.inception_weights),
+                  "morph": MorphologyFeatures(fd_encoder, type(fd_encoder).__name__)}  # fmt: skip
+    reference = (f"real tiles of the same {held.adata.n_obs} held-out spots ({cfg.split} split of {cfg.dataset}; "
+                 f"{held.tile_um:g} µm tiles, resized to each model's resolution)")  # fmt: skip
+
+    predictor = encoder = measured = None
+    results: dict = {"models": {}, "config": dataclasses.asdict(cfg), "n_spots": int(held.adata.n_obs),
+                     "samples": sorted(set(held.samples))}  # fmt: skip
+    if cfg.predictor:
+        predictor, encoder = load_predictor(cfg.predictor)
+        if encoder is None:
+            raise ValueError(f"{cfg.predictor} records no morphology encoder to rebuild; retrain it with stmdit train-predictor")
+        measured = expression_targets(held.adata, predictor.genes, source=f"{cfg.dataset} spots")
+        ceiling = _fidelity(predictor, encoder, held.tiles, held, measured, cfg.n_bootstrap)
+        results["ceiling"] = {k: v for k, v in ceiling.items() if k != "predicted"}
+        results["predictor"] = {"path": str(cfg.predictor), "genes": len(predictor.genes)}
+        predictions = {"real": ceiling["predicted"]}
+
+    samples_for_grid: dict[str, np.ndarray] = {}
+    real_caches: dict[int, dict] = {}  # resolution -> real-tile features, shared by models and settings
+    for name, folder in tqdm(cfg.models.items(), desc="models", disable=not progress):
+        pipe = STMDiTPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        size = _model_resolution(pipe)
+        real = _resize_u8(held.tiles, size)
+        real_cache = real_caches.setdefault(size, {})
+        model_res = {"pipeline": str(folder), "resolution": size, "has_ge": bool(pipe.transformer.has_ge), "settings": {}}
+        for setting, s_g in _settings(pipe, cfg):
+            seeds = cfg.seeds if "@" not in setting else cfg.seeds[:1]
+            per_seed = {"fid": [], "kid": [], "fd_morph": [], "fidelity_auc": []}
+            details = {}
+            for seed in seeds:
+                path = out / "generated" / name / setting / f"seed{seed}.npy"
+                fake = generate_setting(pipe, folder, held, setting, seed, cfg, s_g, path)
+                if seed == seeds[0] and setting in ("ge", "none"):
+                    samples_for_grid[name] = fake[: cfg.grid_spots]
+                metrics = compute_image_metrics(real, fake, extractors, kid_subsets=cfg.kid_subsets,
+                                                kid_subset_size=min(cfg.kid_subset_size, len(fake)),
+                                                per_group=held.samples, reference=reference, seed=seed,
+                                                real_cache=real_cache)  # fmt: skip
+                overall = metrics["overall"]
+                per_seed["fid"].append(overall["fid"]["value"])
+                per_seed["kid"].append(overall["kid"]["mean"])
+                per_seed["fd_morph"].append(overall["fd_morph"]["value"])
+                details[f"seed{seed}"] = {"image_metrics": metrics}
+                if predictor is not None:
+                    fid_res = _fidelity(predictor, encoder, fake, held, measured, cfg.n_bootstrap)
+                    per_seed["fidelity_auc"].append(fid_res["auc"])
+                    details[f"seed{seed}"]["fidelity"] = {k: v for k, v in fid_res.items() if k != "predicted"}
+                    if seed == seeds[0]:
+                        predictions[f"{name}/{setting}"] = fid_res["predicted"]
+            summary = {k: _mean_std(v) for k, v in per_seed.items() if v}
+            if "fidelity_auc" in summary and predictor is not None:
+                summary["fidelity_ratio_to_ceiling"] = summary["fidelity_auc"]["mean"] / results["ceiling"]["auc"]
+            model_res["settings"][setting] = {"guidance_ge": s_g, "summary": summary, "details": details}
+        settings = model_res["settings"]
+        if "ge" in settings:
+            model_res["ge_ablation"] = {ablation: _deltas(settings[ablation]["summary"], settings["ge"]["summary"])
+                                        for ablation in cfg.ablations}  # fmt: skip
+        results["models"][name] = model_res
+        del pipe
+
+    results["warnings"] = sorted({w for m in results["models"].values() for s in m["settings"].values()
+                                  for d in s["details"].values() for w in d["image_metrics"]["warnings"]})  # fmt: skip
+    results["protocol"] = {
+        "spots": reference,
+        "noise": "per spot: torch.Generator seeded by (seed, spot index); identical across models and settings",
+        "inputs": cfg.inputs,
+        "guidance": {"morph": cfg.guidance_morph, "ge": cfg.guidance_ge},
+        "steps": cfg.steps,
+        "settings": {"ge": "the spot's measured expression", "null": "expression removed (GE null embedding)",
+                     "shuffled": "another held-out spot's expression (fixed permutation per seed)",
+                     "none": "no-GE model"},
+        "ge_ablation": "metric(ablated) - metric(ge); positive for FID/KID/FD and negative for fidelity mean GE helps",
+        "fidelity": "predictor on generated tiles (sub-spots from the tile, neighbours from the generated tiles of "
+                    "neighbouring spots) against the spot's measured log1p CP10k; DeepSpot AUC per sample, mean over samples",
+    }  # fmt: skip
+    write_json(out / "metrics.json", results)
+    real_grid = held.tiles[: cfg.grid_spots]
+    write_report(out, results, real_grid, samples_for_grid, held, measured, predictions if predictor else None,
+                 predictor.genes if predictor else [], cfg.scatter_genes)  # fmt: skip
+    return results
