@@ -195,6 +195,54 @@ def evaluate(
 
 
 @app.command()
+def pseudolabel(
+    config: Annotated[Path, typer.Argument(help="Pseudolabel config (YAML): predictor, slides, out, geometry")],
+    out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Predict pseudo spatial transcriptomics for H&E-only slides (resumes; shards under accelerate launch)."""
+    from stmdit.pseudolabel import PseudolabelConfig
+    from stmdit.pseudolabel import pseudolabel as run_pseudolabel
+
+    _setup_logging(verbose)
+    if not config.is_file():
+        _fail(f"config file {config} does not exist")
+    try:
+        paths = run_pseudolabel(PseudolabelConfig.from_yaml(config, out=out))
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command()
+def section(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline folder")],
+    dataset: Annotated[Path, typer.Option(help="Prepared dataset folder")],
+    sample: Annotated[str, typer.Option(help="Sample (section) to synthesize")],
+    out: Annotated[Path, typer.Option(help="Output folder (side-by-side PNG, mosaic, geometry JSON, tile cache)")],
+    seed: Annotated[int, typer.Option()] = 0,
+    guidance_ge: Annotated[float, typer.Option()] = 2.0,
+    guidance_morph: Annotated[float, typer.Option()] = 1.5,
+    steps: Annotated[int, typer.Option()] = 20,
+    use_morphology: Annotated[bool, typer.Option(help="Also condition on each spot's real tile")] = False,
+    um_per_px: Annotated[float | None, typer.Option(help="Output scale (default: the generated tiles' own)")] = None,
+    batch_size: Annotated[int, typer.Option()] = 16,
+) -> None:
+    """Whole-section virtual H&E: a tile for every spot, assembled at the spot layout beside the real H&E."""
+    from stmdit.section import section_command
+
+    try:
+        paths = section_command(pipeline, dataset, sample, out, seed=seed, guidance_ge=guidance_ge,
+                                guidance_morph=guidance_morph, steps=steps, use_morphology=use_morphology,
+                                um_per_px=um_per_px, batch_size=batch_size)  # fmt: skip
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    for role, path in paths.items():
+        typer.echo(f"{role}: {path}")
+
+
+@app.command()
 def generate(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder (as written by training) or hub id")],
     expression: Annotated[Path | None, typer.Option(help="AnnData .h5ad with raw counts (layers['counts'] or X)")] = None,

@@ -1,0 +1,232 @@
+"""Whole-section virtual H&E: tile placement and blending by hand, then a whole her2st section
+with a tiny random pipeline (the geometry, the real reference, the cache and the files)."""
+
+import json
+import math
+import shutil
+import time
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stmdit import (
+    PanelExpressionEncoder,
+    StainFeatureEncoder,
+    STMDiT,
+    STMDiTPipeline,
+    make_sampling_scheduler,
+)
+from stmdit.data.images import tissue_fraction
+from stmdit.data.store import DatasetStore
+from stmdit.section import (
+    SectionGeometry,
+    assemble_mosaic,
+    blend_window,
+    section_command,
+    synthesize_section,
+)
+
+WHITE = 255
+
+
+def uniform(value, side: int, n: int = 1) -> np.ndarray:
+    return np.broadcast_to(np.asarray(value, np.uint8), (n, side, side, 3)).copy()
+
+
+# -- geometry by hand --------------------------------------------------------------------------------
+
+
+def test_tiles_land_at_their_spot_centres_with_their_physical_size():
+    # 2 µm per output pixel and 20 µm tiles: every tile is 10 x 10 output pixels, whatever its own pixels.
+    geometry = SectionGeometry.covering(np.array([[20.0, 20.0], [60.0, 30.0]]), tile_um=20, um_per_px=2)
+    assert geometry == SectionGeometry(2.0, (10.0, 10.0), 30, 15)
+    canvas = SectionGeometry(2.0, (0.0, 0.0), 40, 30)
+    red, blue = (200, 30, 30), (30, 30, 200)
+    tiles = np.concatenate([uniform(red, 16), uniform(blue, 16)])  # 16 px tiles are resized to 10 px
+    mosaic, coverage = assemble_mosaic(tiles, np.array([[20.0, 20.0], [60.0, 30.0]]), 20, canvas)
+    assert mosaic.shape == (30, 40, 3) and mosaic.dtype == np.uint8
+    expected = np.full((30, 40, 3), WHITE, np.uint8)
+    expected[5:15, 5:15] = red  # centre (20, 20) µm = pixel (10, 10); 10 px around it
+    expected[10:20, 25:35] = blue  # centre (60, 30) µm = pixel (30, 15)
+    np.testing.assert_array_equal(mosaic, expected)
+    np.testing.assert_array_equal(coverage, (expected != WHITE).any(axis=-1))
+
+    # Off-grid centres snap to the nearest pixel; tiles crossing the canvas edge are clipped.
+    mosaic, coverage = assemble_mosaic(uniform(red, 10, 2), np.array([[21.4, 20.0], [2.0, 56.0]]), 20, canvas)
+    assert coverage[5:15, 6:16].all() and coverage[23:30, 0:6].all()  # the second: cols -4..5, rows 23..32
+    assert coverage.sum() == 10 * 10 + 7 * 6
+
+
+def test_overlaps_blend_smoothly_and_only_there():
+    a, b = 40, 220
+    canvas = SectionGeometry(1.0, (0.0, 0.0), 70, 40)
+    centres = np.array([[20.0, 20.0], [50.0, 20.0]])  # 40 µm tiles: columns 0..39 and 30..69 overlap in 30..39
+    mosaic, coverage = assemble_mosaic(np.concatenate([uniform(a, 40), uniform(b, 40)]), centres, 40, canvas)
+    assert coverage.all()
+    row = mosaic[20, :, 0].astype(int)
+    assert (mosaic[:, :30] == a).all() and (mosaic[:, 40:] == b).all()
+    assert ((row[30:40] > a) & (row[30:40] < b)).all() and (np.diff(row[29:41]) > 0).all()
+    # The normalised weights sum to 1: two tiles of one value give that value exactly in the overlap.
+    same, _ = assemble_mosaic(uniform(a, 40, 2), centres, 40, canvas)
+    assert (same == a).all()
+
+
+def test_blend_window():
+    w = blend_window(32)
+    assert (w > 0).all() and (w <= 1).all() and np.allclose(w, w[::-1])
+    assert (w[8:24] == 1).all() and (np.diff(w[:8]) > 0).all()
+    assert (blend_window(8, feather=0) == 1).all()
+    with pytest.raises(ValueError, match="feather"):
+        blend_window(8, feather=0.6)
+
+
+# -- a whole section -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(her2st_store):
+    """A random tiny pixel-space pipeline at the store's 32 px tiles. Patch size 8 (16 tokens)
+    keeps the 184 spots of C2 to a few seconds on a CPU; the weights are drawn at random so
+    that tiles vary with expression and noise."""
+    torch.manual_seed(0)  # the model's null-condition embedding is drawn from the global generator
+    adata = her2st_store.spots()
+    ge = PanelExpressionEncoder.fit(adata[her2st_store.rows(None)], n_genes=32)
+    morph = StainFeatureEncoder(image_size=32)
+    model = STMDiT.from_preset("tiny", in_channels=3, sample_size=32, patch_size=8, morph_dim=morph.output_dim,
+                               ge_dim=ge.output_dim, ge_token_dim=ge.token_dim)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    pipe = STMDiTPipeline(model, make_sampling_scheduler(pixel_space=True), ge, morph, None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def c2_extent_px(store, um_per_px: float) -> tuple[int, tuple[int, int]]:
+    """The number of kept C2 spots and the (height, width) of a canvas holding their 128 µm tiles."""
+    spots = store.spots()
+    kept = spots.obs[(spots.obs["sample_id"] == "C2") & spots.obs["keep"]]
+    mpp = spots.uns["stmdit"]["samples"]["C2"]["mpp"]
+    extent = [(kept[k].max() - kept[k].min()) * mpp + 128 for k in ("y_px", "x_px")]
+    return len(kept), tuple(math.ceil(e / um_per_px - 1e-6) for e in extent)
+
+
+def _timed(**kwargs):
+    start = time.perf_counter()
+    result = synthesize_section(progress=False, **kwargs)
+    return result, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_whole_section_on_her2st(tiny_pipe, her2st_store, tmp_path):
+    settings = {"pipe": tiny_pipe, "dataset": her2st_store, "sample": "C2", "steps": 2, "cache_dir": tmp_path / "cache"}
+    result, first = _timed(**settings)
+    paths = result.save(tmp_path / "out")
+
+    # Default scale: the generated tiles' own (128 µm / 32 px).
+    n_kept, (height, width) = c2_extent_px(her2st_store, 4.0)
+    assert result.geometry.um_per_px == 4.0 and result.tiles.shape == (n_kept, 32, 32, 3)
+    assert result.virtual.shape == result.real.shape == (height, width, 3)
+
+    # Every kept spot has its tile, unchanged (no resampling at this scale, no overlap on legacy ST),
+    # at its centre; between spots (200 µm pitch, 128 µm tiles) the canvas is white.
+    centres = result.centres_px()
+    cols, rows = np.floor(centres).astype(int).T
+    assert result.coverage[rows, cols].all()
+    for tile, (cx, cy) in zip(result.tiles, centres, strict=True):
+        c0, r0 = round(cx - 16), round(cy - 16)
+        np.testing.assert_array_equal(result.virtual[r0 : r0 + 32, c0 : c0 + 32], tile)
+    assert 0.1 < result.coverage.mean() < 0.6 and (result.virtual[~result.coverage] == WHITE).all()
+
+    # The real side holds tissue and lies where the store's tiles were cut: at each spot it matches
+    # the spot's real tile far better than two pixels off.
+    assert tissue_fraction(result.real, threshold=0.1) > 0.3  # stained (saturation > 0.1), not glass
+    real_tiles = her2st_store.tiles().oindex[result.spots["store_row"].to_numpy()].astype(int)
+
+    padded = np.pad(result.real, ((2, 2), (2, 2), (0, 0)), mode="edge").astype(int)
+
+    def mismatch(shift: int) -> float:
+        """Mean |real canvas - store tile| over the spots, the canvas window moved ``shift`` px right."""
+        errors = []
+        for tile, (cx, cy) in zip(real_tiles, centres, strict=True):
+            r0, c0 = round(cy - 16) + 2, round(cx - 16) + 2 + shift  # + 2: the padding
+            errors.append(np.abs(padded[r0 : r0 + 32, c0 : c0 + 32] - tile).mean())
+        return float(np.mean(errors))
+
+    assert mismatch(0) < 15 and mismatch(0) < 0.6 * mismatch(2)
+
+    # The files: the mosaic at its own pixels, and real | virtual side by side at the same scale.
+    record = json.loads(paths["geometry"].read_text())
+    assert record["um_per_px"] == 4.0 and (record["width"], record["height"]) == (width, height)
+    assert record["settings"]["seed"] == 0 and record["n_spots"] == n_kept
+    figure = np.asarray(Image.open(paths["side_by_side"]).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(Image.open(paths["virtual"]).convert("RGB")), result.virtual)
+    for name, panel in (("real", result.real), ("virtual", result.virtual)):
+        x0, y0, x1, y1 = record["side_by_side_panels"][name]
+        assert (x1 - x0, y1 - y0) == (width, height)
+        np.testing.assert_array_equal(figure[y0:y1, x0:x1], panel)
+    assert figure.shape[1] > 2 * width and figure.shape[0] > height
+
+    # A rerun takes every tile from the cache: nothing generated, the same bytes, faster.
+    before = {k: p.read_bytes() for k, p in paths.items()}
+    again, second = _timed(**settings)
+    again_paths = again.save(tmp_path / "out")
+    assert again.n_generated == 0 and second < first
+    assert {k: p.read_bytes() for k, p in again_paths.items()} == before
+
+    # An interrupted run resumes: only the missing tiles are made, with the same noise per spot,
+    # whatever the batch size.
+    cached = sorted((tmp_path / "cache").glob("*/*.npy"))
+    assert len(cached) == n_kept
+    for path in cached[::4]:
+        path.unlink()
+    resumed, _ = _timed(**settings, batch_size=40)
+    assert resumed.n_generated == len(cached[::4])
+    assert np.abs(resumed.tiles.astype(int) - result.tiles).max() <= 1
+
+
+@pytest.mark.slow
+def test_section_command_with_morphology_at_another_scale(tiny_pipe, her2st_store, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "pipeline")
+    paths = section_command(tmp_path / "pipeline", her2st_store.root, "C2", tmp_path / "out", steps=1,
+                            use_morphology=True, um_per_px=8.0, batch_size=64)  # fmt: skip
+    record = json.loads(paths["geometry"].read_text())
+    assert record["um_per_px"] == 8.0 and record["settings"]["use_morphology"] is True
+    n_kept, (height, width) = c2_extent_px(her2st_store, 8.0)
+    virtual = np.asarray(Image.open(paths["virtual"]))
+    assert virtual.shape == (height, width, 3) and record["n_spots"] == n_kept
+    # At 8 µm per pixel a 128 µm tile is 16 x 16 px (resized from 32), and legacy ST tiles do not touch.
+    assert abs((virtual != WHITE).any(axis=-1).sum() - n_kept * 16 * 16) < 0.01 * n_kept * 16 * 16
+    assert len(list((tmp_path / "out" / "cache").glob("*/*.npy"))) == n_kept
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store_without_image(her2st_store, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(her2st_store.root, root)
+    adata = ad.read_h5ad(root / "spots.h5ad")
+    del adata.uns["stmdit"]["samples"]["C2"]["image_path"]
+    adata.write_h5ad(root / "spots.h5ad")
+    return DatasetStore(root)
+
+
+def test_clear_errors(tiny_pipe, her2st_store, store_without_image):
+    with pytest.raises(ValueError, match=r"no sample 'Z9'; it has \['C2', 'C3', 'C4'\]"):
+        synthesize_section(tiny_pipe, her2st_store, "Z9")
+    with pytest.raises(ValueError, match="sample 'C2' has no H&E image"):
+        synthesize_section(tiny_pipe, store_without_image, "C2")
+    no_ge = STMDiTPipeline(tiny_pipe.transformer, tiny_pipe.scheduler, None, tiny_pipe.morphology_encoder, None)
+    with pytest.raises(ValueError, match="needs a ge_encoder"):
+        synthesize_section(no_ge, her2st_store, "C2")
+    no_morph = STMDiTPipeline(tiny_pipe.transformer, tiny_pipe.scheduler, tiny_pipe.ge_encoder, None, None)
+    with pytest.raises(ValueError, match="use_morphology needs a pipeline with a morphology_encoder"):
+        synthesize_section(no_morph, her2st_store, "C2", use_morphology=True)
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        synthesize_section(tiny_pipe, her2st_store.root / "missing", "C2")
