@@ -85,7 +85,8 @@ def package_versions() -> dict:
 @dataclass
 class PrepareConfig:
     """What ``stmdit prepare`` builds. ``samples`` lists reader calls: each a mapping with
-    ``format`` (``visium``, ``hest``, ``legacy_st``, ``spatial_h5ad``, ``cell_table``, ``he_slide``) and that
+    ``format`` (``visium``, ``hest``, ``legacy_st``, ``spatial_h5ad``, ``cell_table``, ``he_slide``,
+    ``pseudolabels``: the output of ``stmdit pseudolabel``) and that
     reader's arguments (see :mod:`stmdit.data.readers`); ``cell_table`` also takes
     ``pseudospot_um`` (and optionally ``spacing_um``, ``grid``) for the aggregation."""
 
@@ -147,13 +148,21 @@ def read_sample(spec: dict) -> ad.AnnData:
             )
         agg = {k: spec.pop(k) for k in ("spacing_um", "grid") if k in spec}
         return readers.aggregate_to_pseudospots(readers.read_cell_table(**spec), diameter, **agg)
+    from stmdit.pseudolabel import read_pseudolabels
+
     fn = {"visium": readers.read_visium, "hest": readers.read_hest, "legacy_st": readers.read_legacy_st,
-          "he_slide": readers.read_he_slide}.get(fmt)  # fmt: skip
+          "spatial_h5ad": readers.read_spatial_h5ad, "he_slide": readers.read_he_slide,
+          "pseudolabels": read_pseudolabels}.get(fmt)  # fmt: skip
     if fn is None:
         raise ValueError(
-            f"samples: unknown format {fmt!r}; use visium, hest, legacy_st, cell_table or he_slide"
+            f"samples: unknown format {fmt!r}; use visium, hest, legacy_st, spatial_h5ad, cell_table, he_slide "
+            "or pseudolabels"
         )
-    return fn(**spec)
+    adata = fn(**spec)
+    # Which expression a spot carries: measured by the assay, or predicted from H&E (PTPL).
+    if "expression_source" not in adata.obs:
+        adata.obs["expression_source"] = "measured" if "counts" in adata.layers else "none"
+    return adata
 
 
 def make_splits(groups: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, list[str]]:
@@ -250,47 +259,14 @@ def _check_parameters(manifest: dict, key: str, params: dict, root: Path) -> Non
         raise StoreMismatchError(f"{root} was made with other {key} ({diffs}); use another folder or delete it to start over")
 
 
-def _tile_geometry(adata: ad.AnnData, tile_um: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per spot: the tile's box in its image's pixels (x0, y0, side) and whether it crosses
-    the image edge (such tiles are padded with white when read). Readers have already dropped
-    spots whose centre lies outside the image."""
-    from stmdit.data.images import open_image
-
-    boxes = np.zeros((adata.n_obs, 3))
-    at_edge = np.zeros(adata.n_obs, dtype=bool)
-    samples = adata.uns["stmdit"]["samples"]
-    for sid, rows in adata.obs.groupby("sample_id", observed=True).indices.items():
-        meta = samples[str(sid)]
-        if not meta.get("image_path"):
-            raise ValueError(f"sample {sid}: no image (uns['stmdit']['samples'][{sid!r}]['image_path']); tiles need one")
-        if not meta.get("mpp") or not np.isfinite(meta["mpp"]):
-            raise ValueError(f"sample {sid}: unknown microns per pixel (mpp); pass mpp= to the reader")
-        with open_image(meta["image_path"]) as image:
-            scale = float(meta.get("image_scale", 1.0))
-            side = tile_um / float(meta["mpp"]) * scale
-            x0 = adata.obs["x_px"].to_numpy(float)[rows] * scale - side / 2
-            y0 = adata.obs["y_px"].to_numpy(float)[rows] * scale - side / 2
-            boxes[rows] = np.stack([x0, y0, np.full_like(x0, side)], axis=1)
-            at_edge[rows] = (x0 < 0) | (y0 < 0) | (x0 + side > image.width) | (y0 + side > image.height)
-    return boxes, at_edge
-
-
-def _shrink(tile: np.ndarray, side: int) -> np.ndarray:
-    """Box-downsample a tile for tissue detection, which needs no more than ``side`` px."""
-    if tile.shape[0] <= side:
-        return tile
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(tile).resize((side, side), Image.Resampling.BOX))
-
-
 def _expression_layers(adata: ad.AnnData) -> None:
     """Add layers['log1p'] (log1p CP10k of the counts) when raw counts are present."""
     if "counts" not in adata.layers:
         return
     x = adata.layers["counts"]
     x = x.tocsr() if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
-    totals = np.asarray(x.sum(axis=1)).ravel()
+    # Pseudo-labels declare the total they are scaled to (CP10k over all genes, predicted or not).
+    totals = adata.obs["library_size"].to_numpy(float) if "library_size" in adata.obs else np.asarray(x.sum(axis=1)).ravel()
     scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
     norm = sp.diags(scale) @ x.astype(np.float64)
     norm.data = np.log1p(norm.data)
@@ -299,8 +275,8 @@ def _expression_layers(adata: ad.AnnData) -> None:
 
 def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
     """Readers + tiling into ``config.out``; resumes an interrupted run of the same config."""
-    from stmdit.data.images import open_image, tissue_fraction, tissue_threshold
     from stmdit.data.readers import concat_samples
+    from stmdit.data.tiling import SpotTiler, tile_boxes
 
     store = DatasetStore(config.out)
     store.root.mkdir(parents=True, exist_ok=True)
@@ -314,7 +290,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
     else:
         parts = [read_sample(s) for s in tqdm(config.samples, desc="reading samples", disable=not progress)]
         adata = parts[0] if len(parts) == 1 else concat_samples(parts)
-        boxes, at_edge = _tile_geometry(adata, config.tile_um)
+        boxes, at_edge = tile_boxes(adata, config.tile_um)
         adata.obsm["tile_box"] = boxes
         adata.obs["at_edge"] = at_edge
         key = (
@@ -341,31 +317,18 @@ def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
     n, px = adata.n_obs, config.tile_px
     tiles = ChunkedArray(store.root / "tiles.zarr", (n, px, px, 3), np.uint8, config.chunk_rows)
     tissue = ChunkedArray(store.root / "tissue_fraction.zarr", (n,), np.float32, config.chunk_rows)
-    samples = adata.uns["stmdit"]["samples"]
-    sample_ids = adata.obs["sample_id"].astype(str).to_numpy()
-    boxes = np.asarray(adata.obsm["tile_box"])
-    images: dict[str, tuple] = {}  # sample -> (image, its tissue threshold from a thumbnail)
+    tiler = SpotTiler(adata, config.tile_um, px, boxes=adata.obsm["tile_box"])
     # A kill between the two writes of a chunk leaves one marked and not the other: redo both.
     pending = [c for c in range(tiles.n_chunks) if not (tiles.is_done(c) and tissue.is_done(c))]
     bar = tqdm(total=n, initial=n - sum(tiles.rows(c).stop - tiles.rows(c).start for c in pending),
                desc="tiling", unit="tile", disable=not progress)  # fmt: skip
     for chunk in pending:
         rows = tiles.rows(chunk)
-        block = np.empty((rows.stop - rows.start, px, px, 3), np.uint8)
-        fractions = np.empty(rows.stop - rows.start, np.float32)
-        for j, i in enumerate(range(rows.start, rows.stop)):
-            sid = sample_ids[i]
-            if sid not in images:
-                image = open_image(samples[sid]["image_path"])
-                # One threshold per slide, so tiles of a section are judged alike.
-                images[sid] = (image, tissue_threshold(image.thumbnail(1024)[0]))
-            image, threshold = images[sid]
-            x0, y0, side = boxes[i]
-            block[j] = image.read_region(x0, y0, side, side, out_size=px)
-            fractions[j] = tissue_fraction(_shrink(block[j], 64), threshold)
+        block, fractions = tiler.read(np.arange(rows.start, rows.stop))
         tiles.write(chunk, block)
         tissue.write(chunk, fractions)
         bar.update(len(block))
+    tiler.close()
     bar.close()
 
     if not manifest["stages"].get("tiles"):
