@@ -75,6 +75,21 @@ def _as_matrix(expression, source: str) -> tuple[np.ndarray, list[str] | None, l
     )
 
 
+def _declared_library(expression) -> np.ndarray | None:
+    """``obs['library_size']`` of an AnnData, when it states the total each row is scaled to.
+
+    Predicted expression (pseudo-labels) covers only the predicted genes and is stored as CP10k
+    with ``library_size`` 1e4; without it, normalising over the predicted genes alone would
+    rescale every spot."""
+    obs = getattr(expression, "obs", None)
+    if obs is None or "library_size" not in obs:
+        return None
+    library = obs["library_size"].to_numpy(dtype=np.float64)
+    if not np.isfinite(library).all() or (library < 0).any():
+        raise ValueError("obs['library_size'] must be finite and non-negative")
+    return library
+
+
 def align_to_panel(
     expression, panel: Sequence[str], gene_column: str | None = None, source: str = "expression"
 ) -> tuple[np.ndarray, np.ndarray, PanelAlignment]:
@@ -82,7 +97,8 @@ def align_to_panel(
 
     Returns ``(counts (n, len(panel)) float32, library_size (n,) float32, alignment)``. Library
     size is the total over *all* input genes (not just the panel), so that per-spot
-    normalisation matches what the spot really measured. Genes of the panel that the input
+    normalisation matches what the spot really measured, or an AnnData's
+    ``obs['library_size']`` when it declares one (pseudo-labels do). Genes of the panel that the input
     lacks are zero and listed in the alignment. ``gene_column`` names an AnnData ``var``
     column (e.g. gene symbols when ``var_names`` are Ensembl ids).
     """
@@ -95,6 +111,7 @@ def align_to_panel(
             raise KeyError(f"{source}: var has no column {gene_column!r}; columns are {list(expression.var.columns)}")
         expression = expression.copy()
         expression.var_names = expression.var[gene_column].astype(str).to_numpy()
+    declared_library = _declared_library(expression)
     values, genes, _rows = _as_matrix(expression, source)
     if not np.issubdtype(np.asarray(values).dtype, np.number):
         raise ValueError(f"{source}: expression values must be numeric; got dtype {np.asarray(values).dtype}")
@@ -107,7 +124,7 @@ def align_to_panel(
         r, c = np.argwhere(values < 0)[0]
         where = f"gene {genes[c]!r}" if genes else f"column {c}"
         raise ValueError(f"{source}: negative value {values[r, c]} (row {r}, {where}); expected raw counts >= 0")
-    library = values.sum(axis=1)
+    library = values.sum(axis=1) if declared_library is None else declared_library
 
     panel = [str(g) for g in panel]
     if genes is None:

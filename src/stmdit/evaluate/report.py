@@ -56,6 +56,22 @@ def _ablation_table(results: dict) -> str:
     return f"<table><tr><th>model</th><th>delta</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def _ood_section(results: dict) -> str:
+    ood = results.get("ood")
+    if not ood:
+        return ""
+    rows = []
+    for name, summary in ood["models"].items():
+        cells = "".join(f"<td>{_fmt(summary, key, pat)}</td>" for key, _, pat in METRICS[:3])
+        delta = ood["delta_ood"].get(name)
+        rows.append(f"<tr><td>{html.escape(name)}</td>{cells}<td>{'–' if delta is None else f'{delta:+.1f}'}</td></tr>")
+    head = "".join(f"<th>{label}</th>" for _, label, _ in METRICS[:3])
+    return (f"<h2>Out-of-distribution evaluation</h2><p>{html.escape(ood['cohort'])}. Reference: "
+            f"{html.escape(ood['reference'])}. delta_OOD = FID with GE removed − FID with GE (positive: GE helps). "
+            f"{html.escape(ood['fidelity_note'])}.</p><table><tr><th>model</th>{head}<th>delta_OOD (FID)</th></tr>"
+            + "".join(rows) + "</table>")  # fmt: skip
+
+
 def _first_protocol(results: dict) -> dict:
     for model in results["models"].values():
         for setting in model["settings"].values():
@@ -196,6 +212,7 @@ seeds {results['config']['seeds']}; {results['config']['steps']} sampling steps.
 {warn_html}
 <h2>Metrics</h2>{_table(results)}
 <h2>GE ablation</h2>{_ablation_table(results)}
+{_ood_section(results)}
 <h2>Figures</h2>{figs_html}
 <h2>Protocol</h2><pre>{html.escape(json.dumps(protocol, indent=2, default=str))}</pre>
 </body></html>

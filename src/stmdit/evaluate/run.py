@@ -299,6 +299,17 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         results["models"][name] = model_res
         del pipe
 
+    sources = set(held.adata.obs.get("expression_source", ["measured"]))
+    if sources == {"predicted"}:
+        results["ood"] = {
+            "cohort": f"{cfg.dataset} ({cfg.split} split): H&E-only slides with pseudo-labels as expression",
+            "reference": "the cohort's own real tiles of the same pseudo-spots",
+            "fidelity_note": "expression is predicted, so 'fidelity' here is consistency with the pseudo-labels",
+            "delta_ood": {name: m["ge_ablation"]["null"].get("fid") for name, m in results["models"].items()
+                          if "null" in m.get("ge_ablation", {})},
+            "models": {name: m["settings"].get("ge", m["settings"].get("none"))["summary"]
+                       for name, m in results["models"].items()},
+        }  # fmt: skip
     results["warnings"] = sorted({w for m in results["models"].values() for s in m["settings"].values()
                                   for d in s["details"].values() for w in d["image_metrics"]["warnings"]})  # fmt: skip
     results["protocol"] = {

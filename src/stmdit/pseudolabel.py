@@ -1,0 +1,174 @@
+"""``stmdit pseudolabel``: pseudo spatial transcriptomics for H&E-only slides (PTPL).
+
+Most tissue has H&E and no spatial transcriptomics. As in the paper (DeepSpot pseudo-labels on
+TCGA), a grid of pseudo-spots is laid over the detected tissue of each slide, the expression
+predictor reads every pseudo-spot's tile in context (its sub-spots and neighbours), and the
+predicted expression becomes an AnnData in the readers' convention, ready for ``stmdit
+prepare`` (format ``pseudolabels``), training (``obs['expression_source'] == 'predicted'``) and
+out-of-distribution evaluation.
+
+Predicted values are log1p CP10k (clipped at 0). ``X`` keeps them; ``layers['counts']`` holds the
+corresponding CP10k values (``expm1``) with ``obs['library_size'] = 1e4``, so every GE encoder
+normalises them back to exactly the predicted log1p CP10k. They are not counts: the
+``counts_are_predicted`` flag and the predictor's provenance say so.
+
+Slides are processed one at a time and each result is written atomically
+(``<out>/<sample_id>.h5ad``), so an interrupted run resumes without redoing finished slides or
+keeping partial ones; under ``accelerate launch`` each process takes every N-th slide.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from stmdit.io import atomic_path, dataclass_from_yaml
+
+logger = logging.getLogger(__name__)
+
+CP10K = 1e4
+
+
+@dataclass
+class PseudolabelConfig:
+    """Slides are paths, or mappings with ``path`` and optionally ``mpp``, ``sample_id``,
+    ``patient_id`` and per-slide geometry (``spot_diameter_um``, ``spacing_um``,
+    ``background_threshold``, ``min_tissue_fraction``). Geometry defaults to DeepSpot's TCGA
+    protocol (:func:`stmdit.data.readers.read_he_slide`)."""
+
+    predictor: str
+    slides: list = field(default_factory=list)
+    out: str = "pseudolabels"
+    spot_diameter_um: float | None = None
+    spacing_um: float | None = None
+    background_threshold: float | None = None
+    min_tissue_fraction: float | None = None
+    tile_px: int = 64
+    batch_size: int = 64
+    trust_pickle: bool = False
+
+    def __post_init__(self):
+        if not self.slides:
+            raise ValueError("pseudolabel: 'slides' lists no slide")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> PseudolabelConfig:
+        return dataclass_from_yaml(cls, path, "pseudolabel config", **overrides)
+
+    def slide_specs(self) -> list[dict]:
+        specs = []
+        for item in self.slides:
+            spec = {"path": str(item)} if isinstance(item, (str, os.PathLike)) else dict(item)
+            if "path" not in spec:
+                raise ValueError(f"pseudolabel: a slide entry needs a path; got {item!r}")
+            unknown = set(spec) - {"path", "mpp", "sample_id", "patient_id", "spot_diameter_um", "spacing_um",
+                                   "background_threshold", "min_tissue_fraction"}  # fmt: skip
+            if unknown:
+                raise ValueError(f"pseudolabel: unknown keys {sorted(unknown)} in slide entry {spec['path']}")
+            spec.setdefault("sample_id", Path(spec["path"]).stem)
+            specs.append(spec)
+        ids = [s["sample_id"] for s in specs]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"pseudolabel: slide sample ids repeat ({ids}); give each a sample_id")
+        return specs
+
+
+def pseudolabel_slide(spec: dict, predictor, encoder, cfg: PseudolabelConfig, progress: bool = True):
+    """Pseudo-spots of one H&E-only slide with their predicted expression (AnnData)."""
+    from stmdit.data.readers import read_he_slide
+    from stmdit.data.tiling import SpotTiler
+    from stmdit.encoders.predictor import context_features
+
+    provenance = predictor.config.provenance or {}
+    diameters = provenance.get("spot_diameter_um") or [None]
+    tile_um = provenance.get("tile_um")
+    if tile_um is None:
+        raise ValueError("the predictor does not record the tile size it was trained on (provenance tile_um)")
+    keys = ("spot_diameter_um", "spacing_um", "background_threshold", "min_tissue_fraction")
+    geometry = {k: spec.get(k, getattr(cfg, k)) for k in keys if spec.get(k, getattr(cfg, k)) is not None}
+    slide = read_he_slide(spec["path"], mpp=spec.get("mpp"), sample_id=spec["sample_id"],
+                          patient_id=spec.get("patient_id"), **geometry)  # fmt: skip
+    if slide.n_obs == 0:
+        raise ValueError(f"{spec['path']}: no pseudo-spot on tissue; check the slide and background_threshold")
+    tiler = SpotTiler(slide, float(tile_um), cfg.tile_px)
+    tiles = np.concatenate([tiler.read(np.arange(i, min(i + 256, slide.n_obs)))[0]
+                            for i in tqdm(range(0, slide.n_obs, 256), desc=f"tiles {spec['sample_id']}",
+                                          disable=not progress, leave=False)])  # fmt: skip
+    tiler.close()
+    # The crop the predictor reads is the spot size it was trained on, whatever the grid's pitch.
+    crop_um = float(diameters[0]) if len(diameters) == 1 and diameters[0] else float(tile_um)
+    feats = context_features(tiles, slide.obs, float(tile_um), crop_um, encoder, batch_size=cfg.batch_size,
+                             progress=progress)  # fmt: skip
+    # log1p CP10k is never negative; a regressor's small excursions below 0 are clipped.
+    predicted = np.clip(predictor.predict_features(feats), 0.0, None)
+
+    out = predictor.to_anndata(predicted, obs=slide.obs)
+    out.layers["counts"] = sp.csr_matrix(np.expm1(predicted).astype(np.float32))
+    out.obs["library_size"] = CP10K
+    out.obs["expression_source"] = "predicted"
+    meta = dict(slide.uns["stmdit"]["samples"][spec["sample_id"]])
+    meta.update(counts_available=True, counts_are_predicted=True, source_format="pseudolabels",
+                predictor=provenance, predictor_crop_um=crop_um, predictor_tile_um=float(tile_um))  # fmt: skip
+    out.uns["stmdit"] = {"samples": {spec["sample_id"]: _json_safe(meta)}}
+    return out
+
+
+def _json_safe(value):
+    """uns must be writable to h5ad: nested dicts of strings, numbers and lists."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
+    """Pseudo-label every slide not done yet; returns the AnnData paths of all slides."""
+    from accelerate import PartialState
+
+    from stmdit.encoders.predictor import load_predictor
+
+    state = PartialState()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = cfg.slide_specs()
+    paths = [out / f"{s['sample_id']}.h5ad" for s in specs]
+    mine = [i for i in range(len(specs)) if i % state.num_processes == state.process_index and not paths[i].exists()]
+    if mine:
+        predictor, encoder = load_predictor(cfg.predictor, trust_pickle=cfg.trust_pickle)
+        if encoder is None:
+            raise ValueError(f"{cfg.predictor} records no morphology encoder to rebuild")
+        encoder.to(state.device)
+        predictor.to(state.device)
+        for i in tqdm(mine, desc=f"slides (process {state.process_index})", disable=not progress):
+            adata = pseudolabel_slide(specs[i], predictor, encoder, cfg, progress=progress)
+            with atomic_path(paths[i]) as tmp:
+                adata.write_h5ad(tmp)
+            logger.info("%s: %d pseudo-spots", paths[i], adata.n_obs)
+    state.wait_for_everyone()
+    return paths
+
+
+def read_pseudolabels(h5ad: str | os.PathLike, sample_id: str | None = None, patient_id: str | None = None):
+    """A ``stmdit pseudolabel`` result as a reader output (for ``stmdit prepare``)."""
+    import anndata as ad
+
+    path = Path(h5ad)
+    if not path.is_file():
+        raise FileNotFoundError(f"pseudo-label file {path} does not exist; run `stmdit pseudolabel` first")
+    adata = ad.read_h5ad(path)
+    samples = adata.uns.get("stmdit", {}).get("samples", {})
+    if len(samples) != 1 or adata.obs.get("expression_source") is None:
+        raise ValueError(f"{path} is not a `stmdit pseudolabel` output (uns['stmdit']['samples'], obs['expression_source'])")
+    (sid, meta), = samples.items()
+    if sample_id is not None and sample_id != sid:
+        adata.obs["sample_id"] = sample_id
+        adata.obs_names = [f"{sample_id}:{b}" for b in adata.obs["barcode"]]
+        adata.uns["stmdit"] = {"samples": {sample_id: meta}}
+    if patient_id is not None:
+        adata.obs["patient_id"] = patient_id
+    return adata
