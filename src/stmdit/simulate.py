@@ -1,0 +1,381 @@
+"""Virtual tissue experiments: "what would this tissue look like if these genes were up?"
+
+A starting expression state (a spot, the mean of a cluster, or of a sample) is perturbed
+(fold change, knock-out, set to a quantile of the data, or interpolated towards another state)
+and tiles are generated for the control and every variant with identical noise: the same seed
+gives the same noise whatever the expression, so each (control, variant) pair differs only
+by what the expression changed. Repeating over seeds gives a paired estimate of the change
+with a confidence interval, against the seed-to-seed spread of the control.
+
+Measured per tile: haematoxylin and eosin (and brown pigment) density by colour deconvolution,
+nuclei counted on the haematoxylin channel, the morphology-feature vector (distance to the
+control), and, with an expression predictor, the expression read back from the tile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from scipy import ndimage
+
+from stmdit.io import dataclass_from_yaml, write_json
+
+logger = logging.getLogger(__name__)
+
+MODES = ("fold_change", "knockout", "quantile", "set")
+
+
+# -- expression states ---------------------------------------------------------------------
+
+
+def _counts(adata: ad.AnnData) -> np.ndarray:
+    x = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+
+
+def start_state(adata: ad.AnnData, spot: str | None = None, cluster: tuple[str, str] | None = None,
+                sample: str | None = None) -> ad.AnnData:  # fmt: skip
+    """One expression state to perturb: a spot (obs name), the mean counts of a cluster
+    (``(obs column, value)``) or of a sample; exactly one must be given."""
+    given = [x is not None for x in (spot, cluster, sample)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of spot, cluster (column, value) or sample")
+    if spot is not None:
+        if spot not in adata.obs_names:
+            raise KeyError(f"spot {spot!r} is not in the data (e.g. {list(adata.obs_names[:3])})")
+        rows, label = np.flatnonzero(adata.obs_names == spot), f"spot {spot}"
+    elif cluster is not None:
+        column, value = cluster
+        if column not in adata.obs:
+            raise KeyError(f"obs has no column {column!r}; columns are {list(adata.obs.columns)}")
+        rows, label = np.flatnonzero(adata.obs[column].astype(str).to_numpy() == str(value)), f"{column}={value}"
+    else:
+        rows, label = np.flatnonzero(adata.obs["sample_id"].astype(str).to_numpy() == str(sample)), f"sample {sample}"
+    if len(rows) == 0:
+        raise ValueError(f"no spots match {label}")
+    mean = _counts(adata[rows]).mean(axis=0, keepdims=True)
+    state = ad.AnnData(mean.astype(np.float32), var=pd.DataFrame(index=adata.var_names.copy()),
+                       obs=pd.DataFrame({"state": [label], "n_spots": [len(rows)]}, index=["control"]))  # fmt: skip
+    state.layers["counts"] = state.X.copy()
+    return state
+
+
+@dataclass
+class Perturbation:
+    """A change to some genes: ``genes`` and/or a named ``gene_set``; ``mode`` ``fold_change``
+    (multiply by ``value``), ``knockout`` (set to 0), ``quantile`` (set each gene to its
+    ``value`` quantile over the reference spots) or ``set`` (set to ``value`` counts)."""
+
+    genes: list[str] = field(default_factory=list)
+    gene_set: str | None = None
+    mode: str = "fold_change"
+    value: float = 2.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"perturbation mode must be one of {MODES}; got {self.mode!r}")
+        if not self.genes and not self.gene_set:
+            raise ValueError("a perturbation needs genes or a gene_set")
+        if self.mode == "fold_change" and not (np.isfinite(self.value) and self.value >= 0):
+            raise ValueError(f"a fold change must be a finite number >= 0; got {self.value}")
+        if self.mode == "quantile" and not 0 <= self.value <= 1:
+            raise ValueError(f"a quantile must be in [0, 1]; got {self.value}")
+        if self.mode == "set" and not (np.isfinite(self.value) and self.value >= 0):
+            raise ValueError(f"a count must be >= 0; got {self.value}")
+
+    def describe(self) -> str:
+        what = self.gene_set or ",".join(self.genes[:4]) + ("..." if len(self.genes) > 4 else "")
+        return {"fold_change": f"{what} x{self.value:g}", "knockout": f"{what} knocked out",
+                "quantile": f"{what} at q{self.value:g}", "set": f"{what} = {self.value:g}"}[self.mode]  # fmt: skip
+
+
+def resolve_genes(p: Perturbation, var_names, gene_sets: dict[str, list[str]] | None = None) -> list[str]:
+    """The perturbation's genes that the data has (case-insensitive), or an error naming the rest."""
+    names = list(p.genes)
+    if p.gene_set:
+        sets = gene_sets or {}
+        if p.gene_set not in sets:
+            raise KeyError(f"unknown gene set {p.gene_set!r}; known sets are {sorted(sets)}")
+        names += list(sets[p.gene_set])
+    lookup = {g.upper(): g for g in map(str, var_names)}
+    found = [lookup[n.upper()] for n in names if n.upper() in lookup]
+    missing = [n for n in names if n.upper() not in lookup]
+    if not found:
+        raise ValueError(f"none of the genes {names[:8]} is in the data")
+    if missing:
+        logger.warning("genes not in the data, ignored: %s", missing[:10])
+    return list(dict.fromkeys(found))
+
+
+def perturb(state: ad.AnnData, perturbations: list[Perturbation], reference: ad.AnnData | None = None,
+            gene_sets: dict[str, list[str]] | None = None) -> ad.AnnData:  # fmt: skip
+    """A perturbed copy of ``state`` (counts); ``reference`` supplies the quantiles."""
+    out = state.copy()
+    x = _counts(out)
+    cols = {g: i for i, g in enumerate(map(str, out.var_names))}
+    for p in perturbations:
+        genes = resolve_genes(p, out.var_names, gene_sets)
+        idx = [cols[g] for g in genes]
+        if p.mode == "fold_change":
+            x[:, idx] *= p.value
+        elif p.mode == "knockout":
+            x[:, idx] = 0.0
+        elif p.mode == "set":
+            x[:, idx] = p.value
+        else:
+            if reference is None:
+                raise ValueError("a quantile perturbation needs reference spots")
+            ref = _counts(reference[:, genes])
+            x[:, idx] = np.quantile(ref, p.value, axis=0)
+    out.X = x.astype(np.float32)
+    out.layers["counts"] = out.X.copy()
+    out.obs_names = ["; ".join(p.describe() for p in perturbations)]
+    return out
+
+
+def interpolate(a: ad.AnnData, b: ad.AnnData, alphas) -> ad.AnnData:
+    """States on the straight line from ``a`` (alpha 0) to ``b`` (alpha 1), one row per alpha."""
+    common = a.var_names.intersection(b.var_names)
+    if len(common) == 0:
+        raise ValueError("the two states share no genes")
+    xa, xb = _counts(a[:, common])[:1], _counts(b[:, common])[:1]
+    alphas = np.asarray(alphas, dtype=np.float64)
+    rows = (1 - alphas[:, None]) * xa + alphas[:, None] * xb
+    out = ad.AnnData(rows.astype(np.float32), var=pd.DataFrame(index=common.copy()),
+                     obs=pd.DataFrame({"alpha": alphas}, index=[f"alpha={v:g}" for v in alphas]))  # fmt: skip
+    out.layers["counts"] = out.X.copy()
+    return out
+
+
+# -- generation with paired noise ----------------------------------------------------------
+
+
+def paired_generate(pipe, states: ad.AnnData, seeds, morphology=None, init_images=None, strength: float = 1.0,
+                    guidance_morph: float = 1.5, guidance_ge: float = 2.0, steps: int = 20) -> np.ndarray:  # fmt: skip
+    """Tiles (n_states, n_seeds, H, W, 3) float in [0, 1]; state i and j share the noise of
+    each seed (and, with ``init_images``, the same partially noised tile)."""
+    from stmdit.generate import spot_generator
+
+    # One call for all (seed, state) pairs: rows are seed-major, every row has its own generator,
+    # so row (seed, state) gets exactly the noise of that seed whatever else is in the batch.
+    seeds = [int(s) for s in seeds]
+    n = states.n_obs
+    batch = ad.concat([states] * len(seeds), join="inner")
+    batch.obs_names_make_unique()
+    kwargs = {"expression": batch, "guidance_morph": guidance_morph, "guidance_ge": guidance_ge,
+              "num_inference_steps": steps, "generator": [spot_generator(s, 0) for s in seeds for _ in range(n)],
+              "output_type": "np", "progress": False}  # fmt: skip
+    if morphology is not None:
+        kwargs["morphology"] = morphology
+    if init_images is not None:
+        kwargs["init_images"], kwargs["strength"] = init_images, strength
+    images = pipe(**kwargs).images
+    return images.reshape(len(seeds), n, *images.shape[1:]).transpose(1, 0, 2, 3, 4)
+
+
+# -- measurements --------------------------------------------------------------------------
+
+
+def tile_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Interpretable statistics per tile (N, H, W, 3) in [0, 1]: mean haematoxylin, eosin and
+    brown (melanin) density by colour deconvolution, and nuclei per 100 x 100 px counted as
+    connected haematoxylin-dense regions (Otsu threshold over the batch)."""
+    from stmdit.stain import deconvolve
+
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
+    conc = deconvolve(x).clamp_min(0).numpy()
+    h = conc[:, 0]
+    flat = np.sort(h.ravel())
+    threshold = _otsu(flat) if flat[-1] > flat[0] else np.inf
+    area = images.shape[1] * images.shape[2] / 1e4
+    nuclei = np.array([ndimage.label(ndimage.binary_opening(t > threshold))[1] for t in h], dtype=float) / area
+    return {"haematoxylin": h.mean(axis=(1, 2)), "eosin": conc[:, 1].mean(axis=(1, 2)),
+            "brown": conc[:, 2].mean(axis=(1, 2)), "nuclei_per_100px2": nuclei}  # fmt: skip
+
+
+def _otsu(sorted_values: np.ndarray) -> float:
+    hist, edges = np.histogram(sorted_values, bins=128)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w = np.cumsum(hist)
+    m = np.cumsum(hist * centres)
+    between = w[:-1] * (w[-1] - w[:-1]) * (m[:-1] / np.maximum(w[:-1], 1) - (m[-1] - m[:-1]) / np.maximum(w[-1] - w[:-1], 1)) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def paired_change(values: np.ndarray, control: np.ndarray, confidence: float = 0.95, n_bootstrap: int = 2000,
+                  seed: int = 0) -> dict:  # fmt: skip
+    """Mean paired difference (variant - control over seeds) with a bootstrap confidence
+    interval, and the control's own seed-to-seed spread (its standard deviation)."""
+    diff = np.asarray(values, float) - np.asarray(control, float)
+    rng = np.random.default_rng(seed)
+    boots = diff[rng.integers(0, len(diff), size=(n_bootstrap, len(diff)))].mean(axis=1)
+    lo, hi = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {"mean_change": float(diff.mean()), "ci_low": float(lo), "ci_high": float(hi),
+            "control_mean": float(np.mean(control)), "control_seed_sd": float(np.std(control, ddof=1)) if len(control) > 1 else 0.0,
+            "n_seeds": int(len(diff)), "confidence": confidence}  # fmt: skip
+
+
+def measure(tiles: np.ndarray, names: list[str], morphology_encoder=None, predictor=None, predictor_encoder=None,
+            tile_um: float | None = None) -> dict:  # fmt: skip
+    """Per state (row 0 = control) and seed, the tile statistics; paired changes against the
+    control for every variant; the morphology-feature distance to the control's tile of the
+    same seed; and, with a predictor, the predicted expression shift of its top genes."""
+    n_states, n_seeds = tiles.shape[:2]
+    flat = tiles.reshape(n_states * n_seeds, *tiles.shape[2:])
+    stats = {k: v.reshape(n_states, n_seeds) for k, v in tile_statistics(flat).items()}
+    result = {"states": names, "statistics": {k: v.tolist() for k, v in stats.items()}, "changes": {}}
+    feats = None
+    if morphology_encoder is not None:
+        with torch.no_grad():
+            feats = morphology_encoder(torch.from_numpy(flat).permute(0, 3, 1, 2).float()).reshape(n_states, n_seeds, -1)
+    predicted = None
+    if predictor is not None and predictor_encoder is not None:
+        from stmdit.encoders.predictor import context_features
+
+        obs = pd.DataFrame({"sample_id": "virtual", "x_px": np.arange(len(flat)) * 1e6, "y_px": 0.0})
+        u8 = (np.clip(flat, 0, 1) * 255).round().astype(np.uint8)
+        cf = context_features(u8, obs, tile_um, tile_um, predictor_encoder, progress=False)
+        predicted = predictor.predict_features(cf).reshape(n_states, n_seeds, -1)
+    for i in range(1, n_states):
+        change = {k: paired_change(stats[k][i], stats[k][0]) for k in stats}
+        if feats is not None:
+            dist = (feats[i] - feats[0]).norm(dim=-1).numpy()
+            seed_spread = torch.cdist(feats[0], feats[0]).numpy()
+            change["morphology_distance"] = {"mean": float(dist.mean()), "per_seed": dist.tolist(),
+                                             "control_between_seeds": float(seed_spread[np.triu_indices(n_seeds, 1)].mean())
+                                             if n_seeds > 1 else None}  # fmt: skip
+        if predicted is not None:
+            shift = (predicted[i] - predicted[0]).mean(axis=0)
+            order = np.argsort(-np.abs(shift))[:10]
+            change["predicted_expression_shift"] = {predictor.genes[j]: float(shift[j]) for j in order}
+        result["changes"][names[i]] = change
+    return result
+
+
+# -- the experiment ------------------------------------------------------------------------
+
+
+@dataclass
+class SimulateConfig:
+    """``stmdit simulate``: a pipeline, data, a start state and variants to compare with it."""
+
+    pipeline: str
+    data: str
+    out: str
+    spot: str | None = None
+    cluster: list[str] | None = None
+    sample: str | None = None
+    variants: dict[str, list[dict]] = field(default_factory=dict)
+    interpolate_to: dict | None = None
+    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    seeds: list[int] = field(default_factory=lambda: list(range(8)))
+    use_morphology: bool = False
+    edit_strength: float | None = None
+    guidance_morph: float = 1.5
+    guidance_ge: float = 2.0
+    steps: int = 20
+    gene_sets: dict[str, list[str]] = field(default_factory=dict)
+    predictor: str | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> SimulateConfig:
+        return dataclass_from_yaml(cls, path, "simulate config", **overrides)
+
+
+def load_expression_data(path: str | os.PathLike):
+    """(AnnData with counts, tiles or None, tile_um or None) from a prepared store or an h5ad."""
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        from stmdit.data.store import DatasetStore
+
+        store = DatasetStore(path)
+        return store.spots(), store.tiles(), float(store.manifest()["prepare"]["tile_um"])
+    if path.suffix == ".h5ad" and path.is_file():
+        return ad.read_h5ad(path), None, None
+    raise FileNotFoundError(f"{path} is neither a prepared dataset folder nor an .h5ad file")
+
+
+def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
+    """Generate the control and every variant over the seeds, measure, and write a report."""
+    from stmdit.pipeline import STMDiTPipeline
+    from stmdit.plotting import save_tile_grid
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    adata, tiles, tile_um = load_expression_data(cfg.data)
+    control = start_state(adata, spot=cfg.spot, cluster=tuple(cfg.cluster) if cfg.cluster else None, sample=cfg.sample)
+    variants = {"control": control}
+    for name, spec in cfg.variants.items():
+        variants[name] = perturb(control, [Perturbation(**p) for p in spec], reference=adata, gene_sets=cfg.gene_sets)
+    if cfg.interpolate_to:
+        target = start_state(adata, **{k: (tuple(v) if k == "cluster" else v) for k, v in cfg.interpolate_to.items()})
+        path = interpolate(control, target, cfg.alphas)
+        for i, name in enumerate(path.obs_names):
+            variants[f"towards {target.obs['state'].iloc[0]} {name}"] = path[i : i + 1]
+    names = list(variants)
+    states = ad.concat([variants[n] for n in names], join="inner")
+    states.obs_names = names
+
+    pipe = STMDiTPipeline.from_pretrained(cfg.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    morphology = init = None
+    if (cfg.use_morphology or cfg.edit_strength) and cfg.spot is None:
+        raise ValueError("morphology conditioning and tile editing start from a real spot: give spot")
+    if cfg.use_morphology or cfg.edit_strength:
+        if tiles is None:
+            raise ValueError(f"{cfg.data} has no tiles; morphology and editing need a prepared dataset")
+        real = np.asarray(tiles[int(np.flatnonzero(adata.obs_names == cfg.spot)[0])])
+        real_t = torch.from_numpy(real).permute(2, 0, 1)[None].float() / 255.0
+        morphology = real_t if cfg.use_morphology else None
+        init = real_t if cfg.edit_strength else None
+    generated = paired_generate(pipe, states, cfg.seeds, morphology=morphology, init_images=init,
+                                strength=cfg.edit_strength or 1.0, guidance_morph=cfg.guidance_morph,
+                                guidance_ge=cfg.guidance_ge, steps=cfg.steps)  # fmt: skip
+    predictor = predictor_encoder = None
+    if cfg.predictor:
+        from stmdit.encoders.predictor import load_predictor
+
+        predictor, predictor_encoder = load_predictor(cfg.predictor)
+    result = measure(generated, names, morphology_encoder=pipe.morphology_encoder, predictor=predictor,
+                     predictor_encoder=predictor_encoder, tile_um=tile_um)  # fmt: skip
+    result["config"] = dataclasses.asdict(cfg)
+    result["start_state"] = str(control.obs["state"].iloc[0])
+    rows = [(name, generated[i]) for i, name in enumerate(names)]
+    if init is not None:
+        rows.insert(0, ("original", np.repeat(real[None] / 255.0, len(cfg.seeds), axis=0)))
+    save_tile_grid(rows, out / "counterfactuals.png", column_titles=[f"seed {s}" for s in cfg.seeds])
+    _plot_changes(result, out / "changes.png")
+    write_json(out / "simulation.json", result)
+    return result
+
+
+def _plot_changes(result: dict, path: Path) -> None:
+    from stmdit.io import save_figure
+    from stmdit.plotting import plt
+
+    keys = ["haematoxylin", "eosin", "brown", "nuclei_per_100px2"]
+    variants = list(result["changes"])
+    if not variants:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        mean = [result["changes"][v][key]["mean_change"] for v in variants]
+        lo = [m - result["changes"][v][key]["ci_low"] for m, v in zip(mean, variants, strict=True)]
+        hi = [result["changes"][v][key]["ci_high"] - m for m, v in zip(mean, variants, strict=True)]
+        ax.bar(range(len(variants)), mean, yerr=[lo, hi], capsize=3)
+        spread = result["changes"][variants[0]][key]["control_seed_sd"]
+        ax.axhspan(-spread, spread, color="grey", alpha=0.2, label="control seed-to-seed sd")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xticks(range(len(variants)), [v[:18] for v in variants], rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"change in {key}", fontsize=8)
+    axes[0, 0].legend(fontsize=6)
+    save_figure(fig, path)
