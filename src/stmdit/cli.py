@@ -243,6 +243,56 @@ def section(
 
 
 @app.command()
+def simulate(
+    config: Annotated[Path, typer.Argument(help="Simulate config (YAML): pipeline, data, out, start state, variants")],
+    out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Virtual tissue experiment: perturb genes, generate paired counterfactuals over seeds, measure the change."""
+    from stmdit.simulate import SimulateConfig, run_simulation
+
+    _setup_logging(verbose)
+    if not config.is_file():
+        _fail(f"config file {config} does not exist")
+    try:
+        result = run_simulation(SimulateConfig.from_yaml(config, out=out))
+    except (ValueError, KeyError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    typer.echo(f"start: {result['start_state']}; {len(result['config']['seeds'])} seeds")
+    for variant, change in result["changes"].items():
+        parts = [f"{k} {c['mean_change']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+                 for k, c in change.items() if isinstance(c, dict) and "mean_change" in c]  # fmt: skip
+        typer.echo(f"{variant}: " + "; ".join(parts))
+    typer.echo(f"wrote {Path(result['config']['out'])}/counterfactuals.png, changes.png, simulation.json")
+
+
+@app.command()
+def serve(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline folder (e.g. outputs/demo/runs/ge/pipeline)")],
+    data: Annotated[Path, typer.Option(help="Folder whose .h5ad files and prepared datasets the page offers")],
+    host: Annotated[str, typer.Option(help="Address to bind; the default keeps the app on this machine")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    gene_sets: Annotated[Path | None, typer.Option(help="YAML: gene set name -> gene symbols, beside the marker programmes")] = None,
+    steps: Annotated[int, typer.Option(help="Default sampling steps")] = 20,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest .h5ad upload, in MB")] = 50,
+    max_spots: Annotated[int, typer.Option(help="Most spots an uploaded .h5ad may have")] = 5000,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default); 1 is fastest for small models")] = 1,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve the virtual-experiment web page: perturb a spot's genes, compare counterfactual tiles."""
+    from stmdit.app import load_gene_sets
+    from stmdit.app import serve as run_server
+
+    _setup_logging(verbose)
+    try:
+        sets = load_gene_sets(gene_sets) if gene_sets else None
+        run_server(pipeline, data, host=host, port=port, gene_sets=sets, steps=steps, max_upload_mb=max_upload_mb,
+                   max_spots=max_spots, cpu_threads=threads or None)  # fmt: skip
+    except (FileNotFoundError, ValueError, OSError) as err:
+        _fail(str(err))
+
+
+@app.command()
 def generate(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder (as written by training) or hub id")],
     expression: Annotated[Path | None, typer.Option(help="AnnData .h5ad with raw counts (layers['counts'] or X)")] = None,

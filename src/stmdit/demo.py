@@ -27,7 +27,7 @@ from stmdit.data.sources import prepare_synthetic
 from stmdit.data.synthetic import CELL_TYPES
 from stmdit.encoders.factory import describe
 from stmdit.evaluate.composition import composition_agreement, fit_composition_estimator
-from stmdit.io import write_json
+from stmdit.io import atomic_path, write_json
 from stmdit.pipeline import STMDiTPipeline
 from stmdit.plotting import save_loss_curves, save_tile_grid
 from stmdit.train import TrainConfig, Trainer
@@ -195,6 +195,10 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     save_loss_curves({"GE (adaLN + xattn)": runs["ge"].losses, "no-GE baseline": runs["no_ge"].losses}, out / "loss_curves.png")
     _save_composition_scatter(true, {k: estimator.predict(v) for k, v in generated.items()}, out / "composition_scatter.png")
     write_json(out / "metrics.json", metrics)
+    # The held-out section, for `stmdit serve runs/ge/pipeline --data DIR/data` and `stmdit simulate`.
+    held_out = adata[data.held_out_index].copy()
+    with atomic_path(out / "data" / "simulated_held_out.h5ad") as tmp:
+        held_out.write_h5ad(tmp)
     return metrics
 
 

@@ -1,0 +1,372 @@
+"""The web app through its JSON API (FastAPI TestClient): listings, counterfactual generation,
+and a readable 4xx JSON error for every kind of bad input."""
+
+import base64
+import io
+import json
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from stmdit import (
+    PanelExpressionEncoder,
+    StainFeatureEncoder,
+    STMDiT,
+    STMDiTPipeline,
+    make_sampling_scheduler,
+)
+from stmdit.app import MAX_CHANGES, create_app, load_gene_sets
+from stmdit.data.synthetic import simulate_tissue
+
+BASE_URL = "http://127.0.0.1"
+N_PANEL = 64
+
+
+@pytest.fixture(scope="module")
+def tissue():
+    return simulate_tissue(n_sections=2, grid=6, tile_size=16, seed=0)
+
+
+def write_pipeline(path, adata):
+    """A tiny untrained pipeline with random weights (a zero-initialised DiT would ignore its
+    condition, and a perturbation could then not change anything)."""
+    ge = PanelExpressionEncoder.fit(adata, n_genes=N_PANEL)
+    morph = StainFeatureEncoder(image_size=16)
+    model = STMDiT.from_preset(
+        "tiny", in_channels=3, sample_size=16, patch_size=4, morph_dim=morph.output_dim, ge_dim=N_PANEL
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    STMDiTPipeline(model, make_sampling_scheduler(pixel_space=True), ge, morph, None).save_pretrained(path)
+    return path
+
+
+def write_data_dir(root, tissue):
+    """The simulator's sections as an .h5ad, and the same spots as a tiny prepared dataset with
+    tiles (its first spot marked as background), beside a file that is no dataset."""
+    tissue.adata.write_h5ad(root / "tissue.h5ad")
+    store = root / "store"
+    store.mkdir()
+    spots = tissue.adata.copy()
+    spots.obs["keep"] = True
+    spots.obs.loc[spots.obs_names[0], "keep"] = False
+    spots.write_h5ad(store / "spots.h5ad")
+    tiles = zarr.open_array(
+        store / "tiles.zarr", mode="w", shape=tissue.tiles.shape, dtype="uint8", chunks=(16, 16, 16, 3)
+    )
+    tiles[:] = tissue.tiles
+    (store / "manifest.json").write_text(json.dumps({"prepare": {"tile_um": 64.0}}))
+    (root / "notes.txt").write_text("not a dataset")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory, tissue):
+    return write_pipeline(tmp_path_factory.mktemp("pipeline") / "pipeline", tissue.adata)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tissue):
+    return write_data_dir(tmp_path_factory.mktemp("data"), tissue)
+
+
+@pytest.fixture(scope="module")
+def client(pipeline_dir, data_dir):
+    app = create_app(
+        pipeline_dir,
+        data_dir,
+        gene_sets={"my set": ["MKI67", "TOP2A", "NOT_A_GENE"]},
+        max_upload_mb=1,
+        max_spots=100,
+        steps=3,
+    )
+    with TestClient(app, base_url=BASE_URL) as test_client:
+        yield test_client
+
+
+def request(tissue, **overrides):
+    spot = tissue.adata.obs_names[1]
+    body = {
+        "dataset": "tissue.h5ad",
+        "sample": "section0",
+        "spot": spot,
+        "changes": [],
+        "n_seeds": 2,
+        "seed": 0,
+    }
+    return {**body, **overrides}
+
+
+def pixels(data_url: str) -> np.ndarray:
+    head, _, data = data_url.partition(",")
+    assert head == "data:image/png;base64"
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+
+
+def assert_error(response, status: int, *words: str) -> str:
+    assert response.status_code == status, response.text
+    message = response.json()["error"]
+    assert isinstance(message, str) and message and "Traceback" not in message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def h5ad_bytes(adata: ad.AnnData, tmp_path) -> bytes:
+    path = tmp_path / "upload.h5ad"
+    adata.write_h5ad(path)
+    return path.read_bytes()
+
+
+def test_listings(client, tissue):
+    assert client.get("/api/health").json() == {"status": "ok"}
+    page = client.get("/")
+    assert page.status_code == 200 and "<script>" in page.text and "Content-Security-Policy" in page.headers
+    assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
+    datasets = {d["name"]: d for d in client.get("/api/datasets").json()["datasets"]}
+    assert set(datasets) == {"tissue.h5ad", "store"}
+    assert datasets["store"]["tiles"] and not datasets["tissue.h5ad"]["tiles"]
+
+    samples = client.get("/api/samples", params={"dataset": "tissue.h5ad"}).json()
+    assert [s["name"] for s in samples["samples"]] == ["section0", "section1"] and samples["samples"][0][
+        "n_spots"
+    ] == 36
+    spots = client.get("/api/spots", params={"dataset": "tissue.h5ad", "sample": "section0"}).json()["spots"]
+    assert spots == list(tissue.adata.obs_names[:36])
+    store_spots = client.get("/api/spots", params={"dataset": "store", "sample": "section0"}).json()["spots"]
+    assert store_spots == spots[1:]
+
+    genes = client.get("/api/genes", params={"dataset": "tissue.h5ad"}).json()
+    assert genes["panel_size"] == genes["panel_found"] == N_PANEL and len(genes["genes"]) == N_PANEL
+    sets = {
+        s["name"]: s
+        for s in client.get("/api/gene-sets", params={"dataset": "tissue.h5ad"}).json()["gene_sets"]
+    }
+    assert (
+        "my set" in sets and "NOT_A_GENE" not in sets["my set"]["genes"] and sets["my set"]["n_defined"] == 3
+    )
+    markers = [s for s in sets.values() if s["origin"] == "marker programme"]
+    assert markers and all(set(s["genes"]) <= set(genes["genes"]) for s in markers)
+    config = client.get("/api/config").json()
+    assert config["defaults"]["steps"] == 3 and config["upload"]["max_spots"] == 100
+
+
+def test_pairs_share_their_noise(client, tissue):
+    zero = client.post(
+        "/api/generate", json=request(tissue, changes=[{"gene": "MKI67", "log2_fold_change": 0.0}])
+    )
+    assert zero.status_code == 200, zero.text
+    result = zero.json()
+    assert [p["seed"] for p in result["pairs"]] == [0, 1] and result["real_tile"] is None
+    assert not result["morphology"]["used"] and "no tiles" in result["morphology"]["note"]
+    for pair in result["pairs"]:
+        control, perturbed = pixels(pair["control"]), pixels(pair["perturbed"])
+        assert control.shape == (256, 256, 3)  # 16 px enlarged 16x with nearest neighbours
+        assert (control[::16, ::16] == control[15::16, 15::16]).all()
+        np.testing.assert_array_equal(control, perturbed)
+    assert not np.array_equal(pixels(result["pairs"][0]["control"]), pixels(result["pairs"][1]["control"]))
+    keys = {m["key"] for m in result["measurements"]}
+    assert keys == {"haematoxylin", "eosin", "brown", "nuclei_per_100px2"}
+    for m in result["measurements"]:
+        assert m["mean_change"] == 0 and len(m["control"]) == 2 and m["ci_low"] <= m["ci_high"]
+        assert m["control_seed_sd"] >= 0
+
+    sets = client.get("/api/gene-sets", params={"dataset": "tissue.h5ad"}).json()["gene_sets"]
+    changes = [{"gene_set": sets[0]["name"], "log2_fold_change": 5.0}, {"gene": "mki67", "knockout": True}]
+    changed = client.post("/api/generate", json=request(tissue, changes=changes)).json()
+    assert "knocked out" in changed["perturbation"] and sets[0]["name"] in changed["perturbation"]
+    for before, after in zip(result["pairs"], changed["pairs"], strict=True):
+        np.testing.assert_array_equal(
+            pixels(before["control"]), pixels(after["control"])
+        )  # same noise per seed
+    assert any(not np.array_equal(pixels(p["control"]), pixels(p["perturbed"])) for p in changed["pairs"])
+
+
+def test_sample_mean_and_real_morphology(client, tissue):
+    mean = client.post("/api/generate", json=request(tissue, start="sample", spot=None, n_seeds=1)).json()
+    assert mean["n_spots_averaged"] == 36 and len(mean["pairs"]) == 1
+    spot = tissue.adata.obs_names[3]
+    with_tile = client.post(
+        "/api/generate", json=request(tissue, dataset="store", spot=spot, use_morphology=True)
+    ).json()
+    assert with_tile["morphology"] == {"available": True, "used": True, "note": "used (the spot's real tile)"}
+    np.testing.assert_array_equal(pixels(with_tile["real_tile"])[::16, ::16], tissue.tiles[3])
+    response = client.post("/api/generate", json=request(tissue, use_morphology=True))
+    assert_error(response, 400, "no tiles")
+    response = client.post(
+        "/api/generate", json=request(tissue, dataset="store", start="sample", use_morphology=True)
+    )
+    assert_error(response, 400, "spot")
+
+
+def not_in_panel(client, tissue):
+    panel = set(client.get("/api/genes", params={"dataset": "tissue.h5ad"}).json()["genes"])
+    return next(g for g in tissue.adata.var_names if g not in panel)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "words"),
+    [
+        ({"guidance_ge": 11.0}, 422, ["guidance_ge", "10"]),
+        ({"guidance_morph": -1}, 422, ["guidance_morph"]),
+        ({"guidance_ge": "high"}, 422, ["guidance_ge"]),
+        ({"n_seeds": 5}, 422, ["n_seeds"]),
+        ({"seed": 1.5}, 422, ["seed"]),
+        ({"steps": 0}, 422, ["steps"]),
+        ({"start": "cluster"}, 422, ["start"]),
+        ({"colour": "blue"}, 422, ["colour"]),
+        ({"changes": [{"gene": "MKI67", "log2_fold_change": 6}]}, 422, ["log2_fold_change"]),
+        ({"changes": [{"gene": "MKI67", "gene_set": "my set"}]}, 422, ["gene"]),
+        ({"changes": [{"gene": "MKI67", "log2_fold_change": 1}] * (MAX_CHANGES + 1)}, 422, ["changes"]),
+        (
+            {"changes": [{"gene": "NOTAGENE"}, {"gene": "ALSO_NOT", "knockout": True}]},
+            400,
+            ["NOTAGENE", "ALSO_NOT"],
+        ),
+        ({"changes": [{"gene_set": "no such set", "log2_fold_change": 1}]}, 400, ["no such set"]),
+        ({"spot": "section9_0x0"}, 404, ["section9_0x0"]),
+        ({"spot": "section1_0x0"}, 404, ["section1_0x0"]),  # a real spot, but of the other sample
+        ({"sample": "section7"}, 404, ["section7"]),
+        ({"dataset": "../../etc/passwd"}, 404, ["../../etc/passwd"]),
+        ({"dataset": "/etc/passwd"}, 404, ["unknown dataset"]),
+        ({"dataset": "notes.txt"}, 404, ["unknown dataset"]),
+        ({"dataset": "store/spots.h5ad"}, 404, ["unknown dataset"]),
+    ],
+)
+def test_bad_generate_requests_get_readable_errors(client, tissue, overrides, status, words):
+    assert_error(client.post("/api/generate", json=request(tissue, **overrides)), status, *words)
+
+
+def test_more_bad_requests(client, tissue):
+    gene = not_in_panel(client, tissue)
+    response = client.post(
+        "/api/generate", json=request(tissue, changes=[{"gene": gene, "log2_fold_change": 1}])
+    )
+    assert_error(response, 400, gene, "panel")
+    assert_error(
+        client.post("/api/generate", content=b"{not json", headers={"content-type": "application/json"}),
+        422,
+        "JSON",
+    )
+    assert_error(
+        client.post("/api/generate", content=b"x" * 100_000, headers={"content-type": "application/json"}),
+        413,
+    )
+    for name in ("../../etc/passwd", "..", "tissue.h5ad/..", "%2e%2e%2fetc"):
+        assert_error(client.get("/api/samples", params={"dataset": name}), 404, "unknown dataset")
+        assert_error(client.get("/api/genes", params={"dataset": name}), 404, "unknown dataset")
+    assert_error(
+        client.get("/api/spots", params={"dataset": "tissue.h5ad", "sample": "../x"}), 404, "unknown sample"
+    )
+    assert_error(client.get("/api/samples"), 422, "dataset")
+    assert_error(client.get("/api/no-such-endpoint"), 404)
+    # DNS rebinding and cross-site posts: only this server's own name is served.
+    assert_error(client.get("/api/datasets", headers={"host": "evil.example"}), 403, "localhost")
+    response = client.post("/api/generate", json=request(tissue), headers={"origin": "https://evil.example"})
+    assert_error(response, 403, "other web sites")
+
+
+def test_unexpected_errors_are_short_and_logged(client, tissue, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr("stmdit.app.paired_generate", broken)
+    message = assert_error(client.post("/api/generate", json=request(tissue)), 500, "server's log")
+    assert "secret" not in message
+    assert "secret internals" in caplog.text
+
+
+def test_uploads(client, tissue, tmp_path):
+    def upload(content: bytes, filename="data.h5ad"):
+        return client.post("/api/upload", files={"file": (filename, content, "application/octet-stream")})
+
+    small = tissue.adata[:40].copy()
+    assert_error(upload(b"\0" * (2**20 + 10)), 413, "1 MB")
+    assert_error(upload(b"gene,count\nMKI67,3\n", "counts.csv"), 400, "not an .h5ad")
+    no_counts = ad.AnnData(obs=small.obs[["sample_id"]], var=small.var)
+    assert_error(upload(h5ad_bytes(no_counts, tmp_path)), 400, "no counts")
+    scaled = ad.AnnData(
+        np.asarray(small.X, dtype=np.float32) - 5, obs=small.obs[["sample_id"]], var=small.var
+    )
+    assert_error(upload(h5ad_bytes(scaled, tmp_path)), 400, "negative")
+    renamed = small.copy()
+    renamed.var_names = [f"ENSG{i:011d}" for i in range(renamed.n_vars)]
+    assert_error(upload(h5ad_bytes(renamed, tmp_path)), 400, "shares only 0", "panel genes")
+    crowded = ad.concat([tissue.adata, tissue.adata], index_unique="-")[:101].copy()
+    assert_error(upload(h5ad_bytes(crowded, tmp_path)), 413, "101 spots", "100")
+    linked = tmp_path / "linked.h5ad"
+    small.write_h5ad(linked)
+    with h5py.File(linked, "a") as f:
+        f["uns/elsewhere"] = h5py.ExternalLink("/etc/secret.h5", "/data")
+    assert_error(upload(linked.read_bytes()), 400, "other files")
+    assert_error(client.post("/api/upload", data={"file": "text"}), 400, "'file'")
+    assert {d["name"] for d in client.get("/api/datasets").json()["datasets"]} == {"tissue.h5ad", "store"}
+
+    plain = small.copy()
+    del plain.obs["sample_id"]
+    plain.obs_names = [f"my spot {i}" for i in range(plain.n_obs)]
+    response = upload(h5ad_bytes(plain, tmp_path), "../../my section.h5ad")
+    assert response.status_code == 200, response.text
+    name = response.json()["dataset"]
+    assert name.endswith("my_section") and response.json()["n_spots"] == 40
+    assert name in {d["name"] for d in client.get("/api/datasets").json()["datasets"]}
+    assert client.get("/api/samples", params={"dataset": name}).json()["samples"] == [
+        {"name": "all spots", "n_spots": 40}
+    ]
+    body = request(
+        tissue,
+        dataset=name,
+        sample="all spots",
+        spot="my spot 7",
+        n_seeds=1,
+        changes=[{"gene": "MKI67", "log2_fold_change": 2.0}],
+    )
+    assert client.post("/api/generate", json=body).status_code == 200
+
+
+def test_uploads_stay_out_of_the_data_folder(pipeline_dir, data_dir, tissue, tmp_path):
+    before = sorted(p.name for p in data_dir.iterdir())
+    app = create_app(pipeline_dir, data_dir, max_uploads=1, steps=2)
+    with TestClient(app, base_url=BASE_URL) as test_client:
+        for i in range(2):
+            data = h5ad_bytes(tissue.adata[:30].copy(), tmp_path)
+            response = test_client.post("/api/upload", files={"file": (f"s{i}.h5ad", data)})
+            assert response.status_code == 200, response.text
+        names = [d["name"] for d in test_client.get("/api/datasets").json()["datasets"]]
+        assert names == ["store", "tissue.h5ad", "upload 2: s1"]  # the oldest upload made room
+    assert sorted(p.name for p in data_dir.iterdir()) == before
+
+
+def test_unusable_data_folder_dataset_is_reported(pipeline_dir, tmp_path, tissue):
+    bad = tissue.adata[:20].copy()
+    bad.var_names = [f"gene{i}" for i in range(bad.n_vars)]
+    bad.write_h5ad(tmp_path / "foreign.h5ad")
+    pd.DataFrame({"a": [1]}).to_csv(tmp_path / "table.h5ad")  # named .h5ad, but is not one
+    with TestClient(create_app(pipeline_dir, tmp_path, steps=2), base_url=BASE_URL) as test_client:
+        assert_error(test_client.get("/api/samples", params={"dataset": "foreign.h5ad"}), 400, "panel genes")
+        assert_error(test_client.get("/api/samples", params={"dataset": "table.h5ad"}), 400, "cannot be read")
+
+
+def test_gene_sets_file(tmp_path):
+    path = tmp_path / "sets.yaml"
+    path.write_text("proliferation: [MKI67, TOP2A]\nimmune: [CD3E]\n")
+    assert load_gene_sets(path) == {"proliferation": ["MKI67", "TOP2A"], "immune": ["CD3E"]}
+    path.write_text("proliferation: MKI67\n")
+    with pytest.raises(ValueError, match="lists of gene symbols"):
+        load_gene_sets(path)
+
+
+def test_misconfigured_server_says_what_is_wrong(pipeline_dir, data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
+        create_app(tmp_path, data_dir)
+    with pytest.raises(FileNotFoundError, match="data folder"):
+        create_app(pipeline_dir, tmp_path / "missing")
