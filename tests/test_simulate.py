@@ -166,7 +166,7 @@ def test_simulate_command_writes_grids_measurements_and_a_report(simulator_model
     result = CliRunner().invoke(app, ["simulate", str(tmp_path / "sim.yaml")])
     assert result.exit_code == 0, result.output
     assert "lymphocytes up: haematoxylin" in result.output
-    for name in ("counterfactuals.png", "changes.png", "simulation.json"):
+    for name in ("counterfactuals.png", "changes.png", "simulation.json", "report.html"):
         assert (tmp_path / "sim" / name).stat().st_size > 500
     import json
 

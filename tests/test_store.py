@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,3 +215,21 @@ def test_training_reads_the_store_with_dataloader_workers(prepared, tmp_path):
     result = Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
                      vae=data.vae, val=data.val, progress=False).run()  # fmt: skip
     assert result.final_step == 2 and np.isfinite([v for _, v in result.losses]).all()
+
+
+@pytest.mark.slow
+def test_encode_sharded_across_two_processes_matches_one_process(prepared, tmp_path):
+    single = copy_store(prepared, tmp_path / "single")
+    encode(single, EncodeConfig(n_genes=16), progress=False)
+    sharded = copy_store(prepared, tmp_path / "sharded")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "stmdit", "encode", str(sharded), "--n-genes", "16"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert DatasetStore(sharded).manifest()["stages"]["encode"]["processes"] == 2
+    _assert_same_arrays(single / "features", sharded / "features")

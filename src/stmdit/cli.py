@@ -263,7 +263,7 @@ def simulate(
         parts = [f"{k} {c['mean_change']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
                  for k, c in change.items() if isinstance(c, dict) and "mean_change" in c]  # fmt: skip
         typer.echo(f"{variant}: " + "; ".join(parts))
-    typer.echo(f"wrote {Path(result['config']['out'])}/counterfactuals.png, changes.png, simulation.json")
+    typer.echo(f"wrote {Path(result['config']['out'])}/report.html, counterfactuals.png, changes.png, simulation.json")
 
 
 @app.command()

@@ -351,11 +351,45 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
     result["start_state"] = str(control.obs["state"].iloc[0])
     rows = [(name, generated[i]) for i, name in enumerate(names)]
     if init is not None:
-        rows.insert(0, ("original", np.repeat(real[None] / 255.0, len(cfg.seeds), axis=0)))
+        # Editing: the control is the tile re-drawn under its own expression (the reconstruction),
+        # each variant the same partial re-draw under the perturbed expression (the edit).
+        rows = [("original", np.repeat(real[None] / 255.0, len(cfg.seeds), axis=0)), ("reconstruction", generated[0])]
+        rows += [(f"edit: {name}", generated[i]) for i, name in enumerate(names) if i > 0]
     save_tile_grid(rows, out / "counterfactuals.png", column_titles=[f"seed {s}" for s in cfg.seeds])
     _plot_changes(result, out / "changes.png")
     write_json(out / "simulation.json", result)
+    _write_report(out, result)
     return result
+
+
+def _write_report(out: Path, result: dict) -> None:
+    """report.html: the experiment, its image grids and the measured changes with their intervals."""
+    import html
+
+    from stmdit.io import write_text
+
+    rows = []
+    for variant, change in result["changes"].items():
+        for key, c in change.items():
+            if isinstance(c, dict) and "mean_change" in c:
+                outside = c["ci_low"] > c["control_seed_sd"] or c["ci_high"] < -c["control_seed_sd"]
+                rows.append(f"<tr><td>{html.escape(variant)}</td><td>{key}</td><td>{c['control_mean']:.3f}</td>"
+                            f"<td>{c['mean_change']:+.3f}</td><td>[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]</td>"
+                            f"<td>{c['control_seed_sd']:.3f}</td><td>{'yes' if outside else 'no'}</td></tr>")  # fmt: skip
+    cfg = result["config"]
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>STMDiT virtual experiment</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:3px 8px;
+font-size:13px}}table{{border-collapse:collapse}}img{{max-width:100%}}</style></head><body>
+<h1>Virtual tissue experiment</h1>
+<p>Start state: {html.escape(result['start_state'])}. {len(cfg['seeds'])} seeds; every variant shares each seed's noise
+with the control. Guidance: expression {cfg['guidance_ge']}, morphology {cfg['guidance_morph']}; {cfg['steps']} steps.</p>
+<h2>Tiles</h2><img src="counterfactuals.png" alt="counterfactual tiles">
+<h2>Measured changes</h2><img src="changes.png" alt="changes">
+<table><tr><th>variant</th><th>measure</th><th>control mean</th><th>change</th><th>95% CI</th>
+<th>control seed sd</th><th>beyond the seed spread</th></tr>{''.join(rows)}</table>
+<p>Changes are paired differences (variant minus control, same seed) with a bootstrap interval over seeds.</p>
+</body></html>"""
+    write_text(out / "report.html", page)
 
 
 def _plot_changes(result: dict, path: Path) -> None:
