@@ -19,6 +19,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 from typer.testing import CliRunner
 
+from conftest import run_two_processes
 from stmdit.cli import app
 from stmdit.data.store import PrepareConfig, prepare
 from stmdit.encoders.predictor import (
@@ -196,21 +197,12 @@ def test_ptpl_and_measured_models_train_and_the_ood_report_section_is_written(
 
 @pytest.mark.slow
 def test_pseudolabel_shards_slides_across_two_processes(predictor_dir, slides, labelled, tmp_path):
-    import socket
-
     import anndata as ad
 
     out = tmp_path / "labels"
     cfg = {"predictor": str(predictor_dir), "slides": [slides["xenium"], slides["tiff"]], "out": str(out), "tile_px": 32}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "stmdit", "pseudolabel", str(tmp_path / "p.yaml")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_two_processes("pseudolabel", str(tmp_path / "p.yaml"), "--verbose")
+    assert "process 0 of 2" in result.stderr and "process 1 of 2" in result.stderr
     for name in ("NCBI858", "c2_piece"):  # each process labelled one slide; same result as one process
         np.testing.assert_allclose(np.asarray(ad.read_h5ad(out / f"{name}.h5ad").X), np.asarray(labelled[name].X), atol=1e-5)

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import zarr
 from typer.testing import CliRunner
 
 from conftest import HER2ST_SECTIONS as SECTIONS
-from conftest import her2st_prepare_config
+from conftest import her2st_prepare_config, run_two_processes
 from stmdit.cli import app
 from stmdit.data.chunks import StoreMismatchError
 from stmdit.data.encode import EncodeConfig, encode, load_encoders
@@ -222,14 +221,6 @@ def test_encode_sharded_across_two_processes_matches_one_process(prepared, tmp_p
     single = copy_store(prepared, tmp_path / "single")
     encode(single, EncodeConfig(n_genes=16), progress=False)
     sharded = copy_store(prepared, tmp_path / "sharded")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "stmdit", "encode", str(sharded), "--n-genes", "16"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_processes("encode", str(sharded), "--n-genes", "16")
     assert DatasetStore(sharded).manifest()["stages"]["encode"]["processes"] == 2
     _assert_same_arrays(single / "features", sharded / "features")

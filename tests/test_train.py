@@ -1,14 +1,11 @@
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from conftest import run_two_processes
 from stmdit.data.features import FeatureDataset, StepBatchSampler
 from stmdit.train import ConfigMismatchError, TrainConfig, Trainer, TrainingInterrupted, find_checkpoints
 
@@ -127,12 +124,6 @@ def test_config_rejects_bad_values_and_unknown_keys(tmp_path):
         Trainer(config(tmp_path, model={"preset": "tiny", "in_channels": 4}), dataset(), progress=False).run()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_accelerate_run_completes(tmp_path):
     cfg = config(tmp_path, "ddp", max_steps=4, batch_size=8, checkpoint_every=2).to_dict()
@@ -140,13 +131,9 @@ def test_two_process_accelerate_run_completes(tmp_path):
     cfg["model"] = {"preset": "tiny", "patch_size": 4}
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "stmdit", "train", str(path)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_two_processes("train", str(path))
     run = tmp_path / "ddp"
+    assert json.loads((find_checkpoints(run)[-1] / "trainer_state.json").read_text())["processes"] == 2
     assert [p.name for p in find_checkpoints(run)][-1] == "step_00000004"
     assert len(losses(run)) == 4
     assert (run / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors").exists()

@@ -75,7 +75,10 @@ def train(
     except TrainingInterrupted as stop:
         typer.echo(str(stop), err=True)
         raise typer.Exit(code=130) from None
-    typer.echo(f"trained to step {result.final_step}; pipeline saved to {result.pipeline_dir}")
+    from stmdit.distributed import process_state
+
+    if process_state().is_main_process:
+        typer.echo(f"trained to step {result.final_step}; pipeline saved to {result.pipeline_dir}")
 
 
 @app.command()
@@ -129,9 +132,9 @@ def encode(
         store = run_encode(dataset, cfg)
     except (StoreMismatchError, ValueError, FileNotFoundError, OSError) as err:
         _fail(str(err))
-    from accelerate import PartialState
+    from stmdit.distributed import process_state
 
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return
     for name, info in store.manifest().get("features", {}).items():
         typer.echo(f"{name}: {tuple(info['shape'])} {info['dtype']} from {info['encoder']}")

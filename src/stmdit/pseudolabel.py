@@ -128,16 +128,16 @@ def _json_safe(value):
 
 def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
     """Pseudo-label every slide not done yet; returns the AnnData paths of all slides."""
-    from accelerate import PartialState
-
+    from stmdit.distributed import process_state
     from stmdit.encoders.predictor import load_predictor
 
-    state = PartialState()
+    state = process_state()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     specs = cfg.slide_specs()
     paths = [out / f"{s['sample_id']}.h5ad" for s in specs]
     mine = [i for i in range(len(specs)) if i % state.num_processes == state.process_index and not paths[i].exists()]
+    logger.info("process %d of %d: %d slide(s) to label", state.process_index, state.num_processes, len(mine))
     if mine:
         predictor, encoder = load_predictor(cfg.predictor, trust_pickle=cfg.trust_pickle)
         if encoder is None:

@@ -45,6 +45,7 @@ from stmdit.diffusion import (
     sample,
     training_loss,
 )
+from stmdit.distributed import cpu_process_group
 from stmdit.encoders.vae import decode_latents
 from stmdit.io import atomic_path, dataclass_from_yaml, differences, write_json, write_text
 from stmdit.model import STMDiT
@@ -236,7 +237,8 @@ class Trainer:
                 if accelerator.scaler is not None:
                     state["grad_scaler"] = accelerator.scaler.state_dict()
                 torch.save(state, tmp / "training_state.pt")
-                write_json(tmp / "trainer_state.json", {"step": step, "config": self.config.to_dict()})
+                write_json(tmp / "trainer_state.json", {"step": step, "processes": accelerator.num_processes,
+                                                         "config": self.config.to_dict()})  # fmt: skip
             for old in find_checkpoints(self.run_dir)[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -324,7 +326,8 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.config
         _allow_new_precision(cfg.mixed_precision)
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(self.run_dir))
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_process_group(), log_with="tensorboard",
+                                  project_dir=str(self.run_dir))  # fmt: skip
         device = accelerator.device
         existing = find_checkpoints(self.run_dir)
         if existing and self.resume:
@@ -423,12 +426,13 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            accelerator.end_training()
         if done < cfg.max_steps:
+            accelerator.end_training()
             raise TrainingInterrupted(done, find_checkpoints(self.run_dir)[-1])
         pipeline_dir = self._save_pipeline(unwrapped, ema) if accelerator.is_main_process else self.run_dir / "pipeline"
         accelerator.wait_for_everyone()
+        # Every process: this closes the trackers on the main one and ends the process group.
+        accelerator.end_training()
         return TrainResult(self.run_dir, done, history, pipeline_dir)
 
     def _stop_requested_anywhere(self, accelerator: Accelerator) -> bool:

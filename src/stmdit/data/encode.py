@@ -153,12 +153,11 @@ def encode(root, cfg: EncodeConfig | None = None, progress: bool = True, encoder
     that ``cfg``'s specs name, for models built in Python; they are saved into the store like
     any other, and the manifest records them by class.
     """
-    from accelerate import PartialState
-
+    from stmdit.distributed import process_state
     from stmdit.encoders.expression import align_to_panel
 
     cfg = cfg or EncodeConfig()
-    state = PartialState()
+    state = process_state()
     store = DatasetStore(root)
     manifest = store.manifest()
     if not manifest.get("stages", {}).get("tiles"):
