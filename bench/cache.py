@@ -72,7 +72,9 @@ def step_time(dataset: StoreDataset, model: STMDiT, batch: int, steps: int) -> f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
@@ -83,11 +85,16 @@ def main() -> None:
     print(f"# {datetime.date.today()} | {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "c2"
-        prepare(PrepareConfig(out=str(root), samples=[sample], tile_px=256, split_fractions=(1.0, 0.0, 0.0)), progress=False)
+        prepare(
+            PrepareConfig(out=str(root), samples=[sample], tile_px=256, split_fractions=(1.0, 0.0, 0.0)),
+            progress=False,
+        )
         encoders = real_size_encoders(root, shared)
         start = time.perf_counter()
         encode(root, EncodeConfig(ge_tokens=True, batch_size=8), encoders=encoders, progress=True)
-        print(f"encode once, {len(StoreDataset(root, encoders=encoders))} spots: {time.perf_counter() - start:.0f} s")
+        print(
+            f"encode once, {len(StoreDataset(root, encoders=encoders))} spots: {time.perf_counter() - start:.0f} s"
+        )
         cached = StoreDataset(root, ge_tokens=True)
         on_the_fly = StoreDataset(root, ge_tokens=True, encoders=cached.encoders)
         on_the_fly.cached = set()

@@ -28,13 +28,17 @@ def sequential(model, x, t, cond, s_m, s_g):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", nargs="+", default=["tiny", "B"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"# {datetime.date.today()} | {machine()}")
-    print("| preset | spots | batched (ms/step) | sequential (ms/step) | sequential / batched | max abs diff |")
+    print(
+        "| preset | spots | batched (ms/step) | sequential (ms/step) | sequential / batched | max abs diff |"
+    )
     print("|---|---|---|---|---|---|")
     for preset in args.presets:
         model = STMDiT.from_preset(preset, in_channels=16, sample_size=32, morph_dim=1536, ge_dim=256).eval()

@@ -54,7 +54,9 @@ def pixart_for(preset: str) -> PixArtTransformer2DModel:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", nargs="+", default=["tiny", "B"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
@@ -64,7 +66,9 @@ def main() -> None:
     peak = matmul_flops_per_second()
     print(f"# {datetime.date.today()} | {machine()}")
     print(f"fp32 matmul (2048^3): {peak / 1e9:.1f} GFLOP/s")
-    print("| preset | model | step time (s) | GFLOP/step | achieved GFLOP/s | fraction of matmul | time / PixArt |")
+    print(
+        "| preset | model | step time (s) | GFLOP/step | achieved GFLOP/s | fraction of matmul | time / PixArt |"
+    )
     print("|---|---|---|---|---|---|---|")
     for preset in args.presets:
         pixart = pixart_for(preset)
@@ -81,7 +85,12 @@ def main() -> None:
         for injection in ("none", "adaln+xattn"):
             model = STMDiT.from_preset(preset, in_channels=16, sample_size=32, morph_dim=1536, ge_dim=256,
                                        ge_injection=injection)  # fmt: skip
-            rows.append((f"STMDiT ge_injection={injection}", step_fn(model, stmdit_inputs(args.batch, injection != "none"))))
+            rows.append(
+                (
+                    f"STMDiT ge_injection={injection}",
+                    step_fn(model, stmdit_inputs(args.batch, injection != "none")),
+                )
+            )
         reference = None
         for name, fn in rows:
             flops = count_flops(fn)

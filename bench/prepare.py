@@ -24,7 +24,9 @@ from stmdit.data.store import PrepareConfig, prepare
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tile-px", type=int, nargs="+", default=[256, 64])
     args = parser.parse_args()
     data = Path(os.environ.get("STMDIT_TEST_DATA", "../shared/data")) / "her2st" / "C2"

@@ -65,7 +65,9 @@ def random_inception_weights(tmp_path_factory):
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d):
                 fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
+                module.weight.copy_(
+                    torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5
+                )
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(model.state_dict(), path)
     return path

@@ -31,7 +31,9 @@ class StubDenoiser(torch.nn.Module):
                                      "out_channels": 2, "sample_size": 4})()  # fmt: skip
         self.calls = []
 
-    def forward(self, x, t, morphology=None, ge=None, ge_tokens=None, ge_mask=None, drop_morphology=None, drop_ge=None):
+    def forward(
+        self, x, t, morphology=None, ge=None, ge_tokens=None, ge_mask=None, drop_morphology=None, drop_ge=None
+    ):
         self.calls.append(x.shape[0])
         b = x.shape[0]
         keep_m = torch.zeros(b) if morphology is None else (~drop_morphology).float()
@@ -60,7 +62,9 @@ def test_dual_guidance_matches_the_formula_by_hand():
 )
 def test_single_modality_modes(cond, has_ge, expected, calls):
     stub = StubDenoiser(has_ge=has_ge)
-    out = guided_prediction(stub, torch.zeros(2, 2, 4, 4), torch.tensor(3), cond, guidance_morph=2.0, guidance_ge=3.0)
+    out = guided_prediction(
+        stub, torch.zeros(2, 2, 4, 4), torch.tensor(3), cond, guidance_morph=2.0, guidance_ge=3.0
+    )
     assert torch.allclose(out, torch.full_like(out, float(expected)))
     assert stub.calls == [calls]
 
@@ -74,7 +78,9 @@ def test_guidance_scale_one_gives_the_fully_conditional_prediction():
 
 def test_ge_given_to_a_model_without_ge_pathway_is_an_error():
     with pytest.raises(ValueError, match="ge_injection='none'"):
-        guided_prediction(StubDenoiser(has_ge=False), torch.zeros(1, 2, 4, 4), 5, Condition(ge=torch.ones(1, 5)))
+        guided_prediction(
+            StubDenoiser(has_ge=False), torch.zeros(1, 2, 4, 4), 5, Condition(ge=torch.ones(1, 5))
+        )
     assert guidance_branches(Condition(ge=torch.ones(1, 5)), False) == [(True, True)]
 
 
@@ -153,12 +159,18 @@ def test_vlb_term_matches_a_hand_computed_gaussian_kl():
     ac = sched.alphas_cumprod.double()
     ac_prev = ac[t - 1]
     post_var = b[t] * (1 - ac_prev) / (1 - ac[t])
-    mu_true = (b[t] * ac_prev.sqrt() / (1 - ac[t])) * x0 + ((1 - ac_prev) * (1 - b[t]).sqrt() / (1 - ac[t])) * xt
+    mu_true = (b[t] * ac_prev.sqrt() / (1 - ac[t])) * x0 + (
+        (1 - ac_prev) * (1 - b[t]).sqrt() / (1 - ac[t])
+    ) * xt
     x0_hat = (xt - (1 - ac[t]).sqrt() * eps) / ac[t].sqrt()
-    mu_model = (b[t] * ac_prev.sqrt() / (1 - ac[t])) * x0_hat + ((1 - ac_prev) * (1 - b[t]).sqrt() / (1 - ac[t])) * xt
+    mu_model = (b[t] * ac_prev.sqrt() / (1 - ac[t])) * x0_hat + (
+        (1 - ac_prev) * (1 - b[t]).sqrt() / (1 - ac[t])
+    ) * xt
     frac = (0.3 + 1) / 2
     var_model = torch.exp(frac * torch.log(b[t]) + (1 - frac) * torch.log(post_var))
-    kl = 0.5 * (torch.log(var_model / post_var) + post_var / var_model + (mu_true - mu_model) ** 2 / var_model - 1)
+    kl = 0.5 * (
+        torch.log(var_model / post_var) + post_var / var_model + (mu_true - mu_model) ** 2 / var_model - 1
+    )
     got = variational_bound_term(sched, x0, xt, torch.tensor([t]), eps, v)
     assert torch.allclose(got.double(), kl.mean().reshape(1).double(), rtol=1e-4)
 
@@ -185,7 +197,9 @@ def test_sampling_is_reproducible_and_per_row_generators_are_batch_independent()
     a = run(cond, [torch.Generator().manual_seed(i) for i in range(3)])
     b = run(cond, [torch.Generator().manual_seed(i) for i in range(3)])
     assert torch.equal(a, b) and a.shape == (3, 3, 8, 8)
-    alone = run(Condition(morphology=cond.morphology[1:2], ge=cond.ge[1:2]), [torch.Generator().manual_seed(1)])
+    alone = run(
+        Condition(morphology=cond.morphology[1:2], ge=cond.ge[1:2]), [torch.Generator().manual_seed(1)]
+    )
     torch.testing.assert_close(alone[0], a[1], atol=1e-5, rtol=1e-5)
 
 
@@ -202,7 +216,9 @@ class OracleDenoiser(StubDenoiser):
     def forward(self, x, t, **kw):
         self.calls.append(x.shape[0])
         ac = self.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
-        return (x - ac.sqrt() * self.target.repeat(x.shape[0] // self.target.shape[0], 1, 1, 1)) / (1 - ac).sqrt()
+        return (x - ac.sqrt() * self.target.repeat(x.shape[0] // self.target.shape[0], 1, 1, 1)) / (
+            1 - ac
+        ).sqrt()
 
 
 @pytest.mark.parametrize(("strength", "steps_run"), [(1.0, 10), (0.3, 3), (0.55, 6)])
@@ -221,6 +237,13 @@ def test_partial_noising_needs_latents_and_a_valid_strength():
     model = tiny_model()
     sched = make_sampling_scheduler()
     with pytest.raises(ValueError, match="strength must be in"):
-        sample(model, sched, Condition(ge=torch.randn(2, 5)), latents=torch.randn(2, 3, 8, 8), strength=0.0, progress=False)
+        sample(
+            model,
+            sched,
+            Condition(ge=torch.randn(2, 5)),
+            latents=torch.randn(2, 3, 8, 8),
+            strength=0.0,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="pass latents"):
         sample(model, sched, Condition(ge=torch.randn(2, 5)), strength=0.5, progress=False)

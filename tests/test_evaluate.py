@@ -33,7 +33,9 @@ def _invoke(args):
 
 
 @pytest.mark.slow
-def test_predictor_training_evaluation_and_report_end_to_end(her2st_store, random_inception_weights, tmp_path):
+def test_predictor_training_evaluation_and_report_end_to_end(
+    her2st_store, random_inception_weights, tmp_path
+):
     store = tmp_path / "her2st"
     shutil.copytree(her2st_store.root, store)
     _invoke(["encode", store, "--n-genes", "32"])
@@ -71,7 +73,13 @@ def test_predictor_training_evaluation_and_report_end_to_end(her2st_store, rando
     html = (report / "report.html").read_text()
     parser = _Images()
     parser.feed(html)
-    expected = {"samples_grid.png", "fidelity_curves.png", "gene_scatter.png", "ge_ablation.png", "guidance_sweep.png"}
+    expected = {
+        "samples_grid.png",
+        "fidelity_curves.png",
+        "gene_scatter.png",
+        "ge_ablation.png",
+        "guidance_sweep.png",
+    }
     assert set(parser.sources) == expected
     for src in parser.sources:
         assert (report / src).stat().st_size > 1000, src
@@ -85,7 +93,9 @@ def test_predictor_training_evaluation_and_report_end_to_end(her2st_store, rando
                                                          "seeds": [0], "sweep_guidance_ge": []}))  # fmt: skip
     _invoke(["evaluate", tmp_path / "again.yaml", "--inception-weights", random_inception_weights])
     assert cached.stat().st_mtime_ns == stamp
-    rerun = json.loads((report / "metrics.json").read_text())["models"]["no_ge"]["settings"]["none"]["summary"]
+    rerun = json.loads((report / "metrics.json").read_text())["models"]["no_ge"]["settings"]["none"][
+        "summary"
+    ]
     first = metrics["models"]["no_ge"]["settings"]["none"]["summary"]
     assert rerun["fid"]["per_seed"][0] == first["fid"]["per_seed"][0]
 

@@ -10,7 +10,9 @@ from stmdit.encoders.expression import PanelExpressionEncoder, align_to_panel, g
 def make_adata(n=30, genes=("A", "B", "C", "D", "E"), seed=0):
     rng = np.random.default_rng(seed)
     x = rng.poisson(rng.uniform(0.5, 20, size=len(genes)), size=(n, len(genes))).astype(np.float32)
-    return ad.AnnData(x, var=pd.DataFrame(index=list(genes)), obs=pd.DataFrame(index=[f"s{i}" for i in range(n)]))
+    return ad.AnnData(
+        x, var=pd.DataFrame(index=list(genes)), obs=pd.DataFrame(index=[f"s{i}" for i in range(n)])
+    )
 
 
 def test_alignment_reorders_reports_missing_and_keeps_library_size():

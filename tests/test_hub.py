@@ -11,7 +11,10 @@ def test_gated_repository_error_says_how_to_get_access(monkeypatch):
         raise GatedRepoError.__new__(GatedRepoError)
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", gated)
-    with pytest.raises(hub.WeightsUnavailableError, match=r"MahmoodLab/UNI2-h is gated: request access.*huggingface-cli login"):
+    with pytest.raises(
+        hub.WeightsUnavailableError,
+        match=r"MahmoodLab/UNI2-h is gated: request access.*huggingface-cli login",
+    ):
         hub.hub_file("MahmoodLab/UNI2-h", "pytorch_model.bin")
 
 

@@ -7,7 +7,14 @@ MORPH, GE, TOKEN = 24, 20, 12
 
 
 def tiny(**overrides) -> STMDiT:
-    kw = {"in_channels": 3, "sample_size": 8, "patch_size": 2, "morph_dim": MORPH, "ge_dim": GE, "ge_token_dim": TOKEN}
+    kw = {
+        "in_channels": 3,
+        "sample_size": 8,
+        "patch_size": 2,
+        "morph_dim": MORPH,
+        "ge_dim": GE,
+        "ge_token_dim": TOKEN,
+    }
     return STMDiT.from_preset("tiny", **{**kw, **overrides})
 
 

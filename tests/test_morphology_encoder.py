@@ -29,7 +29,9 @@ def narrow_uni(seed=0):
     """UNI-2h's exact timm structure (SwiGLU MLP, 8 register tokens, LayerScale, no class
     position embedding) at small width, randomly initialised."""
     torch.manual_seed(seed)
-    model = timm.create_model(UNI2H_MODEL, pretrained=False, **_resolve_layers({**UNI2H_KWARGS, **NARROW})).eval()
+    model = timm.create_model(
+        UNI2H_MODEL, pretrained=False, **_resolve_layers({**UNI2H_KWARGS, **NARROW})
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -112,7 +114,10 @@ def test_weights_that_do_not_fit_or_need_pickle_are_refused(uni_folder, tmp_path
 def test_hub_id_offline_without_cache_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(WeightsUnavailableError, match=r"not in the local cache and HF_HUB_OFFLINE is set.*huggingface-cli download"):
+    with pytest.raises(
+        WeightsUnavailableError,
+        match=r"not in the local cache and HF_HUB_OFFLINE is set.*huggingface-cli download",
+    ):
         TimmMorphologyEncoder.uni2h("MahmoodLab/UNI2-h", **NARROW)
 
 

@@ -20,7 +20,9 @@ GENES = [f"G{i}" for i in range(10)]
 def adata():
     rng = np.random.default_rng(0)
     x = rng.poisson(5, size=(6, len(GENES))).astype(np.float32)
-    return ad.AnnData(x, var=pd.DataFrame(index=GENES), obs=pd.DataFrame(index=[f"spot{i}" for i in range(6)]))
+    return ad.AnnData(
+        x, var=pd.DataFrame(index=GENES), obs=pd.DataFrame(index=[f"spot{i}" for i in range(6)])
+    )
 
 
 def make_pipe(adata, ge_injection="adaln+xattn", ge_pooling="cls"):
@@ -60,9 +62,16 @@ def test_gene_order_does_not_matter_and_missing_genes_are_reported(adata):
     shuffled = adata[:3, list(reversed(GENES))]
     np.testing.assert_array_equal(run(pipe, expression=shuffled, output_type="np").images, ref)
     # With one generator per image, a spot's tile does not depend on what else is in the batch.
-    per_row = run(pipe, expression=adata[:3], output_type="np", generator=[torch.Generator().manual_seed(i) for i in range(3)])
+    per_row = run(
+        pipe,
+        expression=adata[:3],
+        output_type="np",
+        generator=[torch.Generator().manual_seed(i) for i in range(3)],
+    )
     series = pd.Series(adata.X[1], index=GENES)
-    alone = run(pipe, expression=series, output_type="np", generator=[torch.Generator().manual_seed(1)]).images
+    alone = run(
+        pipe, expression=series, output_type="np", generator=[torch.Generator().manual_seed(1)]
+    ).images
     np.testing.assert_allclose(alone[0], per_row.images[1], atol=1e-4)
     missing = pipe.ge_encoder.genes[0]
     with pytest.warns(UserWarning, match=f"7/8 panel genes found.*{missing}"):
@@ -75,7 +84,9 @@ def test_precomputed_embeddings_give_the_same_images(adata):
     tiles = torch.rand(3, 3, 16, 16)
     ref = run(pipe, expression=adata[:3], morphology=tiles, output_type="np").images
     ge, _ = pipe.ge_encoder.encode(adata[:3])
-    out = run(pipe, expression_embeds=ge, morphology_embeds=pipe.morphology_encoder(tiles), output_type="np").images
+    out = run(
+        pipe, expression_embeds=ge, morphology_embeds=pipe.morphology_encoder(tiles), output_type="np"
+    ).images
     np.testing.assert_array_equal(out, ref)
 
 
@@ -106,7 +117,9 @@ def test_whole_pipeline_saves_and_loads_as_one_folder(adata, tmp_path):
     loaded = STMDiTPipeline.from_pretrained(tmp_path)
     assert loaded.ge_encoder.genes == pipe.ge_encoder.genes and loaded.vae is None
     assert loaded.scheduler.config.thresholding
-    np.testing.assert_array_equal(run(loaded, expression=adata[:2], morphology=tiles, output_type="np").images, ref)
+    np.testing.assert_array_equal(
+        run(loaded, expression=adata[:2], morphology=tiles, output_type="np").images, ref
+    )
 
 
 def test_bad_calls_say_what_is_wrong(adata):

@@ -79,13 +79,20 @@ def reference_forward(model: ExpressionPredictor, spot, subspots, neighbours, ma
 def tiny_model(genes=("A", "B", "C"), input_dim=5, seed=0, **kw) -> ExpressionPredictor:
     torch.manual_seed(seed)
     config = {"hidden_dim": 4, "n_phi": 4, "n_rho": 3, **kw}
-    return ExpressionPredictor(genes=list(genes), input_dim=input_dim, provenance={"test": True}, **config).eval()
+    return ExpressionPredictor(
+        genes=list(genes), input_dim=input_dim, provenance={"test": True}, **config
+    ).eval()
 
 
 def tiny_inputs(b=3, k=4, d=5, seed=1):
     g = torch.Generator().manual_seed(seed)
     mask = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])[:b, :k]
-    return torch.randn(b, d, generator=g), torch.randn(b, 9, d, generator=g), torch.randn(b, k, d, generator=g), mask
+    return (
+        torch.randn(b, d, generator=g),
+        torch.randn(b, 9, d, generator=g),
+        torch.randn(b, k, d, generator=g),
+        mask,
+    )
 
 
 def test_forward_matches_a_hand_written_reference():
@@ -108,9 +115,13 @@ def test_masked_neighbours_are_ignored_and_dropout_only_acts_in_training():
     changed = neighbours.clone()
     changed[~mask] = 1e3  # whatever sits in the padding must not leak into the max
     with torch.no_grad():
-        torch.testing.assert_close(model(spot, subspots, changed, mask), model(spot, subspots, neighbours, mask))
+        torch.testing.assert_close(
+            model(spot, subspots, changed, mask), model(spot, subspots, neighbours, mask)
+        )
         changed[0, 0] += 5.0  # a present neighbour does count
-        assert not torch.allclose(model(spot, subspots, changed, mask)[0], model(spot, subspots, neighbours, mask)[0])
+        assert not torch.allclose(
+            model(spot, subspots, changed, mask)[0], model(spot, subspots, neighbours, mask)[0]
+        )
     model.train()
     torch.manual_seed(0)
     a = model(spot, subspots, neighbours, mask)
@@ -120,7 +131,9 @@ def test_masked_neighbours_are_ignored_and_dropout_only_acts_in_training():
     assert model.training  # ...and leaves the mode as it was
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(out, model(spot, subspots, neighbours, mask) * model.target_std + model.target_mean)
+        torch.testing.assert_close(
+            out, model(spot, subspots, neighbours, mask) * model.target_std + model.target_mean
+        )
 
 
 def test_save_load_round_trip_keeps_outputs_genes_and_scaler(tmp_path):
@@ -141,7 +154,9 @@ def test_save_load_round_trip_keeps_outputs_genes_and_scaler(tmp_path):
     out = model.to_anndata(values, obs)
     assert list(out.var_names) == model.genes and list(out.obs_names) == ["a", "b", "c"]
     np.testing.assert_array_equal(out.X, values)
-    assert "predicted" in out.uns[PREDICTION_KEY]["values"] and json.loads(out.uns[PREDICTION_KEY]["provenance"]) == {"test": True}
+    assert "predicted" in out.uns[PREDICTION_KEY]["values"] and json.loads(
+        out.uns[PREDICTION_KEY]["provenance"]
+    ) == {"test": True}
     out.write_h5ad(tmp_path / "pred.h5ad")
     assert ad.read_h5ad(tmp_path / "pred.h5ad").uns[PREDICTION_KEY]["predictor"] == "ExpressionPredictor"
 
@@ -202,7 +217,9 @@ def test_hexagonal_neighbours_are_the_six_spots_one_pitch_away():
     interior = (rows > 0) & (rows < 5) & (cols > 1) & (cols < 14)
     assert (counts[interior] == 6).all() and (counts[~interior] < 6).all()
     assert counts[0] == 2  # row 0, col 0: (0, 2) and (1, 1)
-    expected = brute_force_neighbours(obs, lambda dr, dc: (dr == 0 and abs(dc) == 2) or (abs(dr) == 1 and abs(dc) == 1))
+    expected = brute_force_neighbours(
+        obs, lambda dr, dc: (dr == 0 and abs(dc) == 2) or (abs(dr) == 1 and abs(dc) == 1)
+    )
     assert as_sets(index) == expected  # same sample only, though s1 and s2 share positions
     # Without array coordinates the pixel fallback (1.5 pitches) finds the same neighbours.
     assert as_sets(neighbour_index(obs.drop(columns=["array_row", "array_col"]))) == expected
@@ -287,7 +304,9 @@ def rows_of(spots: SpotSet, *samples: str) -> np.ndarray:
 
 
 def test_predictor_learns_marker_genes_of_held_out_simulated_sections(tissue):
-    train, val, test = (tissue.subset(rows_of(tissue, *s)) for s in (("section0", "section1"), ("section2",), ("section3",)))
+    train, val, test = (
+        tissue.subset(rows_of(tissue, *s)) for s in (("section0", "section1"), ("section2",), ("section3",))
+    )
     encoder = build_predictor_encoder("stain", train)
     assert isinstance(encoder, StainFeatureEncoder) and encoder.config.image_size == 32
     fit = train_predictor(train, encoder, n_genes=48, val=val, epochs=30, batch_size=64, lr=1e-3, patience=5,
@@ -302,7 +321,9 @@ def test_predictor_learns_marker_genes_of_held_out_simulated_sections(tissue):
     measured = expression_targets(test.adata, genes)
     r = per_gene_pearson(measured, predicted)
     shuffled = per_gene_pearson(measured, predicted[np.random.default_rng(0).permutation(len(predicted))])
-    print(f"simulated held-out section: median marker r {np.median(r):.3f}, shuffled {np.median(shuffled):.3f}")
+    print(
+        f"simulated held-out section: median marker r {np.median(r):.3f}, shuffled {np.median(shuffled):.3f}"
+    )
     assert np.median(r) > 0.4 and np.median(r) > np.median(shuffled) + 0.35
 
 
@@ -310,11 +331,15 @@ def test_leave_one_patient_out_gives_a_model_and_test_predictions_per_patient(ti
     encoder = build_predictor_encoder("stain", tissue)
     fit = train_predictor(tissue, encoder, n_genes=24, epochs=6, batch_size=128, lr=1e-3, leave_one_patient_out=True,
                           model_kwargs=SMALL, progress=False)  # fmt: skip
-    assert sorted(fit.folds) == ["P1", "P2"] and fit.predictor.config.provenance["n_train_spots"] == len(tissue)
+    assert sorted(fit.folds) == ["P1", "P2"] and fit.predictor.config.provenance["n_train_spots"] == len(
+        tissue
+    )
     for patient, fold in fit.folds.items():
         held_out = tissue.adata.obs["patient_id"] == patient
         assert fold.predictor.config.provenance["held_out_patient"] == patient
-        assert set(fold.predictor.config.provenance["train_samples"]).isdisjoint(set(tissue.adata.obs["sample_id"][held_out]))
+        assert set(fold.predictor.config.provenance["train_samples"]).isdisjoint(
+            set(tissue.adata.obs["sample_id"][held_out])
+        )
         pred = fold.test_predictions
         assert pred.n_obs == held_out.sum() and list(pred.var_names) == fold.predictor.genes
         assert pred.uns[PREDICTION_KEY]["median_pearson"] == fold.history["test_median_pearson"] > 0.2
@@ -338,26 +363,38 @@ def test_real_her2st_predictions_beat_a_shuffled_control(her2st_store):
     encoder = build_predictor_encoder("stain", train)
     fit = train_predictor(train, encoder, n_genes=100, epochs=30, batch_size=64, lr=1e-3, model_kwargs=SMALL,
                           progress=False)  # fmt: skip
-    features = context_features(test.tiles, test.adata.obs, test.tile_um, test.spot_diameter_um, encoder, progress=False)
+    features = context_features(
+        test.tiles, test.adata.obs, test.tile_um, test.spot_diameter_um, encoder, progress=False
+    )
     predicted = fit.predictor.predict_features(features)
     measured = expression_targets(test.adata, fit.predictor.genes, source="C4")
     r = np.median(per_gene_pearson(measured, predicted))
     shuffled = [np.median(per_gene_pearson(measured, predicted[np.random.default_rng(s).permutation(len(predicted))]))
                 for s in range(5)]  # fmt: skip
-    print(f"her2st C2+C3 -> C4, top 100 genes: median Pearson {r:.3f}; shuffled spots {np.round(shuffled, 3).tolist()}")
+    print(
+        f"her2st C2+C3 -> C4, top 100 genes: median Pearson {r:.3f}; shuffled spots {np.round(shuffled, 3).tolist()}"
+    )
     assert r > max(shuffled) + 0.15
 
 
 def test_command_writes_a_loadable_predictor_folder(her2st_store, tmp_path):
-    out = train_predictor_command(her2st_store.root, tmp_path / "predictor", n_genes=20, epochs=2, progress=False)
+    out = train_predictor_command(
+        her2st_store.root, tmp_path / "predictor", n_genes=20, epochs=2, progress=False
+    )
     assert (out / "config.json").is_file() and (out / "morphology_encoder" / "config.json").is_file()
     record = json.loads((out / "training.json").read_text())
-    assert len(record["genes"]) == 20 and record["history"]["epochs_run"] <= 2 and record["history"]["val_loss"]
+    assert (
+        len(record["genes"]) == 20 and record["history"]["epochs_run"] <= 2 and record["history"]["val_loss"]
+    )
     predictor, encoder = load_predictor(out)
     provenance = predictor.config.provenance
-    assert provenance["morphology_spec"] == "stain" and provenance["dataset"] == str(her2st_store.root.resolve())
+    assert provenance["morphology_spec"] == "stain" and provenance["dataset"] == str(
+        her2st_store.root.resolve()
+    )
     test = SpotSet.from_store(her2st_store, "test")
-    feats = context_features(test.tiles, test.adata.obs, test.tile_um, test.spot_diameter_um, encoder, progress=False)
+    feats = context_features(
+        test.tiles, test.adata.obs, test.tile_um, test.spot_diameter_um, encoder, progress=False
+    )
     assert predictor.predict_features(feats).shape == (len(test), 20)
     with pytest.raises(ValueError, match="at least two patients"):
         train_predictor_command(her2st_store.root, tmp_path / "lopo", n_genes=20, epochs=1, leave_one_patient_out=True,
@@ -384,7 +421,9 @@ class Rho(nn.Module):
 
     def __init__(self, n_in: int, n_out: int, p: float):
         super().__init__()
-        self.model = nn.Sequential(nn.Dropout(p), nn.ReLU(inplace=True), nn.Linear(n_in, n_out), nn.Dropout(0.1))
+        self.model = nn.Sequential(
+            nn.Dropout(p), nn.ReLU(inplace=True), nn.Linear(n_in, n_out), nn.Dropout(0.1)
+        )
 
     def forward(self, x):
         return self.model(x)
@@ -406,7 +445,9 @@ class DeepSpotStandIn(nn.Module):
     (B, 1, D), sub-spots (B, 9, D), neighbours (B, K, D)); per tile the median over phi copies,
     then none / sum / max over the tiles; rho copies averaged."""
 
-    def __init__(self, input_size: int, output_size: int, n_ensemble: int = 4, phi2rho_size: int = 8, p: float = 0.3):
+    def __init__(
+        self, input_size: int, output_size: int, n_ensemble: int = 4, phi2rho_size: int = 8, p: float = 0.3
+    ):
         super().__init__()
         self.hparams = {"input_size": input_size, "output_size": output_size, "p": p, "p_phi": None, "p_rho": None,
                         "n_ensemble": n_ensemble, "phi2rho_size": phi2rho_size, "spot_context": "spot_subspot_neighbors"}  # fmt: skip
@@ -416,12 +457,18 @@ class DeepSpotStandIn(nn.Module):
 
     def _phi(self, x, how: str):
         b, s, d = x.shape
-        h = torch.stack([phi(x.reshape(-1, d)) for phi in self.phi_spot], dim=1).median(dim=1).values.view(b, s, -1)
+        h = (
+            torch.stack([phi(x.reshape(-1, d)) for phi in self.phi_spot], dim=1)
+            .median(dim=1)
+            .values.view(b, s, -1)
+        )
         return {"none": h.reshape(b, -1), "sum": h.sum(1), "max": h.max(1).values}[how]
 
     def forward(self, x):
         spot, subspots, neighbours = x
-        h = torch.cat([self._phi(spot, "none"), self._phi(subspots, "sum"), self._phi(neighbours, "max")], dim=1)
+        h = torch.cat(
+            [self._phi(spot, "none"), self._phi(subspots, "sum"), self._phi(neighbours, "max")], dim=1
+        )
         return torch.stack([rho(h) for rho in self.rho], dim=1).mean(dim=1)
 
 
@@ -444,16 +491,27 @@ def test_deepspot_pickle_needs_trust_and_then_maps_onto_the_predictor(deepspot_f
         ExpressionPredictor.from_deepspot(path)
     model = ExpressionPredictor.from_deepspot(path, trust_pickle=True)
     assert model.genes == ["G0", "G1", "G2", "G3", "G4"]
-    assert (model.config.input_dim, model.config.hidden_dim, model.config.n_phi, model.config.n_rho) == (6, 8, 4, 4)
+    assert (model.config.input_dim, model.config.hidden_dim, model.config.n_phi, model.config.n_rho) == (
+        6,
+        8,
+        4,
+        4,
+    )
     assert model.config.dropout == 0.3 and model.config.provenance["image_feature_model"] == "uni"
     g = torch.Generator().manual_seed(0)
-    spot, subspots, neighbours = torch.randn(4, 6, generator=g), torch.randn(4, 9, 6, generator=g), torch.randn(4, 3, 6, generator=g)
+    spot, subspots, neighbours = (
+        torch.randn(4, 6, generator=g),
+        torch.randn(4, 9, 6, generator=g),
+        torch.randn(4, 3, 6, generator=g),
+    )
     mask = torch.ones(4, 3, dtype=torch.bool)
     with torch.no_grad():
         expected = reference([spot[:, None], subspots, neighbours])
     torch.testing.assert_close(model(spot, subspots, neighbours, mask), expected, rtol=1e-5, atol=1e-6)
     predicted = model.predict(spot, subspots, neighbours, mask).numpy()
-    np.testing.assert_allclose(predicted, reference.scaler.inverse_transform(expected.numpy()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        predicted, reference.scaler.inverse_transform(expected.numpy()), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_deepspot_genes_can_be_given_and_a_state_dict_needs_no_trust(deepspot_file, tmp_path):
@@ -515,7 +573,9 @@ def test_bad_inputs_give_clear_errors(tissue, tmp_path):
     he_only = tissue.adata.copy()
     del he_only.layers["counts"]
     with pytest.raises(ValueError, match="no raw counts.*H&E-only"):
-        train_predictor(SpotSet(he_only, tissue.tiles, SIM_TILE_UM, SIM_TILE_UM), MeanColour(), progress=False)
+        train_predictor(
+            SpotSet(he_only, tissue.tiles, SIM_TILE_UM, SIM_TILE_UM), MeanColour(), progress=False
+        )
     with pytest.raises(ValueError, match="x_px/y_px"):
         neighbour_index(pd.DataFrame({"sample_id": ["a", "a"]}))
 

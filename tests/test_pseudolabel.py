@@ -57,7 +57,12 @@ def slides(test_data, tmp_path_factory) -> dict:
     tiff = folder / "c2_piece.tif"
     res = 1e4 / HER2ST_MPP  # pixels per cm
     with tifffile.TiffWriter(tiff) as writer:
-        options = {"tile": (256, 256), "compression": "zlib", "photometric": "rgb", "resolutionunit": "CENTIMETER"}
+        options = {
+            "tile": (256, 256),
+            "compression": "zlib",
+            "photometric": "rgb",
+            "resolutionunit": "CENTIMETER",
+        }
         writer.write(canvas, subifds=2, resolution=(res, res), **options)
         for level in (1, 2):
             small = canvas[:: 2**level, :: 2**level]
@@ -74,7 +79,9 @@ def slides(test_data, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def labelled(predictor_dir, slides, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("pseudo") / "labels"
-    cfg = PseudolabelConfig(predictor=str(predictor_dir), slides=list(slides.values()), out=str(out), tile_px=32)
+    cfg = PseudolabelConfig(
+        predictor=str(predictor_dir), slides=list(slides.values()), out=str(out), tile_px=32
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         paths = pseudolabel(cfg, progress=False)
@@ -93,9 +100,15 @@ def test_grid_geometry_in_microns_and_no_spots_on_glass(labelled, slides):
     width = 2000  # the tissue half of the canvas; the right half is glass
     assert tiff.n_obs > 20 and (tiff.obs["x_px"] < width).all()
     c4 = labelled["C4"]
-    assert c4.obs["expression_source"].eq("predicted").all() and c4.uns["stmdit"]["samples"]["C4"]["counts_are_predicted"]
+    assert (
+        c4.obs["expression_source"].eq("predicted").all()
+        and c4.uns["stmdit"]["samples"]["C4"]["counts_are_predicted"]
+    )
     xen = labelled["NCBI858"]
-    assert xen.n_obs > 10 and abs(np.median(np.diff(np.unique(np.round(xen.obs["x_px"], 1)))) * XENIUM_MPP - 60) < 2
+    assert (
+        xen.n_obs > 10
+        and abs(np.median(np.diff(np.unique(np.round(xen.obs["x_px"], 1)))) * XENIUM_MPP - 60) < 2
+    )
 
 
 def test_pseudolabels_normalise_back_to_the_predictions(labelled):
@@ -119,18 +132,24 @@ def test_predictions_on_unseen_c4_follow_its_measured_counts(labelled, her2st_st
     r = np.median(per_gene_pearson(truth, predicted))
     shuffled = [np.median(per_gene_pearson(truth, predicted[np.random.default_rng(s).permutation(len(predicted))]))
                 for s in range(5)]  # fmt: skip
-    print(f"C4 median per-gene r {r:.3f} vs shuffled {np.round(shuffled, 3)} over {close.sum()} matched spots")
+    print(
+        f"C4 median per-gene r {r:.3f} vs shuffled {np.round(shuffled, 3)} over {close.sum()} matched spots"
+    )
     assert r > max(shuffled) + 0.1
 
 
 @pytest.mark.slow
-def test_interrupted_pseudolabel_resumes_without_redoing_or_keeping_partial_slides(predictor_dir, slides, tmp_path):
+def test_interrupted_pseudolabel_resumes_without_redoing_or_keeping_partial_slides(
+    predictor_dir, slides, tmp_path
+):
     out = tmp_path / "labels"
     order = [slides["xenium"], slides["tiff"], slides["C4"]]
     cfg = {"predictor": str(predictor_dir), "slides": order, "out": str(out), "tile_px": 32}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "stmdit", "pseudolabel", str(tmp_path / "p.yaml")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     first = out / "NCBI858.h5ad"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not first.exists():
@@ -142,7 +161,11 @@ def test_interrupted_pseudolabel_resumes_without_redoing_or_keeping_partial_slid
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert first.stat().st_mtime_ns == stamp  # the finished slide was not redone
-    assert sorted(p.name for p in out.iterdir()) == ["C4.h5ad", "NCBI858.h5ad", "c2_piece.h5ad"]  # nothing partial
+    assert sorted(p.name for p in out.iterdir()) == [
+        "C4.h5ad",
+        "NCBI858.h5ad",
+        "c2_piece.h5ad",
+    ]  # nothing partial
 
 
 @pytest.mark.slow
@@ -161,7 +184,10 @@ def test_ptpl_and_measured_models_train_and_the_ood_report_section_is_written(
     for name, adata in labelled.items():
         adata.write_h5ad(labels / f"{name}.h5ad")
     # PTPL training data: the pseudo-labelled C4 and TIFF; the OOD cohort: the Xenium slide.
-    for name, members, fractions in (("ptpl", ["C4", "c2_piece"], [1.0, 0.0, 0.0]), ("ood", ["NCBI858"], [0.0, 0.0, 1.0])):
+    for name, members, fractions in (
+        ("ptpl", ["C4", "c2_piece"], [1.0, 0.0, 0.0]),
+        ("ood", ["NCBI858"], [0.0, 0.0, 1.0]),
+    ):
         samples = [{"format": "pseudolabels", "h5ad": str(labels / f"{m}.h5ad")} for m in members]
         prepare(PrepareConfig(out=str(tmp_path / name), samples=samples, tile_px=32, split_by="sample_id",
                               split_fractions=fractions, min_tissue=0.0), progress=False)  # fmt: skip
@@ -170,7 +196,11 @@ def test_ptpl_and_measured_models_train_and_the_ood_report_section_is_written(
     shutil.copytree(her2st_store.root, measured)
     invoke(["encode", measured, "--n-genes", "24"])
 
-    runs = {"ptpl_xattn": (tmp_path / "ptpl", "xattn"), "measured_xattn": (measured, "xattn"), "no_ge": (measured, "none")}
+    runs = {
+        "ptpl_xattn": (tmp_path / "ptpl", "xattn"),
+        "measured_xattn": (measured, "xattn"),
+        "no_ge": (measured, "none"),
+    }
     for name, (dataset, injection) in runs.items():
         cfg = {"output_dir": str(tmp_path / "runs" / name), "max_steps": 3, "batch_size": 8,
                "data": {"source": "store", "path": str(dataset)},
@@ -200,9 +230,16 @@ def test_pseudolabel_shards_slides_across_two_processes(predictor_dir, slides, l
     import anndata as ad
 
     out = tmp_path / "labels"
-    cfg = {"predictor": str(predictor_dir), "slides": [slides["xenium"], slides["tiff"]], "out": str(out), "tile_px": 32}
+    cfg = {
+        "predictor": str(predictor_dir),
+        "slides": [slides["xenium"], slides["tiff"]],
+        "out": str(out),
+        "tile_px": 32,
+    }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     result = run_two_processes("pseudolabel", str(tmp_path / "p.yaml"), "--verbose")
     assert "process 0 of 2" in result.stderr and "process 1 of 2" in result.stderr
     for name in ("NCBI858", "c2_piece"):  # each process labelled one slide; same result as one process
-        np.testing.assert_allclose(np.asarray(ad.read_h5ad(out / f"{name}.h5ad").X), np.asarray(labelled[name].X), atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(ad.read_h5ad(out / f"{name}.h5ad").X), np.asarray(labelled[name].X), atol=1e-5
+        )

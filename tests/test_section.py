@@ -63,7 +63,9 @@ def test_tiles_land_at_their_spot_centres_with_their_physical_size():
 def test_overlaps_blend_smoothly_and_only_there():
     a, b = 40, 220
     canvas = SectionGeometry(1.0, (0.0, 0.0), 70, 40)
-    centres = np.array([[20.0, 20.0], [50.0, 20.0]])  # 40 µm tiles: columns 0..39 and 30..69 overlap in 30..39
+    centres = np.array(
+        [[20.0, 20.0], [50.0, 20.0]]
+    )  # 40 µm tiles: columns 0..39 and 30..69 overlap in 30..39
     mosaic, coverage = assemble_mosaic(np.concatenate([uniform(a, 40), uniform(b, 40)]), centres, 40, canvas)
     assert coverage.all()
     row = mosaic[20, :, 0].astype(int)
@@ -123,7 +125,13 @@ def _timed(**kwargs):
 
 @pytest.mark.slow
 def test_whole_section_on_her2st(tiny_pipe, her2st_store, tmp_path):
-    settings = {"pipe": tiny_pipe, "dataset": her2st_store, "sample": "C2", "steps": 2, "cache_dir": tmp_path / "cache"}
+    settings = {
+        "pipe": tiny_pipe,
+        "dataset": her2st_store,
+        "sample": "C2",
+        "steps": 2,
+        "cache_dir": tmp_path / "cache",
+    }
     result, first = _timed(**settings)
     paths = result.save(tmp_path / "out")
 
@@ -222,7 +230,9 @@ def test_clear_errors(tiny_pipe, her2st_store, store_without_image):
         synthesize_section(tiny_pipe, her2st_store, "Z9")
     with pytest.raises(ValueError, match="sample 'C2' has no H&E image"):
         synthesize_section(tiny_pipe, store_without_image, "C2")
-    no_ge = STMDiTPipeline(tiny_pipe.transformer, tiny_pipe.scheduler, None, tiny_pipe.morphology_encoder, None)
+    no_ge = STMDiTPipeline(
+        tiny_pipe.transformer, tiny_pipe.scheduler, None, tiny_pipe.morphology_encoder, None
+    )
     with pytest.raises(ValueError, match="needs a ge_encoder"):
         synthesize_section(no_ge, her2st_store, "C2")
     no_morph = STMDiTPipeline(tiny_pipe.transformer, tiny_pipe.scheduler, tiny_pipe.ge_encoder, None, None)

@@ -45,7 +45,9 @@ def test_start_states_and_perturbation_arithmetic():
     up = perturb(base, [Perturbation(genes=["cd3e"], value=4)])  # case-insensitive gene names
     np.testing.assert_array_equal(up.X, [[20, 4, 2]])
     np.testing.assert_array_equal(base.X, [[5, 4, 2]])  # the start state is not modified
-    ko = perturb(base, [Perturbation(gene_set="immune", mode="knockout")], gene_sets={"immune": ["CD3E", "PTPRC"]})
+    ko = perturb(
+        base, [Perturbation(gene_set="immune", mode="knockout")], gene_sets={"immune": ["CD3E", "PTPRC"]}
+    )
     np.testing.assert_array_equal(ko.X, [[0, 0, 2]])
     q = perturb(base, [Perturbation(genes=["COL1A1"], mode="quantile", value=0.5)], reference=adata)
     np.testing.assert_array_equal(q.X, [[5, 4, 2]])  # the median of 4, 0, 2

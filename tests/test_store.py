@@ -49,7 +49,9 @@ def test_prepare_writes_spots_tiles_splits_and_provenance(prepared, test_data):
     # The counts tables hold 187, 180 and 184 spots; C3's and C4's spot tables list 2 and 3 more.
     assert counts == {"C2": 187, "C3": 180, "C4": 184}
     assert {"counts", "log1p"} <= set(adata.layers)
-    assert {"x_px", "y_px", "sample_id", "patient_id", "split", "tissue_fraction", "at_edge", "keep"} <= set(adata.obs)
+    assert {"x_px", "y_px", "sample_id", "patient_id", "split", "tissue_fraction", "at_edge", "keep"} <= set(
+        adata.obs
+    )
     # No group in two splits; with one section per split each split is one section.
     by_split = adata.obs.groupby("split", observed=True)["sample_id"].unique()
     assert sorted(len(v) for v in by_split) == [1, 1, 1]
@@ -91,7 +93,9 @@ def test_rerun_with_other_parameters_is_refused(prepared, test_data, tmp_path):
 
 def _run_until_killed(cmd: list[str], markers: Path, at_least: int, timeout: float = 120) -> None:
     """Start ``cmd`` and SIGKILL it once ``markers`` holds ``at_least`` done-markers."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if markers.is_dir() and len(list(markers.iterdir())) >= at_least:
@@ -99,7 +103,9 @@ def _run_until_killed(cmd: list[str], markers: Path, at_least: int, timeout: flo
             break
         time.sleep(0.02)
     proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    )
 
 
 def _assert_same_arrays(a: Path, b: Path) -> None:
@@ -122,7 +128,7 @@ def test_killed_prepare_resumes_to_the_same_store(prepared, test_data, tmp_path)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     _assert_same_arrays(prepared.root, tmp_path / "killed")
-    assert (prepared.spots().obs.equals(DatasetStore(tmp_path / "killed").spots().obs))
+    assert prepared.spots().obs.equals(DatasetStore(tmp_path / "killed").spots().obs)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +148,17 @@ def test_killed_encode_resumes_to_exactly_the_same_store(prepared, resnet_weight
     whole = copy_store(prepared, tmp_path / "whole")
     encode(whole, EncodeConfig(morphology_encoder=spec, n_genes=32), progress=False)
     killed = copy_store(prepared, tmp_path / "killed")
-    cmd = [sys.executable, "-m", "stmdit", "encode", str(killed), "--morphology-encoder", spec, "--n-genes", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stmdit",
+        "encode",
+        str(killed),
+        "--morphology-encoder",
+        spec,
+        "--n-genes",
+        "32",
+    ]
     _run_until_killed(cmd, killed / "features" / "morphology.zarr.done", at_least=2, timeout=240)
     done = len(list((killed / "features" / "morphology.zarr.done").iterdir()))
     assert 2 <= done < 18
@@ -192,7 +208,9 @@ def test_prepare_encode_train_from_the_command_line(prepared, tmp_path):
 
     pipe = STMDiTPipeline.from_pretrained(tmp_path / "run" / "pipeline")
     assert pipe.ge_encoder.genes == load_encoders(DatasetStore(store))["ge_encoder"].genes
-    images = pipe(expression=DatasetStore(store).spots()[:2], num_inference_steps=2, output_type="np", progress=False).images
+    images = pipe(
+        expression=DatasetStore(store).spots()[:2], num_inference_steps=2, output_type="np", progress=False
+    ).images
     assert images.shape == (2, 32, 32, 3)
 
 

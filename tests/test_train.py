@@ -46,7 +46,12 @@ def test_training_writes_config_checkpoints_losses_and_a_pipeline(tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["max_steps"] == 6
     assert [p.name for p in find_checkpoints(run)] == ["step_00000004", "step_00000006"]  # keep the last 2
     ckpt = find_checkpoints(run)[-1]
-    assert {p.name for p in ckpt.iterdir()} == {"transformer", "ema.safetensors", "training_state.pt", "trainer_state.json"}
+    assert {p.name for p in ckpt.iterdir()} == {
+        "transformer",
+        "ema.safetensors",
+        "training_state.pt",
+        "trainer_state.json",
+    }
     assert (run / "samples" / "step_00000006.png").exists()
     assert (run / "pipeline" / "model_index.json").exists()
     assert any((run / "tensorboard").rglob("events.out.tfevents*"))

@@ -21,14 +21,25 @@ def cf_folder(tmp_path, test_data):
     return write_folder(tmp_path / "cancerfoundation", vocab, reference.official_state_dict())
 
 
-@pytest.mark.parametrize(("ge", "pooling"), [("panel", "cls"), ("panel", "pma"), ("cf", "cls"), ("cf", "pma")])
+@pytest.mark.parametrize(
+    ("ge", "pooling"), [("panel", "cls"), ("panel", "pma"), ("cf", "cls"), ("cf", "pma")]
+)
 def test_train_with_each_ge_encoder_and_reload_the_pipeline(tmp_path, request, ge, pooling):
     spec = f"cancerfoundation:{request.getfixturevalue('cf_folder')}" if ge == "cf" else "panel"
     model = {"preset": "tiny", "patch_size": 4, "ge_pooling": pooling, "pma_seeds": 2}
-    data_spec = {"source": "synthetic", "n_sections": 2, "grid": 4, "tile_size": 16, "n_genes": 11, "ge_encoder": spec}
+    data_spec = {
+        "source": "synthetic",
+        "n_sections": 2,
+        "grid": 4,
+        "tile_size": 16,
+        "n_genes": 11,
+        "ge_encoder": spec,
+    }
     data = load_training_data(data_spec, model)
     assert ("ge_tokens" in data.train.tensors) == (pooling == "pma")
-    cfg = TrainConfig(output_dir=str(tmp_path / "run"), data=data_spec, model=model, max_steps=2, batch_size=4)
+    cfg = TrainConfig(
+        output_dir=str(tmp_path / "run"), data=data_spec, model=model, max_steps=2, batch_size=4
+    )
     result = Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
                      progress=False).run()  # fmt: skip
 
@@ -36,6 +47,7 @@ def test_train_with_each_ge_encoder_and_reload_the_pipeline(tmp_path, request, g
     expected_class = CancerFoundationEncoder if ge == "cf" else PanelExpressionEncoder
     assert isinstance(pipe.ge_encoder, expected_class)
     assert pipe.ge_encoder.genes == data.ge_encoder.genes and len(pipe.ge_encoder.genes) == 11
+
     def public(config):
         return {k: v for k, v in config.items() if not k.startswith("_")}
 
@@ -58,7 +70,9 @@ def test_encoder_specs_fail_clearly(monkeypatch, tmp_path):
         build_ge_encoder("scgpt", None)
     with pytest.raises(ValueError, match="unknown morphology encoder 'virchow'"):
         build_morphology_encoder("virchow")
-    with pytest.raises(FileNotFoundError, match="neither an existing file or folder nor a Hugging Face hub id"):
+    with pytest.raises(
+        FileNotFoundError, match="neither an existing file or folder nor a Hugging Face hub id"
+    ):
         build_vae(str(tmp_path / "no" / "such" / "vae"))
     assert build_vae("none") is None
     stain = build_morphology_encoder("auto", torch.rand(8, 3, 16, 16))

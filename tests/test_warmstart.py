@@ -207,7 +207,9 @@ def test_several_morphology_tokens_match_pixcell_with_its_token_positions(tmp_pa
     # PixCell-1024 adds its token table to the UNI embeddings before the caption projection,
     # which is what PixArt computes when given the embeddings with the table already added.
     extra = {"caption_projection.uncond_embedding": torch.randn(4, CAPTION)}
-    model, report = load_pixcell(save_diffusers(pixart, tmp_path / "m", extra, caption_num_tokens=4), ge_dim=6)
+    model, report = load_pixcell(
+        save_diffusers(pixart, tmp_path / "m", extra, caption_num_tokens=4), ge_dim=6
+    )
     assert report.config["morph_tokens"] == 4 and report.clean
     g = torch.Generator().manual_seed(4)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([5.0, 900.0])

@@ -18,7 +18,9 @@ app = typer.Typer(
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _fail(message: str) -> None:
@@ -28,7 +30,9 @@ def _fail(message: str) -> None:
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for grids, curves, checkpoints and metrics.json")] = Path("outputs/demo"),
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for grids, curves, checkpoints and metrics.json")
+    ] = Path("outputs/demo"),
     quick: Annotated[bool, typer.Option(help="Seconds-long smoke run of the same code path")] = False,
     seed: Annotated[int, typer.Option(help="Seed for simulation, training and sampling")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -44,8 +48,12 @@ def demo(
     typer.echo(f"\n{'setting':<15}{'composition_corr':>18}{'composition_mae':>17}{'fidelity_auc':>14}")
     for row in rows:
         m = metrics[row]
-        typer.echo(f"{row:<15}{m['composition_corr']:>18.3f}{m['composition_mae']:>17.3f}{m['fidelity_auc']:>14.3f}")
-    typer.echo(f"\nwrote {out}/metrics.json, samples_grid.png, loss_curves.png, composition_scatter.png, runs/")
+        typer.echo(
+            f"{row:<15}{m['composition_corr']:>18.3f}{m['composition_mae']:>17.3f}{m['fidelity_auc']:>14.3f}"
+        )
+    typer.echo(
+        f"\nwrote {out}/metrics.json, samples_grid.png, loss_curves.png, composition_scatter.png, runs/"
+    )
 
 
 @app.command()
@@ -54,7 +62,9 @@ def train(
     output_dir: Annotated[str | None, typer.Option(help="Override the config's output_dir")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Override the config's max_steps")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir")] = True,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow encoder checkpoints that need unpickling (runs code from them)")] = False,
+    trust_pickle: Annotated[
+        bool, typer.Option(help="Allow encoder checkpoints that need unpickling (runs code from them)")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train an STMDiT. Works in one process or under ``accelerate launch``."""
@@ -83,7 +93,9 @@ def train(
 
 @app.command()
 def prepare(
-    config: Annotated[Path, typer.Argument(help="Prepare config (YAML): out, samples, tile_um, tile_px, ...")],
+    config: Annotated[
+        Path, typer.Argument(help="Prepare config (YAML): out, samples, tile_um, tile_px, ...")
+    ],
     out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -101,22 +113,32 @@ def prepare(
     except (StoreMismatchError, ValueError, FileNotFoundError, KeyError) as err:
         _fail(str(err))
     stages = store.manifest()["stages"]
-    typer.echo(f"{store.root}: {stages['spots']['n_spots']} spots, {stages['tiles']['kept']} kept "
-               f"({stages['tiles']['dropped_background']} background, {stages['tiles']['at_edge']} at the image edge)")
+    typer.echo(
+        f"{store.root}: {stages['spots']['n_spots']} spots, {stages['tiles']['kept']} kept "
+        f"({stages['tiles']['dropped_background']} background, {stages['tiles']['at_edge']} at the image edge)"
+    )
 
 
 @app.command()
 def encode(
     dataset: Annotated[Path, typer.Argument(help="Prepared dataset folder")],
     ge_encoder: Annotated[str, typer.Option(help="panel | cancerfoundation[:FOLDER]")] = "panel",
-    n_genes: Annotated[int | None, typer.Option(help="GE panel size (default: panel 256, CancerFoundation 1199)")] = None,
-    morphology_encoder: Annotated[str, typer.Option(help="stain | uni2h[:SOURCE] | timm:NAME[@WEIGHTS] | auto")] = "stain",
+    n_genes: Annotated[
+        int | None, typer.Option(help="GE panel size (default: panel 256, CancerFoundation 1199)")
+    ] = None,
+    morphology_encoder: Annotated[
+        str, typer.Option(help="stain | uni2h[:SOURCE] | timm:NAME[@WEIGHTS] | auto")
+    ] = "stain",
     morphology_grid: Annotated[int, typer.Option(help="Tokens per side (4 = PixCell-1024's 4 x 4 grid)")] = 1,
     vae: Annotated[str, typer.Option(help="none (pixel space) | sd35 | VAE folder or hub id")] = "none",
     ge_tokens: Annotated[bool, typer.Option(help="Also cache per-gene GE tokens (for PMA models)")] = False,
-    features: Annotated[str, typer.Option(help="Features to cache, comma-separated (others: on the fly)")] = "latents,morphology,ge",
+    features: Annotated[
+        str, typer.Option(help="Features to cache, comma-separated (others: on the fly)")
+    ] = "latents,morphology,ge",
     batch_size: Annotated[int, typer.Option()] = 32,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow checkpoints that need unpickling (runs code from them)")] = False,
+    trust_pickle: Annotated[
+        bool, typer.Option(help="Allow checkpoints that need unpickling (runs code from them)")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Cache frozen-encoder features in a prepared dataset (resumes; shards under accelerate launch)."""
@@ -142,15 +164,23 @@ def encode(
 
 @app.command("train-predictor")
 def train_predictor(
-    dataset: Annotated[Path, typer.Argument(help="Prepared dataset folder (train split for fitting, val for early stopping)")],
+    dataset: Annotated[
+        Path, typer.Argument(help="Prepared dataset folder (train split for fitting, val for early stopping)")
+    ],
     out: Annotated[Path, typer.Option(help="Folder for the predictor (safetensors, gene list, scaler)")],
-    morphology_encoder: Annotated[str, typer.Option(help="stain | uni2h[:SOURCE] | timm:NAME[@WEIGHTS]")] = "stain",
+    morphology_encoder: Annotated[
+        str, typer.Option(help="stain | uni2h[:SOURCE] | timm:NAME[@WEIGHTS]")
+    ] = "stain",
     n_genes: Annotated[int, typer.Option(help="Top highly variable genes to predict")] = 256,
     epochs: Annotated[int, typer.Option()] = 100,
     batch_size: Annotated[int, typer.Option()] = 256,
-    leave_one_patient_out: Annotated[bool, typer.Option(help="Also fit one model per held-out patient")] = False,
+    leave_one_patient_out: Annotated[
+        bool, typer.Option(help="Also fit one model per held-out patient")
+    ] = False,
     seed: Annotated[int, typer.Option()] = 0,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow checkpoints that need unpickling (runs code from them)")] = False,
+    trust_pickle: Annotated[
+        bool, typer.Option(help="Allow checkpoints that need unpickling (runs code from them)")
+    ] = False,
 ) -> None:
     """Train the DeepSpot-style expression predictor (H&E features -> spot expression)."""
     from stmdit.encoders.predictor import train_predictor_command
@@ -166,9 +196,13 @@ def train_predictor(
 
 @app.command()
 def evaluate(
-    config: Annotated[Path, typer.Argument(help="Evaluate config (YAML): out, dataset, models, predictor, seeds, ...")],
+    config: Annotated[
+        Path, typer.Argument(help="Evaluate config (YAML): out, dataset, models, predictor, seeds, ...")
+    ],
     out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
-    inception_weights: Annotated[str | None, typer.Option(help="FID Inception weights file (or STMDIT_INCEPTION_WEIGHTS)")] = None,
+    inception_weights: Annotated[
+        str | None, typer.Option(help="FID Inception weights file (or STMDIT_INCEPTION_WEIGHTS)")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Compare models on the same held-out spots and seeds: FID/KID/FD, fidelity AUC, GE ablation, report."""
@@ -188,7 +222,9 @@ def evaluate(
         for setting, res in model["settings"].items():
             s = res["summary"]
             cells = [s.get(k, {}).get("mean") for k in ("fid", "fd_morph", "fidelity_auc")]
-            text = "".join(f"{'–' if v is None else f'{v:.3f}':>{w}}" for v, w in zip(cells, (10, 11, 10), strict=True))
+            text = "".join(
+                f"{'–' if v is None else f'{v:.3f}':>{w}}" for v, w in zip(cells, (10, 11, 10), strict=True)
+            )
             typer.echo(f"{name:<16}{setting:<12}{text}")
     if "ceiling" in results:
         typer.echo(f"{'real tiles':<28}{'':>21}{results['ceiling']['auc']:>10.3f}")
@@ -199,7 +235,9 @@ def evaluate(
 
 @app.command()
 def pseudolabel(
-    config: Annotated[Path, typer.Argument(help="Pseudolabel config (YAML): predictor, slides, out, geometry")],
+    config: Annotated[
+        Path, typer.Argument(help="Pseudolabel config (YAML): predictor, slides, out, geometry")
+    ],
     out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -223,13 +261,17 @@ def section(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder")],
     dataset: Annotated[Path, typer.Option(help="Prepared dataset folder")],
     sample: Annotated[str, typer.Option(help="Sample (section) to synthesize")],
-    out: Annotated[Path, typer.Option(help="Output folder (side-by-side PNG, mosaic, geometry JSON, tile cache)")],
+    out: Annotated[
+        Path, typer.Option(help="Output folder (side-by-side PNG, mosaic, geometry JSON, tile cache)")
+    ],
     seed: Annotated[int, typer.Option()] = 0,
     guidance_ge: Annotated[float, typer.Option()] = 2.0,
     guidance_morph: Annotated[float, typer.Option()] = 1.5,
     steps: Annotated[int, typer.Option()] = 20,
     use_morphology: Annotated[bool, typer.Option(help="Also condition on each spot's real tile")] = False,
-    um_per_px: Annotated[float | None, typer.Option(help="Output scale (default: the generated tiles' own)")] = None,
+    um_per_px: Annotated[
+        float | None, typer.Option(help="Output scale (default: the generated tiles' own)")
+    ] = None,
     batch_size: Annotated[int, typer.Option()] = 16,
 ) -> None:
     """Whole-section virtual H&E: a tile for every spot, assembled at the spot layout beside the real H&E."""
@@ -247,7 +289,9 @@ def section(
 
 @app.command()
 def simulate(
-    config: Annotated[Path, typer.Argument(help="Simulate config (YAML): pipeline, data, out, start state, variants")],
+    config: Annotated[
+        Path, typer.Argument(help="Simulate config (YAML): pipeline, data, out, start state, variants")
+    ],
     out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -266,20 +310,30 @@ def simulate(
         parts = [f"{k} {c['mean_change']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
                  for k, c in change.items() if isinstance(c, dict) and "mean_change" in c]  # fmt: skip
         typer.echo(f"{variant}: " + "; ".join(parts))
-    typer.echo(f"wrote {Path(result['config']['out'])}/report.html, counterfactuals.png, changes.png, simulation.json")
+    typer.echo(
+        f"wrote {Path(result['config']['out'])}/report.html, counterfactuals.png, changes.png, simulation.json"
+    )
 
 
 @app.command()
 def serve(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder (e.g. outputs/demo/runs/ge/pipeline)")],
-    data: Annotated[Path, typer.Option(help="Folder whose .h5ad files and prepared datasets the page offers")],
-    host: Annotated[str, typer.Option(help="Address to bind; the default keeps the app on this machine")] = "127.0.0.1",
+    data: Annotated[
+        Path, typer.Option(help="Folder whose .h5ad files and prepared datasets the page offers")
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to bind; the default keeps the app on this machine")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
-    gene_sets: Annotated[Path | None, typer.Option(help="YAML: gene set name -> gene symbols, beside the marker programmes")] = None,
+    gene_sets: Annotated[
+        Path | None, typer.Option(help="YAML: gene set name -> gene symbols, beside the marker programmes")
+    ] = None,
     steps: Annotated[int, typer.Option(help="Default sampling steps")] = 20,
     max_upload_mb: Annotated[float, typer.Option(help="Largest .h5ad upload, in MB")] = 50,
     max_spots: Annotated[int, typer.Option(help="Most spots an uploaded .h5ad may have")] = 5000,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default); 1 is fastest for small models")] = 1,
+    threads: Annotated[
+        int, typer.Option(help="torch CPU threads (0: torch's default); 1 is fastest for small models")
+    ] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve the virtual-experiment web page: perturb a spot's genes, compare counterfactual tiles."""
@@ -298,9 +352,15 @@ def serve(
 @app.command()
 def generate(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder (as written by training) or hub id")],
-    expression: Annotated[Path | None, typer.Option(help="AnnData .h5ad with raw counts (layers['counts'] or X)")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder for tiles and generated.h5ad")] = Path("outputs/generated"),
-    spots: Annotated[str | None, typer.Option(help="Comma-separated obs names to generate (default: all)")] = None,
+    expression: Annotated[
+        Path | None, typer.Option(help="AnnData .h5ad with raw counts (layers['counts'] or X)")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for tiles and generated.h5ad")] = Path(
+        "outputs/generated"
+    ),
+    spots: Annotated[
+        str | None, typer.Option(help="Comma-separated obs names to generate (default: all)")
+    ] = None,
     gene_column: Annotated[str | None, typer.Option(help="var column holding gene symbols")] = None,
     guidance_ge: Annotated[float, typer.Option(help="Guidance scale for gene expression")] = 1.5,
     guidance_morph: Annotated[float, typer.Option(help="Guidance scale for morphology")] = 1.5,
@@ -337,8 +397,12 @@ def weights() -> None:
         if src.env:
             typer.echo(f"  env:     {src.env}=<local folder> makes it the default")
         typer.echo(f"  on this machine: {found or 'not found'}")
-    typer.echo(f"\nHF_HUB_OFFLINE is {'set: only local folders and the hub cache are used' if offline() else 'not set'}.")
-    typer.echo("Without any of these, STMDiT runs with its weight-free encoders (panel GE, stain features, pixel space).")
+    typer.echo(
+        f"\nHF_HUB_OFFLINE is {'set: only local folders and the hub cache are used' if offline() else 'not set'}."
+    )
+    typer.echo(
+        "Without any of these, STMDiT runs with its weight-free encoders (panel GE, stain features, pixel space)."
+    )
 
 
 @app.command()
@@ -349,7 +413,11 @@ def version() -> None:
 
     import stmdit
 
-    typer.echo(json.dumps({"stmdit": stmdit.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__}))
+    typer.echo(
+        json.dumps(
+            {"stmdit": stmdit.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+        )
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -52,7 +52,13 @@ class DemoSettings:
     batch_size: int = 64
     learning_rate: float = 1e-3
     model: dict = dataclasses.field(
-        default_factory=lambda: {"preset": "tiny", "hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 2}
+        default_factory=lambda: {
+            "preset": "tiny",
+            "hidden_size": 128,
+            "depth": 4,
+            "num_heads": 4,
+            "patch_size": 2,
+        }
     )
     # GE-only generation is the demo's headline, so morphology is dropped more often than
     # PixCell's 0.1 to give the (no morphology, GE) conditional enough training signal.
@@ -68,7 +74,9 @@ class DemoSettings:
     predictor_genes: int = 300
     predictor_epochs: int = 40
     # A lighter DeepSpot (DeepSpot: 512 hidden, 10 + 10 copies) that trains in a CPU minute.
-    predictor_model: dict = dataclasses.field(default_factory=lambda: {"hidden_dim": 256, "n_phi": 3, "n_rho": 3})
+    predictor_model: dict = dataclasses.field(
+        default_factory=lambda: {"hidden_dim": 256, "n_phi": 3, "n_rho": 3}
+    )
     seed: int = 0
 
     @classmethod
@@ -94,7 +102,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     train_idx = data.train_index
     held = adata.obs.iloc[data.held_out_index]
     lo = max(0, (s.grid - s.eval_block) // 2)
-    in_block = held["array_row"].between(lo, lo + s.eval_block - 1) & held["array_col"].between(lo, lo + s.eval_block - 1)
+    in_block = held["array_row"].between(lo, lo + s.eval_block - 1) & held["array_col"].between(
+        lo, lo + s.eval_block - 1
+    )
     eval_idx = data.held_out_index[in_block.to_numpy()]
     eval_set = data.val.subset(np.searchsorted(data.held_out_index, eval_idx))
 
@@ -102,8 +112,15 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     for name, injection in (("ge", "adaln+xattn"), ("no_ge", "none")):
         cfg = TrainConfig(
             output_dir=str(out / "runs" / name),
-            data={"source": "synthetic", "n_sections": s.n_sections, "grid": s.grid, "tile_size": s.tile_size,
-                  "n_genes": s.n_genes, "seed": s.seed, "morphology_encoder": s.morphology_encoder},  # fmt: skip
+            data={
+                "source": "synthetic",
+                "n_sections": s.n_sections,
+                "grid": s.grid,
+                "tile_size": s.tile_size,
+                "n_genes": s.n_genes,
+                "seed": s.seed,
+                "morphology_encoder": s.morphology_encoder,
+            },  # fmt: skip
             model={**s.model, "ge_injection": injection},
             max_steps=s.train_steps,
             batch_size=s.batch_size,
@@ -132,7 +149,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
         runs[name] = trainer.run()
     train_seconds = time.time() - t0
 
-    estimator = fit_composition_estimator(tiles[train_idx], composition[train_idx], epochs=s.estimator_epochs, seed=s.seed, progress=progress)
+    estimator = fit_composition_estimator(
+        tiles[train_idx], composition[train_idx], epochs=s.estimator_epochs, seed=s.seed, progress=progress
+    )
     predictor_fit = _fit_predictor(data, s, progress)
 
     # Generation goes through the user-facing pipeline: AnnData rows and tiles in, tiles out.
@@ -187,19 +206,28 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
         "settings": {"ge_only": "GE model, expression only", "morph_ge": "GE model, morphology + expression",
                      "morph_only": "no-GE baseline, morphology", "unconditional": "no-GE baseline, nothing"},
     }  # fmt: skip
-    metrics["timing_seconds"] = {"simulate_encode_train": round(train_seconds, 1), "total": round(time.time() - t0, 1)}
+    metrics["timing_seconds"] = {
+        "simulate_encode_train": round(train_seconds, 1),
+        "total": round(time.time() - t0, 1),
+    }
     metrics["settings"] = dataclasses.asdict(s)
 
     # Pictures: real | each setting for the same held-out spots, ordered by dominant type.
     show = np.concatenate([np.flatnonzero(true.argmax(1) == k)[:3] for k in range(true.shape[1])])[:15]
     titles = [CELL_TYPES[true[i].argmax()][:5] + f" {true[i].max():.0%}" for i in show]
     save_tile_grid(
-        [("real", tiles[eval_idx][show])] + [(name.replace("_", " "), generated[name][show]) for name in generated],
+        [("real", tiles[eval_idx][show])]
+        + [(name.replace("_", " "), generated[name][show]) for name in generated],
         out / "samples_grid.png",
         column_titles=titles,
     )
-    save_loss_curves({"GE (adaLN + xattn)": runs["ge"].losses, "no-GE baseline": runs["no_ge"].losses}, out / "loss_curves.png")
-    _save_composition_scatter(true, {k: estimator.predict(v) for k, v in generated.items()}, out / "composition_scatter.png")
+    save_loss_curves(
+        {"GE (adaLN + xattn)": runs["ge"].losses, "no-GE baseline": runs["no_ge"].losses},
+        out / "loss_curves.png",
+    )
+    _save_composition_scatter(
+        true, {k: estimator.predict(v) for k, v in generated.items()}, out / "composition_scatter.png"
+    )
     write_json(out / "metrics.json", metrics)
     # The held-out section, for `stmdit serve runs/ge/pipeline --data DIR/data` and `stmdit simulate`.
     held_out = adata[data.held_out_index].copy()
@@ -214,7 +242,9 @@ def _fit_predictor(data, s: DemoSettings, progress: bool):
     from stmdit.encoders.predictor import SpotSet, train_predictor
 
     tile_um = float(data.adata.uns["simulator"]["tile_um"])
-    train = SpotSet(data.adata[data.train_index].copy(), data.tissue.tiles[data.train_index], tile_um, tile_um)
+    train = SpotSet(
+        data.adata[data.train_index].copy(), data.tissue.tiles[data.train_index], tile_um, tile_um
+    )
     encoder = StainFeatureEncoder(image_size=s.tile_size).fit(data.tiles[data.train_index])
     return train_predictor(train, encoder, n_genes=s.predictor_genes, epochs=s.predictor_epochs, lr=1e-3, seed=s.seed,
                            model_kwargs=s.predictor_model,

@@ -47,7 +47,9 @@ class Condition:
         return self.ge is not None or self.ge_tokens is not None
 
     def _map(self, fn) -> Condition:
-        return Condition(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self)})
+        return Condition(
+            **{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self)}
+        )
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -70,7 +72,12 @@ class Condition:
         return replace(self, morphology=None)
 
     def model_kwargs(self) -> dict[str, torch.Tensor | None]:
-        return {"morphology": self.morphology, "ge": self.ge, "ge_tokens": self.ge_tokens, "ge_mask": self.ge_mask}
+        return {
+            "morphology": self.morphology,
+            "ge": self.ge,
+            "ge_tokens": self.ge_tokens,
+            "ge_mask": self.ge_mask,
+        }
 
     def batch_size(self) -> int | None:
         sizes = {getattr(self, f.name).shape[0] for f in fields(self) if getattr(self, f.name) is not None}
@@ -108,7 +115,9 @@ def make_sampling_scheduler(
     overrides = {"variance_type": None, "algorithm_type": "dpmsolver++", "solver_order": 2}
     if pixel_space:
         overrides.update(thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.995)
-    return DPMSolverMultistepScheduler.from_config((training_scheduler or make_training_scheduler()).config, **overrides)
+    return DPMSolverMultistepScheduler.from_config(
+        (training_scheduler or make_training_scheduler()).config, **overrides
+    )
 
 
 @dataclass
@@ -124,18 +133,27 @@ class ModalityDropout:
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1]; got {p}")
 
-    def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, batch: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean masks (drop_morphology, drop_ge), drawn independently."""
         u = torch.rand(2, batch, generator=generator)
         return u[0] < self.p_morphology, u[1] < self.p_ge
 
 
 def _gaussian_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def variational_bound_term(
-    scheduler: DDPMScheduler, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, var_values: torch.Tensor
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    xt: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    var_values: torch.Tensor,
 ) -> torch.Tensor:
     """IDDPM's L_vlb term for the learned-variance channels, in nats per dimension, per sample.
 
@@ -163,7 +181,11 @@ def variational_bound_term(
     model_logvar = frac * at(torch.log(betas)) + (1 - frac) * at(post_logvar)
 
     kl = _gaussian_kl(true_mean, at(post_logvar), model_mean, model_logvar).flatten(1).mean(1)
-    nll = 0.5 * (model_logvar + (x0 - model_mean) ** 2 * torch.exp(-model_logvar) + torch.log(torch.tensor(2 * torch.pi)))
+    nll = 0.5 * (
+        model_logvar
+        + (x0 - model_mean) ** 2 * torch.exp(-model_logvar)
+        + torch.log(torch.tensor(2 * torch.pi))
+    )
     nll = nll.flatten(1).mean(1)
     return torch.where(t == 0, nll, kl)
 
@@ -193,7 +215,13 @@ def training_loss(
         if cond.has_ge:
             raise ValueError("the batch carries gene expression but the model has ge_injection='none'")
         drop_g = None
-    out = model(xt, t, drop_morphology=drop_m.to(x0.device), drop_ge=None if drop_g is None else drop_g.to(x0.device), **kwargs)
+    out = model(
+        xt,
+        t,
+        drop_morphology=drop_m.to(x0.device),
+        drop_ge=None if drop_g is None else drop_g.to(x0.device),
+        **kwargs,
+    )
     c = x0.shape[1]
     eps = out[:, :c]
     mse = torch.mean((eps.float() - noise.float()) ** 2)
@@ -240,7 +268,9 @@ def guidance_branches(cond: Condition, model_has_ge_pathway: bool) -> list[tuple
     return [(True, True)]
 
 
-def combine_guidance(preds: list[torch.Tensor], branches: list[tuple[bool, bool]], s_m: float, s_g: float) -> torch.Tensor:
+def combine_guidance(
+    preds: list[torch.Tensor], branches: list[tuple[bool, bool]], s_m: float, s_g: float
+) -> torch.Tensor:
     """Apply the nested dual-guidance formula to the branch predictions."""
     if len(preds) == 3:
         e00, em0, emg = preds
@@ -279,7 +309,9 @@ def guided_prediction(
     return combine_guidance(list(eps.chunk(n)), branches, guidance_morph, guidance_ge)
 
 
-def initial_noise(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+def initial_noise(
+    shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None
+) -> torch.Tensor:
     """Standard normal noise on the CPU from one generator, or one generator per row."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:

@@ -59,7 +59,11 @@ def generate_tiles(
     for start in tqdm(range(0, n_spots, batch_size), desc="generating", unit="batch"):
         idx = list(range(start, min(start + batch_size, n_spots)))
         gens = [spot_generator(seed, i, k) for i in idx for k in range(images_per_spot)]
-        kwargs = {"expression": adata[idx], "gene_column": gene_column} if adata is not None else {"num_images": len(idx)}
+        kwargs = (
+            {"expression": adata[idx], "gene_column": gene_column}
+            if adata is not None
+            else {"num_images": len(idx)}
+        )
         images = pipe(
             **kwargs,
             guidance_ge=guidance_ge,

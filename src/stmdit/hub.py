@@ -103,11 +103,18 @@ def _translate(err: Exception, repo_id: str, filename: str) -> WeightsUnavailabl
             f"(`huggingface-cli login`); or " + _advice(repo_id, "gated")
         )
     if isinstance(err, RepositoryNotFoundError):
-        return WeightsUnavailableError(f"no repository {repo_id!r} on the hub (or it is private); check the id. " + _advice(repo_id, "not found"))
+        return WeightsUnavailableError(
+            f"no repository {repo_id!r} on the hub (or it is private); check the id. "
+            + _advice(repo_id, "not found")
+        )
     if isinstance(err, LocalEntryNotFoundError) or isinstance(err, (ConnectionError, TimeoutError)):
         reason = "HF_HUB_OFFLINE is set" if offline() else "the hub could not be reached"
-        return WeightsUnavailableError(f"{filename} of {repo_id} is not in the local cache and {reason}. " + _advice(repo_id, "offline"))
-    return WeightsUnavailableError(f"could not fetch {filename} from {repo_id}: {err}. " + _advice(repo_id, type(err).__name__))
+        return WeightsUnavailableError(
+            f"{filename} of {repo_id} is not in the local cache and {reason}. " + _advice(repo_id, "offline")
+        )
+    return WeightsUnavailableError(
+        f"could not fetch {filename} from {repo_id}: {err}. " + _advice(repo_id, type(err).__name__)
+    )
 
 
 def hub_file(repo_id: str, filename: str, subfolder: str | None = None) -> Path:
@@ -126,7 +133,9 @@ def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None, revision
 
     try:
         return Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=offline())
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=offline()
+            )
         )
     except Exception as err:  # every hub failure becomes one actionable message
         raise _translate(err, repo_id, ", ".join(allow_patterns or ["files"])) from err
@@ -138,7 +147,9 @@ def is_local(source: str | os.PathLike) -> bool:
     if Path(source).expanduser().exists():
         return True
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-        raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a Hugging Face hub id (owner/name)")
+        raise FileNotFoundError(
+            f"{source!r} is neither an existing file or folder nor a Hugging Face hub id (owner/name)"
+        )
     return False
 
 

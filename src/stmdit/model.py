@@ -102,7 +102,9 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.zero_init_output = zero_init_output
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q = _heads(self.q_linear(x), self.num_heads)
         k, v = (_heads(t, self.num_heads) for t in self.kv_linear(context).chunk(2, dim=-1))
         attn_mask = None if mask is None else mask[:, None, None, :]
@@ -135,7 +137,9 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
-def token_grid_pos_embed(dim: int, num_tokens: int, base_size: int, interpolation_scale: float) -> torch.Tensor:
+def token_grid_pos_embed(
+    dim: int, num_tokens: int, base_size: int, interpolation_scale: float
+) -> torch.Tensor:
     """PixCell-1024's sin-cos table for a square grid of morphology tokens: the grid is
     stretched to the image's patch grid (``base_size``), scaled by ``interpolation_scale``
     and shifted by ``base_size // num_tokens`` (PixCell's phase)."""
@@ -155,7 +159,9 @@ class MorphologyEmbedder(nn.Module):
     table is added to the embeddings (or the null) before the projection.
     """
 
-    def __init__(self, morph_dim: int, num_tokens: int, hidden_size: int, base_size: int, interpolation_scale: float):
+    def __init__(
+        self, morph_dim: int, num_tokens: int, hidden_size: int, base_size: int, interpolation_scale: float
+    ):
         super().__init__()
         self.num_tokens = num_tokens
         self.y_proj = Mlp(morph_dim, hidden_size, hidden_size)
@@ -171,7 +177,11 @@ class MorphologyEmbedder(nn.Module):
         if morphology is None:
             y = null
         else:
-            y = morphology if drop is None else torch.where(drop[:, None, None], null.to(morphology.dtype), morphology)
+            y = (
+                morphology
+                if drop is None
+                else torch.where(drop[:, None, None], null.to(morphology.dtype), morphology)
+            )
         y = y.to(self.y_proj.fc1.weight.dtype)
         if self.pos_embed is not None:
             y = y + self.pos_embed.to(y.dtype)
@@ -205,7 +215,9 @@ class ExpressionEmbedder(nn.Module):
     dropped rows (and of every row when no GE is given), and its mean is the pooled null.
     """
 
-    def __init__(self, pooling: str, ge_dim: int, ge_token_dim: int, pma_seeds: int, hidden_size: int, num_heads: int):
+    def __init__(
+        self, pooling: str, ge_dim: int, ge_token_dim: int, pma_seeds: int, hidden_size: int, num_heads: int
+    ):
         super().__init__()
         self.pooling = pooling
         if pooling == "cls":
@@ -229,7 +241,11 @@ class ExpressionEmbedder(nn.Module):
         if self.pooling == "cls":
             tokens = None if ge is None else self.proj(ge.to(self.proj.fc1.weight.dtype))[:, None]
         else:
-            tokens = None if ge_tokens is None else self.pma(self.token_proj(ge_tokens.to(self.token_proj.weight.dtype)), ge_mask)
+            tokens = (
+                None
+                if ge_tokens is None
+                else self.pma(self.token_proj(ge_tokens.to(self.token_proj.weight.dtype)), ge_mask)
+            )
         if tokens is None:
             tokens = null
         elif drop is not None:
@@ -347,14 +363,17 @@ class STMDiT(ModelMixin, ConfigMixin):
         self.ge_embedder = None
         self.ge_adaln = None
         if ge_injection != "none":
-            self.ge_embedder = ExpressionEmbedder(ge_pooling, ge_dim, ge_token_dim, pma_seeds, hidden_size, num_heads)
+            self.ge_embedder = ExpressionEmbedder(
+                ge_pooling, ge_dim, ge_token_dim, pma_seeds, hidden_size, num_heads
+            )
         if "adaln" in ge_injection:
             self.ge_adaln = nn.Sequential(
                 nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
             )
 
         self.blocks = nn.ModuleList(
-            STMDiTBlock(hidden_size, num_heads, mlp_ratio, "xattn" in ge_injection, norm_eps) for _ in range(depth)
+            STMDiTBlock(hidden_size, num_heads, mlp_ratio, "xattn" in ge_injection, norm_eps)
+            for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, norm_eps)
         self._initialize_weights()
@@ -405,19 +424,31 @@ class STMDiT(ModelMixin, ConfigMixin):
     # -- forward ------------------------------------------------------------------------
 
     def check_inputs(
-        self, x, timestep, morphology=None, ge=None, ge_tokens=None, ge_mask=None, drop_morphology=None, drop_ge=None
+        self,
+        x,
+        timestep,
+        morphology=None,
+        ge=None,
+        ge_tokens=None,
+        ge_mask=None,
+        drop_morphology=None,
+        drop_ge=None,
     ) -> None:
         """Raise ValueError, naming the expected shape, for inputs :meth:`forward` cannot take."""
         timestep = torch.as_tensor(timestep)
         cfg = self.config
         expected = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape (batch, {', '.join(map(str, expected))}); got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (batch, {', '.join(map(str, expected))}); got {tuple(x.shape)}"
+            )
         b = x.shape[0]
         if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, b)):
             raise ValueError(f"timestep must be a scalar or have shape ({b},); got {tuple(timestep.shape)}")
         if morphology is not None:
-            ok_shapes = {(b, cfg.morph_tokens, cfg.morph_dim)} | ({(b, cfg.morph_dim)} if cfg.morph_tokens == 1 else set())
+            ok_shapes = {(b, cfg.morph_tokens, cfg.morph_dim)} | (
+                {(b, cfg.morph_dim)} if cfg.morph_tokens == 1 else set()
+            )
             if tuple(morphology.shape) not in ok_shapes:
                 raise ValueError(
                     f"morphology must have shape {' or '.join(str(s) for s in sorted(ok_shapes))} "
@@ -447,10 +478,14 @@ class STMDiT(ModelMixin, ConfigMixin):
                     )
                 empty = (~ge_mask.any(dim=1)).nonzero().flatten()
                 if len(empty):
-                    raise ValueError(f"ge_mask rows {empty.tolist()} have no valid token; every spot needs at least one")
+                    raise ValueError(
+                        f"ge_mask rows {empty.tolist()} have no valid token; every spot needs at least one"
+                    )
         for name, drop in (("drop_morphology", drop_morphology), ("drop_ge", drop_ge)):
             if drop is not None and (drop.dtype != torch.bool or tuple(drop.shape) != (b,)):
-                raise ValueError(f"{name} must be a bool tensor of shape ({b},); got {drop.dtype} {tuple(drop.shape)}")
+                raise ValueError(
+                    f"{name} must be a bool tensor of shape ({b},); got {drop.dtype} {tuple(drop.shape)}"
+                )
 
     def forward(
         self,

@@ -78,7 +78,9 @@ class STMDiTPipeline(DiffusionPipeline):
     def encode_morphology(self, images) -> torch.Tensor:
         """H&E tile(s) -> morphology embeddings with the pipeline's frozen encoder."""
         if self.morphology_encoder is None:
-            raise ValueError("this pipeline has no morphology_encoder; pass morphology_embeds instead of an image")
+            raise ValueError(
+                "this pipeline has no morphology_encoder; pass morphology_embeds instead of an image"
+            )
         return self.morphology_encoder(images_to_tensor(images))
 
     def _condition(self, expression, morphology, expression_embeds, morphology_embeds, gene_column):
@@ -91,10 +93,14 @@ class STMDiTPipeline(DiffusionPipeline):
         if expression is not None:
             ge_inputs, alignment = self.encode_expression(expression, gene_column)
         elif expression_embeds is not None:
-            ge_inputs = expression_embeds if isinstance(expression_embeds, dict) else {"ge": expression_embeds}
+            ge_inputs = (
+                expression_embeds if isinstance(expression_embeds, dict) else {"ge": expression_embeds}
+            )
             unknown = set(ge_inputs) - {"ge", "ge_tokens", "ge_mask"}
             if unknown:
-                raise ValueError(f"expression_embeds keys must be among ge, ge_tokens, ge_mask; got {sorted(unknown)}")
+                raise ValueError(
+                    f"expression_embeds keys must be among ge, ge_tokens, ge_mask; got {sorted(unknown)}"
+                )
         if ge_inputs and not self.transformer.has_ge:
             raise ValueError(
                 "this transformer was trained without gene expression (ge_injection='none'); call it without expression"
@@ -111,7 +117,10 @@ class STMDiTPipeline(DiffusionPipeline):
             if any(s not in (1, batch) for s in sizes.values()):
                 raise ValueError(f"expression and morphology have different numbers of spots: {sizes}")
             cond = Condition(
-                **{k: None if v is None else v.expand(batch, *v.shape[1:]) for k, v in cond.model_kwargs().items()}
+                **{
+                    k: None if v is None else v.expand(batch, *v.shape[1:])
+                    for k, v in cond.model_kwargs().items()
+                }
             )
         return cond, alignment
 
@@ -157,7 +166,9 @@ class STMDiTPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be pil, np, pt or latent; got {output_type!r}")
         if num_images_per_spot < 1:
             raise ValueError(f"num_images_per_spot must be >= 1; got {num_images_per_spot}")
-        cond, alignment = self._condition(expression, morphology, expression_embeds, morphology_embeds, gene_column)
+        cond, alignment = self._condition(
+            expression, morphology, expression_embeds, morphology_embeds, gene_column
+        )
         batch = cond.batch_size()
         if batch is not None and num_images is not None and num_images != batch:
             raise ValueError(f"num_images ({num_images}) differs from the number of spots given ({batch})")

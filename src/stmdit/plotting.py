@@ -57,7 +57,9 @@ def save_tile_grid(
     save_figure(fig, path)
 
 
-def save_loss_curves(curves: dict[str, Sequence[tuple[int, float]]], path: str | os.PathLike, smooth: int = 20) -> None:
+def save_loss_curves(
+    curves: dict[str, Sequence[tuple[int, float]]], path: str | os.PathLike, smooth: int = 20
+) -> None:
     """Training loss against step for each named run, raw (faint) and moving average."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, points in curves.items():
@@ -67,7 +69,12 @@ def save_loss_curves(curves: dict[str, Sequence[tuple[int, float]]], path: str |
         line = ax.plot(steps, losses, alpha=0.25, linewidth=0.8)[0]
         if len(losses) >= smooth:
             kernel = np.ones(smooth) / smooth
-            ax.plot(steps[smooth - 1 :], np.convolve(losses, kernel, mode="valid"), color=line.get_color(), label=name)
+            ax.plot(
+                steps[smooth - 1 :],
+                np.convolve(losses, kernel, mode="valid"),
+                color=line.get_color(),
+                label=name,
+            )
         else:
             line.set_alpha(1.0)
             line.set_label(name)

@@ -95,7 +95,9 @@ def pseudolabel_slide(spec: dict, predictor, encoder, cfg: PseudolabelConfig, pr
     slide = read_he_slide(spec["path"], mpp=spec.get("mpp"), sample_id=spec["sample_id"],
                           patient_id=spec.get("patient_id"), **geometry)  # fmt: skip
     if slide.n_obs == 0:
-        raise ValueError(f"{spec['path']}: no pseudo-spot on tissue; check the slide and background_threshold")
+        raise ValueError(
+            f"{spec['path']}: no pseudo-spot on tissue; check the slide and background_threshold"
+        )
     tiler = SpotTiler(slide, float(tile_um), cfg.tile_px)
     tiles = np.concatenate([tiler.read(np.arange(i, min(i + 256, slide.n_obs)))[0]
                             for i in tqdm(range(0, slide.n_obs, 256), desc=f"tiles {spec['sample_id']}",
@@ -136,7 +138,11 @@ def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     specs = cfg.slide_specs()
     paths = [out / f"{s['sample_id']}.h5ad" for s in specs]
-    mine = [i for i in range(len(specs)) if i % state.num_processes == state.process_index and not paths[i].exists()]
+    mine = [
+        i
+        for i in range(len(specs))
+        if i % state.num_processes == state.process_index and not paths[i].exists()
+    ]
     logger.info("process %d of %d: %d slide(s) to label", state.process_index, state.num_processes, len(mine))
     if mine:
         predictor, encoder = load_predictor(cfg.predictor, trust_pickle=cfg.trust_pickle)
@@ -163,8 +169,10 @@ def read_pseudolabels(h5ad: str | os.PathLike, sample_id: str | None = None, pat
     adata = ad.read_h5ad(path)
     samples = adata.uns.get("stmdit", {}).get("samples", {})
     if len(samples) != 1 or adata.obs.get("expression_source") is None:
-        raise ValueError(f"{path} is not a `stmdit pseudolabel` output (uns['stmdit']['samples'], obs['expression_source'])")
-    (sid, meta), = samples.items()
+        raise ValueError(
+            f"{path} is not a `stmdit pseudolabel` output (uns['stmdit']['samples'], obs['expression_source'])"
+        )
+    ((sid, meta),) = samples.items()
     if sample_id is not None and sample_id != sid:
         adata.obs["sample_id"] = sample_id
         adata.obs_names = [f"{sample_id}:{b}" for b in adata.obs["barcode"]]

@@ -93,7 +93,12 @@ class SectionGeometry:
         return (np.asarray(points_um, dtype=float) - np.asarray(self.origin_um)) / self.um_per_px
 
     def to_dict(self) -> dict:
-        return {"um_per_px": self.um_per_px, "origin_um": list(self.origin_um), "width": self.width, "height": self.height}
+        return {
+            "um_per_px": self.um_per_px,
+            "origin_um": list(self.origin_um),
+            "width": self.width,
+            "height": self.height,
+        }
 
 
 def blend_window(n: int, feather: float = FEATHER) -> np.ndarray:
@@ -110,7 +115,11 @@ def blend_window(n: int, feather: float = FEATHER) -> np.ndarray:
 
 
 def assemble_mosaic(
-    tiles: np.ndarray, centres_um: np.ndarray, tile_um: float, geometry: SectionGeometry, feather: float = FEATHER
+    tiles: np.ndarray,
+    centres_um: np.ndarray,
+    tile_um: float,
+    geometry: SectionGeometry,
+    feather: float = FEATHER,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Place tiles (N, S, S, 3) uint8 of side ``tile_um`` at ``centres_um`` (N, 2: x, y).
 
@@ -144,11 +153,15 @@ def assemble_mosaic(
         weights[top:bottom, left:right] += weight2d[inside]
     coverage = weights > 0
     mosaic = np.full((geometry.height, geometry.width, 3), BACKGROUND, np.uint8)
-    mosaic[coverage] = np.clip(np.round(total[coverage] / weights[coverage][:, None]), 0, 255).astype(np.uint8)
+    mosaic[coverage] = np.clip(np.round(total[coverage] / weights[coverage][:, None]), 0, 255).astype(
+        np.uint8
+    )
     return mosaic, coverage
 
 
-def read_real_region(image_path: str | os.PathLike, mpp: float, image_scale: float, geometry: SectionGeometry) -> np.ndarray:
+def read_real_region(
+    image_path: str | os.PathLike, mpp: float, image_scale: float, geometry: SectionGeometry
+) -> np.ndarray:
     """The real H&E under the canvas, (H, W, 3) uint8 at the canvas scale.
 
     ``mpp``: microns per full-resolution pixel; ``image_scale``: image pixels per
@@ -164,7 +177,9 @@ def read_real_region(image_path: str | os.PathLike, mpp: float, image_scale: flo
     with open_image(image_path) as image:
         for r in range(0, geometry.height, _READ_BLOCK):
             for c in range(0, geometry.width, _READ_BLOCK):
-                block = image.read_region(x0 + c * image_per_canvas, y0 + r * image_per_canvas, side, side, out_size=_READ_BLOCK)
+                block = image.read_region(
+                    x0 + c * image_per_canvas, y0 + r * image_per_canvas, side, side, out_size=_READ_BLOCK
+                )
                 h, w = min(_READ_BLOCK, geometry.height - r), min(_READ_BLOCK, geometry.width - c)
                 out[r : r + h, c : c + w] = block[:h, :w]
     return out
@@ -211,7 +226,10 @@ def side_by_side(
     figure = Image.new("RGB", (2 * pad + 2 * w + gap, top + h + bottom), "white")
     draw = ImageDraw.Draw(figure)
     boxes = {}
-    for name, panel, title, x in (("real", real, titles[0], pad), ("virtual", virtual, titles[1], pad + w + gap)):
+    for name, panel, title, x in (
+        ("real", real, titles[0], pad),
+        ("virtual", virtual, titles[1], pad + w + gap),
+    ):
         figure.paste(Image.fromarray(panel), (x, top))
         draw.rectangle((x - 1, top - 1, x + w, top + h), outline=(160, 160, 160))
         draw.text((x + w / 2, top - size / 2), title, fill="black", font=font, anchor="ms")
@@ -220,7 +238,9 @@ def side_by_side(
     bar_px = max(1, round(bar_um / um_per_px))
     y = top + h + size
     draw.rectangle((pad, y, pad + bar_px - 1, y + max(2, size // 4) - 1), fill="black")
-    draw.text((pad + bar_px + size // 2, y + size // 8), _length_label(bar_um), fill="black", font=font, anchor="lm")
+    draw.text(
+        (pad + bar_px + size // 2, y + size // 8), _length_label(bar_um), fill="black", font=font, anchor="lm"
+    )
     if note:
         draw.text((figure.width - pad, y + size // 8), note, fill=(90, 90, 90), font=font, anchor="rm")
     return np.asarray(figure), boxes
@@ -321,9 +341,13 @@ def _check_inputs(pipe, store, sample: str, use_morphology: bool):
     """Every reason the run would fail, checked before any tile is generated. Returns the
     store's spots (AnnData), the rows of the sample's kept spots, its record and the manifest."""
     if getattr(pipe, "ge_encoder", None) is None:
-        raise ValueError("a virtual section is conditioned on measured expression: the pipeline needs a ge_encoder")
+        raise ValueError(
+            "a virtual section is conditioned on measured expression: the pipeline needs a ge_encoder"
+        )
     if not pipe.transformer.has_ge:
-        raise ValueError("this pipeline's transformer was trained without gene expression (ge_injection='none')")
+        raise ValueError(
+            "this pipeline's transformer was trained without gene expression (ge_injection='none')"
+        )
     if use_morphology and pipe.morphology_encoder is None:
         raise ValueError("use_morphology needs a pipeline with a morphology_encoder")
     manifest = store.manifest()
@@ -362,7 +386,9 @@ def _generate(pipe, adata, rows, store, settings, batch_size, cache, progress) -
         batch = pending[start : start + batch_size]
         kwargs = {"expression": adata[batch]}
         if real_tiles is not None:
-            kwargs["morphology"] = torch.from_numpy(np.asarray(real_tiles.oindex[batch])).permute(0, 3, 1, 2).float() / 255.0
+            kwargs["morphology"] = (
+                torch.from_numpy(np.asarray(real_tiles.oindex[batch])).permute(0, 3, 1, 2).float() / 255.0
+            )
         images = pipe(**kwargs, guidance_ge=settings["guidance_ge"], guidance_morph=settings["guidance_morph"],
                       num_inference_steps=settings["steps"], generator=[spot_generator(settings["seed"], r) for r in batch],
                       output_type="np", progress=False).images  # fmt: skip
@@ -422,7 +448,10 @@ def synthesize_section(
     cache = None
     if cache_dir is not None:
         # The store's preparation fixes what each row is; its parameters and time identify it.
-        made_by = {**settings, "store": {"prepare": manifest["prepare"], "spots": manifest["stages"]["spots"]}}
+        made_by = {
+            **settings,
+            "store": {"prepare": manifest["prepare"], "spots": manifest["stages"]["spots"]},
+        }
         key = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
         cache = Path(cache_dir) / f"{_safe_name(sample)}_seed{seed}_{key}"
         cache.mkdir(parents=True, exist_ok=True)
@@ -440,7 +469,9 @@ def synthesize_section(
     virtual, coverage = assemble_mosaic(tiles, centres, tile_um, geometry)
     real = read_real_region(meta["image_path"], mpp, scale, geometry)
     real_image = {"path": str(meta["image_path"]), "mpp": mpp, "image_scale": scale}
-    return SectionResult(sample, virtual, real, coverage, geometry, tiles, obs, tile_um, real_image, settings, n_generated)
+    return SectionResult(
+        sample, virtual, real, coverage, geometry, tiles, obs, tile_um, real_image, settings, n_generated
+    )
 
 
 def section_command(

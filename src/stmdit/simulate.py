@@ -57,9 +57,15 @@ def start_state(adata: ad.AnnData, spot: str | None = None, cluster: tuple[str, 
         column, value = cluster
         if column not in adata.obs:
             raise KeyError(f"obs has no column {column!r}; columns are {list(adata.obs.columns)}")
-        rows, label = np.flatnonzero(adata.obs[column].astype(str).to_numpy() == str(value)), f"{column}={value}"
+        rows, label = (
+            np.flatnonzero(adata.obs[column].astype(str).to_numpy() == str(value)),
+            f"{column}={value}",
+        )
     else:
-        rows, label = np.flatnonzero(adata.obs["sample_id"].astype(str).to_numpy() == str(sample)), f"sample {sample}"
+        rows, label = (
+            np.flatnonzero(adata.obs["sample_id"].astype(str).to_numpy() == str(sample)),
+            f"sample {sample}",
+        )
     if len(rows) == 0:
         raise ValueError(f"no spots match {label}")
     mean = _counts(adata[rows]).mean(axis=0, keepdims=True)
@@ -197,7 +203,9 @@ def tile_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     flat = np.sort(h.ravel())
     threshold = _otsu(flat) if flat[-1] > flat[0] else np.inf
     area = images.shape[1] * images.shape[2] / 1e4
-    nuclei = np.array([ndimage.label(ndimage.binary_opening(t > threshold))[1] for t in h], dtype=float) / area
+    nuclei = (
+        np.array([ndimage.label(ndimage.binary_opening(t > threshold))[1] for t in h], dtype=float) / area
+    )
     return {"haematoxylin": h.mean(axis=(1, 2)), "eosin": conc[:, 1].mean(axis=(1, 2)),
             "brown": conc[:, 2].mean(axis=(1, 2)), "nuclei_per_100px2": nuclei}  # fmt: skip
 
@@ -207,7 +215,11 @@ def _otsu(sorted_values: np.ndarray) -> float:
     centres = (edges[:-1] + edges[1:]) / 2
     w = np.cumsum(hist)
     m = np.cumsum(hist * centres)
-    between = w[:-1] * (w[-1] - w[:-1]) * (m[:-1] / np.maximum(w[:-1], 1) - (m[-1] - m[:-1]) / np.maximum(w[-1] - w[:-1], 1)) ** 2
+    between = (
+        w[:-1]
+        * (w[-1] - w[:-1])
+        * (m[:-1] / np.maximum(w[:-1], 1) - (m[-1] - m[:-1]) / np.maximum(w[-1] - w[:-1], 1)) ** 2
+    )
     return float(centres[int(np.argmax(between))])
 
 
@@ -236,7 +248,9 @@ def measure(tiles: np.ndarray, names: list[str], morphology_encoder=None, predic
     feats = None
     if morphology_encoder is not None:
         with torch.no_grad():
-            feats = morphology_encoder(torch.from_numpy(flat).permute(0, 3, 1, 2).float()).reshape(n_states, n_seeds, -1)
+            feats = morphology_encoder(torch.from_numpy(flat).permute(0, 3, 1, 2).float()).reshape(
+                n_states, n_seeds, -1
+            )
     predicted = None
     if predictor is not None and predictor_encoder is not None:
         from stmdit.encoders.predictor import context_features
@@ -312,12 +326,18 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     adata, tiles, tile_um = load_expression_data(cfg.data)
-    control = start_state(adata, spot=cfg.spot, cluster=tuple(cfg.cluster) if cfg.cluster else None, sample=cfg.sample)
+    control = start_state(
+        adata, spot=cfg.spot, cluster=tuple(cfg.cluster) if cfg.cluster else None, sample=cfg.sample
+    )
     variants = {"control": control}
     for name, spec in cfg.variants.items():
-        variants[name] = perturb(control, [Perturbation(**p) for p in spec], reference=adata, gene_sets=cfg.gene_sets)
+        variants[name] = perturb(
+            control, [Perturbation(**p) for p in spec], reference=adata, gene_sets=cfg.gene_sets
+        )
     if cfg.interpolate_to:
-        target = start_state(adata, **{k: (tuple(v) if k == "cluster" else v) for k, v in cfg.interpolate_to.items()})
+        target = start_state(
+            adata, **{k: (tuple(v) if k == "cluster" else v) for k, v in cfg.interpolate_to.items()}
+        )
         path = interpolate(control, target, cfg.alphas)
         for i, name in enumerate(path.obs_names):
             variants[f"towards {target.obs['state'].iloc[0]} {name}"] = path[i : i + 1]
@@ -353,7 +373,10 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
     if init is not None:
         # Editing: the control is the tile re-drawn under its own expression (the reconstruction),
         # each variant the same partial re-draw under the perturbed expression (the edit).
-        rows = [("original", np.repeat(real[None] / 255.0, len(cfg.seeds), axis=0)), ("reconstruction", generated[0])]
+        rows = [
+            ("original", np.repeat(real[None] / 255.0, len(cfg.seeds), axis=0)),
+            ("reconstruction", generated[0]),
+        ]
         rows += [(f"edit: {name}", generated[i]) for i, name in enumerate(names) if i > 0]
     save_tile_grid(rows, out / "counterfactuals.png", column_titles=[f"seed {s}" for s in cfg.seeds])
     _plot_changes(result, out / "changes.png")
@@ -381,12 +404,12 @@ def _write_report(out: Path, result: dict) -> None:
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:3px 8px;
 font-size:13px}}table{{border-collapse:collapse}}img{{max-width:100%}}</style></head><body>
 <h1>Virtual tissue experiment</h1>
-<p>Start state: {html.escape(result['start_state'])}. {len(cfg['seeds'])} seeds; every variant shares each seed's noise
-with the control. Guidance: expression {cfg['guidance_ge']}, morphology {cfg['guidance_morph']}; {cfg['steps']} steps.</p>
+<p>Start state: {html.escape(result["start_state"])}. {len(cfg["seeds"])} seeds; every variant shares each seed's noise
+with the control. Guidance: expression {cfg["guidance_ge"]}, morphology {cfg["guidance_morph"]}; {cfg["steps"]} steps.</p>
 <h2>Tiles</h2><img src="counterfactuals.png" alt="counterfactual tiles">
 <h2>Measured changes</h2><img src="changes.png" alt="changes">
 <table><tr><th>variant</th><th>measure</th><th>control mean</th><th>change</th><th>95% CI</th>
-<th>control seed sd</th><th>beyond the seed spread</th></tr>{''.join(rows)}</table>
+<th>control seed sd</th><th>beyond the seed spread</th></tr>{"".join(rows)}</table>
 <p>Changes are paired differences (variant minus control, same seed) with a bootstrap interval over seeds.</p>
 </body></html>"""
     write_text(out / "report.html", page)

@@ -54,8 +54,15 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 # Keys that may change between a run and its resume without changing what is computed.
-RESUME_FREE_KEYS = {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every",
-                    "num_workers"}
+RESUME_FREE_KEYS = {
+    "output_dir",
+    "max_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "sample_every",
+    "log_every",
+    "num_workers",
+}
 
 
 class ConfigMismatchError(ValueError):
@@ -66,7 +73,9 @@ class TrainingInterrupted(Exception):
     """Training stopped on SIGINT / SIGTERM after writing a checkpoint; rerun to resume."""
 
     def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"training interrupted at step {step}; checkpoint {checkpoint} written, rerun to resume")
+        super().__init__(
+            f"training interrupted at step {step}; checkpoint {checkpoint} written, rerun to resume"
+        )
         self.step, self.checkpoint = step, checkpoint
 
 
@@ -113,7 +122,14 @@ class TrainConfig:
     def __post_init__(self):
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
-        for name in ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "sample_spots"):
+        for name in (
+            "max_steps",
+            "batch_size",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "sample_spots",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         for name in ("p_drop_morphology", "p_drop_ge"):
@@ -143,7 +159,9 @@ def build_model(config: TrainConfig, dataset: FeatureDataset) -> STMDiT:
     if spec.get("ge_injection", "adaln+xattn") != "none":
         needed = "ge_dim" if spec.get("ge_pooling", "cls") == "cls" else "ge_token_dim"
         if needed not in from_data:
-            raise ValueError(f"the model injects gene expression but the training data has no {needed[:-4] or 'ge'} features")
+            raise ValueError(
+                f"the model injects gene expression but the training data has no {needed[:-4] or 'ge'} features"
+            )
     return STMDiT.from_preset(preset, **spec)
 
 
@@ -161,7 +179,9 @@ def find_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -208,7 +228,9 @@ class Trainer:
     def _check_resume_config(self) -> None:
         saved = self.run_dir / "config.yaml"
         if not saved.exists():
-            raise ConfigMismatchError(f"{self.run_dir} has checkpoints but no config.yaml; it is not a training run folder")
+            raise ConfigMismatchError(
+                f"{self.run_dir} has checkpoints but no config.yaml; it is not a training run folder"
+            )
         old = _config_digest(yaml.safe_load(saved.read_text()) or {})
         new = _config_digest(self.config.to_dict())
         diffs = differences(old, new)
@@ -218,7 +240,9 @@ class Trainer:
                 "Use another output_dir, or pass resume=False / --no-resume to start over."
             )
 
-    def _save_checkpoint(self, step: int, model, optimizer, lr_scheduler, ema: EMAModel, accelerator: Accelerator) -> None:
+    def _save_checkpoint(
+        self, step: int, model, optimizer, lr_scheduler, ema: EMAModel, accelerator: Accelerator
+    ) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             final = self.run_dir / "checkpoints" / f"step_{step:08d}"
@@ -227,7 +251,10 @@ class Trainer:
                 unwrapped = accelerator.unwrap_model(model)
                 unwrapped.save_pretrained(tmp / "transformer", safe_serialization=True)
                 names = [n for n, _ in unwrapped.named_parameters()]
-                save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params, strict=True)}, tmp / "ema.safetensors")
+                save_file(
+                    {n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params, strict=True)},
+                    tmp / "ema.safetensors",
+                )
                 state = {
                     "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_scheduler.state_dict(),
@@ -243,14 +270,18 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
-    def _load_checkpoint(self, path: Path, model, optimizer, lr_scheduler, ema: EMAModel, accelerator: Accelerator) -> int:
+    def _load_checkpoint(
+        self, path: Path, model, optimizer, lr_scheduler, ema: EMAModel, accelerator: Accelerator
+    ) -> int:
         try:
             step = json.loads((path / "trainer_state.json").read_text())["step"]
             weights = load_file(path / "transformer" / "diffusion_pytorch_model.safetensors")
             ema_weights = load_file(path / "ema.safetensors")
             state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
         except Exception as err:  # any failure to read a checkpoint means it cannot be resumed from
-            raise RuntimeError(f"checkpoint {path} is incomplete or corrupt ({type(err).__name__}: {err})") from err
+            raise RuntimeError(
+                f"checkpoint {path} is incomplete or corrupt ({type(err).__name__}: {err})"
+            ) from err
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.load_state_dict(weights, strict=False)
         missing = set(n for n, _ in unwrapped.named_parameters()) - set(weights)
@@ -296,7 +327,9 @@ class Trainer:
             model.train()
         real = decode_latents(self.vae, batch["latents"])
         fake = decode_latents(self.vae, latents)
-        save_tile_grid([("real", real), (f"step {step}", fake)], self.run_dir / "samples" / f"step_{step:08d}.png")
+        save_tile_grid(
+            [("real", real), (f"step {step}", fake)], self.run_dir / "samples" / f"step_{step:08d}.png"
+        )
 
     def _save_pipeline(self, model, ema: EMAModel) -> Path:
         from stmdit.pipeline import STMDiTPipeline
@@ -347,7 +380,9 @@ class Trainer:
         dropout = ModalityDropout(cfg.p_drop_morphology, cfg.p_drop_ge)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         # Stepped once per optimisation step by us (accelerate would step it once per process).
-        lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+        lr_scheduler = get_scheduler(
+            cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+        )
         ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
         model, optimizer = accelerator.prepare(model, optimizer)
         ema.to(device)
@@ -358,37 +393,66 @@ class Trainer:
         if existing and self.resume:
             start_step = self._load_checkpoint(existing[-1], model, optimizer, lr_scheduler, ema, accelerator)
             if losses_path.exists():
-                history = [(r["step"], r["loss"]) for r in map(json.loads, losses_path.read_text().splitlines()) if r["step"] < start_step]
+                history = [
+                    (r["step"], r["loss"])
+                    for r in map(json.loads, losses_path.read_text().splitlines())
+                    if r["step"] < start_step
+                ]
             logger.info("resumed %s at step %d", existing[-1], start_step)
         if accelerator.is_main_process:
             write_text(losses_path, "".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in history))
             accelerator.init_trackers("tensorboard")
 
         sampler = StepBatchSampler(
-            len(self.dataset), cfg.batch_size, cfg.seed, start_step, cfg.max_steps,
-            accelerator.process_index, accelerator.num_processes,
+            len(self.dataset),
+            cfg.batch_size,
+            cfg.seed,
+            start_step,
+            cfg.max_steps,
+            accelerator.process_index,
+            accelerator.num_processes,
         )
         # Batches are fetched by __getitems__ (one call per step), in worker processes if asked.
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate_batch,
                             num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)  # fmt: skip
         unwrapped = accelerator.unwrap_model(model)
         use_ge = unwrapped.has_ge
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if accelerator.is_local_main_process else {}
+        previous = (
+            {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+            if accelerator.is_local_main_process
+            else {}
+        )
         for s in previous:
             signal.signal(s, self._request_stop)
-        bar = tqdm(total=cfg.max_steps, initial=start_step, desc=f"training {self.run_dir.name}",
-                   disable=not (self.progress and accelerator.is_main_process), dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=start_step,
+            desc=f"training {self.run_dir.name}",
+            disable=not (self.progress and accelerator.is_main_process),
+            dynamic_ncols=True,
+        )
         done = start_step
         window: list[float] = []
         model.train()
         try:
-            with open(losses_path, "a") if accelerator.is_main_process else contextlib.nullcontext() as loss_log:
+            with (
+                open(losses_path, "a")
+                if accelerator.is_main_process
+                else contextlib.nullcontext() as loss_log
+            ):
                 for step, raw in enumerate(loader, start=start_step):
                     batch = _on_device(self.dataset, raw, device)
                     gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, accelerator.process_index))
                     with accelerator.autocast():
-                        out = training_loss(model, noise_scheduler, batch["latents"], batch_condition(batch, use_ge),
-                                            dropout, gen, cfg.vlb_weight)
+                        out = training_loss(
+                            model,
+                            noise_scheduler,
+                            batch["latents"],
+                            batch_condition(batch, use_ge),
+                            dropout,
+                            gen,
+                            cfg.vlb_weight,
+                        )
                     accelerator.backward(out["loss"])
                     if cfg.grad_clip > 0:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -399,7 +463,9 @@ class Trainer:
 
                     loss = accelerator.reduce(out["loss"].detach(), reduction="mean").item()
                     if not math.isfinite(loss):
-                        raise FloatingPointError(f"training loss became {loss} at step {step}; lower the learning rate")
+                        raise FloatingPointError(
+                            f"training loss became {loss} at step {step}; lower the learning rate"
+                        )
                     window.append(loss)
                     done = step + 1
                     if accelerator.is_main_process:
@@ -429,7 +495,9 @@ class Trainer:
         if done < cfg.max_steps:
             accelerator.end_training()
             raise TrainingInterrupted(done, find_checkpoints(self.run_dir)[-1])
-        pipeline_dir = self._save_pipeline(unwrapped, ema) if accelerator.is_main_process else self.run_dir / "pipeline"
+        pipeline_dir = (
+            self._save_pipeline(unwrapped, ema) if accelerator.is_main_process else self.run_dir / "pipeline"
+        )
         accelerator.wait_for_everyone()
         # Every process: this closes the trackers on the main one and ends the process group.
         accelerator.end_training()

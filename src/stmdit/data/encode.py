@@ -51,7 +51,9 @@ class EncodeConfig:
         self.features = tuple(self.features)
         unknown = set(self.features) - {"latents", "morphology", "ge"}
         if unknown:
-            raise ValueError(f"features to cache must be among latents, morphology, ge; got {sorted(unknown)}")
+            raise ValueError(
+                f"features to cache must be among latents, morphology, ge; got {sorted(unknown)}"
+            )
 
     def parameters(self) -> dict:
         d = asdict(self)
@@ -146,7 +148,9 @@ def _encode_chunk(tiles_u8: np.ndarray, counts: np.ndarray | None, library: np.n
     return out
 
 
-def encode(root, cfg: EncodeConfig | None = None, progress: bool = True, encoders: dict | None = None) -> DatasetStore:
+def encode(
+    root, cfg: EncodeConfig | None = None, progress: bool = True, encoders: dict | None = None
+) -> DatasetStore:
     """Compute and cache the features of every spot of a prepared dataset (resumable).
 
     ``encoders`` (keys ``ge_encoder``, ``morphology_encoder``, ``vae``) replaces the encoders
@@ -164,7 +168,9 @@ def encode(root, cfg: EncodeConfig | None = None, progress: bool = True, encoder
         raise ValueError(f"{store.root}: tiling is not finished; rerun `stmdit prepare` first")
     parameters = cfg.parameters()
     if encoders is not None:
-        parameters.update({k: f"given: {type(v).__name__}" for k, v in encoders.items() if k != "vae" or v is not None})
+        parameters.update(
+            {k: f"given: {type(v).__name__}" for k, v in encoders.items() if k != "vae" or v is not None}
+        )
     _check_parameters(manifest.get("encoders", {}), "parameters", parameters, store.root)
     if state.is_main_process and not manifest.get("encoders"):
         _save_encoders(store, encoders if encoders is not None else _build_encoders(store, cfg), parameters)

@@ -33,7 +33,12 @@ class FeatureDataset(Dataset):
         if latents.ndim != 4 or latents.shape[2] != latents.shape[3]:
             raise ValueError(f"latents must be (N, C, S, S); got {tuple(latents.shape)}")
         self.tensors = {"latents": latents}
-        for name, t in (("morphology", morphology), ("ge", ge), ("ge_tokens", ge_tokens), ("ge_mask", ge_mask)):
+        for name, t in (
+            ("morphology", morphology),
+            ("ge", ge),
+            ("ge_tokens", ge_tokens),
+            ("ge_mask", ge_mask),
+        ):
             if t is None:
                 continue
             if t.shape[0] != latents.shape[0]:
@@ -105,7 +110,9 @@ class StepBatchSampler(Sampler[list[int]]):
         if dataset_size < 1:
             raise ValueError("the training set is empty")
         if batch_size % num_processes:
-            raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of processes ({num_processes})")
+            raise ValueError(
+                f"batch_size ({batch_size}) must be divisible by the number of processes ({num_processes})"
+            )
         self.n, self.batch_size, self.seed = dataset_size, batch_size, seed
         self.start_step, self.max_steps = start_step, max_steps
         self.process_index, self.num_processes = process_index, num_processes

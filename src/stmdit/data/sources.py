@@ -74,7 +74,9 @@ def prepare_synthetic(
     tiles = torch.from_numpy(tissue.tiles).permute(0, 3, 1, 2).float() / 255.0
 
     ge = build_ge_encoder(ge_encoder, adata[train_idx], n_genes=n_genes, trust_pickle=trust_pickle)
-    morphology = build_morphology_encoder(morphology_encoder, tiles[train_idx], tile_size, trust_pickle=trust_pickle)
+    morphology = build_morphology_encoder(
+        morphology_encoder, tiles[train_idx], tile_size, trust_pickle=trust_pickle
+    )
     codec = build_vae(vae)
     counts, library, _ = align_to_panel(adata, ge.genes)
     with torch.no_grad():

@@ -256,7 +256,9 @@ def _check_parameters(manifest: dict, key: str, params: dict, root: Path) -> Non
     old = manifest.get(key)
     if old is not None and old != params:
         diffs = "; ".join(differences(old, params, "store", "now"))
-        raise StoreMismatchError(f"{root} was made with other {key} ({diffs}); use another folder or delete it to start over")
+        raise StoreMismatchError(
+            f"{root} was made with other {key} ({diffs}); use another folder or delete it to start over"
+        )
 
 
 def _expression_layers(adata: ad.AnnData) -> None:
@@ -266,7 +268,11 @@ def _expression_layers(adata: ad.AnnData) -> None:
     x = adata.layers["counts"]
     x = x.tocsr() if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
     # Pseudo-labels declare the total they are scaled to (CP10k over all genes, predicted or not).
-    totals = adata.obs["library_size"].to_numpy(float) if "library_size" in adata.obs else np.asarray(x.sum(axis=1)).ravel()
+    totals = (
+        adata.obs["library_size"].to_numpy(float)
+        if "library_size" in adata.obs
+        else np.asarray(x.sum(axis=1)).ravel()
+    )
     scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
     norm = sp.diags(scale) @ x.astype(np.float64)
     norm.data = np.log1p(norm.data)

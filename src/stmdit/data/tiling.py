@@ -23,7 +23,9 @@ def tile_boxes(adata: ad.AnnData, tile_um: float) -> tuple[np.ndarray, np.ndarra
     for sid, rows in adata.obs.groupby("sample_id", observed=True).indices.items():
         meta = samples[str(sid)]
         if not meta.get("image_path"):
-            raise ValueError(f"sample {sid}: no image (uns['stmdit']['samples'][{sid!r}]['image_path']); tiles need one")
+            raise ValueError(
+                f"sample {sid}: no image (uns['stmdit']['samples'][{sid!r}]['image_path']); tiles need one"
+            )
         if not meta.get("mpp") or not np.isfinite(meta["mpp"]):
             raise ValueError(f"sample {sid}: unknown microns per pixel (mpp); pass mpp= to the reader")
         with open_image(meta["image_path"]) as image:

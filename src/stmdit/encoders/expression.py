@@ -67,7 +67,9 @@ def _as_matrix(expression, source: str) -> tuple[np.ndarray, list[str] | None, l
     if isinstance(expression, np.ndarray):
         x = expression[None] if expression.ndim == 1 else expression
         if x.ndim != 2:
-            raise ValueError(f"{source}: an expression array must be 1-D or 2-D (spots x genes); got shape {expression.shape}")
+            raise ValueError(
+                f"{source}: an expression array must be 1-D or 2-D (spots x genes); got shape {expression.shape}"
+            )
         return x, None, [str(i) for i in range(x.shape[0])]
     raise TypeError(
         f"{source}: expression must be AnnData, a pandas DataFrame (spots x genes), a gene-named pandas Series or "
@@ -108,7 +110,9 @@ def align_to_panel(
         if not isinstance(expression, anndata.AnnData):
             raise TypeError(f"{source}: gene_column={gene_column!r} needs an AnnData input")
         if gene_column not in expression.var.columns:
-            raise KeyError(f"{source}: var has no column {gene_column!r}; columns are {list(expression.var.columns)}")
+            raise KeyError(
+                f"{source}: var has no column {gene_column!r}; columns are {list(expression.var.columns)}"
+            )
         expression = expression.copy()
         expression.var_names = expression.var[gene_column].astype(str).to_numpy()
     declared_library = _declared_library(expression)
@@ -123,7 +127,9 @@ def align_to_panel(
     if (values < 0).any():
         r, c = np.argwhere(values < 0)[0]
         where = f"gene {genes[c]!r}" if genes else f"column {c}"
-        raise ValueError(f"{source}: negative value {values[r, c]} (row {r}, {where}); expected raw counts >= 0")
+        raise ValueError(
+            f"{source}: negative value {values[r, c]} (row {r}, {where}); expected raw counts >= 0"
+        )
     library = values.sum(axis=1) if declared_library is None else declared_library
 
     panel = [str(g) for g in panel]
@@ -189,7 +195,9 @@ def gene_codes(genes: Sequence[str], dim: int) -> torch.Tensor:
 
 def log1p_cp10k(counts: np.ndarray, library_size: np.ndarray, target_sum: float = 1e4) -> np.ndarray:
     """log1p of counts scaled to ``target_sum`` per spot; all-zero spots stay zero."""
-    scale = np.divide(target_sum, library_size, out=np.zeros_like(library_size, dtype=np.float64), where=library_size > 0)
+    scale = np.divide(
+        target_sum, library_size, out=np.zeros_like(library_size, dtype=np.float64), where=library_size > 0
+    )
     return np.log1p(counts * scale[:, None]).astype(np.float32)
 
 
@@ -221,7 +229,9 @@ class PanelExpressionEncoder(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, genes: Sequence[str] = (), target_sum: float = 1e4, code_dim: int = 32, clip: float = 10.0):
+    def __init__(
+        self, genes: Sequence[str] = (), target_sum: float = 1e4, code_dim: int = 32, clip: float = 10.0
+    ):
         super().__init__()
         if len(genes) == 0:
             raise ValueError("PanelExpressionEncoder needs a non-empty gene list")
@@ -254,13 +264,19 @@ class PanelExpressionEncoder(ModelMixin, ConfigMixin):
         encoder.std.copy_(torch.from_numpy(np.maximum(z.std(axis=0), 1e-3)))
         return encoder
 
-    def forward(self, counts: torch.Tensor, library_size: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, counts: torch.Tensor, library_size: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``counts`` (B, n_genes) in panel order; ``library_size`` (B,) defaults to the row sums."""
         if counts.ndim != 2 or counts.shape[1] != self.output_dim:
-            raise ValueError(f"counts must have shape (batch, {self.output_dim}) in panel order; got {tuple(counts.shape)}")
+            raise ValueError(
+                f"counts must have shape (batch, {self.output_dim}) in panel order; got {tuple(counts.shape)}"
+            )
         counts = counts.to(self.mean.device, torch.float32)
         library = counts.sum(1) if library_size is None else library_size.to(counts)
-        scale = torch.where(library > 0, self.config.target_sum / library.clamp_min(1e-12), torch.zeros_like(library))
+        scale = torch.where(
+            library > 0, self.config.target_sum / library.clamp_min(1e-12), torch.zeros_like(library)
+        )
         z = (torch.log1p(counts * scale[:, None]) - self.mean) / self.std
         z = z.clamp(-self.config.clip, self.config.clip)
         tokens = torch.cat([self.codes.expand(z.shape[0], -1, -1), z[..., None]], dim=-1)
@@ -277,4 +293,3 @@ class PanelExpressionEncoder(ModelMixin, ConfigMixin):
         if warn_missing and alignment.missing:
             warnings.warn(f"expression: {alignment.summary()}", stacklevel=2)
         return self(torch.from_numpy(counts), torch.from_numpy(library)), alignment
-

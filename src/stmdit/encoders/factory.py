@@ -76,9 +76,14 @@ def build_morphology_encoder(spec: str, train_tiles=None, tile_size: int | None 
         found = locate(uni)
         if found and torch.cuda.is_available():
             logger.info("morphology encoder: UNI-2h from %s", found)
-            return TimmMorphologyEncoder.uni2h(os.environ.get(uni.env) or uni.hub_id, grid=grid, trust_pickle=trust_pickle)
+            return TimmMorphologyEncoder.uni2h(
+                os.environ.get(uni.env) or uni.hub_id, grid=grid, trust_pickle=trust_pickle
+            )
         if found:
-            logger.warning("UNI-2h weights found at %s but no GPU: using stain features (UNI-2h on a CPU is too slow)", found)
+            logger.warning(
+                "UNI-2h weights found at %s but no GPU: using stain features (UNI-2h on a CPU is too slow)",
+                found,
+            )
         kind = "stain"
     if kind == "stain":
         if train_tiles is None:
@@ -92,8 +97,12 @@ def build_morphology_encoder(spec: str, train_tiles=None, tile_size: int | None 
         if not arg:
             raise ValueError("morphology_encoder 'timm' needs a model name: timm:NAME or timm:NAME@WEIGHTS")
         name, _, weights = arg.partition("@")
-        return TimmMorphologyEncoder.from_timm(name, weights=weights or None, grid=grid, trust_pickle=trust_pickle)
-    raise ValueError(f"unknown morphology encoder {spec!r}; use stain, uni2h[:SOURCE], timm:NAME[@WEIGHTS] or auto")
+        return TimmMorphologyEncoder.from_timm(
+            name, weights=weights or None, grid=grid, trust_pickle=trust_pickle
+        )
+    raise ValueError(
+        f"unknown morphology encoder {spec!r}; use stain, uni2h[:SOURCE], timm:NAME[@WEIGHTS] or auto"
+    )
 
 
 def build_vae(spec: str | None):

@@ -85,7 +85,9 @@ class StainFeatureEncoder(ModelMixin, ConfigMixin):
     def raw_features(self, images: torch.Tensor) -> torch.Tensor:
         size = self.config.image_size
         if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            images = F.interpolate(
+                images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
         conc = deconvolve(images.clamp(0, 1))
         feats = self._scale_stats(conc) + self._scale_stats(F.avg_pool2d(conc, 4) if size >= 8 else conc)
         feats += [(conc > t).float().flatten(2).mean(2) for t in self.thresholds]
@@ -96,7 +98,12 @@ class StainFeatureEncoder(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def fit(self, images, batch_size: int = 512) -> StainFeatureEncoder:
-        feats = torch.cat([self.raw_features(images_to_tensor(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+        feats = torch.cat(
+            [
+                self.raw_features(images_to_tensor(images[i : i + batch_size]))
+                for i in range(0, len(images), batch_size)
+            ]
+        )
         self.mean.copy_(feats.mean(0))
         self.std.copy_(feats.std(0).clamp_min(1e-4))
         return self
@@ -119,7 +126,11 @@ UNI2H_KWARGS = {
     "mlp_ratio": 5.33334, "num_classes": 0, "no_embed_class": True, "mlp_layer": "SwiGLUPacked",
     "act_layer": "SiLU", "reg_tokens": 8, "dynamic_img_size": True,
 }  # fmt: skip
-_LAYER_CLASSES = {"SwiGLUPacked": ("timm.layers", "SwiGLUPacked"), "SiLU": ("torch.nn", "SiLU"), "GELU": ("torch.nn", "GELU")}
+_LAYER_CLASSES = {
+    "SwiGLUPacked": ("timm.layers", "SwiGLUPacked"),
+    "SiLU": ("torch.nn", "SiLU"),
+    "GELU": ("torch.nn", "GELU"),
+}
 
 
 def _resolve_layers(kwargs: dict) -> dict:
@@ -129,7 +140,9 @@ def _resolve_layers(kwargs: dict) -> dict:
     for key in ("mlp_layer", "act_layer", "norm_layer"):
         if isinstance(out.get(key), str):
             if out[key] not in _LAYER_CLASSES:
-                raise ValueError(f"model_kwargs[{key!r}] = {out[key]!r} is not one of {sorted(_LAYER_CLASSES)}")
+                raise ValueError(
+                    f"model_kwargs[{key!r}] = {out[key]!r} is not one of {sorted(_LAYER_CLASSES)}"
+                )
             module, name = _LAYER_CLASSES[out[key]]
             out[key] = getattr(importlib.import_module(module), name)
     return out
@@ -188,7 +201,9 @@ class TimmMorphologyEncoder(ModelMixin, ConfigMixin):
         with ``pytorch_model.bin`` / ``model.safetensors``. ``overrides`` change the timm
         constructor arguments (tests use a narrow model of the same structure)."""
         encoder = cls(model_name=UNI2H_MODEL, model_kwargs={**UNI2H_KWARGS, **overrides}, grid=grid)
-        encoder._load_backbone(_backbone_file(source, ("model.safetensors", "pytorch_model.bin")), trust_pickle)
+        encoder._load_backbone(
+            _backbone_file(source, ("model.safetensors", "pytorch_model.bin")), trust_pickle
+        )
         return encoder
 
     @classmethod
@@ -209,7 +224,9 @@ class TimmMorphologyEncoder(ModelMixin, ConfigMixin):
             encoder.pixel_mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
             encoder.pixel_std.copy_(torch.tensor(std).view(1, 3, 1, 1))
         else:
-            encoder._load_backbone(_backbone_file(weights, ("model.safetensors", "pytorch_model.bin")), trust_pickle)
+            encoder._load_backbone(
+                _backbone_file(weights, ("model.safetensors", "pytorch_model.bin")), trust_pickle
+            )
         return encoder
 
     def _load_backbone(self, path: Path, trust_pickle: bool) -> None:
@@ -232,7 +249,9 @@ class TimmMorphologyEncoder(ModelMixin, ConfigMixin):
         if g > 1:
             # Cut into g x g crops, row-major, as PixCell-1024 embeds its 256 px sub-tiles.
             if x.shape[-1] % g or x.shape[-2] % g:
-                x = F.interpolate(x, size=(g * size, g * size), mode="bilinear", antialias=True, align_corners=False)
+                x = F.interpolate(
+                    x, size=(g * size, g * size), mode="bilinear", antialias=True, align_corners=False
+                )
             h, w = x.shape[-2] // g, x.shape[-1] // g
             x = x.unfold(2, h, h).unfold(3, w, w).permute(0, 2, 3, 1, 4, 5).reshape(b * g * g, 3, h, w)
         if x.shape[-2:] != (size, size):

@@ -164,13 +164,17 @@ def neighbour_index(obs: pd.DataFrame, radius: int = 1, grid: str | None = None)
     if int(radius) != radius or radius < 1:
         raise ValueError(f"radius must be a positive integer; got {radius!r}")
     n = len(obs)
-    samples = obs["sample_id"].astype(str).to_numpy() if "sample_id" in obs.columns else np.zeros(n, dtype=str)
+    samples = (
+        obs["sample_id"].astype(str).to_numpy() if "sample_id" in obs.columns else np.zeros(n, dtype=str)
+    )
     lists: list[list[int]] = [[] for _ in range(n)]
     for sample in pd.unique(samples):
         rows = np.flatnonzero(samples == sample)
         arow, acol = _numeric(obs, "array_row", rows), _numeric(obs, "array_col", rows)
         if arow is not None and acol is not None:
-            local = _array_neighbours(np.round(arow).astype(np.int64), np.round(acol).astype(np.int64), int(radius), grid)
+            local = _array_neighbours(
+                np.round(arow).astype(np.int64), np.round(acol).astype(np.int64), int(radius), grid
+            )
         else:
             x, y = _numeric(obs, "x_px", rows), _numeric(obs, "y_px", rows)
             if x is None or y is None:
@@ -197,7 +201,9 @@ def _crop_side(tile_px: int, tile_um: float, spot_diameter_um: float) -> int:
     if not (np.isfinite(tile_um) and tile_um > 0):
         raise ValueError(f"tile_um must be a positive number of µm; got {tile_um}")
     if spot_diameter_um > tile_um * (1 + 1e-6):
-        raise ValueError(f"the spot ({spot_diameter_um} µm) is larger than the tile ({tile_um} µm); the spot crop must lie in the tile")
+        raise ValueError(
+            f"the spot ({spot_diameter_um} µm) is larger than the tile ({tile_um} µm); the spot crop must lie in the tile"
+        )
     side = min(tile_px, int(round(tile_px * spot_diameter_um / tile_um)))
     if side < SUBSPOT_GRID:
         raise ValueError(
@@ -222,7 +228,11 @@ def _crops(images: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]
     start = (images.shape[-1] - side) // 2
     spot = images[..., start : start + side, start : start + side]
     q = side // SUBSPOT_GRID
-    subspots = [spot[..., i * q : (i + 1) * q, j * q : (j + 1) * q] for i in range(SUBSPOT_GRID) for j in range(SUBSPOT_GRID)]
+    subspots = [
+        spot[..., i * q : (i + 1) * q, j * q : (j + 1) * q]
+        for i in range(SUBSPOT_GRID)
+        for j in range(SUBSPOT_GRID)
+    ]
     return spot, torch.stack(subspots, dim=1).flatten(0, 1)
 
 
@@ -261,10 +271,19 @@ class ContextFeatures:
 
     def __post_init__(self):
         n = self.spot.shape[0]
-        if self.spot.ndim != 2 or self.subspots.ndim != 3 or self.subspots.shape[0] != n or self.subspots.shape[2] != self.spot.shape[1]:
-            raise ValueError(f"spot must be (N, D) and subspots (N, S, D); got {tuple(self.spot.shape)} and {tuple(self.subspots.shape)}")
+        if (
+            self.spot.ndim != 2
+            or self.subspots.ndim != 3
+            or self.subspots.shape[0] != n
+            or self.subspots.shape[2] != self.spot.shape[1]
+        ):
+            raise ValueError(
+                f"spot must be (N, D) and subspots (N, S, D); got {tuple(self.spot.shape)} and {tuple(self.subspots.shape)}"
+            )
         if self.neighbours.ndim != 2 or self.neighbours.shape[0] != n:
-            raise ValueError(f"neighbours must be (N, K) row numbers; got {tuple(self.neighbours.shape)} for N = {n}")
+            raise ValueError(
+                f"neighbours must be (N, K) row numbers; got {tuple(self.neighbours.shape)} for N = {n}"
+            )
         if self.neighbours.numel() and (self.neighbours.max() >= n or self.neighbours.min() < -1):
             raise ValueError(f"neighbour rows must lie in [0, {n}) or be -1 (padding)")
 
@@ -319,7 +338,9 @@ def context_features(
     """
     n = len(tiles)
     if n != len(obs):
-        raise ValueError(f"{n} tiles but {len(obs)} spots in obs; row i of the tiles must be the tile of obs row i")
+        raise ValueError(
+            f"{n} tiles but {len(obs)} spots in obs; row i of the tiles must be the tile of obs row i"
+        )
     if n == 0:
         raise ValueError("no tiles given")
     index = neighbour_index(obs) if neighbours is None else np.asarray(neighbours, dtype=np.int64)
@@ -395,7 +416,12 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
         if len(set(genes)) != len(genes):
             dup = sorted({g for g in genes if genes.count(g) > 1})[:10]
             raise ValueError(f"ExpressionPredictor: duplicated genes {dup}")
-        for name, value in (("input_dim", input_dim), ("hidden_dim", hidden_dim), ("n_phi", n_phi), ("n_rho", n_rho)):
+        for name, value in (
+            ("input_dim", input_dim),
+            ("hidden_dim", hidden_dim),
+            ("n_phi", n_phi),
+            ("n_rho", n_rho),
+        ):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         # The copies' Linear layers stacked along dim 0, so all copies run as one batched matmul.
@@ -416,9 +442,14 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
 
     def set_scaler(self, mean, std) -> None:
         """The per-gene mean and standard deviation of the training targets (log1p CP10k)."""
-        mean, std = torch.as_tensor(np.asarray(mean), dtype=torch.float32), torch.as_tensor(np.asarray(std), dtype=torch.float32)
+        mean, std = (
+            torch.as_tensor(np.asarray(mean), dtype=torch.float32),
+            torch.as_tensor(np.asarray(std), dtype=torch.float32),
+        )
         if mean.shape != (self.n_genes,) or std.shape != (self.n_genes,):
-            raise ValueError(f"scaler mean and std must have shape ({self.n_genes},); got {tuple(mean.shape)}, {tuple(std.shape)}")
+            raise ValueError(
+                f"scaler mean and std must have shape ({self.n_genes},); got {tuple(mean.shape)}, {tuple(std.shape)}"
+            )
         if not (std > 0).all():
             raise ValueError("scaler std must be positive")
         self.target_mean.copy_(mean)
@@ -446,7 +477,9 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
             raise ValueError(f"spot features must be (B, {d}); got {tuple(spot.shape)}{hint}")
         b = spot.shape[0]
         if subspots.ndim != 3 or subspots.shape[0] != b or subspots.shape[2] != d or subspots.shape[1] == 0:
-            raise ValueError(f"sub-spot features must be ({b}, S >= 1, {d}); got {tuple(subspots.shape)}{hint}")
+            raise ValueError(
+                f"sub-spot features must be ({b}, S >= 1, {d}); got {tuple(subspots.shape)}{hint}"
+            )
         if neighbours.ndim != 3 or neighbours.shape[0] != b or neighbours.shape[2] != d:
             raise ValueError(f"neighbour features must be ({b}, K, {d}); got {tuple(neighbours.shape)}{hint}")
         if neighbour_mask.dtype != torch.bool or tuple(neighbour_mask.shape) != tuple(neighbours.shape[:2]):
@@ -564,8 +597,16 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
         else:
             raise TypeError(f"{path} holds a {type(obj).__name__}, not a DeepSpot module or state dict")
 
-        phi_ids = sorted({int(k.split(".")[1]) for k in state if k.startswith("phi_spot.") and k.endswith("model.0.weight")})
-        rho_ids = sorted({int(k.split(".")[1]) for k in state if k.startswith("rho.") and k.endswith("model.2.weight")})
+        phi_ids = sorted(
+            {
+                int(k.split(".")[1])
+                for k in state
+                if k.startswith("phi_spot.") and k.endswith("model.0.weight")
+            }
+        )
+        rho_ids = sorted(
+            {int(k.split(".")[1]) for k in state if k.startswith("rho.") and k.endswith("model.2.weight")}
+        )
         if not phi_ids or not rho_ids:
             raise ValueError(
                 f"{path} does not look like a DeepSpot spot model: no phi_spot.<i>.model.0 / rho.<i>.model.2 weights "
@@ -698,20 +739,30 @@ class SpotSet:
         if samples is not None:
             unknown = sorted(set(map(str, samples)) - set(adata.obs["sample_id"].astype(str)))
             if unknown:
-                raise ValueError(f"{store.root}: no samples {unknown}; it has {sorted(adata.obs['sample_id'].astype(str).unique())}")
-            rows = rows[adata.obs["sample_id"].astype(str).iloc[rows].isin([str(s) for s in samples]).to_numpy()]
+                raise ValueError(
+                    f"{store.root}: no samples {unknown}; it has {sorted(adata.obs['sample_id'].astype(str).unique())}"
+                )
+            rows = rows[
+                adata.obs["sample_id"].astype(str).iloc[rows].isin([str(s) for s in samples]).to_numpy()
+            ]
         adata = adata[rows].copy()
         info = adata.uns["stmdit"]["samples"]
-        diameters = np.array([float(info[s].get("spot_diameter_um", np.nan)) for s in adata.obs["sample_id"].astype(str)])
+        diameters = np.array(
+            [float(info[s].get("spot_diameter_um", np.nan)) for s in adata.obs["sample_id"].astype(str)]
+        )
         bad = sorted(set(adata.obs["sample_id"].astype(str)[~np.isfinite(diameters)]))
         if bad:
-            raise ValueError(f"{store.root}: samples {bad} have no spot diameter (uns['stmdit']['samples'][...]['spot_diameter_um'])")
+            raise ValueError(
+                f"{store.root}: samples {bad} have no spot diameter (uns['stmdit']['samples'][...]['spot_diameter_um'])"
+            )
         return cls(adata, _RowView(store.tiles(), rows), float(manifest["prepare"]["tile_um"]), diameters)
 
     def subset(self, rows) -> SpotSet:
         rows = np.asarray(rows, dtype=np.int64)
         d = np.asarray(self.spot_diameter_um)
-        return SpotSet(self.adata[rows].copy(), _RowView(self.tiles, rows), self.tile_um, d if d.ndim == 0 else d[rows])
+        return SpotSet(
+            self.adata[rows].copy(), _RowView(self.tiles, rows), self.tile_um, d if d.ndim == 0 else d[rows]
+        )
 
 
 def require_counts(adata: ad.AnnData, source: str) -> None:
@@ -730,7 +781,9 @@ def expression_targets(adata: ad.AnnData, genes: Sequence[str], source: str = "s
     require_counts(adata, source)
     counts, library, alignment = align_to_panel(adata, genes, source=source)
     if alignment.missing:
-        raise ValueError(f"{source}: {len(alignment.missing)} of the predictor's genes are not measured: {alignment.missing[:10]}")
+        raise ValueError(
+            f"{source}: {len(alignment.missing)} of the predictor's genes are not measured: {alignment.missing[:10]}"
+        )
     return log1p_cp10k(counts, library)
 
 
@@ -757,7 +810,11 @@ class PredictorFit:
 
 
 def _default_device(device) -> torch.device:
-    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
 
 
 def fit_predictor(
@@ -787,21 +844,29 @@ def fit_predictor(
     targets = np.asarray(targets, dtype=np.float32)
     genes = [str(g) for g in genes]
     if targets.shape != (len(features), len(genes)):
-        raise ValueError(f"targets must be (n_spots, n_genes) = ({len(features)}, {len(genes)}); got {targets.shape}")
+        raise ValueError(
+            f"targets must be (n_spots, n_genes) = ({len(features)}, {len(genes)}); got {targets.shape}"
+        )
     if not np.isfinite(targets).all():
         raise ValueError("targets contain NaN or infinite values")
     if val is not None and (val[0].dim != features.dim or np.shape(val[1]) != (len(val[0]), len(genes))):
-        raise ValueError(f"validation features/targets must be ({len(val[0])}, {features.dim}) / ({len(val[0])}, {len(genes)})")
+        raise ValueError(
+            f"validation features/targets must be ({len(val[0])}, {features.dim}) / ({len(val[0])}, {len(genes)})"
+        )
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1; got {epochs}, {batch_size}")
     device = _default_device(device)
     mean, std = targets.mean(0), np.maximum(targets.std(0), 1e-3)
     z = torch.from_numpy((targets - mean) / std)
-    z_val = torch.from_numpy(((np.asarray(val[1], np.float32) - mean) / std).astype(np.float32)) if val else None
+    z_val = (
+        torch.from_numpy(((np.asarray(val[1], np.float32) - mean) / std).astype(np.float32)) if val else None
+    )
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = ExpressionPredictor(genes=genes, input_dim=features.dim, provenance=provenance, **(model_kwargs or {}))
+        model = ExpressionPredictor(
+            genes=genes, input_dim=features.dim, provenance=provenance, **(model_kwargs or {})
+        )
         model.set_scaler(mean, std)
         model.to(device)
         optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -838,12 +903,16 @@ def fit_predictor(
 
 
 @torch.no_grad()
-def _loss(model: ExpressionPredictor, features: ContextFeatures, z: torch.Tensor, batch_size: int, device) -> float:
+def _loss(
+    model: ExpressionPredictor, features: ContextFeatures, z: torch.Tensor, batch_size: int, device
+) -> float:
     model.eval()
     total = 0.0
     for start in range(0, len(features), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(features)))
-        total += float(nn.functional.mse_loss(model(*features.batch(rows, device)), z[rows].to(device), reduction="sum"))
+        total += float(
+            nn.functional.mse_loss(model(*features.batch(rows, device)), z[rows].to(device), reduction="sum")
+        )
     return total / (len(features) * z.shape[1])
 
 
@@ -877,7 +946,9 @@ def train_predictor(
     require_counts(train.adata, "training spots")
     if leave_one_patient_out:
         patients = _patients(train.adata)
-    features = context_features(train.tiles, train.adata.obs, train.tile_um, train.spot_diameter_um, encoder, progress=progress)
+    features = context_features(
+        train.tiles, train.adata.obs, train.tile_um, train.spot_diameter_um, encoder, progress=progress
+    )
     val_features = (
         context_features(val.tiles, val.adata.obs, val.tile_um, val.spot_diameter_um, encoder, progress=progress)
         if val is not None and len(val) else None
@@ -898,7 +969,9 @@ def train_predictor(
             val_pair = (val_features, expression_targets(val.adata, genes, source="validation spots"))
         samples = sorted(adata.obs["sample_id"].astype(str).unique()) if "sample_id" in adata.obs else []
         provenance = {**base, **extra, "train_samples": samples, "n_train_spots": int(len(rows))}
-        return fit_predictor(features.subset(rows), targets, genes, val=val_pair, provenance=provenance, **settings)
+        return fit_predictor(
+            features.subset(rows), targets, genes, val=val_pair, provenance=provenance, **settings
+        )
 
     result = fit(np.arange(len(train)), {})
     if not leave_one_patient_out:
@@ -907,7 +980,9 @@ def train_predictor(
         held_out = np.flatnonzero(patients == patient)
         fold = fit(np.flatnonzero(patients != patient), {"held_out_patient": patient})
         predicted = fold.predictor.predict_features(features.subset(held_out))
-        measured = expression_targets(train.adata[held_out], fold.predictor.genes, source=f"patient {patient}")
+        measured = expression_targets(
+            train.adata[held_out], fold.predictor.genes, source=f"patient {patient}"
+        )
         fold.test_predictions = fold.predictor.to_anndata(predicted, train.adata.obs.iloc[held_out])
         r = float(np.median(per_gene_pearson(measured, predicted)))
         fold.test_predictions.uns[PREDICTION_KEY]["median_pearson"] = r
@@ -921,7 +996,9 @@ def _patients(adata: ad.AnnData) -> np.ndarray:
         raise ValueError("leave-one-patient-out needs obs['patient_id'] for every training spot")
     patients = adata.obs["patient_id"].astype(str).to_numpy()
     if len(set(patients)) < 2:
-        raise ValueError(f"leave-one-patient-out needs at least two patients; the training spots have {sorted(set(patients))}")
+        raise ValueError(
+            f"leave-one-patient-out needs at least two patients; the training spots have {sorted(set(patients))}"
+        )
     return patients
 
 

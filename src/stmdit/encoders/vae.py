@@ -17,7 +17,9 @@ SD35_SHIFT = 0.0609
 SD35_SCALE = 1.5305
 
 
-def load_vae(source: str | os.PathLike = "stabilityai/stable-diffusion-3.5-large", subfolder: str = "vae", dtype=None):
+def load_vae(
+    source: str | os.PathLike = "stabilityai/stable-diffusion-3.5-large", subfolder: str = "vae", dtype=None
+):
     """A diffusers ``AutoencoderKL`` from a local folder (the VAE folder itself, or a model
     folder with a ``vae`` subfolder) or a hub id (its ``vae`` subfolder only is fetched; the
     SD3.5 repository is gated: see ``stmdit weights``). Frozen, in eval mode."""
@@ -43,7 +45,9 @@ def _factors(vae) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None, batch_size: int = 32) -> torch.Tensor:
+def encode_images(
+    vae, images: torch.Tensor, generator: torch.Generator | None = None, batch_size: int = 32
+) -> torch.Tensor:
     """(B, 3, H, W) images in [0, 1] -> latents. With a VAE the posterior mean is used unless
     a generator is given, in which case the latent is sampled."""
     if images.ndim != 4 or images.shape[1] != 3:
@@ -68,7 +72,10 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 32) -> torch.Te
     else:
         shift, scale = _factors(vae)
         x = torch.cat(
-            [vae.decode((z.float() / scale + shift).to(vae.device, vae.dtype)).sample.float() for z in latents.split(batch_size)]
+            [
+                vae.decode((z.float() / scale + shift).to(vae.device, vae.dtype)).sample.float()
+                for z in latents.split(batch_size)
+            ]
         )
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
@@ -79,5 +86,7 @@ def latent_shape(vae, image_size: int) -> tuple[int, int]:
         return 3, image_size
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if image_size % factor:
-        raise ValueError(f"image size {image_size} is not divisible by the VAE's downsampling factor {factor}")
+        raise ValueError(
+            f"image size {image_size} is not divisible by the VAE's downsampling factor {factor}"
+        )
     return vae.config.latent_channels, image_size // factor

@@ -101,7 +101,9 @@ def composition_agreement(true: np.ndarray, estimated: np.ndarray) -> dict[str, 
     true = np.asarray(true, dtype=np.float64)
     estimated = np.asarray(estimated, dtype=np.float64)
     if true.shape != estimated.shape or true.ndim != 2:
-        raise ValueError(f"compositions must be two arrays of the same (spots, types) shape; got {true.shape}, {estimated.shape}")
+        raise ValueError(
+            f"compositions must be two arrays of the same (spots, types) shape; got {true.shape}, {estimated.shape}"
+        )
     per_type = []
     for k in range(true.shape[1]):
         a, b = true[:, k] - true[:, k].mean(), estimated[:, k] - estimated[:, k].mean()

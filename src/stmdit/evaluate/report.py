@@ -48,7 +48,9 @@ def _ablation_table(results: dict) -> str:
     rows = []
     for name, model in results["models"].items():
         for ablation, deltas in model.get("ge_ablation", {}).items():
-            cells = "".join(f"<td>{deltas[k]:+.3f}</td>" if k in deltas else "<td>–</td>" for k, _, _ in METRICS)
+            cells = "".join(
+                f"<td>{deltas[k]:+.3f}</td>" if k in deltas else "<td>–</td>" for k, _, _ in METRICS
+            )
             rows.append(f"<tr><td>{html.escape(name)}</td><td>{ablation} − ge</td>{cells}</tr>")
     if not rows:
         return "<p>No GE model was evaluated.</p>"
@@ -64,7 +66,9 @@ def _ood_section(results: dict) -> str:
     for name, summary in ood["models"].items():
         cells = "".join(f"<td>{_fmt(summary, key, pat)}</td>" for key, _, pat in METRICS[:3])
         delta = ood["delta_ood"].get(name)
-        rows.append(f"<tr><td>{html.escape(name)}</td>{cells}<td>{'–' if delta is None else f'{delta:+.1f}'}</td></tr>")
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td>{cells}<td>{'–' if delta is None else f'{delta:+.1f}'}</td></tr>"
+        )
     head = "".join(f"<th>{label}</th>" for _, label, _ in METRICS[:3])
     return (f"<h2>Out-of-distribution evaluation</h2><p>{html.escape(ood['cohort'])}. Reference: "
             f"{html.escape(ood['reference'])}. delta_OOD = FID with GE removed − FID with GE (positive: GE helps). "
@@ -117,7 +121,9 @@ def _plot_gene_scatter(measured, predictions: dict, genes: list[str], chosen: li
     index = {g: i for i, g in enumerate(genes)}
     chosen = [g for g in chosen if g in index] or [genes[i] for i in np.argsort(-measured.var(axis=0))[:3]]
     sources = [k for k in predictions if k == "real" or k.endswith("/ge") or k.endswith("/none")]
-    fig, axes = plt.subplots(len(chosen), len(sources), figsize=(2.6 * len(sources), 2.4 * len(chosen)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(chosen), len(sources), figsize=(2.6 * len(sources), 2.4 * len(chosen)), squeeze=False
+    )
     for r, gene in enumerate(chosen):
         j = index[gene]
         for c, source in enumerate(sources):
@@ -135,7 +141,9 @@ def _plot_gene_scatter(measured, predictions: dict, genes: list[str], chosen: li
 
 
 def _plot_ablation(results: dict, path: Path) -> bool:
-    entries = [(name, ab, d) for name, m in results["models"].items() for ab, d in m.get("ge_ablation", {}).items()]
+    entries = [
+        (name, ab, d) for name, m in results["models"].items() for ab, d in m.get("ge_ablation", {}).items()
+    ]
     if not entries:
         return False
     keys = [k for k in ("fid", "fd_morph", "fidelity_auc") if any(k in d for _, _, d in entries)]
@@ -154,7 +162,11 @@ def _plot_ablation(results: dict, path: Path) -> bool:
 def _plot_sweep(results: dict, path: Path) -> bool:
     series = {}
     for name, model in results["models"].items():
-        pts = [(s["guidance_ge"], s["summary"]) for key, s in model["settings"].items() if key == "ge" or key.startswith("ge@")]
+        pts = [
+            (s["guidance_ge"], s["summary"])
+            for key, s in model["settings"].items()
+            if key == "ge" or key.startswith("ge@")
+        ]
         if len(pts) > 1:
             series[name] = sorted(pts, key=lambda p: p[0])
     if not series:
@@ -177,7 +189,9 @@ def write_report(out: Path, results: dict, real_grid: np.ndarray, model_grids: d
     out = Path(out)
     figures = []
     rows = [("real", real_grid)] + [(name, tiles) for name, tiles in model_grids.items()]
-    save_tile_grid(rows, out / "samples_grid.png", column_titles=[str(s) for s in held.adata.obs_names[: len(real_grid)]])
+    save_tile_grid(
+        rows, out / "samples_grid.png", column_titles=[str(s) for s in held.adata.obs_names[: len(real_grid)]]
+    )
     figures.append(("samples_grid.png", "Real held-out tiles and each model's tile for the same spots (seed 0; "
                     "GE models with the spot's measured expression)."))  # fmt: skip
     if _plot_fidelity_curves(results, out / "fidelity_curves.png"):
@@ -207,8 +221,8 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 .warn{{background:#fff4e5;border:1px solid #f0b37e;padding:0.5em 1em}}img{{max-width:100%}}
 pre{{background:#f6f6f6;padding:1em;font-size:11px;overflow:auto}}</style></head><body>
 <h1>STMDiT evaluation</h1>
-<p>{results['n_spots']} held-out spots from samples {', '.join(map(html.escape, results['samples']))};
-seeds {results['config']['seeds']}; {results['config']['steps']} sampling steps.</p>
+<p>{results["n_spots"]} held-out spots from samples {", ".join(map(html.escape, results["samples"]))};
+seeds {results["config"]["seeds"]}; {results["config"]["steps"]} sampling steps.</p>
 {warn_html}
 <h2>Metrics</h2>{_table(results)}
 <h2>GE ablation</h2>{_ablation_table(results)}

@@ -105,11 +105,15 @@ def held_out_spots(cfg: EvaluateConfig) -> HeldOut:
     if cfg.max_spots_per_sample:
         # The first spots of each sample in reading order: a contiguous patch, so neighbours stay.
         sample = spots.adata.obs["sample_id"].astype(str).to_numpy()
-        rows = np.concatenate([np.flatnonzero(sample == s)[: cfg.max_spots_per_sample] for s in dict.fromkeys(sample)])
+        rows = np.concatenate(
+            [np.flatnonzero(sample == s)[: cfg.max_spots_per_sample] for s in dict.fromkeys(sample)]
+        )
         spots = spots.subset(rows)
     tiles = np.asarray(spots.tiles[np.arange(len(spots))])
     diam = np.broadcast_to(np.asarray(spots.spot_diameter_um, dtype=float), (len(spots),)).copy()
-    return HeldOut(spots.adata, tiles, spots.tile_um, diam, spots.adata.obs["sample_id"].astype(str).to_numpy())
+    return HeldOut(
+        spots.adata, tiles, spots.tile_um, diam, spots.adata.obs["sample_id"].astype(str).to_numpy()
+    )
 
 
 def _model_resolution(pipe) -> int:
@@ -126,7 +130,9 @@ def _to_nchw(tiles_u8: np.ndarray) -> torch.Tensor:
 def _resize_u8(tiles_u8: np.ndarray, size: int) -> np.ndarray:
     if tiles_u8.shape[1] == size:
         return tiles_u8
-    x = F.interpolate(_to_nchw(tiles_u8), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(
+        _to_nchw(tiles_u8), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
     return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
@@ -148,7 +154,9 @@ def generate_setting(pipe, folder: str, held: HeldOut, setting: str, seed: int, 
     if setting == "shuffled":
         order = np.random.default_rng(seed).permutation(n)
     out = []
-    for start in tqdm(range(0, n, cfg.batch_size), desc=f"{path.parent.parent.name}/{setting}/seed{seed}", leave=False):
+    for start in tqdm(
+        range(0, n, cfg.batch_size), desc=f"{path.parent.parent.name}/{setting}/seed{seed}", leave=False
+    ):
         idx = np.arange(start, min(start + cfg.batch_size, n))
         kwargs = {}
         if setting in ("ge", "shuffled"):
@@ -177,12 +185,16 @@ def _settings(pipe, cfg: EvaluateConfig) -> list[tuple[str, float]]:
     return out
 
 
-def _fidelity(predictor, encoder, tiles_u8: np.ndarray, held: HeldOut, measured: np.ndarray, n_bootstrap: int) -> dict:
+def _fidelity(
+    predictor, encoder, tiles_u8: np.ndarray, held: HeldOut, measured: np.ndarray, n_bootstrap: int
+) -> dict:
     """DeepSpot AUC per sample of the predictor on these tiles against the measured expression."""
     from stmdit.encoders.predictor import context_features
     from stmdit.evaluate.fidelity import fidelity_auc
 
-    feats = context_features(tiles_u8, held.adata.obs, held.tile_um, held.spot_diameter_um, encoder, progress=False)
+    feats = context_features(
+        tiles_u8, held.adata.obs, held.tile_um, held.spot_diameter_um, encoder, progress=False
+    )
     predicted = predictor.predict_features(feats)
     per_sample = {}
     for sample in dict.fromkeys(held.samples):
@@ -236,7 +248,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
 
         fd_encoder = build_morphology_encoder(cfg.fd_encoder, _to_nchw(held.tiles))
     if fd_encoder is None:
-        raise ValueError(f"{cfg.dataset} has no saved morphology encoder for FD; run `stmdit encode` or set fd_encoder")
+        raise ValueError(
+            f"{cfg.dataset} has no saved morphology encoder for FD; run `stmdit encode` or set fd_encoder"
+        )
     extractors = {"inception": InceptionFeatures(cfg.inception_weights),
                   "morph": MorphologyFeatures(fd_encoder, type(fd_encoder).__name__)}  # fmt: skip
     reference = (f"real tiles of the same {held.adata.n_obs} held-out spots ({cfg.split} split of {cfg.dataset}; "
@@ -248,7 +262,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     if cfg.predictor:
         predictor, encoder = load_predictor(cfg.predictor)
         if encoder is None:
-            raise ValueError(f"{cfg.predictor} records no morphology encoder to rebuild; retrain it with stmdit train-predictor")
+            raise ValueError(
+                f"{cfg.predictor} records no morphology encoder to rebuild; retrain it with stmdit train-predictor"
+            )
         measured = expression_targets(held.adata, predictor.genes, source=f"{cfg.dataset} spots")
         ceiling = _fidelity(predictor, encoder, held.tiles, held, measured, cfg.n_bootstrap)
         results["ceiling"] = {k: v for k, v in ceiling.items() if k != "predicted"}
@@ -263,7 +279,12 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         size = _model_resolution(pipe)
         real = _resize_u8(held.tiles, size)
         real_cache = real_caches.setdefault(size, {})
-        model_res = {"pipeline": str(folder), "resolution": size, "has_ge": bool(pipe.transformer.has_ge), "settings": {}}
+        model_res = {
+            "pipeline": str(folder),
+            "resolution": size,
+            "has_ge": bool(pipe.transformer.has_ge),
+            "settings": {},
+        }
         for setting, s_g in _settings(pipe, cfg):
             seeds = cfg.seeds if "@" not in setting else cfg.seeds[:1]
             per_seed = {"fid": [], "kid": [], "fd_morph": [], "fidelity_auc": []}
@@ -285,12 +306,16 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
                 if predictor is not None:
                     fid_res = _fidelity(predictor, encoder, fake, held, measured, cfg.n_bootstrap)
                     per_seed["fidelity_auc"].append(fid_res["auc"])
-                    details[f"seed{seed}"]["fidelity"] = {k: v for k, v in fid_res.items() if k != "predicted"}
+                    details[f"seed{seed}"]["fidelity"] = {
+                        k: v for k, v in fid_res.items() if k != "predicted"
+                    }
                     if seed == seeds[0]:
                         predictions[f"{name}/{setting}"] = fid_res["predicted"]
             summary = {k: _mean_std(v) for k, v in per_seed.items() if v}
             if "fidelity_auc" in summary and predictor is not None:
-                summary["fidelity_ratio_to_ceiling"] = summary["fidelity_auc"]["mean"] / results["ceiling"]["auc"]
+                summary["fidelity_ratio_to_ceiling"] = (
+                    summary["fidelity_auc"]["mean"] / results["ceiling"]["auc"]
+                )
             model_res["settings"][setting] = {"guidance_ge": s_g, "summary": summary, "details": details}
         settings = model_res["settings"]
         if "ge" in settings:
