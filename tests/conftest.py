@@ -73,8 +73,13 @@ def random_inception_weights(tmp_path_factory):
     return path
 
 
-def run_two_processes(*stmdit_args: str, timeout: int = 600):
-    """Run ``stmdit`` in two CPU processes joined over gloo, as ``torchrun`` launches them."""
+def run_two_processes(*stmdit_args: str, launcher: str = "torchrun", timeout: int = 600):
+    """Run ``stmdit`` in two CPU processes joined over gloo.
+
+    ``launcher`` is ``torchrun`` or ``accelerate`` (``accelerate launch --multi_gpu``, which on a
+    machine without GPUs starts the processes through torchrun's machinery; its ``--cpu`` flag
+    would start only one).
+    """
     import socket
     import subprocess
     import sys
@@ -82,8 +87,13 @@ def run_two_processes(*stmdit_args: str, timeout: int = 600):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "stmdit", *stmdit_args]  # fmt: skip
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "stmdit", *stmdit_args]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "stmdit", *stmdit_args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -136,10 +136,25 @@ def test_two_process_accelerate_run_completes(tmp_path):
     cfg["model"] = {"preset": "tiny", "patch_size": 4}
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = run_two_processes("train", str(path))
+    proc = run_two_processes("train", str(path), launcher="accelerate")
     run = tmp_path / "ddp"
     assert json.loads((find_checkpoints(run)[-1] / "trainer_state.json").read_text())["processes"] == 2
     assert [p.name for p in find_checkpoints(run)][-1] == "step_00000004"
     assert len(losses(run)) == 4
     assert (run / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors").exists()
     assert "pipeline saved" in proc.stdout
+
+
+def test_a_cpu_launch_that_started_one_process_says_how_to_start_several(monkeypatch, caplog):
+    import logging
+
+    from stmdit.distributed import process_state
+
+    # What `accelerate launch --cpu --num_processes 2` leaves in the one process it starts.
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="stmdit.distributed"):
+        state = process_state()
+    assert state.num_processes == 1
+    assert "torchrun --nproc_per_node N" in caplog.text

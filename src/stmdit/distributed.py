@@ -8,9 +8,12 @@ single-process runs that each do all the work. Every entry point that shards wor
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def cpu_process_group() -> bool:
@@ -24,4 +27,12 @@ def process_state():
     """accelerate's ``PartialState`` for this launch: one process, GPUs, or CPUs over gloo."""
     from accelerate import PartialState
 
+    single_from_several = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") and (
+        "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ
+    )
+    if single_from_several:
+        logger.warning(
+            "`accelerate launch --cpu` started one process although several were asked for (it needs "
+            "an MPI hostfile for more); for several CPU processes use `torchrun --nproc_per_node N -m stmdit ...`"
+        )
     return PartialState(cpu=cpu_process_group())

@@ -45,7 +45,7 @@ from stmdit.diffusion import (
     sample,
     training_loss,
 )
-from stmdit.distributed import cpu_process_group
+from stmdit.distributed import cpu_process_group, process_state
 from stmdit.encoders.vae import decode_latents
 from stmdit.io import atomic_path, dataclass_from_yaml, differences, write_json, write_text
 from stmdit.model import STMDiT
@@ -359,6 +359,7 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.config
         _allow_new_precision(cfg.mixed_precision)
+        process_state()  # forms the process group (gloo on CPUs) before accelerate would without it
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_process_group(), log_with="tensorboard",
                                   project_dir=str(self.run_dir))  # fmt: skip
         device = accelerator.device
