@@ -46,7 +46,9 @@ def main() -> None:
               "image": str(data / "he.jpg"), "sample_id": "C2", "patient_id": "C"}  # fmt: skip
     for px in args.tile_px:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = PrepareConfig(out=f"{tmp}/c2", samples=[sample], tile_um=128.0, tile_px=px)
+            cfg = PrepareConfig(
+                out=f"{tmp}/c2", samples=[sample], tile_um=128.0, tile_px=px, split_fractions=(1.0, 0.0, 0.0)
+            )
             start = time.perf_counter()
             store = prepare(cfg, progress=False)
             seconds = time.perf_counter() - start
