@@ -119,8 +119,7 @@ def test_raising_the_lymphocyte_programme_makes_tiles_more_lymphocytic(simulator
     held_out_sample = str(data.adata.obs["sample_id"].iloc[data.held_out_index[0]])
     control = start_state(data.adata, sample=held_out_sample)
     raised = perturb(control, [Perturbation(gene_set="lymphocyte", value=8)], gene_sets=MARKER_GENES)
-    states = ad.concat([control, raised])
-    states.obs_names = ["control", "lymphocyte x8"]
+    states = ad.concat([control, raised], keys=["control", "lymphocyte x8"], index_unique=":")
     seeds = range(8)
     tiles = paired_generate(pipe, states, seeds, guidance_ge=2.0, steps=20)
     assert tiles.shape == (2, 8, 16, 16, 3)
@@ -133,7 +132,9 @@ def test_raising_the_lymphocyte_programme_makes_tiles_more_lymphocytic(simulator
     assert change["ci_low"] > 0
     assert change["mean_change"] > 3 * change["control_seed_sd"]
     # Same seed, same expression: identical tiles (the pairing is exact).
-    again = paired_generate(pipe, ad.concat([control, control]), [3], guidance_ge=2.0, steps=20)
+    again = paired_generate(
+        pipe, ad.concat([control, control], keys=["a", "b"], index_unique=":"), [3], guidance_ge=2.0, steps=20
+    )
     np.testing.assert_array_equal(again[0], again[1])
 
 

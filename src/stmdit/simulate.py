@@ -175,8 +175,9 @@ def paired_generate(pipe, states: ad.AnnData, seeds, morphology=None, init_image
     # so row (seed, state) gets exactly the noise of that seed whatever else is in the batch.
     seeds = [int(s) for s in seeds]
     n = states.n_obs
-    batch = ad.concat([states] * len(seeds), join="inner")
-    batch.obs_names_make_unique()
+    batch = ad.concat(
+        [states] * len(seeds), join="inner", keys=[str(i) for i in range(len(seeds))], index_unique=":"
+    )
     kwargs = {"expression": batch, "guidance_morph": guidance_morph, "guidance_ge": guidance_ge,
               "num_inference_steps": steps, "generator": [spot_generator(s, 0) for s in seeds for _ in range(n)],
               "output_type": "np", "progress": False}  # fmt: skip
@@ -342,7 +343,7 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
         for i, name in enumerate(path.obs_names):
             variants[f"towards {target.obs['state'].iloc[0]} {name}"] = path[i : i + 1]
     names = list(variants)
-    states = ad.concat([variants[n] for n in names], join="inner")
+    states = ad.concat([variants[n] for n in names], join="inner", keys=names, index_unique=":")
     states.obs_names = names
 
     pipe = STMDiTPipeline.from_pretrained(cfg.pipeline)

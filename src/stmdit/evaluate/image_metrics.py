@@ -87,7 +87,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, imag_tol: floa
             f"{mu2.shape}, {sigma2.shape}"
         )
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():  # a singular product is expected (few images) and handled below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         offset = eps * np.eye(d)
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
