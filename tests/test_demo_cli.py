@@ -67,9 +67,14 @@ def test_train_then_generate_from_the_command_line(tmp_path):
         assert np.abs(a - b).max() <= 1
 
 
-def test_command_line_errors_are_readable(tmp_path):
-    result = runner.invoke(app, ["train", str(tmp_path / "missing.yaml")])
-    assert result.exit_code == 2 and "does not exist" in result.output
+def test_command_line_errors_are_readable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    for command in ("train", "prepare", "evaluate", "pseudolabel", "simulate"):
+        result = runner.invoke(app, [command, "missing.yaml"])
+        assert result.exit_code == 2 and "file 'missing.yaml' does not exist" in result.output, command
+        result = runner.invoke(app, [command, "configs"])  # a folder where a file belongs
+        assert result.exit_code == 2 and "'configs' is a directory" in result.output, command
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 1\n")
     result = runner.invoke(app, ["train", str(bad)])

@@ -58,7 +58,10 @@ def demo(
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="Training config (YAML); see README for the keys")],
+    config: Annotated[
+        Path,
+        typer.Argument(help="Training config (YAML); see README for the keys", exists=True, dir_okay=False),
+    ],
     output_dir: Annotated[str | None, typer.Option(help="Override the config's output_dir")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Override the config's max_steps")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir")] = True,
@@ -72,8 +75,6 @@ def train(
     from stmdit.train import ConfigMismatchError, TrainConfig, Trainer, TrainingInterrupted
 
     _setup_logging(verbose)
-    if not config.is_file():
-        _fail(f"config file {config} does not exist")
     overrides = {k: v for k, v in (("output_dir", output_dir), ("max_steps", max_steps)) if v is not None}
     try:
         cfg = TrainConfig.from_yaml(config, **overrides)
@@ -94,7 +95,10 @@ def train(
 @app.command()
 def prepare(
     config: Annotated[
-        Path, typer.Argument(help="Prepare config (YAML): out, samples, tile_um, tile_px, ...")
+        Path,
+        typer.Argument(
+            help="Prepare config (YAML): out, samples, tile_um, tile_px, ...", exists=True, dir_okay=False
+        ),
     ],
     out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -105,8 +109,6 @@ def prepare(
     from stmdit.data.store import prepare as run_prepare
 
     _setup_logging(verbose)
-    if not config.is_file():
-        _fail(f"config file {config} does not exist")
     try:
         cfg = PrepareConfig.from_yaml(config, out=out)
         store = run_prepare(cfg)
@@ -197,7 +199,12 @@ def train_predictor(
 @app.command()
 def evaluate(
     config: Annotated[
-        Path, typer.Argument(help="Evaluate config (YAML): out, dataset, models, predictor, seeds, ...")
+        Path,
+        typer.Argument(
+            help="Evaluate config (YAML): out, dataset, models, predictor, seeds, ...",
+            exists=True,
+            dir_okay=False,
+        ),
     ],
     out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
     inception_weights: Annotated[
@@ -210,8 +217,6 @@ def evaluate(
     from stmdit.evaluate.run import evaluate as run_evaluate
 
     _setup_logging(verbose)
-    if not config.is_file():
-        _fail(f"config file {config} does not exist")
     try:
         cfg = EvaluateConfig.from_yaml(config, out=out, inception_weights=inception_weights)
         results = run_evaluate(cfg)
@@ -236,7 +241,10 @@ def evaluate(
 @app.command()
 def pseudolabel(
     config: Annotated[
-        Path, typer.Argument(help="Pseudolabel config (YAML): predictor, slides, out, geometry")
+        Path,
+        typer.Argument(
+            help="Pseudolabel config (YAML): predictor, slides, out, geometry", exists=True, dir_okay=False
+        ),
     ],
     out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -246,8 +254,6 @@ def pseudolabel(
     from stmdit.pseudolabel import pseudolabel as run_pseudolabel
 
     _setup_logging(verbose)
-    if not config.is_file():
-        _fail(f"config file {config} does not exist")
     try:
         paths = run_pseudolabel(PseudolabelConfig.from_yaml(config, out=out))
     except (ValueError, FileNotFoundError, OSError) as err:
@@ -290,7 +296,12 @@ def section(
 @app.command()
 def simulate(
     config: Annotated[
-        Path, typer.Argument(help="Simulate config (YAML): pipeline, data, out, start state, variants")
+        Path,
+        typer.Argument(
+            help="Simulate config (YAML): pipeline, data, out, start state, variants",
+            exists=True,
+            dir_okay=False,
+        ),
     ],
     out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -299,8 +310,6 @@ def simulate(
     from stmdit.simulate import SimulateConfig, run_simulation
 
     _setup_logging(verbose)
-    if not config.is_file():
-        _fail(f"config file {config} does not exist")
     try:
         result = run_simulation(SimulateConfig.from_yaml(config, out=out))
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
