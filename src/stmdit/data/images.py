@@ -27,6 +27,7 @@ for Otsu to find.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import re
@@ -65,7 +66,7 @@ _MIN_TISSUE_SATURATION = 0.07
 _NO_GLASS_CLASS_MEAN = 0.1
 
 
-class SlideImage:
+class SlideImage(abc.ABC):
     """A read-only image addressed in level-0 pixels.
 
     ``width`` and ``height`` are level-0 sizes; ``mpp`` is microns per level-0 pixel or None
@@ -96,12 +97,12 @@ class SlideImage:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a no-op unless the backend keeps a file open)
         """Release the open file, where the backend keeps one (TIFF, OpenSlide)."""
 
+    @abc.abstractmethod
     def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """RGB uint8 pixels of ``[y0:y1, x0:x1]`` of ``level``; the box lies inside the level."""
-        raise NotImplementedError
 
     def level_downsample(self, level: int) -> tuple[float, float]:
         """Level-0 pixels per pixel of ``level`` along x and y."""
