@@ -23,6 +23,16 @@ from stmdit.data.readers import (
     read_visium,
 )
 
+# Space Ranger tissue_positions columns, in file order.
+POSITION_COLUMNS = [
+    "barcode",
+    "in_tissue",
+    "array_row",
+    "array_col",
+    "pxl_row_in_fullres",
+    "pxl_col_in_fullres",
+]
+
 
 def spot_crops(adata, image, size_px, out_size=32):
     """Crops of side ``size_px`` (full-resolution px) centred on each spot, from ``image``."""
@@ -307,14 +317,7 @@ def write_visium(root, n=12, layout="1.x", genes=None, barcodes_in_positions=Non
     ]
     table = pd.DataFrame(
         rows,
-        columns=[
-            "barcode",
-            "in_tissue",
-            "array_row",
-            "array_col",
-            "pxl_row_in_fullres",
-            "pxl_col_in_fullres",
-        ],
+        columns=POSITION_COLUMNS,
     )
     if layout == "1.x":
         table.to_csv(spatial / "tissue_positions_list.csv", header=False, index=False)
@@ -383,14 +386,7 @@ def test_visium_errors_name_the_file_and_field(tmp_path):
 def test_visium_parquet_needs_pyarrow_or_reads(tmp_path):
     outs, barcodes, _, _ = write_visium(tmp_path / "v3")
     table = pd.read_csv(outs / "spatial" / "tissue_positions_list.csv", header=None)
-    table.columns = [
-        "barcode",
-        "in_tissue",
-        "array_row",
-        "array_col",
-        "pxl_row_in_fullres",
-        "pxl_col_in_fullres",
-    ]
+    table.columns = POSITION_COLUMNS
     (outs / "spatial" / "tissue_positions_list.csv").unlink()
     try:
         table.to_parquet(outs / "spatial" / "tissue_positions.parquet")
