@@ -158,3 +158,45 @@ def test_a_cpu_launch_that_started_one_process_says_how_to_start_several(monkeyp
         state = process_state()
     assert state.num_processes == 1
     assert "torchrun --nproc_per_node N" in caplog.text
+
+
+def test_a_no_ge_model_warm_starts_a_ge_model(tmp_path):
+    from stmdit import STMDiT
+
+    data = dataset()
+    no_ge_cfg = config(
+        tmp_path, "no_ge", max_steps=2, model={"preset": "tiny", "patch_size": 2, "ge_injection": "none"}
+    )
+    base = Trainer(no_ge_cfg, data, progress=False).run()
+
+    def start_from(name, **kw):
+        kw = {"init_from": str(base.pipeline_dir), "model": {"ge_injection": "adaln+xattn"}, **kw}
+        cfg = config(tmp_path, name, **kw)
+        return STMDiT.from_pretrained(Trainer(cfg, data, progress=False).run().pipeline_dir / "transformer")
+
+    no_ge = STMDiT.from_pretrained(base.pipeline_dir / "transformer")
+    start = start_from("start", max_steps=1, warmup_steps=10)  # one step at learning rate 0
+    tuned = start_from("tuned", max_steps=4, warmup_steps=1)
+    assert no_ge.config.ge_injection == "none" and start.config.ge_injection == "adaln+xattn"
+    g = torch.Generator().manual_seed(1)
+    x, m, ge = (
+        torch.randn(3, 3, 8, 8, generator=g),
+        torch.randn(3, 6, generator=g),
+        torch.randn(3, 5, generator=g) * 5,
+    )
+    t = torch.tensor([10.0, 400.0, 900.0])
+    with torch.no_grad():
+        reference = no_ge(x, t, morphology=m)
+        torch.testing.assert_close(start(x, t, morphology=m, ge=ge), reference, atol=1e-6, rtol=1e-6)
+        assert (tuned(x, t, morphology=m, ge=ge) - reference).abs().max() > 1e-3  # fine-tuning moved it
+    with pytest.raises(FileNotFoundError, match="no STMDiT pipeline or transformer folder"):
+        start_from("missing", init_from=str(tmp_path / "nowhere"))
+
+
+def test_init_from_must_fit_the_data(tmp_path):
+    base = Trainer(config(tmp_path, "base", max_steps=1), dataset(), progress=False).run()
+    wider = FeatureDataset(
+        latents=torch.randn(8, 3, 8, 8), morphology=torch.randn(8, 7), ge=torch.randn(8, 5)
+    )
+    with pytest.raises(ValueError, match=r"shape mismatch for 'y_embedder\."):
+        Trainer(config(tmp_path, "wider", init_from=str(base.pipeline_dir)), wider, progress=False).run()

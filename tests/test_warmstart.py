@@ -273,3 +273,26 @@ def test_missing_local_path_is_not_taken_for_a_hub_id(tmp_path):
         FileNotFoundError, match="neither an existing file or folder nor a Hugging Face hub id"
     ):
         load_pixcell(str(tmp_path / "no" / "such" / "model.pth"))
+
+
+def test_training_from_pixcell_starts_exactly_where_pixcell_is(tmp_path, pixart, uncond):
+    from stmdit import STMDiT
+    from stmdit.data.features import FeatureDataset
+    from stmdit.train import TrainConfig, Trainer
+
+    folder = save_diffusers(
+        pixart, tmp_path / "pixcell", {"caption_projection.uncond_embedding": uncond}, caption_num_tokens=1
+    )
+    g = torch.Generator().manual_seed(0)
+    data = FeatureDataset(
+        latents=torch.randn(8, 4, 8, 8, generator=g),
+        morphology=torch.randn(8, CAPTION, generator=g),
+        ge=torch.randn(8, 6, generator=g),
+    )
+    # warmup_steps 10: the one step runs at learning rate 0, so the saved model is the start.
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), init_from=f"pixcell:{folder}", max_steps=1,
+                      batch_size=4, warmup_steps=10, model={"ge_injection": "adaln+xattn"})  # fmt: skip
+    result = Trainer(cfg, data, progress=False).run()
+    model = STMDiT.from_pretrained(result.pipeline_dir / "transformer")
+    assert (model.config.hidden_size, model.config.depth, model.config.ge_dim) == (HIDDEN, LAYERS, 6)
+    assert_matches_pixart(model, pixart)

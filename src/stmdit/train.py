@@ -87,6 +87,11 @@ class TrainConfig:
     :func:`stmdit.data.sources.load_training_data`; the trainer itself takes a dataset).
     ``model`` holds STMDiT constructor arguments plus ``preset`` (default ``tiny``); the
     channel count, sample size and feature widths are filled in from the data.
+    ``init_from`` starts from existing weights instead of a random initialisation:
+    ``pixcell:SOURCE`` (hub id, diffusers folder or original checkpoint) or an STMDiT
+    pipeline or transformer folder; the checkpoint then decides the architecture, ``model``
+    sets the GE pathway, and the new GE layers start at zero (see
+    :func:`stmdit.warmstart.load_initial_weights`).
     Defaults follow PixCell where it has one (dropout 0.1, AdamW); the learning rate, warm-up
     and clipping defaults suit training from scratch rather than PixCell's fine-tuning values
     (lr 2e-5, 1000 warm-up steps, clip 0.01).
@@ -95,6 +100,7 @@ class TrainConfig:
     output_dir: str = "runs/stmdit"
     data: dict = field(default_factory=lambda: {"source": "synthetic"})
     model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    init_from: str | None = None
     max_steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 1e-4
@@ -162,7 +168,12 @@ def build_model(config: TrainConfig, dataset: FeatureDataset) -> STMDiT:
             raise ValueError(
                 f"the model injects gene expression but the training data has no {needed[:-4] or 'ge'} features"
             )
-    return STMDiT.from_preset(preset, **spec)
+    if config.init_from is None:
+        return STMDiT.from_preset(preset, **spec)
+    from stmdit.warmstart import load_initial_weights
+
+    model, _ = load_initial_weights(config.init_from, **spec)
+    return model
 
 
 def _step_seed(seed: int, step: int, process: int) -> int:

@@ -10,7 +10,9 @@ the warm-started model computes exactly what PixCell computes until GE training 
 
 Public API: :func:`load_pixcell` (file, folder or hub id -> ``(STMDiT, LoadReport)``), and
 the pieces it is made of: :func:`detect_layout`, :func:`convert_diffusers`,
-:func:`convert_original`.
+:func:`convert_original`; :func:`load_initial_weights`, the weights a training run starts
+from (``TrainConfig.init_from``): PixCell, or an earlier STMDiT, for instance a no-GE model
+given a GE pathway.
 """
 
 from __future__ import annotations
@@ -246,30 +248,63 @@ def load_pixcell(
 
     converted, ignored = CONVERTERS[layout](state)
     model = STMDiT(**config)
-    expected = model.state_dict()
-    for key, value in converted.items():
-        if key in expected and value.shape != expected[key].shape:
-            raise ValueError(
-                f"shape mismatch for {key!r} ({layout} layout): the checkpoint has {tuple(value.shape)}, "
-                f"STMDiT built from the config expects {tuple(expected[key].shape)}"
-            )
-    model.load_state_dict({k: v for k, v in converted.items() if k in expected}, strict=False)
-    model.eval()
-
-    report = LoadReport(
-        source=str(path),
-        layout=layout,
-        config=dict(model.config),
-        missing=sorted(k for k in expected if k not in converted),
-        unexpected=sorted(k for k in converted if k not in expected),
-        ignored={**not_tensors, **ignored},
-        notes=notes,
-        caveats=_caveats(model, state),
-    )
+    report = _load_matching(model, converted, str(path), layout)
+    report.ignored, report.notes, report.caveats = {**not_tensors, **ignored}, notes, _caveats(model, state)
     logger.info("%s", report)
     if not report.clean:
         warnings.warn(f"PixCell warm-start is not exact:\n{report}", stacklevel=2)
     return model, report
+
+
+def load_initial_weights(init_from: str | os.PathLike, **model_args) -> tuple[STMDiT, LoadReport]:
+    """The model a training run starts from.
+
+    ``init_from`` is ``pixcell:SOURCE`` (any source :func:`load_pixcell` takes) or the folder of
+    an STMDiT pipeline (its ``transformer/``) or transformer. ``model_args`` are STMDiT
+    arguments that replace the checkpoint's (the GE pathway, the data's widths); every
+    checkpoint tensor must fit the resulting model, and tensors the checkpoint lacks may only
+    be GE layers, which start in their zero-output state: an STMDiT without GE warm-starts a
+    GE model that first computes exactly what it computed.
+    """
+    spec = str(init_from)
+    if spec.startswith("pixcell:"):
+        return load_pixcell(spec.removeprefix("pixcell:"), **model_args)
+    folder = Path(spec).expanduser()
+    if (folder / "transformer" / "config.json").is_file():
+        folder = folder / "transformer"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"init_from {spec!r}: no STMDiT pipeline or transformer folder there (config.json); "
+            "a PixCell checkpoint is given as pixcell:SOURCE"
+        )
+    pretrained = STMDiT.from_pretrained(folder)
+    config = {k: v for k, v in pretrained.config.items() if not k.startswith("_")}
+    model = STMDiT(**{**config, **model_args})
+    report = _load_matching(model, pretrained.state_dict(), str(folder), "stmdit")
+    if report.missing_backbone or report.unexpected:
+        raise ValueError(f"init_from {spec!r} does not fit the configured model:\n{report}")
+    logger.info("%s", report)
+    return model, report
+
+
+def _load_matching(model: STMDiT, state: dict[str, torch.Tensor], source: str, layout: str) -> LoadReport:
+    """Load the tensors of ``state`` that ``model`` has (shapes must agree) and report the rest."""
+    expected = model.state_dict()
+    for key, value in state.items():
+        if key in expected and value.shape != expected[key].shape:
+            raise ValueError(
+                f"shape mismatch for {key!r} ({layout} layout, {source}): the checkpoint has "
+                f"{tuple(value.shape)}, STMDiT built from the config expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    model.eval()
+    return LoadReport(
+        source=source,
+        layout=layout,
+        config=dict(model.config),
+        missing=sorted(k for k in expected if k not in state),
+        unexpected=sorted(k for k in state if k not in expected),
+    )
 
 
 def _resolve(source: str | os.PathLike, revision: str | None) -> Path:
