@@ -68,9 +68,6 @@ class Condition:
     def without_ge(self) -> Condition:
         return replace(self, ge=None, ge_tokens=None, ge_mask=None)
 
-    def without_morphology(self) -> Condition:
-        return replace(self, morphology=None)
-
     def model_kwargs(self) -> dict[str, torch.Tensor | None]:
         return {
             "morphology": self.morphology,

@@ -12,7 +12,6 @@ import torch
 HAEMATOXYLIN = (0.650, 0.704, 0.286)
 EOSIN = (0.072, 0.990, 0.105)
 DAB = (0.268, 0.570, 0.776)
-STAIN_NAMES = ("haematoxylin", "eosin", "brown")
 
 
 def stain_matrix() -> torch.Tensor:

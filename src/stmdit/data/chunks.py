@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +92,3 @@ class ChunkedArray:
     @property
     def complete(self) -> bool:
         return all(self.is_done(c) for c in range(self.n_chunks))
-
-    def iter_pending(self, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, slice]]:
-        for chunk in self.pending(shard):
-            yield chunk, self.rows(chunk)

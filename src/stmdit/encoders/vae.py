@@ -78,15 +78,3 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 32) -> torch.Te
             ]
         )
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
-
-
-def latent_shape(vae, image_size: int) -> tuple[int, int]:
-    """(channels, side) of the latent of a square ``image_size`` tile."""
-    if vae is None:
-        return 3, image_size
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if image_size % factor:
-        raise ValueError(
-            f"image size {image_size} is not divisible by the VAE's downsampling factor {factor}"
-        )
-    return vae.config.latent_channels, image_size // factor

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stmdit.evaluate.fidelity import ceiling_ratio
 from stmdit.io import atomic_path, dataclass_from_yaml, write_json
 
 logger = logging.getLogger(__name__)
@@ -312,9 +313,10 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
                     if seed == seeds[0]:
                         predictions[f"{name}/{setting}"] = fid_res["predicted"]
             summary = {k: _mean_std(v) for k, v in per_seed.items() if v}
-            if "fidelity_auc" in summary and predictor is not None:
-                summary["fidelity_ratio_to_ceiling"] = (
-                    summary["fidelity_auc"]["mean"] / results["ceiling"]["auc"]
+            # A ratio to a ceiling at or below zero means nothing; the report then shows none.
+            if "fidelity_auc" in summary and predictor is not None and results["ceiling"]["auc"] > 0:
+                summary["fidelity_ratio_to_ceiling"] = ceiling_ratio(
+                    summary["fidelity_auc"]["mean"], results["ceiling"]["auc"]
                 )
             model_res["settings"][setting] = {"guidance_ge": s_g, "summary": summary, "details": details}
         settings = model_res["settings"]
@@ -337,6 +339,11 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         }  # fmt: skip
     results["warnings"] = sorted({w for m in results["models"].values() for s in m["settings"].values()
                                   for d in s["details"].values() for w in d["image_metrics"]["warnings"]})  # fmt: skip
+    if "ceiling" in results and not results["ceiling"]["auc"] > 0:
+        results["warnings"].append(
+            f"the real-tile fidelity ceiling is {results['ceiling']['auc']:.3f}: the predictor does not read "
+            "expression from these tiles, so fidelity AUCs and their ratios to it are not informative"
+        )
     results["protocol"] = {
         "spots": reference,
         "noise": "per spot: torch.Generator seeded by (seed, spot index); identical across models and settings",
