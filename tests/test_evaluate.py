@@ -66,6 +66,8 @@ def test_predictor_training_evaluation_and_report_end_to_end(
     assert set(metrics["models"]["xattn"]["ge_ablation"]) == {"null", "shuffled"}
     assert {"fid", "fidelity_auc"} <= set(metrics["models"]["xattn"]["ge_ablation"]["null"])
     assert metrics["ceiling"]["auc"] > 0  # the predictor reads real C4 tiles better than chance
+    ratio = ge["fidelity_auc"]["mean"] / metrics["ceiling"]["auc"]
+    assert ge["fidelity_ratio_to_ceiling"] == pytest.approx(ratio)
     assert any("2048" in w or "images" in w for w in metrics["warnings"])
     seed0 = metrics["models"]["xattn"]["settings"]["ge"]["details"]["seed0"]
     assert seed0["image_metrics"]["overall"]["fid"]["protocol"]["n_real"] == metrics["n_spots"] == 24
