@@ -98,3 +98,22 @@ def run_two_processes(*stmdit_args: str, launcher: str = "torchrun", timeout: in
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def median_r_with_shuffled_controls(truth, predicted, n_controls: int = 5):
+    """Median per-gene Pearson r of ``predicted`` against ``truth``, and the same for
+    ``n_controls`` seeded shuffles of the spots (what chance gives on these genes)."""
+    import numpy as np
+
+    from stmdit.encoders.predictor import per_gene_pearson
+
+    r = float(np.median(per_gene_pearson(truth, predicted)))
+    shuffled = [
+        float(
+            np.median(
+                per_gene_pearson(truth, predicted[np.random.default_rng(s).permutation(len(predicted))])
+            )
+        )
+        for s in range(n_controls)
+    ]
+    return r, shuffled

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from conftest import median_r_with_shuffled_controls
 from stmdit.data.synthetic import MARKER_GENES, simulate_tissue
 from stmdit.encoders.morphology import StainFeatureEncoder
 from stmdit.encoders.predictor import (
@@ -368,9 +369,7 @@ def test_real_her2st_predictions_beat_a_shuffled_control(her2st_store):
     )
     predicted = fit.predictor.predict_features(features)
     measured = expression_targets(test.adata, fit.predictor.genes, source="C4")
-    r = np.median(per_gene_pearson(measured, predicted))
-    shuffled = [np.median(per_gene_pearson(measured, predicted[np.random.default_rng(s).permutation(len(predicted))]))
-                for s in range(5)]  # fmt: skip
+    r, shuffled = median_r_with_shuffled_controls(measured, predicted)
     print(
         f"her2st C2+C3 -> C4, top 100 genes: median Pearson {r:.3f}; shuffled spots {np.round(shuffled, 3).tolist()}"
     )

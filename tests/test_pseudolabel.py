@@ -19,14 +19,13 @@ from PIL import Image
 from scipy.spatial import cKDTree
 from typer.testing import CliRunner
 
-from conftest import run_two_processes
+from conftest import median_r_with_shuffled_controls, run_two_processes
 from stmdit.cli import app
 from stmdit.data.store import PrepareConfig, prepare
 from stmdit.encoders.predictor import (
     SpotSet,
     build_predictor_encoder,
     expression_targets,
-    per_gene_pearson,
     save_predictor,
     train_predictor,
 )
@@ -129,9 +128,7 @@ def test_predictions_on_unseen_c4_follow_its_measured_counts(labelled, her2st_st
     assert close.sum() > 40
     truth = expression_targets(measured[nearest[close]], list(c4.var_names))
     predicted = np.asarray(c4.X)[close]
-    r = np.median(per_gene_pearson(truth, predicted))
-    shuffled = [np.median(per_gene_pearson(truth, predicted[np.random.default_rng(s).permutation(len(predicted))]))
-                for s in range(5)]  # fmt: skip
+    r, shuffled = median_r_with_shuffled_controls(truth, predicted)
     print(
         f"C4 median per-gene r {r:.3f} vs shuffled {np.round(shuffled, 3)} over {close.sum()} matched spots"
     )
