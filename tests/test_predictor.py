@@ -22,7 +22,8 @@ from torch import nn
 from conftest import median_r_with_shuffled_controls
 from stmdit.data.synthetic import MARKER_GENES, simulate_tissue
 from stmdit.encoders.morphology import StainFeatureEncoder
-from stmdit.encoders.predictor import (
+from stmdit.io import UntrustedPickleError
+from stmdit.predictor import (
     PREDICTION_KEY,
     ContextFeatures,
     ExpressionPredictor,
@@ -38,7 +39,6 @@ from stmdit.encoders.predictor import (
     train_predictor,
     train_predictor_command,
 )
-from stmdit.io import UntrustedPickleError
 
 SIM_TILE_UM = 64.0  # the simulator's tiles show 64 µm of tissue
 SMALL = {"hidden_dim": 32, "n_phi": 3, "n_rho": 3}

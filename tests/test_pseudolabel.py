@@ -22,14 +22,14 @@ from typer.testing import CliRunner
 from conftest import median_r_with_shuffled_controls, run_two_processes
 from stmdit.cli import app
 from stmdit.data.store import PrepareConfig, prepare
-from stmdit.encoders.predictor import (
+from stmdit.experiments.pseudolabel import PseudolabelConfig, pseudolabel
+from stmdit.predictor import (
     SpotSet,
     build_predictor_encoder,
     expression_targets,
     save_predictor,
     train_predictor,
 )
-from stmdit.pseudolabel import PseudolabelConfig, pseudolabel
 
 HER2ST_MPP = 0.6853  # from the 200 µm pitch of C4's spot grid (read_legacy_st)
 XENIUM_MPP = 0.5  # assumed: the sample's files state no pixel size

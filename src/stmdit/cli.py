@@ -185,7 +185,7 @@ def train_predictor(
     ] = False,
 ) -> None:
     """Train the DeepSpot-style expression predictor (H&E features -> spot expression)."""
-    from stmdit.encoders.predictor import train_predictor_command
+    from stmdit.predictor import train_predictor_command
 
     try:
         path = train_predictor_command(dataset, out, morphology_encoder=morphology_encoder, n_genes=n_genes,
@@ -250,8 +250,8 @@ def pseudolabel(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Predict pseudo spatial transcriptomics for H&E-only slides (resumes; shards under accelerate launch)."""
-    from stmdit.pseudolabel import PseudolabelConfig
-    from stmdit.pseudolabel import pseudolabel as run_pseudolabel
+    from stmdit.experiments.pseudolabel import PseudolabelConfig
+    from stmdit.experiments.pseudolabel import pseudolabel as run_pseudolabel
 
     _setup_logging(verbose)
     try:

@@ -97,7 +97,7 @@ class HeldOut:
 
 
 def held_out_spots(cfg: EvaluateConfig) -> HeldOut:
-    from stmdit.encoders.predictor import SpotSet
+    from stmdit.predictor import SpotSet
 
     spots = SpotSet.from_store(cfg.dataset, split=cfg.split, samples=cfg.samples)
     if len(spots) == 0:
@@ -190,8 +190,8 @@ def _fidelity(
     predictor, encoder, tiles_u8: np.ndarray, held: HeldOut, measured: np.ndarray, n_bootstrap: int
 ) -> dict:
     """DeepSpot AUC per sample of the predictor on these tiles against the measured expression."""
-    from stmdit.encoders.predictor import context_features
     from stmdit.evaluate.fidelity import fidelity_auc
+    from stmdit.predictor import context_features
 
     feats = context_features(
         tiles_u8, held.adata.obs, held.tile_um, held.spot_diameter_um, encoder, progress=False
@@ -233,10 +233,10 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     """Run the evaluation and write ``metrics.json`` and the HTML report into ``cfg.out``."""
     from stmdit.data.encode import load_encoders
     from stmdit.data.store import DatasetStore
-    from stmdit.encoders.predictor import expression_targets, load_predictor
     from stmdit.evaluate.image_metrics import InceptionFeatures, MorphologyFeatures, compute_image_metrics
     from stmdit.evaluate.report import write_report
     from stmdit.pipeline import STMDiTPipeline
+    from stmdit.predictor import expression_targets, load_predictor
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

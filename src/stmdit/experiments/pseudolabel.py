@@ -19,6 +19,7 @@ keeping partial ones; under ``accelerate launch`` each process takes every N-th 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -28,7 +29,11 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from stmdit.data.readers import read_he_slide
+from stmdit.data.tiling import SpotTiler
+from stmdit.distributed import process_state
 from stmdit.io import atomic_path, dataclass_from_yaml
+from stmdit.predictor import context_features, load_predictor
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +86,6 @@ class PseudolabelConfig:
 
 def pseudolabel_slide(spec: dict, predictor, encoder, cfg: PseudolabelConfig, progress: bool = True):
     """Pseudo-spots of one H&E-only slide with their predicted expression (AnnData)."""
-    from stmdit.data.readers import read_he_slide
-    from stmdit.data.tiling import SpotTiler
-    from stmdit.encoders.predictor import context_features
-
     provenance = predictor.config.provenance or {}
     diameters = provenance.get("spot_diameter_um") or [None]
     tile_um = provenance.get("tile_um")
@@ -123,16 +124,11 @@ def pseudolabel_slide(spec: dict, predictor, encoder, cfg: PseudolabelConfig, pr
 
 def _json_safe(value):
     """uns must be writable to h5ad: nested dicts of strings, numbers and lists."""
-    import json
-
     return json.loads(json.dumps(value, default=str))
 
 
 def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
     """Pseudo-label every slide not done yet; returns the AnnData paths of all slides."""
-    from stmdit.distributed import process_state
-    from stmdit.encoders.predictor import load_predictor
-
     state = process_state()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,26 +153,3 @@ def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
             logger.info("%s: %d pseudo-spots", paths[i], adata.n_obs)
     state.wait_for_everyone()
     return paths
-
-
-def read_pseudolabels(h5ad: str | os.PathLike, sample_id: str | None = None, patient_id: str | None = None):
-    """A ``stmdit pseudolabel`` result as a reader output (for ``stmdit prepare``)."""
-    import anndata as ad
-
-    path = Path(h5ad)
-    if not path.is_file():
-        raise FileNotFoundError(f"pseudo-label file {path} does not exist; run `stmdit pseudolabel` first")
-    adata = ad.read_h5ad(path)
-    samples = adata.uns.get("stmdit", {}).get("samples", {})
-    if len(samples) != 1 or adata.obs.get("expression_source") is None:
-        raise ValueError(
-            f"{path} is not a `stmdit pseudolabel` output (uns['stmdit']['samples'], obs['expression_source'])"
-        )
-    ((sid, meta),) = samples.items()
-    if sample_id is not None and sample_id != sid:
-        adata.obs["sample_id"] = sample_id
-        adata.obs_names = [f"{sample_id}:{b}" for b in adata.obs["barcode"]]
-        adata.uns["stmdit"] = {"samples": {sample_id: meta}}
-    if patient_id is not None:
-        adata.obs["patient_id"] = patient_id
-    return adata
