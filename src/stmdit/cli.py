@@ -173,7 +173,8 @@ def train_predictor(
     morphology_encoder: Annotated[
         str, typer.Option(help="stain | uni2h[:SOURCE] | timm:NAME[@WEIGHTS]")
     ] = "stain",
-    n_genes: Annotated[int, typer.Option(help="Top highly variable genes to predict")] = 256,
+    n_genes: Annotated[int | None, typer.Option(help="Top highly variable genes to predict [default: 5000, DeepSpot's]")] = None,
+    gene_selection: Annotated[str | None, typer.Option(help="seurat_v3 (DeepSpot's, default) | variance")] = None,
     epochs: Annotated[int, typer.Option()] = 100,
     batch_size: Annotated[int, typer.Option()] = 256,
     leave_one_patient_out: Annotated[
@@ -189,7 +190,7 @@ def train_predictor(
 
     try:
         path = train_predictor_command(dataset, out, morphology_encoder=morphology_encoder, n_genes=n_genes,
-                                       epochs=epochs, leave_one_patient_out=leave_one_patient_out, seed=seed,
+                                       gene_selection=gene_selection, epochs=epochs, leave_one_patient_out=leave_one_patient_out, seed=seed,
                                        trust_pickle=trust_pickle, batch_size=batch_size)  # fmt: skip
     except (ValueError, FileNotFoundError, OSError) as err:
         _fail(str(err))

@@ -246,7 +246,7 @@ def _fit_predictor(data, s: DemoSettings, progress: bool):
         data.adata[data.train_index].copy(), data.tissue.tiles[data.train_index], tile_um, tile_um
     )
     encoder = StainFeatureEncoder(image_size=s.tile_size).fit(data.tiles[data.train_index])
-    return train_predictor(train, encoder, n_genes=s.predictor_genes, epochs=s.predictor_epochs, lr=1e-3, seed=s.seed,
+    return train_predictor(train, encoder, n_genes=s.predictor_genes, epochs=s.predictor_epochs, lr=1e-3, seed=s.seed, gene_selection="variance",
                            model_kwargs=s.predictor_model,
                            progress=progress), encoder  # fmt: skip
 

@@ -202,7 +202,8 @@ def _fidelity(
         rows = held.samples == sample
         if rows.sum() < 3:
             continue
-        res = fidelity_auc(measured[rows], predicted[rows], n_bootstrap=n_bootstrap)
+        res = fidelity_auc(measured[rows], predicted[rows], predictor.hvg_order, n_bootstrap=n_bootstrap,
+                           gene_protocol=predictor.gene_protocol)  # fmt: skip
         per_sample[sample] = res.to_dict()
     if not per_sample:
         raise ValueError("fidelity needs at least 3 spots in some sample")
@@ -269,7 +270,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         measured = expression_targets(held.adata, predictor.genes, source=f"{cfg.dataset} spots")
         ceiling = _fidelity(predictor, encoder, held.tiles, held, measured, cfg.n_bootstrap)
         results["ceiling"] = {k: v for k, v in ceiling.items() if k != "predicted"}
-        results["predictor"] = {"path": str(cfg.predictor), "genes": len(predictor.genes)}
+        results["predictor"] = {"path": str(cfg.predictor), "genes": len(predictor.genes),
+                                "gene_protocol": predictor.gene_protocol}  # fmt: skip
         predictions = {"real": ceiling["predicted"]}
 
     samples_for_grid: dict[str, np.ndarray] = {}
@@ -344,6 +346,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             f"the real-tile fidelity ceiling is {results['ceiling']['auc']:.3f}: the predictor does not read "
             "expression from these tiles, so fidelity AUCs and their ratios to it are not informative"
         )
+    if "ceiling" in results and results["ceiling"]["protocol"]["departures"]:
+        results["warnings"].append("fidelity AUC departs from DeepSpot's protocol: "
+                                   + "; ".join(results["ceiling"]["protocol"]["departures"]))  # fmt: skip
     results["protocol"] = {
         "spots": reference,
         "noise": "per spot: torch.Generator seeded by (seed, spot index); identical across models and settings",

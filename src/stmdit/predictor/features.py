@@ -68,7 +68,7 @@ def take_rows(tiles, rows: np.ndarray):
     return tiles.oindex[rows] if hasattr(tiles, "oindex") else tiles[rows]
 
 
-def _square_images(block, source: str) -> torch.Tensor:
+def square_images(block, source: str) -> torch.Tensor:
     images = images_to_tensor(block)
     if images.shape[-1] != images.shape[-2]:
         raise ValueError(f"{source}: tiles must be square; got {tuple(images.shape[-2:])} px")
@@ -79,7 +79,7 @@ def spot_crops(tiles, tile_um: float, spot_diameter_um: float) -> torch.Tensor:
     """The spot crops (N, 3, side, side) in [0, 1] of tiles (anything
     :func:`~stmdit.encoders.morphology.images_to_tensor` takes): the central square whose side
     is the spot diameter. Used to fit encoders (e.g. the stain statistics) on what they will see."""
-    images = _square_images(tiles, "tiles")
+    images = square_images(tiles, "tiles")
     return _crops(images, _crop_side(images.shape[-1], tile_um, spot_diameter_um))[0]
 
 
@@ -185,7 +185,7 @@ def context_features(
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             lo, hi = int(chunk[0]), int(chunk[-1]) + 1
-            images = _square_images(
+            images = square_images(
                 tiles[lo:hi] if hi - lo == len(chunk) else take_rows(tiles, chunk), "tiles"
             )
             spot, subspots = _crops(images, _crop_side(images.shape[-1], tile_um, float(diameter)))

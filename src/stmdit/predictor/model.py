@@ -89,6 +89,20 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
     def n_genes(self) -> int:
         return len(self.config.genes)
 
+    @property
+    def gene_protocol(self) -> dict | None:
+        """How the genes were chosen (provenance ``gene_selection``; see
+        :func:`~stmdit.predictor.genes.select_predictor_genes`), None when not recorded."""
+        protocol = (self.config.provenance or {}).get("gene_selection")
+        return protocol if isinstance(protocol, dict) else None
+
+    @property
+    def hvg_order(self) -> np.ndarray | None:
+        """Output indices, most highly variable first, for the fidelity curve's top-N genes; None
+        when the predictor does not know its genes' ranking (then evaluation ranks per sample)."""
+        protocol = self.gene_protocol
+        return np.arange(self.n_genes) if protocol and protocol.get("genes_ranked") else None
+
     def set_scaler(self, mean, std) -> None:
         """The per-gene mean and standard deviation of the training targets (log1p CP10k)."""
         mean, std = (

@@ -16,7 +16,7 @@ import numpy as np
 from stmdit.data.store import DatasetStore
 from stmdit.encoders.expression import align_to_panel, log1p_cp10k
 from stmdit.evaluate.fidelity import pearson_per_gene
-from stmdit.predictor.features import take_rows
+from stmdit.predictor.features import square_images, take_rows
 
 
 class _RowView:
@@ -54,6 +54,11 @@ class SpotSet:
 
     def __len__(self) -> int:
         return self.adata.n_obs
+
+    @property
+    def tile_px(self) -> int:
+        """The tiles' side in pixels (a tile shows ``tile_um`` µm over this many pixels)."""
+        return int(square_images(take_rows(self.tiles, np.arange(1)), "tiles").shape[-1])
 
     @classmethod
     def from_store(cls, store, split: str | None = "train", samples: Sequence[str] | None = None,

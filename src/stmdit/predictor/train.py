@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stmdit.data.store import DatasetStore
-from stmdit.encoders.expression import select_variable_genes
 from stmdit.encoders.factory import build_morphology_encoder, describe
 from stmdit.predictor.features import ContextFeatures, context_features, spot_crops, take_rows
+from stmdit.predictor.genes import PAPER_GENE_SELECTION, PAPER_N_GENES, select_predictor_genes
 from stmdit.predictor.model import PREDICTION_KEY, ExpressionPredictor
 from stmdit.predictor.spots import SpotSet, expression_targets, per_gene_pearson, require_counts
 from stmdit.predictor.storage import save_predictor
@@ -155,7 +156,7 @@ def _loss(
 def train_predictor(
     train: SpotSet,
     encoder,
-    n_genes: int = 256,
+    n_genes: int = PAPER_N_GENES,
     val: SpotSet | None = None,
     epochs: int = 100,
     batch_size: int = 256,
@@ -166,12 +167,17 @@ def train_predictor(
     model_kwargs: dict | None = None,
     progress: bool = True,
     device=None,
+    gene_selection: str = PAPER_GENE_SELECTION,
 ) -> PredictorFit:
     """Encode ``train`` (and ``val``) in context, choose genes, and fit.
 
-    Genes: the ``n_genes`` with the highest variance of log1p CP10k over the training spots
-    (DeepSpot uses scanpy's ``seurat_v3`` with a per-sample batch key on raw counts; this ranking
-    needs no scanpy and ignores batches). ``val`` early-stops training (see :func:`fit_predictor`).
+    Genes: by default DeepSpot's, the top ``n_genes`` = 5,000 highly variable genes of scanpy's
+    ``seurat_v3`` with the sample as batch key on the training spots' raw counts, kept in
+    scanpy's rank order; ``gene_selection="variance"`` ranks by the variance of log1p CP10k
+    instead (see :func:`~stmdit.predictor.genes.select_predictor_genes`). Anything but the paper's
+    protocol is warned about and recorded in the provenance (``gene_selection``), as are the
+    training tiles' size (``tile_um``, ``tile_px``), which pseudo-labelling reads slides at.
+    ``val`` early-stops training (see :func:`fit_predictor`).
 
     ``leave_one_patient_out``: additionally, for every patient of ``train`` (``obs['patient_id']``,
     at least two), a model trained without that patient (genes chosen again on its training
@@ -191,20 +197,32 @@ def train_predictor(
     )  # fmt: skip
     d = np.unique(np.asarray(train.spot_diameter_um, dtype=np.float64))
     base = {"trained_by": "stmdit train_predictor", "morphology_encoder": describe(encoder),
-            "tile_um": float(train.tile_um), "spot_diameter_um": d.tolist(), "neighbour_radius": 1,
-            "gene_selection": "top variance of log1p CP10k on the training spots", "seed": int(seed)}  # fmt: skip
+            "tile_um": float(train.tile_um), "tile_px": train.tile_px, "spot_diameter_um": d.tolist(),
+            "neighbour_radius": 1, "seed": int(seed)}  # fmt: skip
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "patience": patience,
                 "model_kwargs": model_kwargs, "progress": progress, "device": device}  # fmt: skip
 
     def fit(rows: np.ndarray, extra: dict) -> PredictorFit:
         adata = train.adata[rows]
-        genes = select_variable_genes(adata, n_genes)
+        genes, protocol = select_predictor_genes(adata, n_genes, gene_selection)
+        if protocol["departures"] and not extra:
+            warnings.warn(
+                "the predictor does not follow DeepSpot's gene protocol: "
+                + "; ".join(protocol["departures"]),
+                stacklevel=3,
+            )
         targets = expression_targets(adata, genes, source="training spots")
         val_pair = None
         if val_features is not None:
             val_pair = (val_features, expression_targets(val.adata, genes, source="validation spots"))
         samples = sorted(adata.obs["sample_id"].astype(str).unique()) if "sample_id" in adata.obs else []
-        provenance = {**base, **extra, "train_samples": samples, "n_train_spots": int(len(rows))}
+        provenance = {
+            **base,
+            **extra,
+            "gene_selection": protocol,
+            "train_samples": samples,
+            "n_train_spots": int(len(rows)),
+        }
         return fit_predictor(
             features.subset(rows), targets, genes, val=val_pair, provenance=provenance, **settings
         )
@@ -256,19 +274,21 @@ def train_predictor_command(
     dataset_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     morphology_encoder: str = "stain",
-    n_genes: int = 256,
+    n_genes: int | None = None,
     epochs: int = 100,
     leave_one_patient_out: bool = False,
     seed: int = 0,
     trust_pickle: bool = False,
     batch_size: int = 256,
     progress: bool = True,
+    gene_selection: str | None = None,
 ) -> Path:
     """``stmdit train-predictor``: fit the expression predictor on a prepared store.
 
     Trains on the kept spots of the ``train`` split, early-stops on the ``val`` split when it has
     kept spots, and writes the predictor folder (:func:`save_predictor`) atomically to ``out_dir``.
-    Returns ``out_dir``.
+    ``n_genes`` and ``gene_selection`` default (None) to DeepSpot's protocol (5,000 seurat_v3
+    HVGs, see :func:`train_predictor`). Returns ``out_dir``.
     """
     store = DatasetStore(dataset_dir)
     train = SpotSet.from_store(store, "train")
@@ -279,9 +299,10 @@ def train_predictor_command(
     encoder = build_predictor_encoder(morphology_encoder, train, trust_pickle=trust_pickle)
     if torch.cuda.is_available():
         encoder.to("cuda")
-    fit = train_predictor(train, encoder, n_genes=n_genes, val=val if len(val) else None, epochs=epochs,
-                          batch_size=batch_size, seed=seed, leave_one_patient_out=leave_one_patient_out,
-                          progress=progress)  # fmt: skip
+    genes = {"n_genes": n_genes, "gene_selection": gene_selection}
+    fit = train_predictor(train, encoder, val=val if len(val) else None, epochs=epochs, batch_size=batch_size,
+                          seed=seed, leave_one_patient_out=leave_one_patient_out, progress=progress,
+                          **{k: v for k, v in genes.items() if v is not None})  # fmt: skip
     extra = {"morphology_spec": str(morphology_encoder), "dataset": str(store.root.resolve())}
     for f in (fit, *fit.folds.values()):
         f.predictor.register_to_config(provenance={**(f.predictor.config.provenance or {}), **extra})
