@@ -595,7 +595,8 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
         """Counts (B, n_panel) in panel order -> (gene ids, values), each (B, 1 + n_tokens), on CPU.
 
         Position 0 is ``<cls>`` with the pad value; genes keep panel order (the model has no
-        positional encoding, so order carries no meaning); a longer-than-allowed sequence keeps
+        positional encoding, so order carries no meaning); a NaN count marks a gene as unknown
+        (see :func:`~stmdit.encoders.expression.align_to_panel`) and leaves it out; a longer-than-allowed sequence keeps
         a random subset of the genes, as the original; the rest is ``<pad>`` with the pad value.
         """
         if isinstance(counts, torch.Tensor):
@@ -604,8 +605,8 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
         n_panel = len(self._panel_ids)
         if counts.ndim != 2 or counts.shape[1] != n_panel:
             raise ValueError(f"counts must have shape (batch, {n_panel}) in panel order; got {counts.shape}")
-        if not np.isfinite(counts).all() or (counts < 0).any():
-            raise ValueError("counts must be finite and >= 0 (raw counts)")
+        if np.isinf(counts).any() or (counts < 0).any():
+            raise ValueError("counts must be finite and >= 0 (raw counts); NaN marks an unknown gene")
         cfg = self.config
         length = self.n_tokens
         ids = np.full((len(counts), length + 1), cfg.pad_token_id, dtype=np.int64)
@@ -613,8 +614,9 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
         ids[:, 0] = cfg.cls_token_id
         for i, row in enumerate(counts):
             rng = self._rng(row)
-            bins = quantile_bins(row, cfg.n_bins, rng)
-            keep = np.arange(n_panel) if cfg.include_zero_genes else np.flatnonzero(row > 0)
+            known = ~np.isnan(row)  # an unknown gene (NaN: not predicted) is left out of the sequence
+            bins = quantile_bins(np.where(known, row, 0.0), cfg.n_bins, rng)
+            keep = np.flatnonzero(known) if cfg.include_zero_genes else np.flatnonzero(row > 0)
             if keep.size > length:
                 keep = np.sort(rng.choice(keep, size=length, replace=False))
             ids[i, 1 : 1 + keep.size] = self._panel_ids[keep]

@@ -23,6 +23,7 @@ from stmdit.encoders.factory import build_morphology_encoder, describe
 from stmdit.predictor.features import ContextFeatures, context_features, spot_crops, take_rows
 from stmdit.predictor.genes import PAPER_GENE_SELECTION, PAPER_N_GENES, select_predictor_genes
 from stmdit.predictor.model import PREDICTION_KEY, ExpressionPredictor
+from stmdit.predictor.pseudocounts import fit_zero_calibration
 from stmdit.predictor.spots import SpotSet, expression_targets, per_gene_pearson, require_counts
 from stmdit.predictor.storage import save_predictor
 
@@ -223,9 +224,18 @@ def train_predictor(
             "train_samples": samples,
             "n_train_spots": int(len(rows)),
         }
-        return fit_predictor(
+        result = fit_predictor(
             features.subset(rows), targets, genes, val=val_pair, provenance=provenance, **settings
         )
+        # How often a gene predicted at each level is measured as 0, for pseudo-label counts.
+        known, measured, source = (
+            (*val_pair, "validation spots")
+            if val_pair
+            else (features.subset(rows), targets, "training spots")
+        )
+        calibration = fit_zero_calibration(result.predictor.predict_features(known), measured, source)
+        result.predictor.register_to_config(provenance={**provenance, "zero_calibration": calibration})
+        return result
 
     result = fit(np.arange(len(train)), {})
     if not leave_one_patient_out:
