@@ -105,7 +105,7 @@ def median_r_with_shuffled_controls(truth, predicted, n_controls: int = 5):
     ``n_controls`` seeded shuffles of the spots (what chance gives on these genes)."""
     import numpy as np
 
-    from stmdit.encoders.predictor import per_gene_pearson
+    from stmdit.predictor import per_gene_pearson
 
     r = float(np.median(per_gene_pearson(truth, predicted)))
     shuffled = [

@@ -301,29 +301,60 @@ def test_gene_mapping_by_symbol_case_and_ensembl_column(vocab_json):
         map_to_vocabulary(["ERBB2", "ERBB2"], vocab)
 
 
-def test_panel_of_variable_vocabulary_genes_chosen_on_training_data(folder, vocab_json):
-    genes = ["ENSG_A", "ENSG_B", "ENSG_C", "ENSG_D", "ENSG_E"]
-    # ERBB2 and EPCAM swap between two spot groups, KRT8 and VIM barely change; the gene outside
-    # the vocabulary varies most but is dropped before the selection
-    x = np.array([[50, 1, 10, 10, 0]] * 20 + [[1, 100, 10, 10, 500]] * 20, dtype=np.float32)
-    adata = ad.AnnData(
-        x, var=pd.DataFrame({"symbol": ["ERBB2", "EPCAM", "KRT8", "VIM", "NOT_A_GENE"]}, index=genes)
-    )
+def her2st_counts(test_data, section="C2") -> ad.AnnData:
+    table = pd.read_csv(test_data / "her2st" / section / "counts.tsv.gz", sep="\t", index_col=0)
+    return ad.AnnData(table.to_numpy(np.float32), obs=pd.DataFrame(index=table.index.astype(str)),
+                      var=pd.DataFrame(index=table.columns.astype(str)))  # fmt: skip
+
+
+def test_panel_is_cancerfoundations_cell_ranger_selection_on_her2st(test_data, vocab_json):
+    """As CancerFoundation's embed(): vocabulary genes only, then scanpy's cell_ranger flavour
+    with n_top_genes = 1199 on the counts, the flagged genes in the data's order."""
+    import scanpy as sc
+
+    adata = her2st_counts(test_data)
+    vocab = read_vocabulary(vocab_json)
+    panel, mapping = choose_panel(adata, vocab, n_hvg=1199, layer=None)
+    # The vocabulary genes (matched by symbol; this project also matches a unique symbol ignoring case)
+    in_vocab = adata[:, [g in mapping.symbols for g in adata.var_names]].copy()
+    in_vocab.var_names = [mapping.symbols[g] for g in in_vocab.var_names]
+    table = sc.pp.highly_variable_genes(in_vocab, flavor="cell_ranger", n_top_genes=1199, inplace=False)
+    assert panel == list(in_vocab.var_names[table["highly_variable"].to_numpy()])
+    assert 1199 <= len(panel) <= 1205 and set(mapping.unmatched).isdisjoint(panel)  # ties may add a few
+    # Not the variance of log1p CP10k (the former stand-in): the two selections differ.
+    from stmdit.encoders.expression import select_variable_genes
+
+    assert set(select_variable_genes(in_vocab, 1199, layer=None)) != set(panel)
+
+
+def test_panel_from_training_data_maps_symbols_and_drops_genes_outside_the_vocabulary(
+    test_data, folder, vocab_json
+):
+    adata = her2st_counts(test_data)[:, :400].copy()
+    symbols = list(adata.var_names)
+    adata.var_names = [f"ENSG{i:05d}" for i in range(adata.n_vars)]
+    adata.var["symbol"] = symbols
+    adata.var.loc["ENSG00000", "symbol"] = "NOT_A_GENE"
+    adata.X[:, 0] = np.arange(adata.n_obs) * 50.0  # the most variable gene is outside the vocabulary
     panel, mapping = choose_panel(
-        adata, read_vocabulary(vocab_json), n_hvg=2, gene_column="symbol", layer=None
+        adata, read_vocabulary(vocab_json), n_hvg=20, gene_column="symbol", layer=None
     )
-    assert sorted(panel) == ["EPCAM", "ERBB2"] and mapping.unmatched == ["NOT_A_GENE"]
+    assert len(panel) >= 20 and "NOT_A_GENE" in mapping.unmatched and "NOT_A_GENE" not in panel
 
     encoder = load(folder, genes=None, adata=adata, gene_column="symbol", layer=None, binning_seed=0)
-    assert len(encoder.genes) == 4 and "NOT_A_GENE" not in encoder.genes  # default n_hvg = 11, capped
+    assert len(encoder.genes) >= 11 and "NOT_A_GENE" not in encoder.genes  # default n_hvg = max_seq_len - 1
     vocab = read_vocabulary(vocab_json)
     assert encoder.config.gene_ids == [vocab[g] for g in encoder.genes]
     outputs, alignment = encoder.encode(adata, gene_column="symbol")
-    assert outputs["ge"].shape == (40, 32) and alignment.found == 4
+    assert outputs["ge"].shape == (adata.n_obs, 32) and alignment.found == len(encoder.genes)
     with pytest.raises(ValueError, match="gene_column"):
         load(folder, genes=None, adata=adata)
     with pytest.raises(ValueError, match="give either"):
         load(folder, genes=None)
+    tiny = ad.AnnData(np.array([[50, 1, 10, 10]] * 20 + [[1, 100, 10, 10]] * 20, dtype=np.float32),
+                      var=pd.DataFrame(index=["ERBB2", "EPCAM", "KRT8", "VIM"]))  # fmt: skip
+    with pytest.raises(ValueError, match="cell_ranger selection failed on the 4 vocabulary genes"):
+        choose_panel(tiny, vocab, n_hvg=2, layer=None)
 
 
 def test_explicit_panel_drops_genes_outside_the_vocabulary(folder):

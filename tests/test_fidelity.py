@@ -164,3 +164,29 @@ def test_ceiling_ratio_compares_like_with_like():
         ceiling_ratio(generated, shorter)
     with pytest.raises(ValueError, match="positive"):
         ceiling_ratio(0.2, 0.0)
+
+
+def test_protocol_lists_every_departure_from_deepspot():
+    rng = np.random.default_rng(0)
+    measured = rng.normal(size=(30, 300))
+    predicted = measured + rng.normal(size=measured.shape)
+    # No gene protocol and no order: genes ranked per sample, and the grid stops at 300 genes.
+    result = fidelity_auc(measured, predicted, n_bootstrap=0)
+    departures = result.protocol["departures"]
+    assert not result.protocol["paper_protocol"] and len(departures) == 3
+    assert "records no gene selection" in departures[0] and "ranked by variance" in departures[1]
+    assert "stops at N = 300" in departures[2]
+    # The predictor's order and protocol: only the predictor's own departure (its 300 genes) remains,
+    # stated once.
+    short = {"method": "seurat_v3", "batch_key": "sample_id", "n_genes": 300, "order": "seurat_v3 rank",
+             "departures": ["300 genes instead of DeepSpot's 5000"]}  # fmt: skip
+    result = fidelity_auc(measured, predicted, np.arange(300), n_bootstrap=0, gene_protocol=short)
+    assert result.protocol["departures"] == ["300 genes instead of DeepSpot's 5000"]
+    assert result.protocol["gene_ranking"] == "the predictor's gene order (seurat_v3 rank)"
+    # The paper's protocol on 5,000 genes: no departure.
+    measured = rng.normal(size=(30, 5000))
+    paper = {**short, "n_genes": 5000, "departures": []}
+    result = fidelity_auc(measured, measured + rng.normal(size=measured.shape), np.arange(5000), n_bootstrap=0,
+                          gene_protocol=paper)  # fmt: skip
+    assert result.protocol["paper_protocol"] and result.protocol["departures"] == []
+    assert result.protocol["grid_used"][-1] == 5000

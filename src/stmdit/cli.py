@@ -173,7 +173,8 @@ def train_predictor(
     morphology_encoder: Annotated[
         str, typer.Option(help="stain | uni2h[:SOURCE] | timm:NAME[@WEIGHTS]")
     ] = "stain",
-    n_genes: Annotated[int, typer.Option(help="Top highly variable genes to predict")] = 256,
+    n_genes: Annotated[int | None, typer.Option(help="Top highly variable genes to predict [default: 5000, DeepSpot's]")] = None,
+    gene_selection: Annotated[str | None, typer.Option(help="seurat_v3 (DeepSpot's, default) | variance")] = None,
     epochs: Annotated[int, typer.Option()] = 100,
     batch_size: Annotated[int, typer.Option()] = 256,
     leave_one_patient_out: Annotated[
@@ -185,11 +186,11 @@ def train_predictor(
     ] = False,
 ) -> None:
     """Train the DeepSpot-style expression predictor (H&E features -> spot expression)."""
-    from stmdit.encoders.predictor import train_predictor_command
+    from stmdit.predictor import train_predictor_command
 
     try:
         path = train_predictor_command(dataset, out, morphology_encoder=morphology_encoder, n_genes=n_genes,
-                                       epochs=epochs, leave_one_patient_out=leave_one_patient_out, seed=seed,
+                                       gene_selection=gene_selection, epochs=epochs, leave_one_patient_out=leave_one_patient_out, seed=seed,
                                        trust_pickle=trust_pickle, batch_size=batch_size)  # fmt: skip
     except (ValueError, FileNotFoundError, OSError) as err:
         _fail(str(err))
@@ -250,8 +251,8 @@ def pseudolabel(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Predict pseudo spatial transcriptomics for H&E-only slides (resumes; shards under accelerate launch)."""
-    from stmdit.pseudolabel import PseudolabelConfig
-    from stmdit.pseudolabel import pseudolabel as run_pseudolabel
+    from stmdit.experiments.pseudolabel import PseudolabelConfig
+    from stmdit.experiments.pseudolabel import pseudolabel as run_pseudolabel
 
     _setup_logging(verbose)
     try:

@@ -239,21 +239,21 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
 def _fit_predictor(data, s: DemoSettings, progress: bool):
     """The expression predictor on the real training tiles; the simulator's tile is its spot."""
     from stmdit.encoders.morphology import StainFeatureEncoder
-    from stmdit.encoders.predictor import SpotSet, train_predictor
+    from stmdit.predictor import SpotSet, train_predictor
 
     tile_um = float(data.adata.uns["simulator"]["tile_um"])
     train = SpotSet(
         data.adata[data.train_index].copy(), data.tissue.tiles[data.train_index], tile_um, tile_um
     )
     encoder = StainFeatureEncoder(image_size=s.tile_size).fit(data.tiles[data.train_index])
-    return train_predictor(train, encoder, n_genes=s.predictor_genes, epochs=s.predictor_epochs, lr=1e-3, seed=s.seed,
+    return train_predictor(train, encoder, n_genes=s.predictor_genes, epochs=s.predictor_epochs, lr=1e-3, seed=s.seed, gene_selection="variance",
                            model_kwargs=s.predictor_model,
                            progress=progress), encoder  # fmt: skip
 
 
 def _fidelity(predictor_fit, images: torch.Tensor, adata, tile_um: float):
-    from stmdit.encoders.predictor import context_features, expression_targets
     from stmdit.evaluate.fidelity import fidelity_auc
+    from stmdit.predictor import context_features, expression_targets
 
     fit, encoder = predictor_fit
     tiles = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()

@@ -254,7 +254,7 @@ def measure(tiles: np.ndarray, names: list[str], morphology_encoder=None, predic
             )
     predicted = None
     if predictor is not None and predictor_encoder is not None:
-        from stmdit.encoders.predictor import context_features
+        from stmdit.predictor import context_features
 
         obs = pd.DataFrame({"sample_id": "virtual", "x_px": np.arange(len(flat)) * 1e6, "y_px": 0.0})
         u8 = (np.clip(flat, 0, 1) * 255).round().astype(np.uint8)
@@ -363,7 +363,7 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
                                 guidance_ge=cfg.guidance_ge, steps=cfg.steps)  # fmt: skip
     predictor = predictor_encoder = None
     if cfg.predictor:
-        from stmdit.encoders.predictor import load_predictor
+        from stmdit.predictor import load_predictor
 
         predictor, predictor_encoder = load_predictor(cfg.predictor)
     result = measure(generated, names, morphology_encoder=pipe.morphology_encoder, predictor=predictor,

@@ -148,7 +148,7 @@ def read_sample(spec: dict) -> ad.AnnData:
             )
         agg = {k: spec.pop(k) for k in ("spacing_um", "grid") if k in spec}
         return readers.aggregate_to_pseudospots(readers.read_cell_table(**spec), diameter, **agg)
-    from stmdit.pseudolabel import read_pseudolabels
+    from stmdit.data.pseudolabels import read_pseudolabels
 
     fn = {"visium": readers.read_visium, "hest": readers.read_hest, "legacy_st": readers.read_legacy_st,
           "spatial_h5ad": readers.read_spatial_h5ad, "he_slide": readers.read_he_slide,

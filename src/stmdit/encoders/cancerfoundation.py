@@ -11,7 +11,8 @@ Preprocessing follows the original embedding code (``model/embedding.py``, ``dat
 ``data_collator.py`` of the CancerFoundation repository):
 
 * Genes absent from the vocabulary are dropped; at training time the panel is the dataset's
-  most variable vocabulary genes (1199 = ``max_seq_len - 1`` by default). The panel is stored
+  1199 (= ``max_seq_len - 1``) highly variable vocabulary genes of scanpy's ``cell_ranger``
+  flavour, as the original's ``embed`` selects them (:func:`choose_panel`). The panel is stored
   in the config so that sampling later sees the same genes.
 * **Every panel gene enters the sequence, zero counts included** (value 0). This is where
   CancerFoundation differs from scGPT, whose cell-embedding dataset keeps only non-zero genes;
@@ -42,14 +43,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from stmdit.encoders.expression import PanelAlignment, align_to_panel, select_variable_genes
+from stmdit.encoders.expression import PanelAlignment, align_to_panel
 from stmdit.io import load_state_dict_file
 
 CLS_TOKEN = "<cls>"
@@ -120,10 +125,7 @@ class VocabularyMapping:
 
 def _gene_names(data, gene_column: str | None) -> list[str]:
     """Gene names of an expression input (AnnData, DataFrame, Series, dict) or a list of names."""
-    import anndata
-    import pandas as pd
-
-    if isinstance(data, anndata.AnnData):
+    if isinstance(data, ad.AnnData):
         if gene_column is None:
             return [str(g) for g in data.var_names]
         if gene_column not in data.var.columns:
@@ -185,13 +187,14 @@ def map_to_vocabulary(data, vocab: Mapping[str, int], gene_column: str | None = 
 def choose_panel(
     adata, vocab: Mapping[str, int], n_hvg: int, gene_column: str | None = None, layer: str | None = "counts"
 ) -> tuple[list[str], VocabularyMapping]:
-    """The training-time panel: the ``n_hvg`` most variable of the dataset's vocabulary genes.
+    """The training-time panel, chosen as CancerFoundation's ``embed`` chooses it.
 
-    As in the original, genes outside the vocabulary are dropped before the selection; fewer
-    than ``n_hvg`` genes are returned when fewer vocabulary genes are expressed. Variability is
-    the project's :func:`select_variable_genes` (variance of log1p CP10k), standing in for the
-    original's scanpy ``cell_ranger`` flavour, which STMDiT does not depend on. Returns the
-    panel as vocabulary symbols and the mapping report.
+    As the original (``model/embedding.py``): genes outside the vocabulary are dropped, then
+    ``scanpy.pp.highly_variable_genes(flavor="cell_ranger", n_top_genes=n_hvg)`` (no batch key,
+    the original's default) runs on the remaining genes' counts as given, and the panel is the
+    genes it flags, in the data's gene order (the model has no positional encoding, so order
+    carries no meaning). Genes are capped at the vocabulary genes present, as scanpy does.
+    Returns the panel as vocabulary symbols and the mapping report.
     """
     mapping = map_to_vocabulary(adata, vocab, gene_column)
     if mapping.found == 0:
@@ -202,13 +205,22 @@ def choose_panel(
         )
     names = _gene_names(adata, gene_column)
     keep = [i for i, g in enumerate(names) if g in mapping.symbols]
-    subset = adata[:, keep].copy()
-    subset.var_names = [mapping.symbols[names[i]] for i in keep]
-    x = subset.layers[layer] if layer and layer in subset.layers else subset.X
-    expressed = int((np.asarray(x.sum(axis=0)).ravel() > 0).sum())
-    if expressed == 0:
+    x = adata.layers[layer] if layer and layer in adata.layers else adata.X
+    x = x[:, keep]
+    x = x.tocsr().astype(np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
+    if not (np.asarray(x.sum(axis=0)).ravel() > 0).any():
         raise ValueError("no vocabulary gene is expressed in any spot of the training data")
-    return select_variable_genes(subset, min(n_hvg, expressed), layer), mapping
+    subset = ad.AnnData(X=x, var=pd.DataFrame(index=[mapping.symbols[names[i]] for i in keep]))
+    try:
+        table = sc.pp.highly_variable_genes(
+            subset, flavor="cell_ranger", n_top_genes=int(n_hvg), inplace=False
+        )
+    except ValueError as err:  # pandas cannot bin genes whose means share percentiles
+        raise ValueError(
+            f"scanpy's cell_ranger selection failed on the {subset.n_vars} vocabulary genes ({err}); it bins genes "
+            "by mean expression and needs many genes with distinct means; give the panel as genes=[...] instead"
+        ) from err
+    return [str(g) for g in subset.var_names[table["highly_variable"].to_numpy()]], mapping
 
 
 # -- tokenisation -------------------------------------------------------------------------
@@ -477,8 +489,9 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
         """Build the encoder from an unzipped CancerFoundation folder and fix its gene panel.
 
         The panel is either ``genes`` (symbols; those not in the vocabulary are dropped with a
-        warning) or chosen on training data ``adata``: its ``n_hvg`` most variable vocabulary
-        genes (default ``max_seq_len - 1`` = 1199, as the original). ``model.pth`` is read as
+        warning) or chosen on training data ``adata``: its ``n_hvg`` highly variable vocabulary
+        genes by scanpy's ``cell_ranger`` flavour (default ``max_seq_len - 1`` = 1199), as the
+        original (:func:`choose_panel`). ``model.pth`` is read as
         plain tensors; a file with pickled objects is refused unless ``trust_pickle``. Only
         weights whose name (or training-checkpoint alias) and shape match are copied, as the
         original loader; everything else is listed in ``encoder.load_report`` and warned about,
@@ -582,7 +595,8 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
         """Counts (B, n_panel) in panel order -> (gene ids, values), each (B, 1 + n_tokens), on CPU.
 
         Position 0 is ``<cls>`` with the pad value; genes keep panel order (the model has no
-        positional encoding, so order carries no meaning); a longer-than-allowed sequence keeps
+        positional encoding, so order carries no meaning); a NaN count marks a gene as unknown
+        (see :func:`~stmdit.encoders.expression.align_to_panel`) and leaves it out; a longer-than-allowed sequence keeps
         a random subset of the genes, as the original; the rest is ``<pad>`` with the pad value.
         """
         if isinstance(counts, torch.Tensor):
@@ -591,8 +605,8 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
         n_panel = len(self._panel_ids)
         if counts.ndim != 2 or counts.shape[1] != n_panel:
             raise ValueError(f"counts must have shape (batch, {n_panel}) in panel order; got {counts.shape}")
-        if not np.isfinite(counts).all() or (counts < 0).any():
-            raise ValueError("counts must be finite and >= 0 (raw counts)")
+        if np.isinf(counts).any() or (counts < 0).any():
+            raise ValueError("counts must be finite and >= 0 (raw counts); NaN marks an unknown gene")
         cfg = self.config
         length = self.n_tokens
         ids = np.full((len(counts), length + 1), cfg.pad_token_id, dtype=np.int64)
@@ -600,8 +614,9 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
         ids[:, 0] = cfg.cls_token_id
         for i, row in enumerate(counts):
             rng = self._rng(row)
-            bins = quantile_bins(row, cfg.n_bins, rng)
-            keep = np.arange(n_panel) if cfg.include_zero_genes else np.flatnonzero(row > 0)
+            known = ~np.isnan(row)  # an unknown gene (NaN: not predicted) is left out of the sequence
+            bins = quantile_bins(np.where(known, row, 0.0), cfg.n_bins, rng)
+            keep = np.flatnonzero(known) if cfg.include_zero_genes else np.flatnonzero(row > 0)
             if keep.size > length:
                 keep = np.sort(rng.choice(keep, size=length, replace=False))
             ids[i, 1 : 1 + keep.size] = self._panel_ids[keep]

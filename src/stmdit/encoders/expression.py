@@ -31,6 +31,7 @@ class PanelAlignment:
     missing: list[str] = field(default_factory=list)
     case_matched: list[str] = field(default_factory=list)
     unused_input_genes: int = 0
+    predicted_rows: int = 0
 
     @property
     def coverage(self) -> float:
@@ -40,7 +41,10 @@ class PanelAlignment:
         text = f"{self.found}/{self.n_panel} panel genes found ({100 * self.coverage:.1f}%)"
         if self.missing:
             head = ", ".join(self.missing[:10]) + (" ..." if len(self.missing) > 10 else "")
-            text += f"; missing (set to 0): {head}"
+            how = "set to 0"
+            if self.predicted_rows:
+                how = f"unknown (NaN, left out by the encoder) in the {self.predicted_rows} predicted spots, else set to 0"
+            text += f"; missing ({how}): {head}"
         if self.case_matched:
             text += f"; {len(self.case_matched)} matched ignoring case"
         return text
@@ -92,6 +96,14 @@ def _declared_library(expression) -> np.ndarray | None:
     return library
 
 
+def _predicted_rows(expression) -> np.ndarray | None:
+    """Rows whose expression is predicted (``obs['expression_source'] == 'predicted'``)."""
+    obs = getattr(expression, "obs", None)
+    if obs is None or "expression_source" not in obs:
+        return None
+    return (obs["expression_source"].astype(str) == "predicted").to_numpy()
+
+
 def align_to_panel(
     expression, panel: Sequence[str], gene_column: str | None = None, source: str = "expression"
 ) -> tuple[np.ndarray, np.ndarray, PanelAlignment]:
@@ -101,7 +113,11 @@ def align_to_panel(
     size is the total over *all* input genes (not just the panel), so that per-spot
     normalisation matches what the spot really measured, or an AnnData's
     ``obs['library_size']`` when it declares one (pseudo-labels do). Genes of the panel that the input
-    lacks are zero and listed in the alignment. ``gene_column`` names an AnnData ``var``
+    lacks are listed in the alignment and are zero, except in the rows of predicted expression
+    (an AnnData's ``obs['expression_source'] == 'predicted'``, pseudo-labels): a predictor
+    covers its own genes only, so a panel gene it lacks is unknown there, not unexpressed, and
+    is NaN, which the GE encoders leave out (CancerFoundation drops the token, the panel
+    encoder puts the gene at its training mean). ``gene_column`` names an AnnData ``var``
     column (e.g. gene symbols when ``var_names`` are Ensembl ids).
     """
     if gene_column is not None:
@@ -116,6 +132,7 @@ def align_to_panel(
         expression = expression.copy()
         expression.var_names = expression.var[gene_column].astype(str).to_numpy()
     declared_library = _declared_library(expression)
+    predicted = _predicted_rows(expression)
     values, genes, _rows = _as_matrix(expression, source)
     if not np.issubdtype(np.asarray(values).dtype, np.number):
         raise ValueError(f"{source}: expression values must be numeric; got dtype {np.asarray(values).dtype}")
@@ -175,7 +192,10 @@ def align_to_panel(
         )
     out = np.zeros((values.shape[0], len(panel)), dtype=np.float32)
     out[:, index >= 0] = values[:, index[index >= 0]]
-    report = PanelAlignment(len(panel), found, missing, case_matched, len(genes) - found)
+    n_predicted = int(predicted.sum()) if predicted is not None else 0
+    if n_predicted and missing:
+        out[np.ix_(predicted, index < 0)] = np.nan
+    report = PanelAlignment(len(panel), found, missing, case_matched, len(genes) - found, n_predicted)
     return out, library.astype(np.float32), report
 
 
@@ -267,18 +287,22 @@ class PanelExpressionEncoder(ModelMixin, ConfigMixin):
     def forward(
         self, counts: torch.Tensor, library_size: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """``counts`` (B, n_genes) in panel order; ``library_size`` (B,) defaults to the row sums."""
+        """``counts`` (B, n_genes) in panel order; ``library_size`` (B,) defaults to the row sums.
+        A NaN count marks a gene as unknown (see :func:`align_to_panel`): it gets the training
+        mean, i.e. a standardised value of 0."""
         if counts.ndim != 2 or counts.shape[1] != self.output_dim:
             raise ValueError(
                 f"counts must have shape (batch, {self.output_dim}) in panel order; got {tuple(counts.shape)}"
             )
         counts = counts.to(self.mean.device, torch.float32)
+        unknown = torch.isnan(counts)
+        counts = counts.nan_to_num(0.0)
         library = counts.sum(1) if library_size is None else library_size.to(counts)
         scale = torch.where(
             library > 0, self.config.target_sum / library.clamp_min(1e-12), torch.zeros_like(library)
         )
         z = (torch.log1p(counts * scale[:, None]) - self.mean) / self.std
-        z = z.clamp(-self.config.clip, self.config.clip)
+        z = z.clamp(-self.config.clip, self.config.clip).masked_fill(unknown, 0.0)
         tokens = torch.cat([self.codes.expand(z.shape[0], -1, -1), z[..., None]], dim=-1)
         mask = torch.ones(z.shape, dtype=torch.bool, device=z.device)
         return {"ge": z, "ge_tokens": tokens, "ge_mask": mask}

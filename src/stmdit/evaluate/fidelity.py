@@ -242,25 +242,61 @@ def fidelity_auc(
     normalise: bool = True,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    gene_protocol: dict | None = None,
 ) -> FidelityResult:
     """DeepSpot's fidelity AUC for one test sample: ``measured`` and ``predicted`` are
     (n_spots, n_genes) with matching columns.
 
-    ``gene_order``: gene indices, most variable first (e.g. the seurat_v3 HVG ranking the
-    predictor was trained on); by default genes are ranked by the variance of the measured
-    values (:func:`rank_genes_by_variance`). See :func:`fidelity_auc_from_scores` for the
-    grid capping and the bootstrap.
+    ``gene_order``: gene indices, most variable first: the predictor's HVG order
+    (:attr:`~stmdit.predictor.ExpressionPredictor.hvg_order`, DeepSpot's protocol); without it
+    genes are ranked by the variance of this sample's measured values
+    (:func:`rank_genes_by_variance`). ``gene_protocol``: how the predictor chose its genes
+    (:attr:`~stmdit.predictor.ExpressionPredictor.gene_protocol`), recorded in the protocol.
+    ``protocol["departures"]`` lists every way the result departs from DeepSpot's protocol
+    (empty, and ``protocol["paper_protocol"]`` True, when it follows it). See
+    :func:`fidelity_auc_from_scores` for the grid capping and the bootstrap.
     """
     r = pearson_per_gene(measured, predicted)
     if gene_order is None:
         gene_order = rank_genes_by_variance(measured)
         ranking = "variance of the measured values across spots, descending; ties in column order"
+    elif gene_protocol:
+        ranking = f"the predictor's gene order ({gene_protocol.get('order', 'not recorded')})"
     else:
         ranking = None
     result = fidelity_auc_from_scores(
         r, gene_order, n_grid, normalise, n_bootstrap, seed, gene_ranking=ranking
     )
-    return replace(result, protocol={**result.protocol, "n_spots": int(np.shape(measured)[0])})
+    protocol = {**result.protocol, "n_spots": int(np.shape(measured)[0]), "gene_protocol": gene_protocol}
+    protocol["departures"] = protocol_departures(protocol)
+    protocol["paper_protocol"] = not protocol["departures"]
+    return replace(result, protocol=protocol)
+
+
+def protocol_departures(protocol: dict) -> list[str]:
+    """Every way a fidelity result's ``protocol`` departs from DeepSpot's (empty: none).
+
+    DeepSpot's protocol: the predictor's 5,000 seurat_v3 HVGs (per-sample batch key), ranked in
+    that HVG order, on the full N grid up to 5,000."""
+    out = []
+    genes = protocol.get("gene_protocol")
+    if not genes:
+        out.append(
+            "the predictor records no gene selection protocol (imported weights or an older predictor)"
+        )
+    else:
+        out += list(genes.get("departures", []))
+    if not str(protocol.get("gene_ranking", "")).startswith("the predictor's gene order"):
+        out.append(f"genes ranked by {protocol.get('gene_ranking')}, not by the predictor's HVG order")
+    # A predictor with fewer genes than the grid already says so; other capping (fewer genes
+    # measured in the sample) is reported here.
+    short_panel = bool(genes) and genes.get("n_genes", 0) < protocol["grid_requested"][-1]
+    if protocol.get("grid_capped") and not short_panel:
+        out.append(
+            f"the top-N curve stops at N = {protocol['grid_used'][-1]} (DeepSpot's grid reaches "
+            f"{protocol['grid_requested'][-1]}), so the AUC is not comparable with published values"
+        )
+    return out
 
 
 _COMPARABLE_KEYS = ("grid_used", "normalisation", "headline", "n_genes_ranked", "gene_ranking")

@@ -97,7 +97,7 @@ class HeldOut:
 
 
 def held_out_spots(cfg: EvaluateConfig) -> HeldOut:
-    from stmdit.encoders.predictor import SpotSet
+    from stmdit.predictor import SpotSet
 
     spots = SpotSet.from_store(cfg.dataset, split=cfg.split, samples=cfg.samples)
     if len(spots) == 0:
@@ -190,8 +190,8 @@ def _fidelity(
     predictor, encoder, tiles_u8: np.ndarray, held: HeldOut, measured: np.ndarray, n_bootstrap: int
 ) -> dict:
     """DeepSpot AUC per sample of the predictor on these tiles against the measured expression."""
-    from stmdit.encoders.predictor import context_features
     from stmdit.evaluate.fidelity import fidelity_auc
+    from stmdit.predictor import context_features
 
     feats = context_features(
         tiles_u8, held.adata.obs, held.tile_um, held.spot_diameter_um, encoder, progress=False
@@ -202,7 +202,8 @@ def _fidelity(
         rows = held.samples == sample
         if rows.sum() < 3:
             continue
-        res = fidelity_auc(measured[rows], predicted[rows], n_bootstrap=n_bootstrap)
+        res = fidelity_auc(measured[rows], predicted[rows], predictor.hvg_order, n_bootstrap=n_bootstrap,
+                           gene_protocol=predictor.gene_protocol)  # fmt: skip
         per_sample[sample] = res.to_dict()
     if not per_sample:
         raise ValueError("fidelity needs at least 3 spots in some sample")
@@ -233,10 +234,10 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     """Run the evaluation and write ``metrics.json`` and the HTML report into ``cfg.out``."""
     from stmdit.data.encode import load_encoders
     from stmdit.data.store import DatasetStore
-    from stmdit.encoders.predictor import expression_targets, load_predictor
     from stmdit.evaluate.image_metrics import InceptionFeatures, MorphologyFeatures, compute_image_metrics
     from stmdit.evaluate.report import write_report
     from stmdit.pipeline import STMDiTPipeline
+    from stmdit.predictor import expression_targets, load_predictor
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +270,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         measured = expression_targets(held.adata, predictor.genes, source=f"{cfg.dataset} spots")
         ceiling = _fidelity(predictor, encoder, held.tiles, held, measured, cfg.n_bootstrap)
         results["ceiling"] = {k: v for k, v in ceiling.items() if k != "predicted"}
-        results["predictor"] = {"path": str(cfg.predictor), "genes": len(predictor.genes)}
+        results["predictor"] = {"path": str(cfg.predictor), "genes": len(predictor.genes),
+                                "gene_protocol": predictor.gene_protocol}  # fmt: skip
         predictions = {"real": ceiling["predicted"]}
 
     samples_for_grid: dict[str, np.ndarray] = {}
@@ -344,6 +346,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             f"the real-tile fidelity ceiling is {results['ceiling']['auc']:.3f}: the predictor does not read "
             "expression from these tiles, so fidelity AUCs and their ratios to it are not informative"
         )
+    if "ceiling" in results and results["ceiling"]["protocol"]["departures"]:
+        results["warnings"].append("fidelity AUC departs from DeepSpot's protocol: "
+                                   + "; ".join(results["ceiling"]["protocol"]["departures"]))  # fmt: skip
     results["protocol"] = {
         "spots": reference,
         "noise": "per spot: torch.Generator seeded by (seed, spot index); identical across models and settings",

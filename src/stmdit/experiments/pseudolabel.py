@@ -7,10 +7,11 @@ predicted expression becomes an AnnData in the readers' convention, ready for ``
 prepare`` (format ``pseudolabels``), training (``obs['expression_source'] == 'predicted'``) and
 out-of-distribution evaluation.
 
-Predicted values are log1p CP10k (clipped at 0). ``X`` keeps them; ``layers['counts']`` holds the
-corresponding CP10k values (``expm1``) with ``obs['library_size'] = 1e4``, so every GE encoder
-normalises them back to exactly the predicted log1p CP10k. They are not counts: the
-``counts_are_predicted`` flag and the predictor's provenance say so.
+Predicted values are log1p CP10k (clipped at 0). ``X`` keeps them; ``layers['counts']`` holds
+what the GE encoders read: CP10k values (``expm1``) with each spot's expected number of
+undetected genes set to 0 on its lowest predictions, as measured spots have them, and
+``obs['library_size'] = 1e4`` declared (see :mod:`stmdit.predictor.pseudocounts`). They are not
+counts: the ``counts_are_predicted`` flag and the predictor's provenance say so.
 
 Slides are processed one at a time and each result is written atomically
 (``<out>/<sample_id>.h5ad``), so an interrupted run resumes without redoing finished slides or
@@ -19,8 +20,10 @@ keeping partial ones; under ``accelerate launch`` each process takes every N-th 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +31,14 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from stmdit.data.readers import read_he_slide
+from stmdit.data.tiling import SpotTiler
+from stmdit.distributed import process_state
 from stmdit.io import atomic_path, dataclass_from_yaml
+from stmdit.predictor import context_features, load_predictor
+from stmdit.predictor.pseudocounts import CP10K, pseudo_counts
 
 logger = logging.getLogger(__name__)
-
-CP10K = 1e4
 
 
 @dataclass
@@ -40,7 +46,9 @@ class PseudolabelConfig:
     """Slides are paths, or mappings with ``path`` and optionally ``mpp``, ``sample_id``,
     ``patient_id`` and per-slide geometry (``spot_diameter_um``, ``spacing_um``,
     ``background_threshold``, ``min_tissue_fraction``). Geometry defaults to DeepSpot's TCGA
-    protocol (:func:`stmdit.data.readers.read_he_slide`)."""
+    protocol (:func:`stmdit.data.readers.read_he_slide`). Tiles are read at the predictor's
+    training resolution (its provenance ``tile_um`` and ``tile_px``); ``tile_px`` may only
+    repeat the predictor's value, and is needed for a predictor that does not record one."""
 
     predictor: str
     slides: list = field(default_factory=list)
@@ -49,7 +57,7 @@ class PseudolabelConfig:
     spacing_um: float | None = None
     background_threshold: float | None = None
     min_tissue_fraction: float | None = None
-    tile_px: int = 64
+    tile_px: int | None = None
     batch_size: int = 64
     trust_pickle: bool = False
 
@@ -79,17 +87,36 @@ class PseudolabelConfig:
         return specs
 
 
-def pseudolabel_slide(spec: dict, predictor, encoder, cfg: PseudolabelConfig, progress: bool = True):
-    """Pseudo-spots of one H&E-only slide with their predicted expression (AnnData)."""
-    from stmdit.data.readers import read_he_slide
-    from stmdit.data.tiling import SpotTiler
-    from stmdit.encoders.predictor import context_features
+def predictor_resolution(predictor, tile_px: int | None = None) -> tuple[float, int]:
+    """(tile_um, tile_px) at which slides are read: the predictor's training tiles.
 
+    The predictor saw ``tile_px`` pixels per ``tile_um`` µm in training; reading slides at another
+    pixel size changes what its morphology encoder sees (a 4x coarser crop at 64 px for a
+    predictor trained on 256 px tiles), so a different ``tile_px`` is refused."""
     provenance = predictor.config.provenance or {}
-    diameters = provenance.get("spot_diameter_um") or [None]
     tile_um = provenance.get("tile_um")
     if tile_um is None:
         raise ValueError("the predictor does not record the tile size it was trained on (provenance tile_um)")
+    trained_px = provenance.get("tile_px")
+    if trained_px is None and tile_px is None:
+        raise ValueError(
+            f"the predictor does not record the tile size in pixels it was trained on (provenance tile_px); "
+            f"set tile_px to the pixels of its {tile_um:g} µm training tiles"
+        )
+    if trained_px is not None and tile_px is not None and int(tile_px) != int(trained_px):
+        raise ValueError(
+            f"tile_px {tile_px} does not match the predictor's training tiles: it was trained on {trained_px} px per "
+            f"{tile_um:g} µm tile ({tile_um / trained_px:.3g} µm/px), and tile_px {tile_px} would read slides at "
+            f"{tile_um / tile_px:.3g} µm/px; leave tile_px unset to read at the predictor's resolution"
+        )
+    return float(tile_um), int(trained_px if trained_px is not None else tile_px)
+
+
+def pseudolabel_slide(spec: dict, predictor, encoder, cfg: PseudolabelConfig, progress: bool = True):
+    """Pseudo-spots of one H&E-only slide with their predicted expression (AnnData)."""
+    provenance = predictor.config.provenance or {}
+    diameters = provenance.get("spot_diameter_um") or [None]
+    tile_um, tile_px = predictor_resolution(predictor, cfg.tile_px)
     keys = ("spot_diameter_um", "spacing_um", "background_threshold", "min_tissue_fraction")
     geometry = {k: spec.get(k, getattr(cfg, k)) for k in keys if spec.get(k, getattr(cfg, k)) is not None}
     slide = read_he_slide(spec["path"], mpp=spec.get("mpp"), sample_id=spec["sample_id"],
@@ -98,7 +125,7 @@ def pseudolabel_slide(spec: dict, predictor, encoder, cfg: PseudolabelConfig, pr
         raise ValueError(
             f"{spec['path']}: no pseudo-spot on tissue; check the slide and background_threshold"
         )
-    tiler = SpotTiler(slide, float(tile_um), cfg.tile_px)
+    tiler = SpotTiler(slide, tile_um, tile_px)
     tiles = np.concatenate([tiler.read(np.arange(i, min(i + 256, slide.n_obs)))[0]
                             for i in tqdm(range(0, slide.n_obs, 256), desc=f"tiles {spec['sample_id']}",
                                           disable=not progress, leave=False)])  # fmt: skip
@@ -111,28 +138,30 @@ def pseudolabel_slide(spec: dict, predictor, encoder, cfg: PseudolabelConfig, pr
     predicted = np.clip(predictor.predict_features(feats), 0.0, None)
 
     out = predictor.to_anndata(predicted, obs=slide.obs)
-    out.layers["counts"] = sp.csr_matrix(np.expm1(predicted).astype(np.float32))
+    calibration = provenance.get("zero_calibration")
+    if calibration is None:
+        warnings.warn(
+            f"{cfg.predictor}: no zero calibration in the predictor (trained before it existed, or imported): "
+            "pseudo-label counts stay dense, unlike measured spots; retrain it with stmdit train-predictor",
+            stacklevel=2,
+        )
+    out.layers["counts"] = sp.csr_matrix(pseudo_counts(predicted, calibration))
     out.obs["library_size"] = CP10K
     out.obs["expression_source"] = "predicted"
     meta = dict(slide.uns["stmdit"]["samples"][spec["sample_id"]])
     meta.update(counts_available=True, counts_are_predicted=True, source_format="pseudolabels",
-                predictor=provenance, predictor_crop_um=crop_um, predictor_tile_um=float(tile_um))  # fmt: skip
+                predictor=provenance, predictor_crop_um=crop_um, predictor_tile_um=tile_um, predictor_tile_px=tile_px, counts_sparsified=calibration is not None)  # fmt: skip
     out.uns["stmdit"] = {"samples": {spec["sample_id"]: _json_safe(meta)}}
     return out
 
 
 def _json_safe(value):
     """uns must be writable to h5ad: nested dicts of strings, numbers and lists."""
-    import json
-
     return json.loads(json.dumps(value, default=str))
 
 
 def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
     """Pseudo-label every slide not done yet; returns the AnnData paths of all slides."""
-    from stmdit.distributed import process_state
-    from stmdit.encoders.predictor import load_predictor
-
     state = process_state()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +175,7 @@ def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
     logger.info("process %d of %d: %d slide(s) to label", state.process_index, state.num_processes, len(mine))
     if mine:
         predictor, encoder = load_predictor(cfg.predictor, trust_pickle=cfg.trust_pickle)
+        predictor_resolution(predictor, cfg.tile_px)  # a mismatch stops here, before any slide is read
         if encoder is None:
             raise ValueError(f"{cfg.predictor} records no morphology encoder to rebuild")
         encoder.to(state.device)
@@ -157,26 +187,3 @@ def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
             logger.info("%s: %d pseudo-spots", paths[i], adata.n_obs)
     state.wait_for_everyone()
     return paths
-
-
-def read_pseudolabels(h5ad: str | os.PathLike, sample_id: str | None = None, patient_id: str | None = None):
-    """A ``stmdit pseudolabel`` result as a reader output (for ``stmdit prepare``)."""
-    import anndata as ad
-
-    path = Path(h5ad)
-    if not path.is_file():
-        raise FileNotFoundError(f"pseudo-label file {path} does not exist; run `stmdit pseudolabel` first")
-    adata = ad.read_h5ad(path)
-    samples = adata.uns.get("stmdit", {}).get("samples", {})
-    if len(samples) != 1 or adata.obs.get("expression_source") is None:
-        raise ValueError(
-            f"{path} is not a `stmdit pseudolabel` output (uns['stmdit']['samples'], obs['expression_source'])"
-        )
-    ((sid, meta),) = samples.items()
-    if sample_id is not None and sample_id != sid:
-        adata.obs["sample_id"] = sample_id
-        adata.obs_names = [f"{sample_id}:{b}" for b in adata.obs["barcode"]]
-        adata.uns["stmdit"] = {"samples": {sample_id: meta}}
-    if patient_id is not None:
-        adata.obs["patient_id"] = patient_id
-    return adata
