@@ -242,3 +242,62 @@ def test_encode_sharded_across_two_processes_matches_one_process(prepared, tmp_p
     run_two_processes("encode", str(sharded), "--n-genes", "16")
     assert DatasetStore(sharded).manifest()["stages"]["encode"]["processes"] == 2
     _assert_same_arrays(single / "features", sharded / "features")
+
+
+def test_explicit_splits_hold_out_the_named_section(test_data, tmp_path):
+    """C4 held out by its sample entry, C3 named for validation at the top level, C2 dealt at
+    random: with test and val taken by name, the only split left to deal to is train."""
+    cfg = prepare_config(test_data, tmp_path / "store", tile_px=8, chunk_rows=256, seed=3)
+    cfg["samples"][2]["split"] = "test"
+    cfg["splits"] = {"val": ["C3"]}
+    adata = prepare(PrepareConfig(**cfg), progress=False).spots()
+    by_sample = adata.obs.groupby("sample_id", observed=True)["split"].unique()
+    assert {s: list(v) for s, v in by_sample.items()} == {"C2": ["train"], "C3": ["val"], "C4": ["test"]}
+    record = adata.uns["stmdit"]["splits"]
+    assert record["named"] == {"C3": "val", "C4": "test"}
+    assert list(record["test"]) == ["C4"] and list(record["train"]) == ["C2"]
+
+
+@pytest.mark.parametrize(
+    ("entry_split", "splits", "message"),
+    [
+        # The three sections are one patient: holding out one section splits the patient.
+        (
+            "test",
+            {},
+            r"patient_id 'C' would be in two splits \(test: samples \['C4'\]; not named \(dealt at "
+            r"random\): samples \['C2', 'C3'\]\).*split_by: sample_id",
+        ),
+        (
+            "test",
+            {"train": ["C2", "C3"]},
+            r"patient_id 'C' would be in two splits \(test: samples \['C4'\]; "
+            r"train: samples \['C2', 'C3'\]\)",
+        ),
+        (
+            None,
+            {"test": ["C"], "val": ["C4"]},
+            r"patient_id 'C' is named for test, but some of its spots are also named for val",
+        ),
+        ("val", {"test": ["C4"]}, r"sample 'C4' says split: val but splits.test names it"),
+        (None, {"test": ["C9"]}, r"splits name \['C9'\], which are neither samples nor patients .*'C4'"),
+    ],
+)
+def test_explicit_splits_refuse_a_patient_in_two_splits(test_data, tmp_path, entry_split, splits, message):
+    cfg = prepare_config(test_data, tmp_path / "store", split_by="patient_id", splits=splits)
+    if entry_split:
+        cfg["samples"][2]["split"] = entry_split
+    with pytest.raises(ValueError, match=message):
+        prepare(PrepareConfig(**cfg), progress=False)
+    assert not (tmp_path / "store" / "spots.h5ad").exists()
+
+
+def test_split_names_are_checked_in_the_config(test_data, tmp_path):
+    cfg = prepare_config(test_data, tmp_path / "store")
+    with pytest.raises(ValueError, match=r"'C4' is named in splits.test and splits.val"):
+        PrepareConfig(**cfg, splits={"test": ["C4"], "val": ["C4"]})
+    with pytest.raises(ValueError, match=r"unknown keys \['holdout'\]"):
+        PrepareConfig(**cfg, splits={"holdout": ["C4"]})
+    cfg["samples"][0]["split"] = "testing"
+    with pytest.raises(ValueError, match=r"samples\[0\].split must be one of"):
+        PrepareConfig(**cfg)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
@@ -88,7 +89,11 @@ class PrepareConfig:
     ``format`` (``visium``, ``hest``, ``legacy_st``, ``spatial_h5ad``, ``cell_table``, ``he_slide``,
     ``pseudolabels``: the output of ``stmdit pseudolabel``) and that
     reader's arguments (see :mod:`stmdit.data.readers`); ``cell_table`` also takes
-    ``pseudospot_um`` (and optionally ``spacing_um``, ``grid``) for the aggregation."""
+    ``pseudospot_um`` (and optionally ``spacing_um``, ``grid``) for the aggregation.
+
+    Splits: a sample entry may say ``split: train|val|test``, and ``splits`` may name samples or
+    patients per split (``{test: [P7_A], val: [P9]}``); see :func:`assign_splits` for how the
+    groups nobody named are dealt."""
 
     out: str
     samples: list[dict] = field(default_factory=list)
@@ -97,6 +102,7 @@ class PrepareConfig:
     min_tissue: float = 0.25
     split_by: str = "patient_id"
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    splits: dict[str, list[str]] = field(default_factory=dict)
     seed: int = 0
     chunk_rows: int = 64
 
@@ -108,6 +114,20 @@ class PrepareConfig:
                 raise ValueError(
                     f"prepare: samples[{i}] has no 'format' (visium, hest, legacy_st, cell_table, he_slide)"
                 )
+            if "split" in s and s["split"] not in SPLITS:
+                raise ValueError(f"prepare: samples[{i}].split must be one of {SPLITS}; got {s['split']!r}")
+        unknown = sorted(set(self.splits) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"prepare: splits has unknown keys {unknown}; use {list(SPLITS)}")
+        seen: dict[str, str] = {}
+        for split, names in self.splits.items():
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(
+                    f"prepare: splits.{split} must be a list of sample or patient names; got {names!r}"
+                )
+            for name in names:
+                if seen.setdefault(name, split) != split:
+                    raise ValueError(f"prepare: {name!r} is named in splits.{seen[name]} and splits.{split}")
         if self.tile_um <= 0 or self.tile_px < 8:
             raise ValueError(f"tile_um must be > 0 and tile_px >= 8; got {self.tile_um}, {self.tile_px}")
         fr = tuple(float(f) for f in self.split_fractions)
@@ -140,6 +160,7 @@ def read_sample(spec: dict) -> ad.AnnData:
 
     spec = dict(spec)
     fmt = spec.pop("format")
+    spec.pop("split", None)  # the sample's split is prepare's business, not the reader's
     if fmt == "cell_table":
         diameter = spec.pop("pseudospot_um", None)
         if diameter is None:
@@ -191,6 +212,60 @@ def make_splits(groups: np.ndarray, fractions: tuple[float, float, float], seed:
             "splits %s are empty: %d groups are too few for fractions %s", empty, len(names), fractions
         )
     return out
+
+
+def assign_splits(obs, key: str, named: dict[str, str], fractions: tuple[float, float, float],
+                  seed: int) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """The split of every spot: named groups where the user named them, the others dealt at random.
+
+    ``named`` maps a sample id or a patient id (or any value of the ``key`` column) to a split.
+    Every group of ``key`` (a patient by default) must end up in one split: a group whose spots
+    are named for two splits, or named for one and partly not named, is an error that names the
+    group and the splits. The groups nobody named are dealt by :func:`make_splits`; the splits
+    that received named groups take no random ones (the other fractions are rescaled), unless
+    every split was named. Returns the per-spot split and the record for ``uns``.
+    """
+    groups = obs[key].astype(str).to_numpy()
+    columns = [c for c in dict.fromkeys(("sample_id", "patient_id", key)) if c in obs]
+    values = {c: obs[c].astype(str).to_numpy() for c in columns}
+    known = set().union(*(set(v) for v in values.values()))
+    missing = sorted(set(named) - known)
+    if missing:
+        raise ValueError(f"splits name {missing}, which are neither samples nor patients of this dataset "
+                         f"(samples: {sorted(set(values['sample_id']))})")  # fmt: skip
+    explicit = np.full(len(obs), "", dtype=object)
+    for column, vals in values.items():
+        for name, split in named.items():
+            rows = vals == name
+            clash = rows & (explicit != "") & (explicit != split)
+            if clash.any():
+                raise ValueError(f"{column} {name!r} is named for {split}, but some of its spots are also named "
+                                 f"for {sorted(set(explicit[clash]))[0]} (through another sample or patient name)")  # fmt: skip
+            explicit[rows] = split
+    group_split: dict[str, str] = {}
+    for group in dict.fromkeys(groups):
+        rows = groups == group
+        chosen = sorted(set(explicit[rows]) - {""})
+        if not chosen:
+            continue
+        if len(chosen) > 1 or (explicit[rows] == "").any():
+            by_split = {s: sorted(set(values["sample_id"][rows & (explicit == s)])) for s in [*chosen, ""]}
+            parts = "; ".join(f"{s}: samples {by_split[s]}" for s in chosen)
+            if by_split[""]:
+                parts += f"; not named (dealt at random): samples {by_split['']}"
+            raise ValueError(f"{key} {group!r} would be in two splits ({parts}). A {key} stays in one split: name "
+                             f"all of its samples for the same split, or set split_by: sample_id to split by section")  # fmt: skip
+        group_split[group] = chosen[0]
+    rest = np.isin(groups, list(group_split), invert=True)
+    taken = set(group_split.values())
+    dealt = np.array([0.0 if s in taken else f for s, f in zip(SPLITS, fractions, strict=True)])
+    dealt = tuple(dealt / dealt.sum()) if dealt.sum() > 0 else fractions
+    random = make_splits(groups[rest], dealt, seed) if rest.any() else {s: [] for s in SPLITS}
+    for split, names in random.items():
+        group_split.update(dict.fromkeys(names, split))
+    record = {s: sorted(g for g, v in group_split.items() if v == s) for s in SPLITS}
+    record["named"] = dict(sorted(named.items()))
+    return np.array([group_split[g] for g in groups], dtype=object), record
 
 
 # -- the store ----------------------------------------------------------------------------
@@ -279,6 +354,20 @@ def _expression_layers(adata: ad.AnnData) -> None:
     adata.layers["log1p"] = norm.astype(np.float32).tocsr()
 
 
+def _named_splits(config: PrepareConfig, parts: list[ad.AnnData]) -> dict[str, str]:
+    """Sample or patient name -> split, from the sample entries' ``split`` and the ``splits`` lists."""
+    named = {name: split for split, names in config.splits.items() for name in names}
+    for spec, part in zip(config.samples, parts, strict=True):
+        if "split" not in spec:
+            continue
+        for sample in part.obs["sample_id"].astype(str).unique():
+            if named.setdefault(sample, spec["split"]) != spec["split"]:
+                raise ValueError(
+                    f"sample {sample!r} says split: {spec['split']} but splits.{named[sample]} names it"
+                )
+    return named
+
+
 def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
     """Readers + tiling into ``config.out``; resumes an interrupted run of the same config."""
     from stmdit.data.readers import concat_samples
@@ -295,6 +384,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
         adata = ad.read_h5ad(spots_path)
     else:
         parts = [read_sample(s) for s in tqdm(config.samples, desc="reading samples", disable=not progress)]
+        named = _named_splits(config, parts)
         adata = parts[0] if len(parts) == 1 else concat_samples(parts)
         boxes, at_edge = tile_boxes(adata, config.tile_um)
         adata.obsm["tile_box"] = boxes
@@ -306,9 +396,8 @@ def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
         )
         if key != config.split_by:
             logger.warning("split_by=%r is not known for every spot; splitting by sample_id", config.split_by)
-        splits = make_splits(adata.obs[key].to_numpy(), config.split_fractions, config.seed)
-        group_split = {g: s for s, gs in splits.items() for g in gs}
-        adata.obs["split"] = adata.obs[key].astype(str).map(group_split).astype("category")
+        split, splits = assign_splits(adata.obs, key, named, config.split_fractions, config.seed)
+        adata.obs["split"] = pd.Categorical(split.astype(str))
         adata.uns["stmdit"]["splits"] = {"by": key, "seed": config.seed, **splits}
         _expression_layers(adata)
         with atomic_path(spots_path) as tmp:
