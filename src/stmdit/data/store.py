@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,66 @@ def file_digest(path: str | os.PathLike, full_limit: int = 256 * 2**20, block: i
                 f.seek(offset)
                 h.update(f.read(block))
             method = f"sha256 of size + 3 x {block // 2**20} MiB samples"
-    return {"path": str(path.resolve()), "bytes": size, "digest": h.hexdigest(), "method": method}
+    return {"path": str(path.resolve()), "bytes": size, "mtime_ns": path.stat().st_mtime_ns,
+            "digest": h.hexdigest(), "method": method}  # fmt: skip
+
+
+class SourceChangedError(StoreMismatchError):
+    """A source file changed between an interrupted run and its rerun."""
+
+
+def source_files(paths, exclude: str | os.PathLike | None = None) -> list[Path]:
+    """The files behind ``paths`` (files as they are, folders by their files, hidden ones left out),
+    sorted; nothing under ``exclude`` (the output folder)."""
+    exclude = Path(exclude).resolve() if exclude is not None else None
+    found = set()
+    for path in map(Path, paths):
+        if path.is_file():
+            found.add(path.resolve())
+        elif path.is_dir():
+            found.update(f.resolve() for f in path.rglob("*")
+                         if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))  # fmt: skip
+    return sorted(f for f in found if exclude is None or not f.is_relative_to(exclude))
+
+
+def verify_sources(recorded: list[dict], restart_hint: str) -> None:
+    """Refuse to resume when a source recorded by :func:`file_digest` has changed.
+
+    Size and digest (by the recorded method) must match. A different modification time with the
+    same whole-file SHA-256 is the same content (a copy, a ``touch``) and is accepted; with a
+    sampled digest (files above 256 MiB) it is not, since the sample cannot see every byte."""
+    for record in recorded:
+        path = Path(record["path"])
+        if not path.is_file():
+            raise SourceChangedError(f"source {path} no longer exists; it was read by the interrupted run. "
+                                     f"Restore it, or {restart_hint}")  # fmt: skip
+        now = file_digest(path)
+        changed = []
+        if now["bytes"] != record["bytes"]:
+            changed.append(f"size {record['bytes']} -> {now['bytes']} bytes")
+        if now["digest"] != record["digest"]:
+            changed.append(f"{record['method']} {record['digest'][:12]}... -> {now['digest'][:12]}...")
+        if "mtime_ns" in record and now["mtime_ns"] != record["mtime_ns"] and record["method"] != "sha256":
+            changed.append(
+                f"modification time changed and its digest ({record['method']}) does not cover every byte"
+            )
+        if changed:
+            raise SourceChangedError(f"source {path} changed since this store was started ({'; '.join(changed)}): "
+                                     f"resuming would mix data from both versions. Restore it, or {restart_hint}")  # fmt: skip
+
+
+# What ``prepare --restart`` removes: the store's own entries, never other files in the folder.
+STORE_ENTRIES = (MANIFEST, "spots.h5ad", "tiles.zarr", "tiles.zarr.done", "tissue_fraction.zarr",
+                 "tissue_fraction.zarr.done", "features", "encoders")  # fmt: skip
+
+
+def remove_entries(root: Path, entries) -> None:
+    for name in entries:
+        path = root / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def package_versions() -> dict:
@@ -368,21 +428,34 @@ def _named_splits(config: PrepareConfig, parts: list[ad.AnnData]) -> dict[str, s
     return named
 
 
-def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
-    """Readers + tiling into ``config.out``; resumes an interrupted run of the same config."""
+def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False) -> DatasetStore:
+    """Readers + tiling into ``config.out``; resumes an interrupted run of the same config from the
+    same (unchanged) sources. ``restart`` removes what an earlier run wrote there and starts over."""
     from stmdit.data.readers import concat_samples
     from stmdit.data.tiling import SpotTiler, tile_boxes
 
     store = DatasetStore(config.out)
+    if restart:
+        remove_entries(store.root, STORE_ENTRIES)
     store.root.mkdir(parents=True, exist_ok=True)
     manifest = store.manifest() if store.manifest_path.exists() else {"format": STORE_FORMAT, "stages": {}}
     _check_parameters(manifest, "prepare", config.parameters(), store.root)
+    if manifest.get("sources"):
+        verify_sources(manifest["sources"], "start over with `stmdit prepare --restart`")
     manifest["prepare"] = config.parameters()
 
     spots_path = store.root / "spots.h5ad"
     if manifest["stages"].get("spots") and spots_path.exists():
         adata = ad.read_h5ad(spots_path)
     else:
+        # Digests first: a file that changes while it is read shows up on the rerun.
+        paths = [
+            v
+            for spec in config.samples
+            for k, v in spec.items()
+            if k not in ("format", "split") and isinstance(v, str)
+        ]
+        sources = [file_digest(p) for p in source_files(paths, exclude=store.root)]
         parts = [read_sample(s) for s in tqdm(config.samples, desc="reading samples", disable=not progress)]
         named = _named_splits(config, parts)
         adata = parts[0] if len(parts) == 1 else concat_samples(parts)
@@ -402,9 +475,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
         _expression_layers(adata)
         with atomic_path(spots_path) as tmp:
             adata.write_h5ad(tmp)
-        sources = sorted({str(v) for s in config.samples for k, v in s.items() if k != "format" and isinstance(v, str)
-                          and Path(v).is_file()})  # fmt: skip
-        manifest["sources"] = [file_digest(p) for p in sources]
+        manifest["sources"] = sources
         manifest["versions"] = package_versions()
         manifest["stages"]["spots"] = {"n_spots": adata.n_obs, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         store.write_manifest(manifest)
