@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from stmdit.cli import app
-from stmdit.evaluate.run import EvaluateConfig
+from stmdit.evaluate.run import EvaluateConfig, caveat_lines, evaluate
 
 runner = CliRunner()
 
@@ -34,7 +34,7 @@ def _invoke(args):
 
 @pytest.mark.slow
 def test_predictor_training_evaluation_and_report_end_to_end(
-    her2st_store, random_inception_weights, tmp_path
+    her2st_store, random_inception_weights, tmp_path, monkeypatch
 ):
     store = tmp_path / "her2st"
     shutil.copytree(her2st_store.root, store)
@@ -81,6 +81,7 @@ def test_predictor_training_evaluation_and_report_end_to_end(
         "gene_scatter.png",
         "ge_ablation.png",
         "guidance_sweep.png",
+        "fidelity_vs_fd.png",
     }
     assert set(parser.sources) == expected
     for src in parser.sources:
@@ -100,6 +101,34 @@ def test_predictor_training_evaluation_and_report_end_to_end(
     ]
     first = metrics["models"]["no_ge"]["settings"]["none"]["summary"]
     assert rerun["fid"]["per_seed"][0] == first["fid"]["per_seed"][0]
+    # One line per kind of caveat: the rank-deficient FID of 24 tiles is one line whatever the
+    # number of models, settings, seeds and samples, and names the samples it also concerns.
+    rank_lines = [w for w in metrics["warnings"] if w.startswith("fid: FID from") and "rank-deficient" in w]
+    assert len(rank_lines) == 1 and f"also for samples {metrics['samples'][0]}," in rank_lines[0]
+    assert len(metrics["warnings"]) == len(set(metrics["warnings"])) < 8
+
+    # Offline, without Inception weights: everything but FID/KID, which are marked skipped with
+    # the reason and how to enable them, and no download is attempted.
+    monkeypatch.delenv("STMDIT_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    monkeypatch.setattr("torch.hub.download_url_to_file", lambda *a, **k: pytest.fail("network access"))
+    (tmp_path / "offline.yaml").write_text(yaml.safe_dump({**eval_cfg, "out": str(tmp_path / "offline")}))
+    output = _invoke(["evaluate", tmp_path / "offline.yaml"])
+    offline = json.loads((tmp_path / "offline" / "metrics.json").read_text())
+    assert set(offline["skipped"]) == {"fid", "kid"}
+    assert "--inception-weights" in offline["skipped"]["fid"] and "--download-weights" in offline["skipped"]["fid"]
+    summary = offline["models"]["xattn"]["settings"]["ge"]["summary"]
+    assert "fid" not in summary and "kid" not in summary
+    assert summary["fd_morph"]["mean"] == pytest.approx(ge["fd_morph"]["mean"])  # same cached tiles
+    assert summary["fidelity_auc"]["mean"] == pytest.approx(ge["fidelity_auc"]["mean"])
+    assert set(offline["models"]["xattn"]["ge_ablation"]["null"]) == {"fd_morph", "fidelity_auc"}
+    assert re.search(r"xattn\s+ge\s+skipped", output)
+    page = (tmp_path / "offline" / "report.html").read_text()
+    assert page.count('class="skipped">skipped</td>') == 2 * 5  # FID and KID of 5 model settings
+    assert "FID: FID and KID skipped" in page and offline["warnings"][0].startswith("FID and KID skipped")
+    parser = _Images()
+    parser.feed(page)
+    assert "fidelity_vs_fd.png" in parser.sources and (tmp_path / "offline" / "fidelity_vs_fd.png").stat().st_size > 1000
 
 
 def test_evaluate_config_errors(tmp_path):
@@ -112,3 +141,37 @@ def test_evaluate_config_errors(tmp_path):
     (tmp_path / "e.yaml").write_text("modles: {}\n")
     result = runner.invoke(app, ["evaluate", str(tmp_path / "e.yaml")])
     assert result.exit_code == 2 and "unknown evaluate config keys ['modles']" in result.output
+
+
+def test_evaluate_checks_every_input_before_work_starts(her2st_store, tmp_path):
+    pipeline = tmp_path / "pipe"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    cfg = EvaluateConfig(out=str(tmp_path / "out"), dataset=str(her2st_store.root),
+                         models={"ok": str(pipeline), "gone": str(tmp_path / "missing_run" / "pipeline")},
+                         predictor=str(tmp_path / "no_predictor"), inception_weights=str(tmp_path / "w.pth"))  # fmt: skip
+    with pytest.raises(FileNotFoundError) as err:
+        evaluate(cfg, progress=False)
+    message = str(err.value)
+    assert "models.gone" in message and "missing_run" in message and "models.ok" not in message
+    assert "no_predictor" in message and "w.pth" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_readme_ablations_with_yaml_null_are_valid(tmp_path):
+    (tmp_path / "e.yaml").write_text("out: o\ndataset: d\nmodels: {a: b}\nablations: [null, shuffled]\n")
+    assert EvaluateConfig.from_yaml(tmp_path / "e.yaml").ablations == ["null", "shuffled"]
+
+
+def test_caveats_give_one_line_per_kind_with_the_samples_they_concern():
+    rank = "FID from 24 real and 24 generated images in a 2048-d feature space: rank-deficient"
+    caveats = [{"metric": "fid", "kind": "rank_deficient", "group": group, "text": text}
+               for _model in range(3) for _seed in range(2)
+               for group, text in ((None, rank), ("P2", "FID from 12 ..."), ("P1", "FID from 12 ..."))]  # fmt: skip
+    caveats += [{"metric": "kid", "kind": "small_kid_subsets", "group": "P1", "text": "KID subsets of 12"}] * 4
+    caveats += [{"metric": "morph", "kind": "extractor", "group": None, "text": "no hash"}] * 6
+    assert caveat_lines(caveats) == [
+        f"fid: {rank} [also for samples P1, P2, with their own image counts]",
+        "kid: KID subsets of 12 [for samples P1, with their own image counts]",
+        "morph: no hash",
+    ]

@@ -242,3 +242,148 @@ def test_encode_sharded_across_two_processes_matches_one_process(prepared, tmp_p
     run_two_processes("encode", str(sharded), "--n-genes", "16")
     assert DatasetStore(sharded).manifest()["stages"]["encode"]["processes"] == 2
     _assert_same_arrays(single / "features", sharded / "features")
+
+
+def test_explicit_splits_hold_out_the_named_section(test_data, tmp_path):
+    """C4 held out by its sample entry, C3 named for validation at the top level, C2 dealt at
+    random: with test and val taken by name, the only split left to deal to is train."""
+    cfg = prepare_config(test_data, tmp_path / "store", tile_px=8, chunk_rows=256, seed=3)
+    cfg["samples"][2]["split"] = "test"
+    cfg["splits"] = {"val": ["C3"]}
+    adata = prepare(PrepareConfig(**cfg), progress=False).spots()
+    by_sample = adata.obs.groupby("sample_id", observed=True)["split"].unique()
+    assert {s: list(v) for s, v in by_sample.items()} == {"C2": ["train"], "C3": ["val"], "C4": ["test"]}
+    record = adata.uns["stmdit"]["splits"]
+    assert record["named"] == {"C3": "val", "C4": "test"}
+    assert list(record["test"]) == ["C4"] and list(record["train"]) == ["C2"]
+
+
+@pytest.mark.parametrize(
+    ("entry_split", "splits", "message"),
+    [
+        # The three sections are one patient: holding out one section splits the patient.
+        (
+            "test",
+            {},
+            r"patient_id 'C' would be in two splits \(test: samples \['C4'\]; not named \(dealt at "
+            r"random\): samples \['C2', 'C3'\]\).*split_by: sample_id",
+        ),
+        (
+            "test",
+            {"train": ["C2", "C3"]},
+            r"patient_id 'C' would be in two splits \(test: samples \['C4'\]; "
+            r"train: samples \['C2', 'C3'\]\)",
+        ),
+        (
+            None,
+            {"test": ["C"], "val": ["C4"]},
+            r"patient_id 'C' is named for test, but some of its spots are also named for val",
+        ),
+        ("val", {"test": ["C4"]}, r"sample 'C4' says split: val but splits.test names it"),
+        (None, {"test": ["C9"]}, r"splits name \['C9'\], which are neither samples nor patients .*'C4'"),
+    ],
+)
+def test_explicit_splits_refuse_a_patient_in_two_splits(test_data, tmp_path, entry_split, splits, message):
+    cfg = prepare_config(test_data, tmp_path / "store", split_by="patient_id", splits=splits)
+    if entry_split:
+        cfg["samples"][2]["split"] = entry_split
+    with pytest.raises(ValueError, match=message):
+        prepare(PrepareConfig(**cfg), progress=False)
+    assert not (tmp_path / "store" / "spots.h5ad").exists()
+
+
+def test_split_names_are_checked_in_the_config(test_data, tmp_path):
+    cfg = prepare_config(test_data, tmp_path / "store")
+    with pytest.raises(ValueError, match=r"'C4' is named in splits.test and splits.val"):
+        PrepareConfig(**cfg, splits={"test": ["C4"], "val": ["C4"]})
+    with pytest.raises(ValueError, match=r"unknown keys \['holdout'\]"):
+        PrepareConfig(**cfg, splits={"holdout": ["C4"]})
+    cfg["samples"][0]["split"] = "testing"
+    with pytest.raises(ValueError, match=r"samples\[0\].split must be one of"):
+        PrepareConfig(**cfg)
+
+
+def _partial(store: Path, arrays: list[str], stage: str) -> None:
+    """The state a run killed mid-way leaves: the stage unfinished, some chunks not yet written."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["stages"].pop(stage)
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    for name in arrays:
+        for marker in sorted((store / f"{name}.done").iterdir())[1:]:
+            marker.unlink()
+
+
+def test_prepare_rerun_refuses_a_changed_source(test_data, tmp_path):
+    shutil.copytree(test_data / "her2st" / "C4", tmp_path / "her2st" / "C4")
+    cfg = PrepareConfig(**prepare_config(tmp_path, tmp_path / "store", tile_px=8, chunk_rows=64))
+    cfg.samples = [s for s in cfg.samples if s["sample_id"] == "C4"]  # one section keeps it quick
+    prepare(cfg, progress=False)
+    image = tmp_path / "her2st" / "C4" / "he.jpg"
+    before = {s["path"]: s["digest"] for s in DatasetStore(cfg.out).manifest()["sources"]}
+    assert set(before) == {
+        str(image),
+        str(image.with_name("counts.tsv.gz")),
+        str(image.with_name("spots.tsv")),
+    }
+    _partial(Path(cfg.out), ["tiles.zarr", "tissue_fraction.zarr"], "tiles")
+
+    # Same bytes, new modification time (a copy): the whole-file digest proves nothing changed.
+    os.utime(image, ns=(time.time_ns(), time.time_ns()))
+    prepare(cfg, progress=False)
+    _partial(Path(cfg.out), ["tiles.zarr", "tissue_fraction.zarr"], "tiles")
+
+    raw = bytearray(image.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one byte of the scan data: the image still decodes
+    image.write_bytes(bytes(raw))
+    with pytest.raises(
+        StoreMismatchError, match=rf"source {image} changed since this store was started .*--restart"
+    ):
+        prepare(cfg, progress=False)
+    cfg_path = tmp_path / "prepare.yaml"
+    cfg_path.write_text(yaml.safe_dump({"out": cfg.out, **cfg.parameters()}))
+    result = CliRunner().invoke(app, ["prepare", str(cfg_path)])
+    assert (
+        result.exit_code != 0
+        and f"source {image} changed" in result.output
+        and "Traceback" not in result.output
+    )
+
+    store = prepare(cfg, progress=False, restart=True)
+    assert {s["path"]: s["digest"] for s in store.manifest()["sources"]}[str(image)] != before[str(image)]
+    assert store.manifest()["stages"]["tiles"]
+    assert len(list((Path(cfg.out) / "tiles.zarr.done").iterdir())) == 3  # 184 spots in chunks of 64
+
+
+def test_encode_rerun_refuses_changed_encoder_weights_or_spots(prepared, tmp_path):
+    from diffusers import AutoencoderKL
+
+    def save_vae(seed: int) -> None:
+        torch.manual_seed(seed)
+        AutoencoderKL(block_out_channels=(4,), layers_per_block=1, latent_channels=4, norm_num_groups=2,
+                      sample_size=32).save_pretrained(tmp_path / "vae")  # fmt: skip
+
+    save_vae(0)
+    store = copy_store(prepared, tmp_path / "store")
+    cfg = EncodeConfig(vae=str(tmp_path / "vae"), n_genes=32, features=("latents",))
+    encode(store, cfg, progress=False)
+    recorded = {Path(s["path"]).name for s in DatasetStore(store).manifest()["encoders"]["sources"]}
+    assert recorded == {"spots.h5ad", "config.json", "diffusion_pytorch_model.safetensors"}
+    _partial(store, ["features/latents.zarr"], "encode")
+
+    save_vae(1)
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(StoreMismatchError, match=rf"source {weights} changed since this store was started"):
+        encode(store, cfg, progress=False)
+    encode(store, cfg, progress=False, restart=True)
+    assert DatasetStore(store).features()["latents"]["complete"]
+
+    _partial(store, ["features/latents.zarr"], "encode")
+    spots = DatasetStore(store).spots()
+    spots.obs.loc[spots.obs_names[0], "keep"] = not spots.obs["keep"].iloc[0]
+    spots.write_h5ad(store / "spots.h5ad")
+    result = CliRunner().invoke(
+        app, ["encode", str(store), "--vae", cfg.vae, "--n-genes", "32", "--features", "latents"]
+    )
+    assert (
+        result.exit_code != 0 and "spots.h5ad changed" in result.output and "Traceback" not in result.output
+    )

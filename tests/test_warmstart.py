@@ -185,6 +185,7 @@ def test_null_interpolation_scale_follows_diffusers(tmp_path, pixart, uncond):
     extra = {"caption_projection.uncond_embedding": uncond}
     _, report = load_pixcell(save_diffusers(pixart, tmp_path / "m", extra, interpolation_scale=None))
     assert report.config["interpolation_scale"] == 1  # max(sample_size // 64, 1), as diffusers builds it
+    assert any("diffusers' max(sample_size // 64, 1) = 1 used" in n for n in report.notes)
 
 
 def pixcell_token_table(dim, num_tokens, base_size, interpolation_scale):
@@ -296,3 +297,39 @@ def test_training_from_pixcell_starts_exactly_where_pixcell_is(tmp_path, pixart,
     model = STMDiT.from_pretrained(result.pipeline_dir / "transformer")
     assert (model.config.hidden_size, model.config.depth, model.config.ge_dim) == (HIDDEN, LAYERS, 6)
     assert_matches_pixart(model, pixart)
+
+
+def test_null_interpolation_scale_of_pixcell_256_is_its_training_half(tmp_path, uncond):
+    """PixCell-256's config.json leaves interpolation_scale null; it was trained with
+    pe_interpolation 0.5, where diffusers would build 1. The loaded model must compute what the
+    0.5 model computes, and the report says which value was taken."""
+    torch.manual_seed(4)
+    kwargs = dict(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4, out_channels=8,
+                  num_layers=1, sample_size=32, patch_size=2, caption_channels=CAPTION, cross_attention_dim=HIDDEN,
+                  use_additional_conditions=False, norm_eps=1e-6)  # fmt: skip
+    reference = PixArtTransformer2DModel(**kwargs, interpolation_scale=0.5).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    extra = {"caption_projection.uncond_embedding": uncond}
+    folder = save_diffusers(reference, tmp_path / "pixcell256", extra, _class_name="PixCellTransformer2DModel",
+                            interpolation_scale=None)  # fmt: skip
+
+    def outputs(model):
+        g = torch.Generator().manual_seed(5)
+        x, y = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, CAPTION, generator=g)
+        t = torch.tensor([17.0, 640.0])
+        with torch.no_grad():
+            if isinstance(model, PixArtTransformer2DModel):
+                return model(hidden_states=x, encoder_hidden_states=y[:, None], timestep=t).sample
+            return model(x, t, morphology=y, ge=torch.randn(2, model.config.ge_dim, generator=g))
+
+    model, report = load_pixcell(folder, ge_dim=6)
+    assert report.config["interpolation_scale"] == 0.5 and report.clean
+    assert any("PixCell-256's pe_interpolation 0.5 used" in n for n in report.notes)
+    assert "PixCell-256's pe_interpolation 0.5" in str(report)
+    torch.testing.assert_close(outputs(model), outputs(reference), atol=1e-5, rtol=1e-5)
+    # diffusers' rule (1) gives another position table and other outputs: the choice matters.
+    wrong, wrong_report = load_pixcell(folder, ge_dim=6, interpolation_scale=1)
+    assert not torch.allclose(outputs(wrong), outputs(reference), atol=1e-3)
+    assert not any("interpolation_scale" in n for n in wrong_report.notes)  # given explicitly: no note

@@ -101,6 +101,9 @@ def prepare(
         ),
     ],
     out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Discard what an earlier run wrote in the folder and start over")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Read samples, tile every spot and write a prepared dataset (resumes when rerun)."""
@@ -111,7 +114,7 @@ def prepare(
     _setup_logging(verbose)
     try:
         cfg = PrepareConfig.from_yaml(config, out=out)
-        store = run_prepare(cfg)
+        store = run_prepare(cfg, restart=restart)
     except (StoreMismatchError, ValueError, FileNotFoundError, KeyError) as err:
         _fail(str(err))
     stages = store.manifest()["stages"]
@@ -141,6 +144,9 @@ def encode(
     trust_pickle: Annotated[
         bool, typer.Option(help="Allow checkpoints that need unpickling (runs code from them)")
     ] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Discard the store's earlier features and encoders and start over")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Cache frozen-encoder features in a prepared dataset (resumes; shards under accelerate launch)."""
@@ -153,7 +159,7 @@ def encode(
                        morphology_grid=morphology_grid, vae=vae, ge_tokens=ge_tokens, batch_size=batch_size,
                        features=tuple(f for f in features.split(",") if f), trust_pickle=trust_pickle)  # fmt: skip
     try:
-        store = run_encode(dataset, cfg)
+        store = run_encode(dataset, cfg, restart=restart)
     except (StoreMismatchError, ValueError, FileNotFoundError, OSError) as err:
         _fail(str(err))
     from stmdit.distributed import process_state
@@ -211,6 +217,9 @@ def evaluate(
     inception_weights: Annotated[
         str | None, typer.Option(help="FID Inception weights file (or STMDIT_INCEPTION_WEIGHTS)")
     ] = None,
+    download_weights: Annotated[
+        bool, typer.Option("--download-weights", help="Fetch the FID Inception weights if absent (network)")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Compare models on the same held-out spots and seeds: FID/KID/FD, fidelity AUC, GE ablation, report."""
@@ -219,7 +228,9 @@ def evaluate(
 
     _setup_logging(verbose)
     try:
-        cfg = EvaluateConfig.from_yaml(config, out=out, inception_weights=inception_weights)
+        cfg = EvaluateConfig.from_yaml(
+            config, out=out, inception_weights=inception_weights, download_weights=download_weights or None
+        )
         results = run_evaluate(cfg)
     except (ValueError, FileNotFoundError, OSError, KeyError) as err:
         _fail(str(err))
@@ -227,9 +238,13 @@ def evaluate(
     for name, model in results["models"].items():
         for setting, res in model["settings"].items():
             s = res["summary"]
-            cells = [s.get(k, {}).get("mean") for k in ("fid", "fd_morph", "fidelity_auc")]
+            cells = [
+                "skipped" if k in results["skipped"] else s.get(k, {}).get("mean")
+                for k in ("fid", "fd_morph", "fidelity_auc")
+            ]
             text = "".join(
-                f"{'–' if v is None else f'{v:.3f}':>{w}}" for v, w in zip(cells, (10, 11, 10), strict=True)
+                f"{v if isinstance(v, str) else '–' if v is None else f'{v:.3f}':>{w}}"
+                for v, w in zip(cells, (10, 11, 10), strict=True)
             )
             typer.echo(f"{name:<16}{setting:<12}{text}")
     if "ceiling" in results:

@@ -82,6 +82,10 @@ _HUB_FILES = [
 ]
 _PIXART_HEAD_DIM = 72  # every PixArt / PixCell size uses 72-d heads (PixCell: 1152 = 16 x 72)
 _PIXCELL_256_SAMPLE_SIZE = 32  # 256 px through the 8x SD3.5 VAE
+_PIXCELL_CLASS = "PixCellTransformer2DModel"
+# PixCell-256 was trained with pe_interpolation = 0.5 (PixArt's sample_size / 64); its hub
+# config.json leaves interpolation_scale null, from which diffusers would build 1.
+_PIXCELL_256_INTERPOLATION = 0.5
 
 
 @dataclass
@@ -214,7 +218,8 @@ def load_pixcell(
 
     ``layout`` (``"diffusers"`` or ``"original"``) is detected from the key names when None.
     ``interpolation_scale`` is the image position table's scale, which no weight file stores:
-    None takes it from config.json (diffusers' ``max(sample_size // 64, 1)`` when null there)
+    None takes it from config.json (when null there: 0.5 for PixCell-256, the
+    ``pe_interpolation`` it was trained with, else diffusers' ``max(sample_size // 64, 1)``)
     or, for original files, PixArt's convention ``sample_size / 64`` (0.5 for PixCell-256, as
     its training config sets; an inference for any other checkpoint); a stored ``pos_embed``
     is compared against the table built, with a warning if they differ. Original files
@@ -241,7 +246,7 @@ def load_pixcell(
     }
     notes = []
     if config_json is not None:
-        config = _config_from_diffusers(config_json)
+        config, notes = _config_from_diffusers(config_json, explicit=set(overrides))
     else:
         config, notes = _config_from_shapes(state, explicit=set(overrides))
     config.update(overrides, ge_injection=ge_injection, ge_pooling=ge_pooling)
@@ -356,9 +361,11 @@ def _unwrap(obj, state_dict_key: str | None, name: str) -> dict:
     )
 
 
-def _config_from_diffusers(cfg: dict) -> dict:
-    """STMDiT arguments from a diffusers PixArt / PixCell config.json; missing keys take
-    PixArtTransformer2DModel's defaults, as diffusers itself would."""
+def _config_from_diffusers(cfg: dict, explicit: set[str] = frozenset()) -> tuple[dict, list[str]]:
+    """STMDiT arguments from a diffusers PixArt / PixCell config.json, plus notes on values the
+    file leaves open; missing keys take PixArtTransformer2DModel's defaults, as diffusers itself
+    would, except a null ``interpolation_scale`` of PixCell-256, which takes the 0.5 it was
+    trained with. The ones in ``explicit`` are about to be overridden and get no note."""
     defaults = {
         name: p.default
         for name, p in inspect.signature(PixArtTransformer2DModel.__init__).parameters.items()
@@ -382,8 +389,25 @@ def _config_from_diffusers(cfg: dict) -> dict:
             f"config.json describes a model STMDiT cannot hold: {bad or 'caption_channels is null'} "
             f"(STMDiT needs {needed} and caption_channels set)"
         )
-    scale = cfg["interpolation_scale"]
-    return {
+    scale, notes = cfg["interpolation_scale"], []
+    if (
+        scale is None
+        and cfg.get("_class_name") == _PIXCELL_CLASS
+        and cfg["sample_size"] == _PIXCELL_256_SAMPLE_SIZE
+    ):
+        scale = _PIXCELL_256_INTERPOLATION
+        notes.append(
+            f"config.json leaves interpolation_scale null: PixCell-256's pe_interpolation {scale} used (its "
+            "training setting; diffusers would build 1); pass interpolation_scale= to override"
+        )
+    elif scale is None:
+        scale = max(cfg["sample_size"] // 64, 1)
+        notes.append(
+            f"config.json leaves interpolation_scale null: diffusers' max(sample_size // 64, 1) = {scale} used"
+        )
+    if "interpolation_scale" in explicit:
+        notes = []
+    config = {
         "sample_size": cfg["sample_size"],
         "patch_size": cfg["patch_size"],
         "in_channels": cfg["in_channels"],
@@ -394,8 +418,9 @@ def _config_from_diffusers(cfg: dict) -> dict:
         "morph_dim": cfg["caption_channels"],
         "morph_tokens": cfg["caption_num_tokens"],
         "norm_eps": cfg["norm_eps"],
-        "interpolation_scale": max(cfg["sample_size"] // 64, 1) if scale is None else scale,
+        "interpolation_scale": scale,
     }
+    return config, notes
 
 
 def _config_from_shapes(state: dict[str, torch.Tensor], explicit: set[str]) -> tuple[dict, list[str]]:

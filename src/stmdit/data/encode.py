@@ -18,7 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from stmdit.data.chunks import ChunkedArray
-from stmdit.data.store import DatasetStore, _check_parameters
+from stmdit.data.store import (
+    DatasetStore,
+    _check_parameters,
+    file_digest,
+    remove_entries,
+    source_files,
+    verify_sources,
+)
 from stmdit.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -108,7 +115,37 @@ def _build_encoders(store: DatasetStore, cfg: EncodeConfig) -> dict:
     return encoders
 
 
-def _save_encoders(store: DatasetStore, encoders: dict, parameters: dict) -> None:
+def _sources(store: DatasetStore, cfg: EncodeConfig) -> list[dict]:
+    """What the features are computed from: the store's spots (by their path in the store, so a
+    copied store keeps its record) and the weight files or folders the encoder specs name."""
+    spots = {**file_digest(store.root / "spots.h5ad"), "path": "spots.h5ad"}
+    candidates = []
+    for spec in (cfg.ge_encoder, cfg.morphology_encoder, cfg.vae):
+        arg = str(spec).partition(":")[2]
+        candidates += [str(spec), arg, arg.partition("@")[2]]
+    paths = [c for c in dict.fromkeys(candidates) if c and Path(c).exists()]
+    return [spots] + [file_digest(p) for p in source_files(paths, exclude=store.root)]
+
+
+def _verify_sources(store: DatasetStore, recorded: list[dict]) -> None:
+    inside = [
+        {**r, "path": str(store.root / r["path"])} if not Path(r["path"]).is_absolute() else r
+        for r in recorded
+    ]
+    verify_sources(inside, "start over with `stmdit encode --restart`")
+
+
+def _restart(store: DatasetStore) -> None:
+    """Forget every feature and encoder of an earlier encode (the prepared data stays)."""
+    remove_entries(store.root, ("features", "encoders"))
+    manifest = store.manifest()
+    for key in ("encoders", "features"):
+        manifest.pop(key, None)
+    manifest.get("stages", {}).pop("encode", None)
+    store.write_manifest(manifest)
+
+
+def _save_encoders(store: DatasetStore, encoders: dict, parameters: dict, sources: list[dict]) -> None:
     from stmdit.encoders.factory import describe
 
     for name, enc in encoders.items():
@@ -119,6 +156,7 @@ def _save_encoders(store: DatasetStore, encoders: dict, parameters: dict) -> Non
         "parameters": parameters,
         "classes": {k: type(v).__name__ for k, v in encoders.items() if v is not None},
         "describe": {k: describe(v) for k, v in encoders.items()},
+        "sources": sources,
     }
     store.write_manifest(manifest)
 
@@ -149,13 +187,19 @@ def _encode_chunk(tiles_u8: np.ndarray, counts: np.ndarray | None, library: np.n
 
 
 def encode(
-    root, cfg: EncodeConfig | None = None, progress: bool = True, encoders: dict | None = None
+    root,
+    cfg: EncodeConfig | None = None,
+    progress: bool = True,
+    encoders: dict | None = None,
+    restart: bool = False,
 ) -> DatasetStore:
     """Compute and cache the features of every spot of a prepared dataset (resumable).
 
     ``encoders`` (keys ``ge_encoder``, ``morphology_encoder``, ``vae``) replaces the encoders
     that ``cfg``'s specs name, for models built in Python; they are saved into the store like
-    any other, and the manifest records them by class.
+    any other, and the manifest records them by class. A rerun resumes only while the store's
+    spots and the encoders' weight files are unchanged; ``restart`` discards the earlier
+    features and encoders first.
     """
     from stmdit.distributed import process_state
     from stmdit.encoders.expression import align_to_panel
@@ -171,9 +215,17 @@ def encode(
         parameters.update(
             {k: f"given: {type(v).__name__}" for k, v in encoders.items() if k != "vae" or v is not None}
         )
+    if restart and state.is_main_process:
+        _restart(store)
+    state.wait_for_everyone()
+    manifest = store.manifest()
     _check_parameters(manifest.get("encoders", {}), "parameters", parameters, store.root)
+    if manifest.get("encoders"):
+        _verify_sources(store, manifest["encoders"].get("sources", []))
     if state.is_main_process and not manifest.get("encoders"):
-        _save_encoders(store, encoders if encoders is not None else _build_encoders(store, cfg), parameters)
+        sources = _sources(store, cfg)  # before building: a file changing meanwhile shows on the rerun
+        built = encoders if encoders is not None else _build_encoders(store, cfg)
+        _save_encoders(store, built, parameters, sources)
     state.wait_for_everyone()
     encoders = load_encoders(store)
     device = state.device

@@ -24,12 +24,14 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
@@ -64,7 +66,66 @@ def file_digest(path: str | os.PathLike, full_limit: int = 256 * 2**20, block: i
                 f.seek(offset)
                 h.update(f.read(block))
             method = f"sha256 of size + 3 x {block // 2**20} MiB samples"
-    return {"path": str(path.resolve()), "bytes": size, "digest": h.hexdigest(), "method": method}
+    return {"path": str(path.resolve()), "bytes": size, "mtime_ns": path.stat().st_mtime_ns,
+            "digest": h.hexdigest(), "method": method}  # fmt: skip
+
+
+class SourceChangedError(StoreMismatchError):
+    """A source file changed between an interrupted run and its rerun."""
+
+
+def source_files(paths, exclude: str | os.PathLike | None = None) -> list[Path]:
+    """The files behind ``paths`` (files as they are, folders by their files, hidden ones left out),
+    sorted; nothing under ``exclude`` (the output folder)."""
+    exclude = Path(exclude).resolve() if exclude is not None else None
+    found = set()
+    for path in map(Path, paths):
+        if path.is_file():
+            found.add(path.resolve())
+        elif path.is_dir():
+            found.update(f.resolve() for f in path.rglob("*")
+                         if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))  # fmt: skip
+    return sorted(f for f in found if exclude is None or not f.is_relative_to(exclude))
+
+
+def verify_sources(recorded: list[dict], restart_hint: str) -> None:
+    """Refuse to resume when a source recorded by :func:`file_digest` has changed.
+
+    Size and digest (by the recorded method) must match. A different modification time with the
+    same whole-file SHA-256 is the same content (a copy, a ``touch``) and is accepted; with a
+    sampled digest (files above 256 MiB) it is not, since the sample cannot see every byte."""
+    for record in recorded:
+        path = Path(record["path"])
+        if not path.is_file():
+            raise SourceChangedError(f"source {path} no longer exists; it was read by the interrupted run. "
+                                     f"Restore it, or {restart_hint}")  # fmt: skip
+        now = file_digest(path)
+        changed = []
+        if now["bytes"] != record["bytes"]:
+            changed.append(f"size {record['bytes']} -> {now['bytes']} bytes")
+        if now["digest"] != record["digest"]:
+            changed.append(f"{record['method']} {record['digest'][:12]}... -> {now['digest'][:12]}...")
+        if "mtime_ns" in record and now["mtime_ns"] != record["mtime_ns"] and record["method"] != "sha256":
+            changed.append(
+                f"modification time changed and its digest ({record['method']}) does not cover every byte"
+            )
+        if changed:
+            raise SourceChangedError(f"source {path} changed since this store was started ({'; '.join(changed)}): "
+                                     f"resuming would mix data from both versions. Restore it, or {restart_hint}")  # fmt: skip
+
+
+# What ``prepare --restart`` removes: the store's own entries, never other files in the folder.
+STORE_ENTRIES = (MANIFEST, "spots.h5ad", "tiles.zarr", "tiles.zarr.done", "tissue_fraction.zarr",
+                 "tissue_fraction.zarr.done", "features", "encoders")  # fmt: skip
+
+
+def remove_entries(root: Path, entries) -> None:
+    for name in entries:
+        path = root / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def package_versions() -> dict:
@@ -88,7 +149,11 @@ class PrepareConfig:
     ``format`` (``visium``, ``hest``, ``legacy_st``, ``spatial_h5ad``, ``cell_table``, ``he_slide``,
     ``pseudolabels``: the output of ``stmdit pseudolabel``) and that
     reader's arguments (see :mod:`stmdit.data.readers`); ``cell_table`` also takes
-    ``pseudospot_um`` (and optionally ``spacing_um``, ``grid``) for the aggregation."""
+    ``pseudospot_um`` (and optionally ``spacing_um``, ``grid``) for the aggregation.
+
+    Splits: a sample entry may say ``split: train|val|test``, and ``splits`` may name samples or
+    patients per split (``{test: [P7_A], val: [P9]}``); see :func:`assign_splits` for how the
+    groups nobody named are dealt."""
 
     out: str
     samples: list[dict] = field(default_factory=list)
@@ -97,6 +162,7 @@ class PrepareConfig:
     min_tissue: float = 0.25
     split_by: str = "patient_id"
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    splits: dict[str, list[str]] = field(default_factory=dict)
     seed: int = 0
     chunk_rows: int = 64
 
@@ -108,6 +174,20 @@ class PrepareConfig:
                 raise ValueError(
                     f"prepare: samples[{i}] has no 'format' (visium, hest, legacy_st, cell_table, he_slide)"
                 )
+            if "split" in s and s["split"] not in SPLITS:
+                raise ValueError(f"prepare: samples[{i}].split must be one of {SPLITS}; got {s['split']!r}")
+        unknown = sorted(set(self.splits) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"prepare: splits has unknown keys {unknown}; use {list(SPLITS)}")
+        seen: dict[str, str] = {}
+        for split, names in self.splits.items():
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(
+                    f"prepare: splits.{split} must be a list of sample or patient names; got {names!r}"
+                )
+            for name in names:
+                if seen.setdefault(name, split) != split:
+                    raise ValueError(f"prepare: {name!r} is named in splits.{seen[name]} and splits.{split}")
         if self.tile_um <= 0 or self.tile_px < 8:
             raise ValueError(f"tile_um must be > 0 and tile_px >= 8; got {self.tile_um}, {self.tile_px}")
         fr = tuple(float(f) for f in self.split_fractions)
@@ -140,6 +220,7 @@ def read_sample(spec: dict) -> ad.AnnData:
 
     spec = dict(spec)
     fmt = spec.pop("format")
+    spec.pop("split", None)  # the sample's split is prepare's business, not the reader's
     if fmt == "cell_table":
         diameter = spec.pop("pseudospot_um", None)
         if diameter is None:
@@ -191,6 +272,60 @@ def make_splits(groups: np.ndarray, fractions: tuple[float, float, float], seed:
             "splits %s are empty: %d groups are too few for fractions %s", empty, len(names), fractions
         )
     return out
+
+
+def assign_splits(obs, key: str, named: dict[str, str], fractions: tuple[float, float, float],
+                  seed: int) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """The split of every spot: named groups where the user named them, the others dealt at random.
+
+    ``named`` maps a sample id or a patient id (or any value of the ``key`` column) to a split.
+    Every group of ``key`` (a patient by default) must end up in one split: a group whose spots
+    are named for two splits, or named for one and partly not named, is an error that names the
+    group and the splits. The groups nobody named are dealt by :func:`make_splits`; the splits
+    that received named groups take no random ones (the other fractions are rescaled), unless
+    every split was named. Returns the per-spot split and the record for ``uns``.
+    """
+    groups = obs[key].astype(str).to_numpy()
+    columns = [c for c in dict.fromkeys(("sample_id", "patient_id", key)) if c in obs]
+    values = {c: obs[c].astype(str).to_numpy() for c in columns}
+    known = set().union(*(set(v) for v in values.values()))
+    missing = sorted(set(named) - known)
+    if missing:
+        raise ValueError(f"splits name {missing}, which are neither samples nor patients of this dataset "
+                         f"(samples: {sorted(set(values['sample_id']))})")  # fmt: skip
+    explicit = np.full(len(obs), "", dtype=object)
+    for column, vals in values.items():
+        for name, split in named.items():
+            rows = vals == name
+            clash = rows & (explicit != "") & (explicit != split)
+            if clash.any():
+                raise ValueError(f"{column} {name!r} is named for {split}, but some of its spots are also named "
+                                 f"for {sorted(set(explicit[clash]))[0]} (through another sample or patient name)")  # fmt: skip
+            explicit[rows] = split
+    group_split: dict[str, str] = {}
+    for group in dict.fromkeys(groups):
+        rows = groups == group
+        chosen = sorted(set(explicit[rows]) - {""})
+        if not chosen:
+            continue
+        if len(chosen) > 1 or (explicit[rows] == "").any():
+            by_split = {s: sorted(set(values["sample_id"][rows & (explicit == s)])) for s in [*chosen, ""]}
+            parts = "; ".join(f"{s}: samples {by_split[s]}" for s in chosen)
+            if by_split[""]:
+                parts += f"; not named (dealt at random): samples {by_split['']}"
+            raise ValueError(f"{key} {group!r} would be in two splits ({parts}). A {key} stays in one split: name "
+                             f"all of its samples for the same split, or set split_by: sample_id to split by section")  # fmt: skip
+        group_split[group] = chosen[0]
+    rest = np.isin(groups, list(group_split), invert=True)
+    taken = set(group_split.values())
+    dealt = np.array([0.0 if s in taken else f for s, f in zip(SPLITS, fractions, strict=True)])
+    dealt = tuple(dealt / dealt.sum()) if dealt.sum() > 0 else fractions
+    random = make_splits(groups[rest], dealt, seed) if rest.any() else {s: [] for s in SPLITS}
+    for split, names in random.items():
+        group_split.update(dict.fromkeys(names, split))
+    record = {s: sorted(g for g, v in group_split.items() if v == s) for s in SPLITS}
+    record["named"] = dict(sorted(named.items()))
+    return np.array([group_split[g] for g in groups], dtype=object), record
 
 
 # -- the store ----------------------------------------------------------------------------
@@ -279,22 +414,50 @@ def _expression_layers(adata: ad.AnnData) -> None:
     adata.layers["log1p"] = norm.astype(np.float32).tocsr()
 
 
-def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
-    """Readers + tiling into ``config.out``; resumes an interrupted run of the same config."""
+def _named_splits(config: PrepareConfig, parts: list[ad.AnnData]) -> dict[str, str]:
+    """Sample or patient name -> split, from the sample entries' ``split`` and the ``splits`` lists."""
+    named = {name: split for split, names in config.splits.items() for name in names}
+    for spec, part in zip(config.samples, parts, strict=True):
+        if "split" not in spec:
+            continue
+        for sample in part.obs["sample_id"].astype(str).unique():
+            if named.setdefault(sample, spec["split"]) != spec["split"]:
+                raise ValueError(
+                    f"sample {sample!r} says split: {spec['split']} but splits.{named[sample]} names it"
+                )
+    return named
+
+
+def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False) -> DatasetStore:
+    """Readers + tiling into ``config.out``; resumes an interrupted run of the same config from the
+    same (unchanged) sources. ``restart`` removes what an earlier run wrote there and starts over."""
     from stmdit.data.readers import concat_samples
     from stmdit.data.tiling import SpotTiler, tile_boxes
 
     store = DatasetStore(config.out)
+    if restart:
+        remove_entries(store.root, STORE_ENTRIES)
     store.root.mkdir(parents=True, exist_ok=True)
     manifest = store.manifest() if store.manifest_path.exists() else {"format": STORE_FORMAT, "stages": {}}
     _check_parameters(manifest, "prepare", config.parameters(), store.root)
+    if manifest.get("sources"):
+        verify_sources(manifest["sources"], "start over with `stmdit prepare --restart`")
     manifest["prepare"] = config.parameters()
 
     spots_path = store.root / "spots.h5ad"
     if manifest["stages"].get("spots") and spots_path.exists():
         adata = ad.read_h5ad(spots_path)
     else:
+        # Digests first: a file that changes while it is read shows up on the rerun.
+        paths = [
+            v
+            for spec in config.samples
+            for k, v in spec.items()
+            if k not in ("format", "split") and isinstance(v, str)
+        ]
+        sources = [file_digest(p) for p in source_files(paths, exclude=store.root)]
         parts = [read_sample(s) for s in tqdm(config.samples, desc="reading samples", disable=not progress)]
+        named = _named_splits(config, parts)
         adata = parts[0] if len(parts) == 1 else concat_samples(parts)
         boxes, at_edge = tile_boxes(adata, config.tile_um)
         adata.obsm["tile_box"] = boxes
@@ -306,16 +469,13 @@ def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
         )
         if key != config.split_by:
             logger.warning("split_by=%r is not known for every spot; splitting by sample_id", config.split_by)
-        splits = make_splits(adata.obs[key].to_numpy(), config.split_fractions, config.seed)
-        group_split = {g: s for s, gs in splits.items() for g in gs}
-        adata.obs["split"] = adata.obs[key].astype(str).map(group_split).astype("category")
+        split, splits = assign_splits(adata.obs, key, named, config.split_fractions, config.seed)
+        adata.obs["split"] = pd.Categorical(split.astype(str))
         adata.uns["stmdit"]["splits"] = {"by": key, "seed": config.seed, **splits}
         _expression_layers(adata)
         with atomic_path(spots_path) as tmp:
             adata.write_h5ad(tmp)
-        sources = sorted({str(v) for s in config.samples for k, v in s.items() if k != "format" and isinstance(v, str)
-                          and Path(v).is_file()})  # fmt: skip
-        manifest["sources"] = [file_digest(p) for p in sources]
+        manifest["sources"] = sources
         manifest["versions"] = package_versions()
         manifest["stages"]["spots"] = {"n_spots": adata.n_obs, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         store.write_manifest(manifest)

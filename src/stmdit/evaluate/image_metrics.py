@@ -448,24 +448,29 @@ def _fd_entry(metric: str, fa: np.ndarray, fb: np.ndarray, protocol: dict) -> di
     n_real, n_fake, dim = len(fa), len(fb), fa.shape[1]
     notes = []
     if min(n_real, n_fake) < 2:
-        return {
-            "value": None,
-            "protocol": protocol,
-            "warnings": [f"{metric} needs at least 2 real and 2 generated images"],
-        }
+        return _with_caveats(
+            {"value": None, "protocol": protocol},
+            [("too_few_images", f"{metric} needs at least 2 real and 2 generated images")],
+        )
     if min(n_real, n_fake) <= dim:
         notes.append(
-            f"{metric} from {n_real} real and {n_fake} generated images in a {dim}-d feature space: the "
-            f"covariance estimates have rank at most {min(n_real, n_fake) - 1} < {dim}, so the distance is "
-            "rank-deficient, biased upwards and unstable (it falls as images are added); compare it only "
-            f"with values from the same image counts, and use more than {dim} images per set for a "
-            "reportable value (FID convention: 10,000-50,000)"
+            (
+                "rank_deficient",
+                f"{metric} from {n_real} real and {n_fake} generated images in a {dim}-d feature space: the "
+                f"covariance estimates have rank at most {min(n_real, n_fake) - 1} < {dim}, so the distance is "
+                "rank-deficient, biased upwards and unstable (it falls as images are added); compare it only "
+                f"with values from the same image counts, and use more than {dim} images per set for a "
+                "reportable value (FID convention: 10,000-50,000)",
+            )
         )
     elif min(n_real, n_fake) < _STANDARD_FID_IMAGES:
         notes.append(
-            f"{metric} from {n_real} real and {n_fake} generated images: Fréchet distances are biased "
-            f"upwards below about {_STANDARD_FID_IMAGES:,} images per set; compare only values from equal "
-            "image counts"
+            (
+                "few_images",
+                f"{metric} from {n_real} real and {n_fake} generated images: Fréchet distances are biased "
+                f"upwards below about {_STANDARD_FID_IMAGES:,} images per set; compare only values from equal "
+                "image counts",
+            )
         )
     value = frechet_distance_from_features(fa, fb)
     method = (
@@ -473,7 +478,14 @@ def _fd_entry(metric: str, fa: np.ndarray, fb: np.ndarray, protocol: dict) -> di
         if n_real + n_fake - 2 >= dim
         else "trace term computed exactly in the span of the centred features (fewer samples than dimensions)"
     )
-    return {"value": value, "protocol": {**protocol, "computation": method}, "warnings": notes}
+    return _with_caveats({"value": value, "protocol": {**protocol, "computation": method}}, notes)
+
+
+def _with_caveats(entry: dict, notes) -> dict:
+    """``entry`` with its ``warnings`` (texts) and ``caveats`` (each text with its kind, so that a
+    report can give one line per kind of caveat however many scopes share it)."""
+    return {**entry, "warnings": [text for _, text in notes],
+            "caveats": [{"kind": kind, "text": text} for kind, text in notes]}  # fmt: skip
 
 
 def _kid_entry(
@@ -490,20 +502,21 @@ def _kid_entry(
         "kid_std": "population std (ddof = 0) over subsets",
     }
     if m < 2:
-        return {
-            "mean": None,
-            "std": None,
-            "protocol": kid_protocol,
-            "warnings": ["KID needs at least 2 images per set"],
-        }
+        return _with_caveats(
+            {"mean": None, "std": None, "protocol": kid_protocol},
+            [("too_few_images", "KID needs at least 2 images per set")],
+        )
     notes = []
     if m < subset_size:
         notes.append(
-            f"KID subsets of {m} images instead of {subset_size} (fewer images available): the mean is still "
-            "unbiased but noisier, and the std is not comparable with values from other subset sizes"
+            (
+                "small_kid_subsets",
+                f"KID subsets of {m} images instead of {subset_size} (fewer images available): the mean is still "
+                "unbiased but noisier, and the std is not comparable with values from other subset sizes",
+            )
         )
     mean, std = kid(fa, fb, subsets=subsets, subset_size=m, seed=seed)
-    return {"mean": mean, "std": std, "protocol": kid_protocol, "warnings": notes}
+    return _with_caveats({"mean": mean, "std": std, "protocol": kid_protocol}, notes)
 
 
 def _groups(per_group, n_real: int, n_fake: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -554,7 +567,9 @@ def compute_image_metrics(
     "warnings": [...], "protocol": {...}}``; every entry holds its value(s), a ``protocol`` (image
     counts and sizes, feature extractor, weights file and hash, preprocessing, reference set) and
     its own ``warnings`` (including those about its extractor); the top-level list gathers them,
-    extractor warnings once and the others with their scope.
+    extractor warnings once and the others with their scope. ``caveats`` holds the same notes as
+    records (``metric``, ``kind``, ``group``: None for overall, ``text``) for reports that give
+    one line per kind of caveat.
     """
     n_real, n_fake = len(real_images), len(fake_images)
     groups = _groups(per_group, n_real, n_fake)
@@ -581,9 +596,13 @@ def compute_image_metrics(
         if reference
         else ["no reference-set description given (reference=...): record what the real images are"]
     )
+    caveats = [{"metric": None, "kind": "no_reference", "group": None, "text": w} for w in top_warnings]
     top_warnings += [w for _, extractor_warnings in described.values() for w in extractor_warnings]
+    caveats += [{"metric": name, "kind": "extractor", "group": None, "text": w}
+                for name, (_, extractor_warnings) in described.items() for w in extractor_warnings]  # fmt: skip
 
-    def scope_metrics(scope: str, real_idx: np.ndarray, fake_idx: np.ndarray) -> dict:
+    def scope_metrics(group: str | None, real_idx: np.ndarray, fake_idx: np.ndarray) -> dict:
+        scope = "overall" if group is None else f"group {group!r}"
         entries = {}
         for name, (fr, ff) in features.items():
             extractor_protocol, extractor_warnings = described[name]
@@ -603,17 +622,18 @@ def compute_image_metrics(
                 named = {f"fd_{name}": _fd_entry(f"FD-{name.upper()}", fa, fb, protocol)}
             for metric, entry in named.items():
                 top_warnings.extend(f"{scope} {metric}: {w}" for w in entry["warnings"])
+                caveats.extend({"metric": metric, "group": group, **c} for c in entry.pop("caveats"))
                 entry["warnings"] = extractor_warnings + entry["warnings"]
             entries.update(named)
         return entries
 
-    overall = scope_metrics("overall", np.arange(n_real), np.arange(n_fake))
+    overall = scope_metrics(None, np.arange(n_real), np.arange(n_fake))
     per_group_results = None
     if groups is not None:
         real_labels, fake_labels = groups
         per_group_results = {
             label: scope_metrics(
-                f"group {label!r}", np.flatnonzero(real_labels == label), np.flatnonzero(fake_labels == label)
+                label, np.flatnonzero(real_labels == label), np.flatnonzero(fake_labels == label)
             )
             for label in sorted(set(real_labels) | set(fake_labels))
         }
@@ -621,6 +641,7 @@ def compute_image_metrics(
         "overall": overall,
         "per_group": per_group_results,
         "warnings": top_warnings,
+        "caveats": caveats,
         "protocol": {
             **common,
             "n_real": n_real,

@@ -6,15 +6,24 @@ FID, non-standard Inception weights, ...) are shown above the table, not hidden.
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
+import jinja2
 import numpy as np
 
 from stmdit.io import save_figure, write_text
 from stmdit.plotting import plt, save_tile_grid
 
+# The page layout lives in templates/report.html.j2 (package data); autoescaping covers every
+# name and value that comes from the user's config or data.
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("stmdit.evaluate", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 METRICS = (("fid", "FID", "{:.1f}"), ("kid", "KID", "{:.4f}"), ("fd_morph", "FD-morph", "{:.2f}"),
            ("fidelity_auc", "fidelity AUC", "{:.3f}"))  # fmt: skip
 
@@ -27,53 +36,38 @@ def _fmt(summary: dict, key: str, pattern: str) -> str:
     return text + (f" ± {pattern.format(entry['std'])}" if len(entry.get("per_seed", [])) > 1 else "")
 
 
-def _table(results: dict) -> str:
-    head = "".join(f"<th>{label}</th>" for _, label, _ in METRICS)
+def _metric_rows(results: dict) -> list[list[str]]:
+    """The metrics table's rows: model, setting, one cell per metric ("skipped" where the metric
+    could not be computed at all), the ratio to the ceiling."""
+    skipped = results.get("skipped", {})
     rows = []
     if "ceiling" in results:
-        rows.append(f"<tr><td>real tiles (ceiling)</td><td>–</td>{'<td>–</td>' * 3}<td>{results['ceiling']['auc']:.3f}</td>"
-                    "<td>1.00</td></tr>")  # fmt: skip
+        rows.append(["real tiles (ceiling)", "–", "–", "–", "–", f"{results['ceiling']['auc']:.3f}", "1.00"])
     for name, model in results["models"].items():
         for setting, res in model["settings"].items():
             s = res["summary"]
-            cells = "".join(f"<td>{_fmt(s, key, pat)}</td>" for key, _, pat in METRICS)
+            cells = ["skipped" if key in skipped else _fmt(s, key, pat) for key, _, pat in METRICS]
             ratio = s.get("fidelity_ratio_to_ceiling")
-            rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(setting)}</td>{cells}"
-                        f"<td>{'–' if ratio is None else f'{ratio:.2f}'}</td></tr>")  # fmt: skip
-    return (f"<table><tr><th>model</th><th>setting</th>{head}<th>fidelity / ceiling</th></tr>"
-            + "".join(rows) + "</table>")  # fmt: skip
+            rows.append([name, setting, *cells, "–" if ratio is None else f"{ratio:.2f}"])
+    return rows
 
 
-def _ablation_table(results: dict) -> str:
-    rows = []
-    for name, model in results["models"].items():
-        for ablation, deltas in model.get("ge_ablation", {}).items():
-            cells = "".join(
-                f"<td>{deltas[k]:+.3f}</td>" if k in deltas else "<td>–</td>" for k, _, _ in METRICS
-            )
-            rows.append(f"<tr><td>{html.escape(name)}</td><td>{ablation} − ge</td>{cells}</tr>")
-    if not rows:
-        return "<p>No GE model was evaluated.</p>"
-    head = "".join(f"<th>Δ {label}</th>" for _, label, _ in METRICS)
-    return f"<table><tr><th>model</th><th>delta</th>{head}</tr>{''.join(rows)}</table>"
+def _ablation_rows(results: dict) -> list[list[str]]:
+    return [[name, f"{ablation} − ge", *(f"{deltas[k]:+.3f}" if k in deltas else "–" for k, _, _ in METRICS)]
+            for name, model in results["models"].items()
+            for ablation, deltas in model.get("ge_ablation", {}).items()]  # fmt: skip
 
 
-def _ood_section(results: dict) -> str:
+def _ood(results: dict) -> dict | None:
     ood = results.get("ood")
     if not ood:
-        return ""
+        return None
     rows = []
     for name, summary in ood["models"].items():
-        cells = "".join(f"<td>{_fmt(summary, key, pat)}</td>" for key, _, pat in METRICS[:3])
         delta = ood["delta_ood"].get(name)
-        rows.append(
-            f"<tr><td>{html.escape(name)}</td>{cells}<td>{'–' if delta is None else f'{delta:+.1f}'}</td></tr>"
-        )
-    head = "".join(f"<th>{label}</th>" for _, label, _ in METRICS[:3])
-    return (f"<h2>Out-of-distribution evaluation</h2><p>{html.escape(ood['cohort'])}. Reference: "
-            f"{html.escape(ood['reference'])}. delta_OOD = FID with GE removed − FID with GE (positive: GE helps). "
-            f"{html.escape(ood['fidelity_note'])}.</p><table><tr><th>model</th>{head}<th>delta_OOD (FID)</th></tr>"
-            + "".join(rows) + "</table>")  # fmt: skip
+        rows.append([name, *(_fmt(summary, key, pat) for key, _, pat in METRICS[:3]),
+                     "–" if delta is None else f"{delta:+.1f}"])  # fmt: skip
+    return {**ood, "rows": rows}
 
 
 def _first_protocol(results: dict) -> dict:
@@ -171,7 +165,11 @@ def _plot_sweep(results: dict, path: Path) -> bool:
             series[name] = sorted(pts, key=lambda p: p[0])
     if not series:
         return False
-    keys = [k for k in ("fid", "fidelity_auc") if any(k in p[1] for pts in series.values() for p in pts)]
+    keys = [
+        k
+        for k in ("fid", "fd_morph", "fidelity_auc")
+        if any(k in p[1] for pts in series.values() for p in pts)
+    ]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.5 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         for name, pts in series.items():
@@ -179,6 +177,39 @@ def _plot_sweep(results: dict, path: Path) -> bool:
         ax.set_xlabel("GE guidance scale")
         ax.set_title(dict((k, lbl) for k, lbl, _ in METRICS)[key], fontsize=8)
         ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return True
+
+
+def _plot_tradeoff(results: dict, path: Path) -> bool:
+    """Fidelity AUC against FD-morph for each model, one point per GE guidance scale (the sweep),
+    a no-GE model as a single point: where realism and fidelity hold together."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    drawn = False
+    for name, model in results["models"].items():
+        pts = sorted((s["guidance_ge"], s["summary"]) for key, s in model["settings"].items()
+                     if key in ("ge", "none") or key.startswith("ge@"))  # fmt: skip
+        pts = [(g, s["fd_morph"]["mean"], s["fidelity_auc"]["mean"]) for g, s in pts
+               if s.get("fd_morph", {}).get("mean") is not None and s.get("fidelity_auc", {}).get("mean") is not None]  # fmt: skip
+        if not pts:
+            continue
+        drawn = True
+        if not model["has_ge"]:
+            ax.scatter([pts[0][1]], [pts[0][2]], marker="s", label=f"{name} (no GE)")
+            continue
+        line = ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=name)[0]
+        for g, fd, auc in pts:
+            ax.annotate(f"{g:g}", (fd, auc), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=line.get_color())  # fmt: skip
+    if not drawn:
+        plt.close(fig)
+        return False
+    if "ceiling" in results:
+        ax.axhline(results["ceiling"]["auc"], color="grey", linestyle="--", linewidth=0.8, label="real tiles")
+    ax.set_xlabel("FD-morph to the real tiles (lower: more realistic)")
+    ax.set_ylabel("fidelity AUC (higher: follows expression)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     save_figure(fig, path)
     return True
 
@@ -204,33 +235,35 @@ def write_report(out: Path, results: dict, real_grid: np.ndarray, model_grids: d
         figures.append(("ge_ablation.png", "GE ablation: metric with GE removed (null) or shuffled minus the metric "
                         "with the true GE. Positive FID/FD deltas and negative fidelity deltas mean GE helps."))  # fmt: skip
     if _plot_sweep(results, out / "guidance_sweep.png"):
-        figures.append(("guidance_sweep.png", "FID and fidelity against the GE guidance scale."))
+        figures.append(
+            (
+                "guidance_sweep.png",
+                "FID (when computed), FD-morph and fidelity against the GE guidance scale.",
+            )
+        )
 
-    warnings = results.get("warnings", [])
-    warn_html = ("<div class='warn'><b>Read these numbers with care:</b><ul>"
-                 + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul></div>") if warnings else ""  # fmt: skip
-    figs_html = "".join(f"<figure><img src='{name}' alt='{name}'><figcaption>{html.escape(caption)}</figcaption></figure>"
-                        for name, caption in figures)  # fmt: skip
+    if _plot_tradeoff(results, out / "fidelity_vs_fd.png"):
+        figures.append(("fidelity_vs_fd.png", "Realism against fidelity: FD in the morphology space (x, lower is "
+                        "more realistic) and fidelity AUC (y) for each GE guidance scale of the sweep (labels); "
+                        "a no-GE model is one square."))  # fmt: skip
+
     protocol = {**results["protocol"], "image_metrics": _first_protocol(results)}
     if "ceiling" in results:
         protocol["fidelity_auc"] = results["ceiling"]["protocol"]
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>STMDiT evaluation</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
-.warn{{background:#fff4e5;border:1px solid #f0b37e;padding:0.5em 1em}}img{{max-width:100%}}
-pre{{background:#f6f6f6;padding:1em;font-size:11px;overflow:auto}}</style></head><body>
-<h1>STMDiT evaluation</h1>
-<p>{results["n_spots"]} held-out spots from samples {", ".join(map(html.escape, results["samples"]))};
-seeds {results["config"]["seeds"]}; {results["config"]["steps"]} sampling steps.</p>
-{warn_html}
-<h2>Metrics</h2>{_table(results)}
-<h2>GE ablation</h2>{_ablation_table(results)}
-{_ood_section(results)}
-<h2>Figures</h2>{figs_html}
-<h2>Protocol</h2><pre>{html.escape(json.dumps(protocol, indent=2, default=str))}</pre>
-</body></html>
-"""
+    page = _TEMPLATES.get_template("report.html.j2").render(
+        n_spots=results["n_spots"],
+        samples=results["samples"],
+        seeds=results["config"]["seeds"],
+        steps=results["config"]["steps"],
+        warnings=results.get("warnings", []),
+        metric_labels=[label for _, label, _ in METRICS],
+        metric_rows=_metric_rows(results),
+        skipped=results.get("skipped", {}),
+        ablation_rows=_ablation_rows(results),
+        ood=_ood(results),
+        figures=[{"file": name, "caption": caption} for name, caption in figures],
+        protocol=json.dumps(protocol, indent=2, default=str),
+    )
     path = out / "report.html"
     write_text(path, page)
     return path

@@ -58,9 +58,12 @@ class EvaluateConfig:
     guidance_morph: float = 1.5
     guidance_ge: float = 2.0
     steps: int = 20
-    ablations: list[str] = field(default_factory=lambda: ["null", "shuffled"])
+    # YAML reads the word null as None: both name the null (expression removed) ablation.
+    ablations: list[str | None] = field(default_factory=lambda: ["null", "shuffled"])
     sweep_guidance_ge: list[float] = field(default_factory=list)
     inception_weights: str | None = None
+    # FID/KID weights are never fetched unless asked: without them those two metrics are skipped.
+    download_weights: bool = False
     fd_encoder: str = "store"
     kid_subsets: int = 50
     kid_subset_size: int = 1000
@@ -74,6 +77,7 @@ class EvaluateConfig:
             raise ValueError("evaluate: 'models' names no pipeline; give name: folder pairs")
         if self.inputs not in ("both", "ge_only"):
             raise ValueError(f"inputs must be 'both' (morphology and GE) or 'ge_only'; got {self.inputs!r}")
+        self.ablations = ["null" if a is None else a for a in self.ablations]
         unknown = set(self.ablations) - {"null", "shuffled"}
         if unknown:
             raise ValueError(f"ablations must be among null, shuffled; got {sorted(unknown)}")
@@ -115,6 +119,58 @@ def held_out_spots(cfg: EvaluateConfig) -> HeldOut:
     return HeldOut(
         spots.adata, tiles, spots.tile_um, diam, spots.adata.obs["sample_id"].astype(str).to_numpy()
     )
+
+
+def check_inputs(cfg: EvaluateConfig) -> None:
+    """Every folder and file the evaluation reads exists, before any work starts."""
+    from stmdit.evaluate.image_metrics import INCEPTION_WEIGHTS_ENV
+
+    problems = []
+    if not (Path(cfg.dataset) / "manifest.json").is_file():
+        problems.append(f"dataset {cfg.dataset} is not a prepared dataset (no manifest.json)")
+    for name, folder in cfg.models.items():
+        if not (Path(folder) / "model_index.json").is_file():
+            problems.append(f"models.{name}: {folder} is not a pipeline folder (no model_index.json)")
+    if cfg.predictor and not (Path(cfg.predictor) / "config.json").is_file():
+        problems.append(f"predictor {cfg.predictor} is not a predictor folder (no config.json)")
+    weights = cfg.inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV)
+    if weights and not Path(weights).expanduser().is_file():
+        given = "inception_weights" if cfg.inception_weights else INCEPTION_WEIGHTS_ENV
+        problems.append(f"{given}: the Inception weights file {weights} does not exist")
+    if problems:
+        raise FileNotFoundError("evaluate cannot start: " + "; ".join(problems))
+
+
+def inception_extractor(cfg: EvaluateConfig):
+    """(the FID Inception network, None) or (None, why FID and KID are skipped and how to enable them)."""
+    from stmdit.evaluate.image_metrics import InceptionFeatures
+    from stmdit.hub import WeightsUnavailableError
+
+    try:
+        return InceptionFeatures(cfg.inception_weights, download=cfg.download_weights), None
+    except (WeightsUnavailableError, ImportError) as err:
+        how = ("pass --inception-weights FILE (or set inception_weights, or STMDIT_INCEPTION_WEIGHTS), or "
+               "--download-weights to fetch it")  # fmt: skip
+        return None, f"FID and KID skipped: {err} To compute them, {how}."
+
+
+def caveat_lines(caveats: list[dict]) -> list[str]:
+    """One line per kind of caveat (per metric), however many models, settings, seeds and samples
+    share it: the overall instance's text, and the samples it also concerns."""
+    kinds: dict[tuple, list[dict]] = {}
+    for caveat in caveats:
+        kinds.setdefault((caveat["metric"], caveat["kind"]), []).append(caveat)
+    lines = []
+    for (metric, _), found in kinds.items():
+        overall = [c for c in found if c["group"] is None]
+        groups = sorted({str(c["group"]) for c in found if c["group"] is not None})
+        line = (f"{metric}: " if metric else "") + (overall or found)[0]["text"]
+        if groups:
+            line += (
+                f" [{'also ' if overall else ''}for samples {', '.join(groups)}, with their own image counts]"
+            )
+        lines.append(line)
+    return lines
 
 
 def _model_resolution(pipe) -> int:
@@ -234,11 +290,12 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     """Run the evaluation and write ``metrics.json`` and the HTML report into ``cfg.out``."""
     from stmdit.data.encode import load_encoders
     from stmdit.data.store import DatasetStore
-    from stmdit.evaluate.image_metrics import InceptionFeatures, MorphologyFeatures, compute_image_metrics
+    from stmdit.evaluate.image_metrics import MorphologyFeatures, compute_image_metrics
     from stmdit.evaluate.report import write_report
     from stmdit.pipeline import STMDiTPipeline
     from stmdit.predictor import expression_targets, load_predictor
 
+    check_inputs(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     held = held_out_spots(cfg)
@@ -253,14 +310,18 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         raise ValueError(
             f"{cfg.dataset} has no saved morphology encoder for FD; run `stmdit encode` or set fd_encoder"
         )
-    extractors = {"inception": InceptionFeatures(cfg.inception_weights),
-                  "morph": MorphologyFeatures(fd_encoder, type(fd_encoder).__name__)}  # fmt: skip
+    inception, skipped = inception_extractor(cfg)
+    extractors = {"morph": MorphologyFeatures(fd_encoder, type(fd_encoder).__name__)}
+    if inception is not None:
+        extractors["inception"] = inception
     reference = (f"real tiles of the same {held.adata.n_obs} held-out spots ({cfg.split} split of {cfg.dataset}; "
                  f"{held.tile_um:g} µm tiles, resized to each model's resolution)")  # fmt: skip
 
     predictor = encoder = measured = None
     results: dict = {"models": {}, "config": dataclasses.asdict(cfg), "n_spots": int(held.adata.n_obs),
-                     "samples": sorted(set(held.samples))}  # fmt: skip
+                     "samples": sorted(set(held.samples)), "skipped": {}}  # fmt: skip
+    if skipped:
+        results["skipped"] = {"fid": skipped, "kid": skipped}
     if cfg.predictor:
         predictor, encoder = load_predictor(cfg.predictor)
         if encoder is None:
@@ -302,8 +363,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
                                                 per_group=held.samples, reference=reference, seed=seed,
                                                 real_cache=real_cache)  # fmt: skip
                 overall = metrics["overall"]
-                per_seed["fid"].append(overall["fid"]["value"])
-                per_seed["kid"].append(overall["kid"]["mean"])
+                if inception is not None:
+                    per_seed["fid"].append(overall["fid"]["value"])
+                    per_seed["kid"].append(overall["kid"]["mean"])
                 per_seed["fd_morph"].append(overall["fd_morph"]["value"])
                 details[f"seed{seed}"] = {"image_metrics": metrics}
                 if predictor is not None:
@@ -339,8 +401,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             "models": {name: m["settings"].get("ge", m["settings"].get("none"))["summary"]
                        for name, m in results["models"].items()},
         }  # fmt: skip
-    results["warnings"] = sorted({w for m in results["models"].values() for s in m["settings"].values()
-                                  for d in s["details"].values() for w in d["image_metrics"]["warnings"]})  # fmt: skip
+    results["warnings"] = ([skipped] if skipped else []) + caveat_lines(
+        [c for m in results["models"].values() for s in m["settings"].values() for d in s["details"].values()
+         for c in d["image_metrics"]["caveats"]])  # fmt: skip
     if "ceiling" in results and not results["ceiling"]["auc"] > 0:
         results["warnings"].append(
             f"the real-tile fidelity ceiling is {results['ceiling']['auc']:.3f}: the predictor does not read "
