@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -52,11 +53,7 @@ class PanelAlignment:
 
 def _as_matrix(expression, source: str) -> tuple[np.ndarray, list[str] | None, list[str]]:
     """(values (n, g) float64, gene names or None, row names) from any supported input."""
-    try:
-        import anndata
-    except ImportError:  # pragma: no cover - anndata is a dependency
-        anndata = None
-    if anndata is not None and isinstance(expression, anndata.AnnData):
+    if isinstance(expression, ad.AnnData):
         x = expression.layers["counts"] if "counts" in expression.layers else expression.X
         x = x.toarray() if sp.issparse(x) else np.asarray(x)
         return x, [str(g) for g in expression.var_names], [str(o) for o in expression.obs_names]
@@ -121,9 +118,7 @@ def align_to_panel(
     column (e.g. gene symbols when ``var_names`` are Ensembl ids).
     """
     if gene_column is not None:
-        import anndata
-
-        if not isinstance(expression, anndata.AnnData):
+        if not isinstance(expression, ad.AnnData):
             raise TypeError(f"{source}: gene_column={gene_column!r} needs an AnnData input")
         if gene_column not in expression.var.columns:
             raise KeyError(

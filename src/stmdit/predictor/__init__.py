@@ -45,11 +45,10 @@ Where this differs from DeepSpot (``deepspot/spot/model.py``, ``spot/dataloader.
 
 from stmdit.predictor.features import ContextFeatures, context_features, spot_crops
 from stmdit.predictor.graph import neighbour_index
-from stmdit.predictor.model import PREDICTION_KEY, ExpressionPredictor
+from stmdit.predictor.model import PREDICTION_KEY, ExpressionPredictor, PredictorFit
 from stmdit.predictor.spots import SpotSet, expression_targets, per_gene_pearson, require_counts
 from stmdit.predictor.storage import load_predictor, save_predictor
 from stmdit.predictor.train import (
-    PredictorFit,
     build_predictor_encoder,
     fit_predictor,
     train_predictor,

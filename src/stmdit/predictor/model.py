@@ -14,6 +14,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -341,3 +342,20 @@ def _scaler_arrays(scaler, n_out: int, path: Path) -> tuple[np.ndarray, np.ndarr
     if centre.shape != (n_out,) or scale.shape != (n_out,):
         raise ValueError(f"{path}: the scaler has {centre.size} genes but the model predicts {n_out}")
     return centre, scale
+
+
+@dataclass
+class PredictorFit:
+    """A trained predictor and its record.
+
+    ``history``: per-epoch ``train_loss`` (and ``val_loss``), ``best_epoch``, ``epochs_run``.
+    ``folds`` (leave-one-patient-out): held-out patient -> the fit without that patient, whose
+    ``test_predictions`` are AnnData predictions for the held-out spots, with
+    ``uns['stmdit_prediction']['median_pearson']``: the median per-gene Pearson r against the
+    measured values (also ``history['test_median_pearson']``).
+    """
+
+    predictor: ExpressionPredictor
+    history: dict
+    folds: dict[str, PredictorFit] = field(default_factory=dict)
+    test_predictions: ad.AnnData | None = None

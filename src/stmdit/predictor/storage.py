@@ -5,15 +5,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from stmdit.encoders.factory import build_morphology_encoder
 from stmdit.encoders.morphology import StainFeatureEncoder
 from stmdit.io import atomic_path
-from stmdit.predictor.model import ExpressionPredictor
-
-if TYPE_CHECKING:
-    from stmdit.predictor.train import PredictorFit
+from stmdit.predictor.model import ExpressionPredictor, PredictorFit
 
 ENCODER_FOLDER = "morphology_encoder"
 TRAINING_RECORD = "training.json"

@@ -9,7 +9,6 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -22,29 +21,12 @@ from stmdit.data.store import DatasetStore
 from stmdit.encoders.factory import build_morphology_encoder, describe
 from stmdit.predictor.features import ContextFeatures, context_features, spot_crops, take_rows
 from stmdit.predictor.genes import PAPER_GENE_SELECTION, PAPER_N_GENES, select_predictor_genes
-from stmdit.predictor.model import PREDICTION_KEY, ExpressionPredictor
+from stmdit.predictor.model import PREDICTION_KEY, ExpressionPredictor, PredictorFit
 from stmdit.predictor.pseudocounts import fit_zero_calibration
 from stmdit.predictor.spots import SpotSet, expression_targets, per_gene_pearson, require_counts
 from stmdit.predictor.storage import save_predictor
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PredictorFit:
-    """A trained predictor and its record.
-
-    ``history``: per-epoch ``train_loss`` (and ``val_loss``), ``best_epoch``, ``epochs_run``.
-    ``folds`` (leave-one-patient-out): held-out patient -> the fit without that patient, whose
-    ``test_predictions`` are AnnData predictions for the held-out spots, with
-    ``uns['stmdit_prediction']['median_pearson']``: the median per-gene Pearson r against the
-    measured values (also ``history['test_median_pearson']``).
-    """
-
-    predictor: ExpressionPredictor
-    history: dict
-    folds: dict[str, PredictorFit] = field(default_factory=dict)
-    test_predictions: ad.AnnData | None = None
 
 
 def _default_device(device) -> torch.device:
