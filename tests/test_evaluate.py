@@ -116,7 +116,10 @@ def test_predictor_training_evaluation_and_report_end_to_end(
     output = _invoke(["evaluate", tmp_path / "offline.yaml"])
     offline = json.loads((tmp_path / "offline" / "metrics.json").read_text())
     assert set(offline["skipped"]) == {"fid", "kid"}
-    assert "--inception-weights" in offline["skipped"]["fid"] and "--download-weights" in offline["skipped"]["fid"]
+    assert (
+        "--inception-weights" in offline["skipped"]["fid"]
+        and "--download-weights" in offline["skipped"]["fid"]
+    )
     summary = offline["models"]["xattn"]["settings"]["ge"]["summary"]
     assert "fid" not in summary and "kid" not in summary
     assert summary["fd_morph"]["mean"] == pytest.approx(ge["fd_morph"]["mean"])  # same cached tiles
@@ -128,7 +131,10 @@ def test_predictor_training_evaluation_and_report_end_to_end(
     assert "FID: FID and KID skipped" in page and offline["warnings"][0].startswith("FID and KID skipped")
     parser = _Images()
     parser.feed(page)
-    assert "fidelity_vs_fd.png" in parser.sources and (tmp_path / "offline" / "fidelity_vs_fd.png").stat().st_size > 1000
+    assert (
+        "fidelity_vs_fd.png" in parser.sources
+        and (tmp_path / "offline" / "fidelity_vs_fd.png").stat().st_size > 1000
+    )
 
 
 def test_evaluate_config_errors(tmp_path):
@@ -168,10 +174,36 @@ def test_caveats_give_one_line_per_kind_with_the_samples_they_concern():
     caveats = [{"metric": "fid", "kind": "rank_deficient", "group": group, "text": text}
                for _model in range(3) for _seed in range(2)
                for group, text in ((None, rank), ("P2", "FID from 12 ..."), ("P1", "FID from 12 ..."))]  # fmt: skip
-    caveats += [{"metric": "kid", "kind": "small_kid_subsets", "group": "P1", "text": "KID subsets of 12"}] * 4
+    caveats += [
+        {"metric": "kid", "kind": "small_kid_subsets", "group": "P1", "text": "KID subsets of 12"}
+    ] * 4
     caveats += [{"metric": "morph", "kind": "extractor", "group": None, "text": "no hash"}] * 6
     assert caveat_lines(caveats) == [
         f"fid: {rank} [also for samples P1, P2, with their own image counts]",
         "kid: KID subsets of 12 [for samples P1, with their own image counts]",
         "morph: no hash",
     ]
+
+
+def test_report_page_escapes_names_and_marks_skipped_metrics(tmp_path):
+    from types import SimpleNamespace
+
+    import anndata as ad
+    import numpy as np
+
+    from stmdit.evaluate.report import write_report
+
+    name = "<script>alert(1)</script>"
+    summary = {"fd_morph": {"mean": 12.5, "std": 0.0, "per_seed": [12.5]}}
+    results = {"n_spots": 2, "samples": ["S<1>"], "config": {"seeds": [0], "steps": 3}, "protocol": {"steps": 3},
+               "skipped": {"fid": "FID and KID skipped: no weights.", "kid": "FID and KID skipped: no weights."},
+               "warnings": ["FID and KID skipped: no weights.", "fd_morph: few images & more"],
+               "models": {name: {"has_ge": False, "settings": {"none": {"guidance_ge": 2.0, "summary": summary,
+                         "details": {"seed0": {"image_metrics": {"overall": {"fd_morph": {"protocol": {"n_real": 2}}}}}}}}}}}  # fmt: skip
+    tiles = np.zeros((2, 8, 8, 3), np.uint8)
+    held = SimpleNamespace(adata=ad.AnnData(np.zeros((2, 1), np.float32)))
+    page = write_report(tmp_path, results, tiles, {name: tiles}, held, None, None, [], []).read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "S&lt;1&gt;" in page and "few images &amp; more" in page
+    assert page.count('class="skipped">skipped</td>') == 2 and "<td>12.50</td>" in page
+    assert page.count("<li>") == 2 and "FID: FID and KID skipped: no weights." in page

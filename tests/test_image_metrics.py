@@ -296,6 +296,14 @@ def test_metric_without_enough_images_is_withheld_with_a_reason():
     assert "group 'b' fd_rgb: FD-RGB needs at least 2 real and 2 generated images" in warnings
     assert any("no reference-set description" in w for w in warnings)
     assert any("rgb extractor does not record its weights" in w for w in warnings)
+    # The same notes as records, each with its kind and scope, for one report line per kind.
+    kinds = {(c["metric"], c["kind"], c["group"]) for c in result["caveats"]}
+    assert kinds == {(None, "no_reference", None), ("rgb", "extractor", None),
+                     ("fd_rgb", "too_few_images", "b"), ("fd_rgb", "rank_deficient", None),
+                     ("fd_rgb", "rank_deficient", "a")}  # fmt: skip
+    assert {c["text"] for c in result["caveats"] if c["kind"] != "no_reference"} <= {
+        w.split(": ", 1)[-1] if w.startswith(("group", "overall")) else w for w in warnings
+    }
     with pytest.raises(ValueError, match="paired"):
         compute_image_metrics(real, fake[:2], {"rgb": mean_colour}, per_group=["a", "a", "b"])
 

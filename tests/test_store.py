@@ -348,7 +348,9 @@ def test_prepare_rerun_refuses_a_changed_source(test_data, tmp_path):
         and "Traceback" not in result.output
     )
 
-    store = prepare(cfg, progress=False, restart=True)
+    result = CliRunner().invoke(app, ["prepare", str(cfg_path), "--restart"])
+    assert result.exit_code == 0, result.output
+    store = DatasetStore(cfg.out)
     assert {s["path"]: s["digest"] for s in store.manifest()["sources"]}[str(image)] != before[str(image)]
     assert store.manifest()["stages"]["tiles"]
     assert len(list((Path(cfg.out) / "tiles.zarr.done").iterdir())) == 3  # 184 spots in chunks of 64

@@ -330,6 +330,7 @@ def sample(
     latents: torch.Tensor | None = None,
     strength: float = 1.0,
     progress: bool = True,
+    guidance_ge_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Draw latents for every row of ``cond`` (or ``num_images`` unconditional ones).
 
@@ -338,7 +339,16 @@ def sample(
 
     With ``strength < 1`` and ``latents`` given, sampling starts from ``latents`` noised to
     that fraction of the schedule (SDEdit), which keeps the layout of a real tile.
+
+    ``guidance_ge_interval = (low, high)`` applies the GE guidance only at noise levels
+    ``low < sigma_t <= high`` (interval guidance, Kynkäänniemi et al. 2024), with
+    ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)``; elsewhere the GE scale is 1 (the GE
+    condition without extrapolation), so high-noise steps do not push layout away from realism.
     """
+    if guidance_ge_interval is not None and not 0 <= guidance_ge_interval[0] < guidance_ge_interval[1]:
+        raise ValueError(
+            f"guidance_ge_interval must be (low, high) with 0 <= low < high; got {guidance_ge_interval}"
+        )
     cfg = _config(model)
     batch = cond.batch_size()
     if batch is None:
@@ -377,6 +387,19 @@ def sample(
         x = noise * scheduler.init_noise_sigma
     for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
         x_in = scheduler.scale_model_input(x, t)
-        eps = guided_prediction(model, x_in, t, cond, guidance_morph, guidance_ge)
+        s_g = guidance_ge
+        if (
+            guidance_ge_interval is not None
+            and not guidance_ge_interval[0] < noise_level(scheduler, t) <= guidance_ge_interval[1]
+        ):
+            s_g = 1.0
+        eps = guided_prediction(model, x_in, t, cond, guidance_morph, s_g)
         x = scheduler.step(eps, t, x).prev_sample
     return x
+
+
+def noise_level(scheduler, t) -> float:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): the noise-to-signal ratio in which
+    guidance intervals are given (EDM's sigma of the equivalent variance-exploding process)."""
+    alpha_bar = float(scheduler.alphas_cumprod[int(t)])
+    return ((1.0 - alpha_bar) / alpha_bar) ** 0.5

@@ -448,12 +448,13 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
     if manifest["stages"].get("spots") and spots_path.exists():
         adata = ad.read_h5ad(spots_path)
     else:
-        # Digests first: a file that changes while it is read shows up on the rerun.
+        # Digests first: a file that changes while it is read shows up on the rerun. Names are
+        # not paths, even when a folder of the same name happens to exist.
         paths = [
             v
             for spec in config.samples
             for k, v in spec.items()
-            if k not in ("format", "split") and isinstance(v, str)
+            if k not in ("format", "split", "sample_id", "patient_id") and isinstance(v, str)
         ]
         sources = [file_digest(p) for p in source_files(paths, exclude=store.root)]
         parts = [read_sample(s) for s in tqdm(config.samples, desc="reading samples", disable=not progress)]

@@ -57,6 +57,8 @@ class EvaluateConfig:
     inputs: str = "both"
     guidance_morph: float = 1.5
     guidance_ge: float = 2.0
+    # GE guidance only at noise levels sigma in (low, high] (interval guidance); None: every step.
+    guidance_ge_interval: list[float] | None = None
     steps: int = 20
     # YAML reads the word null as None: both name the null (expression removed) ablation.
     ablations: list[str | None] = field(default_factory=lambda: ["null", "shuffled"])
@@ -83,6 +85,13 @@ class EvaluateConfig:
             raise ValueError(f"ablations must be among null, shuffled; got {sorted(unknown)}")
         if not self.seeds:
             raise ValueError("evaluate: give at least one seed")
+        if self.guidance_ge_interval is not None and (
+            len(self.guidance_ge_interval) != 2
+            or not 0 <= self.guidance_ge_interval[0] < self.guidance_ge_interval[1]
+        ):
+            raise ValueError(
+                f"guidance_ge_interval must be [low, high] with 0 <= low < high; got {self.guidance_ge_interval}"
+            )
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> EvaluateConfig:
@@ -203,6 +212,8 @@ def generate_setting(pipe, folder: str, held: HeldOut, setting: str, seed: int, 
 
     made_by = {"pipeline": str(Path(folder).resolve()), "setting": setting, "seed": seed, "inputs": cfg.inputs, "guidance_morph": cfg.guidance_morph,
                "guidance_ge": guidance_ge, "steps": cfg.steps, "spots": list(map(str, held.adata.obs_names))}  # fmt: skip
+    if cfg.guidance_ge_interval is not None:
+        made_by["guidance_ge_interval"] = list(cfg.guidance_ge_interval)
     record = path.with_suffix(".json")
     if path.exists() and record.exists() and json.loads(record.read_text()) == made_by:
         return np.load(path)
@@ -210,6 +221,7 @@ def generate_setting(pipe, folder: str, held: HeldOut, setting: str, seed: int, 
     order = np.arange(n)
     if setting == "shuffled":
         order = np.random.default_rng(seed).permutation(n)
+    interval = None if cfg.guidance_ge_interval is None else tuple(cfg.guidance_ge_interval)
     out = []
     for start in tqdm(
         range(0, n, cfg.batch_size), desc=f"{path.parent.parent.name}/{setting}/seed{seed}", leave=False
@@ -224,7 +236,7 @@ def generate_setting(pipe, folder: str, held: HeldOut, setting: str, seed: int, 
             kwargs["num_images"] = len(idx)
         images = pipe(**kwargs, guidance_morph=cfg.guidance_morph, guidance_ge=guidance_ge,
                       num_inference_steps=cfg.steps, generator=[spot_generator(seed, int(i)) for i in idx],
-                      output_type="np", progress=False).images  # fmt: skip
+                      output_type="np", progress=False, guidance_ge_interval=interval).images  # fmt: skip
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
     tiles = np.concatenate(out)
     with atomic_path(path) as tmp:
@@ -416,7 +428,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         "spots": reference,
         "noise": "per spot: torch.Generator seeded by (seed, spot index); identical across models and settings",
         "inputs": cfg.inputs,
-        "guidance": {"morph": cfg.guidance_morph, "ge": cfg.guidance_ge},
+        "guidance": {"morph": cfg.guidance_morph, "ge": cfg.guidance_ge, "ge_interval": cfg.guidance_ge_interval},
         "steps": cfg.steps,
         "settings": {"ge": "the spot's measured expression", "null": "expression removed (GE null embedding)",
                      "shuffled": "another held-out spot's expression (fixed permutation per seed)",
