@@ -14,12 +14,15 @@ from stmdit.cli import app
 from stmdit.data.sources import prepare_synthetic
 from stmdit.data.synthetic import CELL_TYPES, MARKER_GENES
 from stmdit.evaluate.composition import fit_composition_estimator
-from stmdit.simulate import (
+from stmdit.experiments.simulate import (
     Perturbation,
+    SimulateConfig,
     interpolate,
     paired_change,
     paired_generate,
     perturb,
+    render_report,
+    run_simulation,
     start_state,
     tile_statistics,
 )
@@ -91,7 +94,31 @@ def test_paired_change_and_tile_statistics_by_hand():
         dots[0, cy - 2 : cy + 3, cx - 2 : cx + 3] = [0.3, 0.2, 0.5]  # three purple nuclei
     stats = tile_statistics(np.concatenate([white, dots]))
     assert stats["haematoxylin"][0] == pytest.approx(0.0, abs=1e-6) and stats["haematoxylin"][1] > 0.05
-    assert stats["nuclei_per_100px2"][1] == pytest.approx(3 / (32 * 32 / 1e4))
+    assert stats["nuclei_per_100px2"].tolist() == pytest.approx([0, 3 / (32 * 32 / 1e4)])
+    # With the pixel size known (0.5 um per pixel: the tile is 16 um wide), per 100 x 100 um.
+    scaled = tile_statistics(np.concatenate([white, dots]), um_per_px=0.5)
+    assert "nuclei_per_100px2" not in scaled
+    assert scaled["nuclei_per_100um2"][1] == pytest.approx(3 / (16 * 16 / 1e4))
+    # Too small a tile, or too coarse pixels: no count at all rather than noise.
+    assert "nuclei_per_100px2" not in tile_statistics(dots[:, :16, :16])
+    assert set(tile_statistics(dots, um_per_px=4.0)) == {"haematoxylin", "eosin", "brown"}
+
+
+def test_report_is_rendered_from_its_template_and_escaped():
+    change = {"mean_change": 0.5, "ci_low": 0.2, "ci_high": 0.8, "control_seed_sd": 0.1, "control_mean": 1.0}
+    result = {
+        "start_state": "spot <b>7</b>",
+        "config": {"seeds": [0, 1, 2], "guidance_ge": 2.0, "guidance_morph": 1.5, "steps": 5},
+        "changes": {"CD3E x4": {"eosin": change, "haematoxylin": {**change, "ci_low": -0.05}}},
+        "nuclei": "tiles of 16 px are too small for a count of nuclei",
+    }
+    page = render_report(result)
+    assert "spot &lt;b&gt;7&lt;/b&gt;" in page and "<b>7" not in page
+    assert "3 seeds" in page and "5 steps" in page
+    rows = [r for r in page.split("<tr>")[2:]]
+    assert len(rows) == 2 and "Eosin density" in rows[0] and "+0.500" in rows[0] and "[+0.200, +0.800]" in rows[0]
+    assert rows[0].rstrip().endswith("<td>yes</td></tr>") and "<td>no</td>" in rows[1]  # beyond 0.1 or not
+    assert "were not counted: tiles of 16 px" in page
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +188,9 @@ def test_simulate_command_writes_grids_measurements_and_a_report(simulator_model
     data.adata[data.held_out_index].copy().write_h5ad(h5ad)
     cfg = {"pipeline": str(pipeline_dir), "data": str(h5ad), "out": str(tmp_path / "sim"),
            "sample": str(data.adata.obs["sample_id"].iloc[data.held_out_index[0]]),
-           "variants": {"lymphocytes up": [{"gene_set": "lymphocyte", "value": 8}],
-                        "stroma off": [{"gene_set": "stroma", "mode": "knockout"}]},
-           "gene_sets": {k: list(v) for k, v in MARKER_GENES.items()}, "seeds": [0, 1, 2], "steps": 5,
+           "variants": {"lymphocytes up": [{"gene_set": "lymphocyte markers", "value": 8}],  # a named programme
+                        "stroma off": [{"gene_set": "my stroma", "mode": "knockout"}]},  # the config's own set
+           "gene_sets": {"my stroma": MARKER_GENES["stroma"]}, "seeds": [0, 1, 2], "steps": 5,
            "interpolate_to": {"spot": str(data.adata.obs_names[data.held_out_index[0]])}, "alphas": [0.5, 1.0]}  # fmt: skip
     (tmp_path / "sim.yaml").write_text(yaml.safe_dump(cfg))
     result = CliRunner().invoke(app, ["simulate", str(tmp_path / "sim.yaml")])
@@ -176,3 +203,23 @@ def test_simulate_command_writes_grids_measurements_and_a_report(simulator_model
     report = json.loads((tmp_path / "sim" / "simulation.json").read_text())
     assert report["states"][0] == "control" and len(report["states"]) == 5  # control, 2 variants, 2 alphas
     assert report["changes"]["lymphocytes up"]["morphology_distance"]["mean"] > 0
+    assert "too small" in report["nuclei"] and "nuclei_per_100px2" not in report["statistics"]  # 16 px tiles
+    page = (tmp_path / "sim" / "report.html").read_text()
+    assert page.count("<td>lymphocytes up</td>") == 3  # haematoxylin, eosin, brown
+    assert "were not counted: tiles of 16 px" in page
+
+
+def test_progress_shows_a_bar_over_the_sampling_only_when_asked(simulator_model, tmp_path, capfd):
+    _, data, pipeline_dir = simulator_model
+    h5ad = tmp_path / "held_out.h5ad"
+    data.adata[data.held_out_index].copy().write_h5ad(h5ad)
+    spot = str(data.adata.obs_names[data.held_out_index[0]])
+    variants = {"up": [{"gene_set": "tumour markers", "value": 4}]}
+    for progress in (False, True):
+        cfg = SimulateConfig(pipeline=str(pipeline_dir), data=str(h5ad), out=str(tmp_path / str(progress)),
+                             spot=spot, variants=variants, seeds=[0, 1], steps=3)  # fmt: skip
+        capfd.readouterr()
+        result = run_simulation(cfg, progress=progress)
+        shown = capfd.readouterr().err
+        assert ("sampling" in shown and "3/3" in shown) == progress, shown
+        assert list(result["changes"]) == ["up"]

@@ -49,6 +49,8 @@ def deconvolve(images: torch.Tensor) -> torch.Tensor:
 # hold more than a handful of nuclei. Below either, a count per area is noise (16 px tiles gave
 # "0" or "39 +- 55 per 100 x 100 px"), so callers report it as unavailable instead.
 MIN_NUCLEUS_PX = 4.0
+# Objects narrower than this are debris or noise, not nuclei (used when the pixel size is known).
+MIN_NUCLEUS_UM = 4.0
 MAX_NUCLEI_UM_PER_PX = 2.0
 MIN_NUCLEI_TILE_PX = 32
 # Haematoxylin (optical density along its stain vector) below which a pixel is never nuclear
@@ -86,13 +88,13 @@ def nuclei_unavailable(tile_px: int, um_per_px: float | None = None) -> str | No
     """Why nuclei per area cannot be measured on tiles ``tile_px`` wide, or None when they can."""
     if tile_px < MIN_NUCLEI_TILE_PX:
         return (
-            f"not measured: tiles of {tile_px} px are too small to count nuclei "
-            f"(at least {MIN_NUCLEI_TILE_PX} px wide needed)"
+            f"tiles of {tile_px} px are too small for a count of nuclei "
+            f"(at least {MIN_NUCLEI_TILE_PX} px wide are needed)"
         )
     if um_per_px is not None and um_per_px > MAX_NUCLEI_UM_PER_PX:
         return (
-            f"not measured: at {um_per_px:.2g} um per pixel a nucleus spans only a few pixels "
-            f"(at most {MAX_NUCLEI_UM_PER_PX:g} um per pixel needed)"
+            f"at {um_per_px:.2g} um per pixel a nucleus spans too few pixels "
+            f"to tell touching nuclei apart (at most {MAX_NUCLEI_UM_PER_PX:g} um per pixel is needed)"
         )
     return None
 
@@ -104,27 +106,29 @@ def segment_nuclei(h: np.ndarray, threshold: float, min_diameter_px: float = MIN
     ``min_diameter_px`` are dropped; touching nuclei are separated by a watershed on the
     distance to the background, from one marker per distance maximum (h-maxima of height
     0.5 px, so that a neck narrower than either nucleus splits them and a round nucleus gives
-    one marker however its pixels fall).
+    one marker however its pixels fall; larger for larger nuclei, whose outlines are rougher).
     """
     mask = h > threshold
-    min_area = max(1, int(np.pi * (min_diameter_px / 2) ** 2 / 2))
+    min_area = max(2, int(np.pi * (min_diameter_px / 2) ** 2 / 2))
     objects, _ = ndimage.label(mask)
     mask &= (np.bincount(objects.ravel()) >= min_area)[objects]
     if not mask.any():
         return np.zeros(h.shape, dtype=np.int32)
     distance = ndimage.distance_transform_edt(mask)
-    markers = ndimage.label(h_maxima(distance, 0.5))[0]
+    markers = ndimage.label(h_maxima(distance, max(0.5, min_diameter_px / 8)))[0]
     return watershed(-distance, markers, mask=mask).astype(np.int32)
 
 
 def count_nuclei(
-    images: np.ndarray, threshold: float | None = None, min_diameter_px: float = MIN_NUCLEUS_PX
+    images: np.ndarray, um_per_px: float | None = None, threshold: float | None = None
 ) -> np.ndarray:
     """Nuclei per tile (N,) of tiles (N, H, W, 3), by :func:`segment_nuclei` on the
-    haematoxylin channel. ``threshold`` defaults to Otsu's over the whole batch (never below
+    haematoxylin channel; nuclei are at least :data:`MIN_NUCLEUS_UM` wide when the pixel size
+    ``um_per_px`` is known, else :data:`MIN_NUCLEUS_PX` pixels. ``threshold`` defaults to Otsu's over the whole batch (never below
     :data:`MIN_NUCLEAR_HAEMATOXYLIN`), so that tiles compared with each other (a control and
     its perturbation) are cut at the same density."""
     h = haematoxylin(images)
     if threshold is None:
         threshold = max(otsu_threshold(h), MIN_NUCLEAR_HAEMATOXYLIN)
+    min_diameter_px = MIN_NUCLEUS_UM / um_per_px if um_per_px else MIN_NUCLEUS_PX
     return np.array([int(segment_nuclei(t, threshold, min_diameter_px).max()) for t in h])

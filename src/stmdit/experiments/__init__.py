@@ -1,0 +1,1 @@
+"""Workflows on top of the pipeline: virtual perturbations, virtual sections, pseudo-labels."""
