@@ -2,8 +2,10 @@
 and a readable 4xx JSON error for every kind of bad input."""
 
 import base64
+import fnmatch
 import io
 import json
+from pathlib import Path
 
 import anndata as ad
 import h5py
@@ -472,3 +474,17 @@ def test_misconfigured_server_says_what_is_wrong(pipeline_dir, data_dir, tmp_pat
         create_app(tmp_path, data_dir)
     with pytest.raises(FileNotFoundError, match="data folder"):
         create_app(pipeline_dir, tmp_path / "missing")
+
+
+def test_page_and_templates_are_package_data():
+    """The static page and the report templates are read at run time, so the wheel must carry
+    them: every such file matches a package-data pattern of pyproject.toml."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = root / "src" / "stmdit"
+    files = [*(package / "web" / "static").iterdir(), *(package / "experiments" / "templates").iterdir()]
+    assert {f.name for f in files} >= {"index.html", "app.js", "app.css", "simulate_report.html.j2"}
+    for f in files:
+        relative = f.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, p) for p in patterns["stmdit"]), relative
