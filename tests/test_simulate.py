@@ -115,8 +115,13 @@ def test_report_is_rendered_from_its_template_and_escaped():
     page = render_report(result)
     assert "spot &lt;b&gt;7&lt;/b&gt;" in page and "<b>7" not in page
     assert "3 seeds" in page and "5 steps" in page
-    rows = [r for r in page.split("<tr>")[2:]]
-    assert len(rows) == 2 and "Eosin density" in rows[0] and "+0.500" in rows[0] and "[+0.200, +0.800]" in rows[0]
+    rows = page.split("<tr>")[2:]
+    assert (
+        len(rows) == 2
+        and "Eosin density" in rows[0]
+        and "+0.500" in rows[0]
+        and "[+0.200, +0.800]" in rows[0]
+    )
     assert rows[0].rstrip().endswith("<td>yes</td></tr>") and "<td>no</td>" in rows[1]  # beyond 0.1 or not
     assert "were not counted: tiles of 16 px" in page
 
@@ -126,12 +131,26 @@ def simulator_model(tmp_path_factory):
     """A GE-conditioned STMDiT trained briefly on simulated tissue, with its data."""
     torch.manual_seed(0)
     data = prepare_synthetic(n_sections=4, grid=16, tile_size=16, n_genes=64, seed=1)
-    cfg = TrainConfig(output_dir=str(tmp_path_factory.mktemp("sim") / "run"),
-                      model={"preset": "tiny", "hidden_size": 96, "depth": 3, "num_heads": 4, "patch_size": 2},
-                      max_steps=400, batch_size=64, learning_rate=1e-3, warmup_steps=30, ema_decay=0.99,
-                      p_drop_morphology=0.5, checkpoint_every=400, keep_checkpoints=1)  # fmt: skip
-    result = Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
-                     resume=False, progress=False).run()  # fmt: skip
+    cfg = TrainConfig(
+        output_dir=str(tmp_path_factory.mktemp("sim") / "run"),
+        model={"preset": "tiny", "hidden_size": 96, "depth": 3, "num_heads": 4, "patch_size": 2},
+        max_steps=400,
+        batch_size=64,
+        learning_rate=1e-3,
+        warmup_steps=30,
+        ema_decay=0.99,
+        p_drop_morphology=0.5,
+        checkpoint_every=400,
+        keep_checkpoints=1,
+    )
+    result = Trainer(
+        cfg,
+        data.train,
+        ge_encoder=data.ge_encoder,
+        morphology_encoder=data.morphology_encoder,
+        resume=False,
+        progress=False,
+    ).run()
     from stmdit.pipeline import STMDiTPipeline
 
     return STMDiTPipeline.from_pretrained(result.pipeline_dir), data, result.pipeline_dir
@@ -141,8 +160,9 @@ def simulator_model(tmp_path_factory):
 def test_raising_the_lymphocyte_programme_makes_tiles_more_lymphocytic(simulator_model):
     pipe, data, _ = simulator_model
     composition = np.asarray(data.adata.obsm["composition"])
-    estimator = fit_composition_estimator(data.tiles[data.train_index], composition[data.train_index], epochs=4,
-                                          progress=False)  # fmt: skip
+    estimator = fit_composition_estimator(
+        data.tiles[data.train_index], composition[data.train_index], epochs=4, progress=False
+    )
     held_out_sample = str(data.adata.obs["sample_id"].iloc[data.held_out_index[0]])
     control = start_state(data.adata, sample=held_out_sample)
     raised = perturb(control, [Perturbation(gene_set="lymphocyte", value=8)], gene_sets=MARKER_GENES)
@@ -153,9 +173,11 @@ def test_raising_the_lymphocyte_programme_makes_tiles_more_lymphocytic(simulator
     estimated = estimator.predict(torch.from_numpy(tiles.reshape(-1, 16, 16, 3)).permute(0, 3, 1, 2).float())
     lymph = estimated.reshape(2, len(seeds), -1)[:, :, LYMPHOCYTE]
     change = paired_change(lymph[1], lymph[0])
-    print(f"estimated lymphocyte fraction: control {lymph[0].mean():.3f} (seed sd {change['control_seed_sd']:.3f}), "
-          f"raised {lymph[1].mean():.3f}; paired change {change['mean_change']:+.3f} "
-          f"[{change['ci_low']:+.3f}, {change['ci_high']:+.3f}] over {len(seeds)} seeds")  # fmt: skip
+    print(
+        f"estimated lymphocyte fraction: control {lymph[0].mean():.3f} (seed sd {change['control_seed_sd']:.3f}), "
+        f"raised {lymph[1].mean():.3f}; paired change {change['mean_change']:+.3f} "
+        f"[{change['ci_low']:+.3f}, {change['ci_high']:+.3f}] over {len(seeds)} seeds"
+    )
     assert change["ci_low"] > 0
     assert change["mean_change"] > 3 * change["control_seed_sd"]
     # Same seed, same expression: identical tiles (the pairing is exact).
@@ -186,12 +208,21 @@ def test_simulate_command_writes_grids_measurements_and_a_report(simulator_model
     _, data, pipeline_dir = simulator_model
     h5ad = tmp_path / "held_out.h5ad"
     data.adata[data.held_out_index].copy().write_h5ad(h5ad)
-    cfg = {"pipeline": str(pipeline_dir), "data": str(h5ad), "out": str(tmp_path / "sim"),
-           "sample": str(data.adata.obs["sample_id"].iloc[data.held_out_index[0]]),
-           "variants": {"lymphocytes up": [{"gene_set": "lymphocyte markers", "value": 8}],  # a named programme
-                        "stroma off": [{"gene_set": "my stroma", "mode": "knockout"}]},  # the config's own set
-           "gene_sets": {"my stroma": MARKER_GENES["stroma"]}, "seeds": [0, 1, 2], "steps": 5,
-           "interpolate_to": {"spot": str(data.adata.obs_names[data.held_out_index[0]])}, "alphas": [0.5, 1.0]}  # fmt: skip
+    cfg = {
+        "pipeline": str(pipeline_dir),
+        "data": str(h5ad),
+        "out": str(tmp_path / "sim"),
+        "sample": str(data.adata.obs["sample_id"].iloc[data.held_out_index[0]]),
+        "variants": {
+            "lymphocytes up": [{"gene_set": "lymphocyte markers", "value": 8}],  # a named programme
+            "stroma off": [{"gene_set": "my stroma", "mode": "knockout"}],
+        },  # the config's own set
+        "gene_sets": {"my stroma": MARKER_GENES["stroma"]},
+        "seeds": [0, 1, 2],
+        "steps": 5,
+        "interpolate_to": {"spot": str(data.adata.obs_names[data.held_out_index[0]])},
+        "alphas": [0.5, 1.0],
+    }
     (tmp_path / "sim.yaml").write_text(yaml.safe_dump(cfg))
     result = CliRunner().invoke(app, ["simulate", str(tmp_path / "sim.yaml")])
     assert result.exit_code == 0, result.output
@@ -216,8 +247,15 @@ def test_progress_shows_a_bar_over_the_sampling_only_when_asked(simulator_model,
     spot = str(data.adata.obs_names[data.held_out_index[0]])
     variants = {"up": [{"gene_set": "tumour markers", "value": 4}]}
     for progress in (False, True):
-        cfg = SimulateConfig(pipeline=str(pipeline_dir), data=str(h5ad), out=str(tmp_path / str(progress)),
-                             spot=spot, variants=variants, seeds=[0, 1], steps=3)  # fmt: skip
+        cfg = SimulateConfig(
+            pipeline=str(pipeline_dir),
+            data=str(h5ad),
+            out=str(tmp_path / str(progress)),
+            spot=spot,
+            variants=variants,
+            seeds=[0, 1],
+            steps=3,
+        )
         capfd.readouterr()
         result = run_simulation(cfg, progress=progress)
         shown = capfd.readouterr().err
