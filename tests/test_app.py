@@ -2,8 +2,10 @@
 and a readable 4xx JSON error for every kind of bad input."""
 
 import base64
+import fnmatch
 import io
 import json
+from pathlib import Path
 
 import anndata as ad
 import h5py
@@ -22,8 +24,11 @@ from stmdit import (
     STMDiTPipeline,
     make_sampling_scheduler,
 )
-from stmdit.app import MAX_CHANGES, create_app, load_gene_sets
 from stmdit.data.synthetic import simulate_tissue
+from stmdit.genesets import load_gene_sets
+from stmdit.web.api import MAX_CHANGES
+from stmdit.web.app import create_app
+from stmdit.web.guard import CONTENT_SECURITY_POLICY
 
 BASE_URL = "http://127.0.0.1"
 N_PANEL = 64
@@ -93,6 +98,13 @@ def client(pipeline_dir, data_dir):
         yield test_client
 
 
+@pytest.fixture
+def own_client(pipeline_dir, data_dir):
+    """A server of its own, for tests whose uploads must not show in the shared one's listing."""
+    with TestClient(create_app(pipeline_dir, data_dir, max_upload_mb=1, steps=2), base_url=BASE_URL) as c:
+        yield c
+
+
 def request(tissue, **overrides):
     spot = tissue.adata.obs_names[1]
     body = {
@@ -130,8 +142,17 @@ def h5ad_bytes(adata: ad.AnnData, tmp_path) -> bytes:
 def test_listings(client, tissue):
     assert client.get("/api/health").json() == {"status": "ok"}
     page = client.get("/")
-    assert page.status_code == 200 and "<script>" in page.text and "Content-Security-Policy" in page.headers
-    assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script src="/static/app.js"' in page.text and 'href="/static/app.css"' in page.text
+    for path in ("/", "/static/app.js", "/static/app.css"):
+        response = client.get(path)
+        assert response.status_code == 200 and response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        assert "http://" not in response.text and "https://" not in response.text  # nothing from elsewhere
+        assert "style=" not in response.text  # inline styles would be blocked by the policy
+    assert "script-src 'self'" in CONTENT_SECURITY_POLICY and "unsafe" not in CONTENT_SECURITY_POLICY
+    assert client.get("/api/datasets").headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert_error(client.get("/static/../app.py"), 404)
     datasets = {d["name"]: d for d in client.get("/api/datasets").json()["datasets"]}
     assert set(datasets) == {"tissue.h5ad", "store"}
     assert datasets["store"]["tiles"] and not datasets["tissue.h5ad"]["tiles"]
@@ -174,9 +195,11 @@ def test_pairs_share_their_noise(client, tissue):
         assert (control[::16, ::16] == control[15::16, 15::16]).all()
         np.testing.assert_array_equal(control, perturbed)
     assert not np.array_equal(pixels(result["pairs"][0]["control"]), pixels(result["pairs"][1]["control"]))
-    keys = {m["key"] for m in result["measurements"]}
-    assert keys == {"haematoxylin", "eosin", "brown", "nuclei_per_100px2"}
-    for m in result["measurements"]:
+    measured = {m["key"]: m for m in result["measurements"]}
+    assert set(measured) == {"haematoxylin", "eosin", "brown", "nuclei"}
+    # 16 px tiles are too small for a count of nuclei per area: the page says so instead.
+    assert "too small" in measured.pop("nuclei")["note"]
+    for m in measured.values():
         assert m["mean_change"] == 0 and len(m["control"]) == 2 and m["ci_low"] <= m["ci_high"]
         assert m["control_seed_sd"] >= 0
 
@@ -275,11 +298,92 @@ def test_more_bad_requests(client, tissue):
     assert_error(response, 403, "other web sites")
 
 
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://127.0.0.1:8000", True),
+        ("http://127.0.0.1:9999", False),  # another port of the same machine is another site
+        ("http://127.0.0.1", False),  # port 80
+        ("https://127.0.0.1:8000", False),
+        ("http://localhost:8000", False),  # another name: another origin, as browsers see it
+        ("http://evil.example:8000", False),
+        ("null", False),
+        ("http://127.0.0.1:notaport", False),
+    ],
+)
+def test_origin_must_match_scheme_host_and_port(pipeline_dir, data_dir, tissue, origin, allowed):
+    app = create_app(pipeline_dir, data_dir, steps=2)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as server_on_8000:
+        response = server_on_8000.post(
+            "/api/generate", json=request(tissue, n_seeds=1), headers={"origin": origin}
+        )
+        if allowed:
+            assert response.status_code == 200, response.text
+        else:
+            assert_error(response, 403, "other web sites")
+        assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        # Without an Origin header (same-origin GETs), the Host alone decides.
+        assert server_on_8000.get("/api/datasets").status_code == 200
+
+
+def test_upload_that_decompresses_beyond_the_limit_is_refused(own_client, tissue, tmp_path):
+    """A small file whose uns holds a gzip-compressed array of zeros: 1 MB uploads may take at
+    most 10 MB once decompressed, and this one would take 64 MB."""
+    bomb = tmp_path / "bomb.h5ad"
+    tissue.adata[:20].copy().write_h5ad(bomb)
+    with h5py.File(bomb, "a") as f:
+        f["uns"].create_dataset(
+            "zeros", shape=(2**23,), dtype="float64", compression="gzip", compression_opts=9, fillvalue=0
+        )
+        f["uns/zeros"][:] = 0.0
+    assert bomb.stat().st_size < 2**20  # passes the byte limit of the upload itself
+    response = own_client.post("/api/upload", files={"file": ("bomb.h5ad", bomb.read_bytes())})
+    assert_error(response, 413, "64 MB once decompressed", "10 MB")
+    assert {d["name"] for d in own_client.get("/api/datasets").json()["datasets"]} == {"tissue.h5ad", "store"}
+
+
+def test_uploads_load_only_obs_var_and_counts(own_client, tissue, tmp_path):
+    adata = tissue.adata[:20].copy()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = np.zeros(adata.shape, np.float32) - 1  # would be "negative" if X were read
+    path = tmp_path / "layers.h5ad"
+    adata.write_h5ad(path)
+    with h5py.File(path, "a") as f:  # an element anndata cannot read: the app never reads uns
+        f["uns"].create_group("unreadable").attrs["encoding-type"] = "no-such-encoding"
+    response = own_client.post("/api/upload", files={"file": ("layers.h5ad", path.read_bytes())})
+    assert response.status_code == 200, response.text
+    with pytest.raises(Exception, match="no-such-encoding"):
+        ad.read_h5ad(path)
+
+
+@pytest.mark.parametrize(
+    ("keep", "kept"),
+    [
+        ([True, False] * 10, 10),
+        ([1, 0] * 10, 10),
+        ([1.0, 0.0] * 10, 10),
+        (pd.Categorical([True, False] * 10), 10),
+        (["yes", "no"] * 10, None),
+        ([1, 2] * 10, None),
+        ([1.0, np.nan] * 10, None),
+    ],
+)
+def test_keep_column_must_be_booleans_or_0_1(own_client, tissue, tmp_path, keep, kept):
+    adata = tissue.adata[:20].copy()
+    adata.obs["keep"] = keep
+    response = own_client.post("/api/upload", files={"file": ("keep.h5ad", h5ad_bytes(adata, tmp_path))})
+    if kept is None:
+        assert_error(response, 400, "obs['keep']", "booleans", "0/1")
+    else:
+        assert response.status_code == 200, response.text
+        assert response.json()["n_spots"] == kept
+
+
 def test_unexpected_errors_are_short_and_logged(client, tissue, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr("stmdit.app.paired_generate", broken)
+    monkeypatch.setattr("stmdit.web.api.paired_generate", broken)
     message = assert_error(client.post("/api/generate", json=request(tissue)), 500, "server's log")
     assert "secret" not in message
     assert "secret internals" in caplog.text
@@ -370,3 +474,17 @@ def test_misconfigured_server_says_what_is_wrong(pipeline_dir, data_dir, tmp_pat
         create_app(tmp_path, data_dir)
     with pytest.raises(FileNotFoundError, match="data folder"):
         create_app(pipeline_dir, tmp_path / "missing")
+
+
+def test_page_and_templates_are_package_data():
+    """The static page and the report templates are read at run time, so the wheel must carry
+    them: every such file matches a package-data pattern of pyproject.toml."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = root / "src" / "stmdit"
+    files = [*(package / "web" / "static").iterdir(), *(package / "experiments" / "templates").iterdir()]
+    assert {f.name for f in files} >= {"index.html", "app.js", "app.css", "simulate_report.html.j2"}
+    for f in files:
+        relative = f.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, p) for p in patterns["stmdit"]), relative

@@ -52,7 +52,7 @@ def sync_api():
 
 @pytest.fixture
 def server(tmp_path):
-    """``python -m stmdit.app`` on a free port, once its health endpoint answers."""
+    """``stmdit serve`` (as ``python -m stmdit serve``) on a free port, once its health endpoint answers."""
     tissue = simulate_tissue(n_sections=2, grid=6, tile_size=16, seed=0)
     pipeline = write_pipeline(tmp_path / "pipeline", tissue.adata)
     data = tmp_path / "data"
@@ -60,7 +60,7 @@ def server(tmp_path):
     write_data_dir(data, tissue)
     port = free_port()
     log = (tmp_path / "server.log").open("w")
-    command = [sys.executable, "-m", "stmdit.app", "--pipeline", str(pipeline), "--data", str(data)]
+    command = [sys.executable, "-m", "stmdit", "serve", str(pipeline), "--data", str(data)]
     process = subprocess.Popen(
         [*command, "--port", str(port), "--steps", "4"], stdout=log, stderr=subprocess.STDOUT
     )
@@ -108,7 +108,13 @@ def test_page_generates_pairs_and_shows_errors(sync_api, server, tmp_path):
             slider.focus()
             for _ in range(8):  # +2 log2 fold change, in steps of 0.25, as with the keyboard
                 slider.press("ArrowRight")
-            assert row.locator("output").inner_text().startswith("log2 +2.00")
+            assert row.locator("output").inner_text() == "log2 +2.00 (×4.0)"
+            assert "active" in row.get_attribute("class")
+            # The page's own checks, before any request: an unknown gene is named, and not added.
+            page.fill("#gene-input", "NOTAGENE")
+            page.click("#add-gene")
+            assert page.locator("#error").inner_text().startswith("Unknown gene NOTAGENE")
+            assert page.locator("#genes .change").count() == 0
             page.fill("#gene-input", "mki67")
             page.click("#add-gene")
             page.locator("#genes .change input[type=checkbox]").check()
@@ -125,6 +131,10 @@ def test_page_generates_pairs_and_shows_errors(sync_api, server, tmp_path):
             summary = page.locator(".summary").inner_text()
             assert spot in summary and "knocked out" in summary and "not used" in summary
             assert page.locator("#measurements tbody tr").count() == 4
+            # Nuclei per area cannot be counted on 16 px tiles: one row says so, with no numbers.
+            note = page.locator("#measurements tbody tr.note")
+            assert note.count() == 1 and "too small for a count of nuclei" in note.inner_text()
+            assert page.locator("#genes .change").count() == 1  # case-insensitive: MKI67 was added
             assert page.locator("#error").is_hidden()
             page.screenshot(path=str(artifacts / "app-generate.png"), full_page=True)
 

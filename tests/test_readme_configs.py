@@ -11,8 +11,8 @@ import yaml
 
 from stmdit.data.store import PrepareConfig
 from stmdit.evaluate.run import EvaluateConfig
-from stmdit.pseudolabel import PseudolabelConfig
-from stmdit.simulate import SimulateConfig
+from stmdit.experiments.pseudolabel import PseudolabelConfig
+from stmdit.experiments.simulate import SimulateConfig
 from stmdit.train import TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -323,7 +323,7 @@ def simulate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Virtual tissue experiment: perturb genes, generate paired counterfactuals over seeds, measure the change."""
-    from stmdit.simulate import SimulateConfig, run_simulation
+    from stmdit.experiments.simulate import SimulateConfig, run_simulation
 
     _setup_logging(verbose)
     try:
@@ -362,8 +362,8 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve the virtual-experiment web page: perturb a spot's genes, compare counterfactual tiles."""
-    from stmdit.app import load_gene_sets
-    from stmdit.app import serve as run_server
+    from stmdit.genesets import load_gene_sets
+    from stmdit.web.app import serve as run_server
 
     _setup_logging(verbose)
     try:

@@ -39,6 +39,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from stmdit.stain import otsu_threshold
+
 __all__ = [
     "OPENSLIDE_SUFFIXES",
     "SlideImage",
@@ -406,17 +408,14 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 
 
 def _otsu(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
-    """Otsu's threshold on values in [0, 1], and the mean of the class below it."""
+    """Otsu's threshold on values in [0, 1] (:func:`stmdit.stain.otsu_threshold`), and the mean
+    of the histogram class at or below it."""
     hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
     centres = (edges[:-1] + edges[1:]) / 2
-    weight = np.cumsum(hist).astype(np.float64)
-    mass = np.cumsum(hist * centres)
-    total_w, total_m = weight[-1], mass[-1]
-    mean_lo = mass / np.maximum(weight, 1)
-    mean_hi = (total_m - mass) / np.maximum(total_w - weight, 1)
-    between = weight * (total_w - weight) * (mean_lo - mean_hi) ** 2
-    k = int(np.argmax(between))
-    return float(centres[k]), float(mean_lo[k])
+    t = otsu_threshold(values, bins=bins, value_range=(0.0, 1.0))
+    t = t if np.isfinite(t) else float(centres[0])  # one populated bin: nothing to split
+    below = centres <= t
+    return t, float((hist[below] * centres[below]).sum() / max(hist[below].sum(), 1))
 
 
 def tissue_threshold(rgb: np.ndarray) -> float:

@@ -29,6 +29,7 @@ import pandas as pd
 from scipy import ndimage
 
 from stmdit import stain
+from stmdit.genesets import MARKER_GENES
 
 __all__ = [
     "CELL_TYPES",
@@ -65,36 +66,7 @@ MELANIN: np.ndarray = _unit(stain.DAB)
 # Gene panel
 # ---------------------------------------------------------------------------------------------
 
-MARKER_GENES: dict[str, list[str]] = {
-    # Proliferation and epithelial programme.
-    "tumour": [
-        "MKI67", "TOP2A", "CCNB1", "CDK1", "BIRC5", "CCNA2", "AURKA", "PCNA", "MCM2", "TYMS",
-        "UBE2C", "CENPF", "EPCAM", "KRT8", "KRT18", "KRT19", "KRT7", "CDH1", "CLDN4", "MUC1",
-        "MYC", "ERBB2",
-    ],
-    # T, B and NK cells.
-    "lymphocyte": [
-        "PTPRC", "CD3E", "CD3D", "CD3G", "CD2", "CD8A", "CD4", "MS4A1", "CD79A", "CD79B",
-        "CD19", "CCL5", "GZMB", "GZMA", "NKG7", "IL7R", "CD52", "CXCR4", "LCK", "CD27", "SELL",
-        "CCR7",
-    ],
-    # Fibroblasts, matrix and myofibroblasts.
-    "stroma": [
-        "COL1A1", "COL1A2", "COL3A1", "COL5A1", "COL6A1", "COL6A3", "DCN", "LUM", "FAP",
-        "PDGFRB", "PDGFRA", "ACTA2", "SPARC", "FN1", "POSTN", "THY1", "TAGLN", "MMP2", "FBLN1",
-        "CTHRC1",
-    ],
-    # Melanocyte lineage and pigmentation.
-    "melanocytic": [
-        "PMEL", "MLANA", "TYR", "DCT", "MITF", "S100B", "SOX10", "TYRP1", "PRAME", "GPR143",
-        "MLPH", "SLC45A2", "CDH19", "PAX3", "ERBB3", "GPNMB", "TRPM1", "MIA", "S100A1", "APOD",
-    ],
-    # Hypoxia / stress response of necrotic areas; a weak programme (see _expression_model).
-    "background": [
-        "HIF1A", "VEGFA", "CA9", "DDIT4", "BNIP3", "SLC2A1", "LDHA", "NDRG1", "ADM", "ANGPTL4",
-        "EGLN3", "P4HA1", "HILPDA", "PDK1", "ERO1A",
-    ],
-}  # fmt: skip
+# The marker programmes (stmdit.genesets) are the simulated cell types' expression programmes.
 
 _HOUSEKEEPING = [
     "ACTB", "GAPDH", "B2M", "TBP", "HPRT1", "PPIA", "UBC", "YWHAZ", "SDHA", "TFRC", "GUSB",

@@ -1,1 +1,1 @@
-"""Workflows on top of the pipeline and the predictor (pseudo-labelling H&E-only slides, ...)."""
+"""Workflows on top of the pipeline: virtual perturbations, virtual sections, pseudo-labels."""

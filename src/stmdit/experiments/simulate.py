@@ -8,8 +8,10 @@ by what the expression changed. Repeating over seeds gives a paired estimate of 
 with a confidence interval, against the seed-to-seed spread of the control.
 
 Measured per tile: haematoxylin and eosin (and brown pigment) density by colour deconvolution,
-nuclei counted on the haematoxylin channel, the morphology-feature vector (distance to the
-control), and, with an expression predictor, the expression read back from the tile.
+nuclei per area (counted on the haematoxylin channel with a watershed that separates touching
+nuclei, on tiles large enough for it: :func:`stmdit.stain.nuclei_unavailable`), the
+morphology-feature vector (distance to the control), and, with an expression predictor, the
+expression read back from the tile. The report is the template ``templates/simulate_report.html.j2``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from scipy import ndimage
+from jinja2 import Environment, PackageLoader
 
-from stmdit.io import dataclass_from_yaml, write_json
+from stmdit.data.store import DatasetStore
+from stmdit.predictor import context_features, load_predictor
+from stmdit.generate import spot_generator
+from stmdit.genesets import marker_programmes
+from stmdit.io import dataclass_from_yaml, save_figure, write_json, write_text
+from stmdit.pipeline import STMDiTPipeline
+from stmdit.plotting import plt, save_tile_grid
+from stmdit.stain import count_nuclei, deconvolve, nuclei_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +51,12 @@ def _counts(adata: ad.AnnData) -> np.ndarray:
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
-def start_state(adata: ad.AnnData, spot: str | None = None, cluster: tuple[str, str] | None = None,
-                sample: str | None = None) -> ad.AnnData:  # fmt: skip
+def start_state(
+    adata: ad.AnnData,
+    spot: str | None = None,
+    cluster: tuple[str, str] | None = None,
+    sample: str | None = None,
+) -> ad.AnnData:
     """One expression state to perturb: a spot (obs name), the mean counts of a cluster
     (``(obs column, value)``) or of a sample; exactly one must be given."""
     given = [x is not None for x in (spot, cluster, sample)]
@@ -69,8 +82,11 @@ def start_state(adata: ad.AnnData, spot: str | None = None, cluster: tuple[str, 
     if len(rows) == 0:
         raise ValueError(f"no spots match {label}")
     mean = _counts(adata[rows]).mean(axis=0, keepdims=True)
-    state = ad.AnnData(mean.astype(np.float32), var=pd.DataFrame(index=adata.var_names.copy()),
-                       obs=pd.DataFrame({"state": [label], "n_spots": [len(rows)]}, index=["control"]))  # fmt: skip
+    state = ad.AnnData(
+        mean.astype(np.float32),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+        obs=pd.DataFrame({"state": [label], "n_spots": [len(rows)]}, index=["control"]),
+    )
     state.layers["counts"] = state.X.copy()
     return state
 
@@ -100,8 +116,12 @@ class Perturbation:
 
     def describe(self) -> str:
         what = self.gene_set or ",".join(self.genes[:4]) + ("..." if len(self.genes) > 4 else "")
-        return {"fold_change": f"{what} x{self.value:g}", "knockout": f"{what} knocked out",
-                "quantile": f"{what} at q{self.value:g}", "set": f"{what} = {self.value:g}"}[self.mode]  # fmt: skip
+        return {
+            "fold_change": f"{what} x{self.value:g}",
+            "knockout": f"{what} knocked out",
+            "quantile": f"{what} at q{self.value:g}",
+            "set": f"{what} = {self.value:g}",
+        }[self.mode]
 
 
 def resolve_genes(p: Perturbation, var_names, gene_sets: dict[str, list[str]] | None = None) -> list[str]:
@@ -122,8 +142,12 @@ def resolve_genes(p: Perturbation, var_names, gene_sets: dict[str, list[str]] | 
     return list(dict.fromkeys(found))
 
 
-def perturb(state: ad.AnnData, perturbations: list[Perturbation], reference: ad.AnnData | None = None,
-            gene_sets: dict[str, list[str]] | None = None) -> ad.AnnData:  # fmt: skip
+def perturb(
+    state: ad.AnnData,
+    perturbations: list[Perturbation],
+    reference: ad.AnnData | None = None,
+    gene_sets: dict[str, list[str]] | None = None,
+) -> ad.AnnData:
     """A perturbed copy of ``state`` (counts); ``reference`` supplies the quantiles."""
     out = state.copy()
     x = _counts(out)
@@ -156,8 +180,11 @@ def interpolate(a: ad.AnnData, b: ad.AnnData, alphas) -> ad.AnnData:
     xa, xb = _counts(a[:, common])[:1], _counts(b[:, common])[:1]
     alphas = np.asarray(alphas, dtype=np.float64)
     rows = (1 - alphas[:, None]) * xa + alphas[:, None] * xb
-    out = ad.AnnData(rows.astype(np.float32), var=pd.DataFrame(index=common.copy()),
-                     obs=pd.DataFrame({"alpha": alphas}, index=[f"alpha={v:g}" for v in alphas]))  # fmt: skip
+    out = ad.AnnData(
+        rows.astype(np.float32),
+        var=pd.DataFrame(index=common.copy()),
+        obs=pd.DataFrame({"alpha": alphas}, index=[f"alpha={v:g}" for v in alphas]),
+    )
     out.layers["counts"] = out.X.copy()
     return out
 
@@ -165,12 +192,21 @@ def interpolate(a: ad.AnnData, b: ad.AnnData, alphas) -> ad.AnnData:
 # -- generation with paired noise ----------------------------------------------------------
 
 
-def paired_generate(pipe, states: ad.AnnData, seeds, morphology=None, init_images=None, strength: float = 1.0,
-                    guidance_morph: float = 1.5, guidance_ge: float = 2.0, steps: int = 20) -> np.ndarray:  # fmt: skip
+def paired_generate(
+    pipe,
+    states: ad.AnnData,
+    seeds,
+    morphology=None,
+    init_images=None,
+    strength: float = 1.0,
+    guidance_morph: float = 1.5,
+    guidance_ge: float = 2.0,
+    steps: int = 20,
+    progress: bool = False,
+) -> np.ndarray:
     """Tiles (n_states, n_seeds, H, W, 3) float in [0, 1]; state i and j share the noise of
-    each seed (and, with ``init_images``, the same partially noised tile)."""
-    from stmdit.generate import spot_generator
-
+    each seed (and, with ``init_images``, the same partially noised tile). ``progress`` shows
+    the sampler's progress bar over the denoising steps of the whole batch."""
     # One call for all (seed, state) pairs: rows are seed-major, every row has its own generator,
     # so row (seed, state) gets exactly the noise of that seed whatever else is in the batch.
     seeds = [int(s) for s in seeds]
@@ -178,9 +214,15 @@ def paired_generate(pipe, states: ad.AnnData, seeds, morphology=None, init_image
     batch = ad.concat(
         [states] * len(seeds), join="inner", keys=[str(i) for i in range(len(seeds))], index_unique=":"
     )
-    kwargs = {"expression": batch, "guidance_morph": guidance_morph, "guidance_ge": guidance_ge,
-              "num_inference_steps": steps, "generator": [spot_generator(s, 0) for s in seeds for _ in range(n)],
-              "output_type": "np", "progress": False}  # fmt: skip
+    kwargs = {
+        "expression": batch,
+        "guidance_morph": guidance_morph,
+        "guidance_ge": guidance_ge,
+        "num_inference_steps": steps,
+        "generator": [spot_generator(s, 0) for s in seeds for _ in range(n)],
+        "output_type": "np",
+        "progress": progress,
+    }
     if morphology is not None:
         kwargs["morphology"] = morphology
     if init_images is not None:
@@ -192,60 +234,83 @@ def paired_generate(pipe, states: ad.AnnData, seeds, morphology=None, init_image
 # -- measurements --------------------------------------------------------------------------
 
 
-def tile_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
-    """Interpretable statistics per tile (N, H, W, 3) in [0, 1]: mean haematoxylin, eosin and
-    brown (melanin) density by colour deconvolution, and nuclei per 100 x 100 px counted as
-    connected haematoxylin-dense regions (Otsu threshold over the batch)."""
-    from stmdit.stain import deconvolve
+# What tile_statistics measures, as the page and the report name it. Nuclei are counted per
+# 100 x 100 um when the pixel size is known, else per 100 x 100 px, and only on tiles large
+# enough for a count to mean something (stain.nuclei_unavailable).
+MEASUREMENTS = {
+    "haematoxylin": "Haematoxylin density (nuclei)",
+    "eosin": "Eosin density (cytoplasm, stroma)",
+    "brown": "Brown pigment density (melanin)",
+    "nuclei_per_100um2": "Nuclei per 100 × 100 µm",
+    "nuclei_per_100px2": "Nuclei per 100 × 100 px",
+}
 
+
+def tile_statistics(images: np.ndarray, um_per_px: float | None = None) -> dict[str, np.ndarray]:
+    """Interpretable statistics per tile (N, H, W, 3) in [0, 1]: mean haematoxylin, eosin and
+    brown (melanin) density by colour deconvolution, and, when the tiles are large enough
+    (:func:`stmdit.stain.nuclei_unavailable`), nuclei per area counted by
+    :func:`stmdit.stain.count_nuclei` (one threshold over the batch)."""
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
     conc = deconvolve(x).clamp_min(0).numpy()
-    h = conc[:, 0]
-    flat = np.sort(h.ravel())
-    threshold = _otsu(flat) if flat[-1] > flat[0] else np.inf
-    area = images.shape[1] * images.shape[2] / 1e4
-    nuclei = (
-        np.array([ndimage.label(ndimage.binary_opening(t > threshold))[1] for t in h], dtype=float) / area
-    )
-    return {"haematoxylin": h.mean(axis=(1, 2)), "eosin": conc[:, 1].mean(axis=(1, 2)),
-            "brown": conc[:, 2].mean(axis=(1, 2)), "nuclei_per_100px2": nuclei}  # fmt: skip
+    stats = {
+        "haematoxylin": conc[:, 0].mean(axis=(1, 2)),
+        "eosin": conc[:, 1].mean(axis=(1, 2)),
+        "brown": conc[:, 2].mean(axis=(1, 2)),
+    }
+    height, width = images.shape[1:3]
+    if nuclei_unavailable(min(height, width), um_per_px) is None:
+        counts = count_nuclei(images, um_per_px=um_per_px).astype(float)
+        if um_per_px:
+            stats["nuclei_per_100um2"] = counts / (height * width * um_per_px**2 / 1e4)
+        else:
+            stats["nuclei_per_100px2"] = counts / (height * width / 1e4)
+    return stats
 
 
-def _otsu(sorted_values: np.ndarray) -> float:
-    hist, edges = np.histogram(sorted_values, bins=128)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w = np.cumsum(hist)
-    m = np.cumsum(hist * centres)
-    between = (
-        w[:-1]
-        * (w[-1] - w[:-1])
-        * (m[:-1] / np.maximum(w[:-1], 1) - (m[-1] - m[:-1]) / np.maximum(w[-1] - w[:-1], 1)) ** 2
-    )
-    return float(centres[int(np.argmax(between))])
-
-
-def paired_change(values: np.ndarray, control: np.ndarray, confidence: float = 0.95, n_bootstrap: int = 2000,
-                  seed: int = 0) -> dict:  # fmt: skip
+def paired_change(
+    values: np.ndarray, control: np.ndarray, confidence: float = 0.95, n_bootstrap: int = 2000, seed: int = 0
+) -> dict:
     """Mean paired difference (variant - control over seeds) with a bootstrap confidence
     interval, and the control's own seed-to-seed spread (its standard deviation)."""
     diff = np.asarray(values, float) - np.asarray(control, float)
     rng = np.random.default_rng(seed)
     boots = diff[rng.integers(0, len(diff), size=(n_bootstrap, len(diff)))].mean(axis=1)
     lo, hi = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return {"mean_change": float(diff.mean()), "ci_low": float(lo), "ci_high": float(hi),
-            "control_mean": float(np.mean(control)), "control_seed_sd": float(np.std(control, ddof=1)) if len(control) > 1 else 0.0,
-            "n_seeds": int(len(diff)), "confidence": confidence}  # fmt: skip
+    return {
+        "mean_change": float(diff.mean()),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "control_mean": float(np.mean(control)),
+        "control_seed_sd": float(np.std(control, ddof=1)) if len(control) > 1 else 0.0,
+        "n_seeds": int(len(diff)),
+        "confidence": confidence,
+    }
 
 
-def measure(tiles: np.ndarray, names: list[str], morphology_encoder=None, predictor=None, predictor_encoder=None,
-            tile_um: float | None = None) -> dict:  # fmt: skip
+def measure(
+    tiles: np.ndarray,
+    names: list[str],
+    morphology_encoder=None,
+    predictor=None,
+    predictor_encoder=None,
+    tile_um: float | None = None,
+) -> dict:
     """Per state (row 0 = control) and seed, the tile statistics; paired changes against the
     control for every variant; the morphology-feature distance to the control's tile of the
-    same seed; and, with a predictor, the predicted expression shift of its top genes."""
+    same seed; and, with a predictor, the predicted expression shift of its top genes.
+    ``tile_um``, the tiles' width in micrometres when known, sets the scale of nuclei counts;
+    ``result["nuclei"]`` says why nuclei were not counted, or is None when they were."""
     n_states, n_seeds = tiles.shape[:2]
     flat = tiles.reshape(n_states * n_seeds, *tiles.shape[2:])
-    stats = {k: v.reshape(n_states, n_seeds) for k, v in tile_statistics(flat).items()}
-    result = {"states": names, "statistics": {k: v.tolist() for k, v in stats.items()}, "changes": {}}
+    um_per_px = tile_um / flat.shape[2] if tile_um else None
+    stats = {k: v.reshape(n_states, n_seeds) for k, v in tile_statistics(flat, um_per_px).items()}
+    result = {
+        "states": names,
+        "statistics": {k: v.tolist() for k, v in stats.items()},
+        "nuclei": nuclei_unavailable(min(flat.shape[1:3]), um_per_px),
+        "changes": {},
+    }
     feats = None
     if morphology_encoder is not None:
         with torch.no_grad():
@@ -254,8 +319,6 @@ def measure(tiles: np.ndarray, names: list[str], morphology_encoder=None, predic
             )
     predicted = None
     if predictor is not None and predictor_encoder is not None:
-        from stmdit.predictor import context_features
-
         obs = pd.DataFrame({"sample_id": "virtual", "x_px": np.arange(len(flat)) * 1e6, "y_px": 0.0})
         u8 = (np.clip(flat, 0, 1) * 255).round().astype(np.uint8)
         cf = context_features(u8, obs, tile_um, tile_um, predictor_encoder, progress=False)
@@ -265,9 +328,13 @@ def measure(tiles: np.ndarray, names: list[str], morphology_encoder=None, predic
         if feats is not None:
             dist = (feats[i] - feats[0]).norm(dim=-1).numpy()
             seed_spread = torch.cdist(feats[0], feats[0]).numpy()
-            change["morphology_distance"] = {"mean": float(dist.mean()), "per_seed": dist.tolist(),
-                                             "control_between_seeds": float(seed_spread[np.triu_indices(n_seeds, 1)].mean())
-                                             if n_seeds > 1 else None}  # fmt: skip
+            change["morphology_distance"] = {
+                "mean": float(dist.mean()),
+                "per_seed": dist.tolist(),
+                "control_between_seeds": float(seed_spread[np.triu_indices(n_seeds, 1)].mean())
+                if n_seeds > 1
+                else None,
+            }
         if predicted is not None:
             shift = (predicted[i] - predicted[0]).mean(axis=0)
             order = np.argsort(-np.abs(shift))[:10]
@@ -310,8 +377,6 @@ def load_expression_data(path: str | os.PathLike):
     """(AnnData with counts, tiles or None, tile_um or None) from a prepared store or an h5ad."""
     path = Path(path)
     if (path / "manifest.json").exists():
-        from stmdit.data.store import DatasetStore
-
         store = DatasetStore(path)
         return store.spots(), store.tiles(), float(store.manifest()["prepare"]["tile_um"])
     if path.suffix == ".h5ad" and path.is_file():
@@ -320,20 +385,20 @@ def load_expression_data(path: str | os.PathLike):
 
 
 def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
-    """Generate the control and every variant over the seeds, measure, and write a report."""
-    from stmdit.pipeline import STMDiTPipeline
-    from stmdit.plotting import save_tile_grid
-
+    """Generate the control and every variant over the seeds, measure, and write a report.
+    ``progress`` shows a progress bar over the sampling, the bulk of the work."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     adata, tiles, tile_um = load_expression_data(cfg.data)
+    # The named marker programmes ("lymphocyte markers", ...) beside the config's own sets.
+    gene_sets = {**marker_programmes(), **cfg.gene_sets}
     control = start_state(
         adata, spot=cfg.spot, cluster=tuple(cfg.cluster) if cfg.cluster else None, sample=cfg.sample
     )
     variants = {"control": control}
     for name, spec in cfg.variants.items():
         variants[name] = perturb(
-            control, [Perturbation(**p) for p in spec], reference=adata, gene_sets=cfg.gene_sets
+            control, [Perturbation(**p) for p in spec], reference=adata, gene_sets=gene_sets
         )
     if cfg.interpolate_to:
         target = start_state(
@@ -347,7 +412,6 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
     states.obs_names = names
 
     pipe = STMDiTPipeline.from_pretrained(cfg.pipeline)
-    pipe.set_progress_bar_config(disable=True)
     morphology = init = None
     if (cfg.use_morphology or cfg.edit_strength) and cfg.spot is None:
         raise ValueError("morphology conditioning and tile editing start from a real spot: give spot")
@@ -358,16 +422,29 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
         real_t = torch.from_numpy(real).permute(2, 0, 1)[None].float() / 255.0
         morphology = real_t if cfg.use_morphology else None
         init = real_t if cfg.edit_strength else None
-    generated = paired_generate(pipe, states, cfg.seeds, morphology=morphology, init_images=init,
-                                strength=cfg.edit_strength or 1.0, guidance_morph=cfg.guidance_morph,
-                                guidance_ge=cfg.guidance_ge, steps=cfg.steps)  # fmt: skip
+    generated = paired_generate(
+        pipe,
+        states,
+        cfg.seeds,
+        morphology=morphology,
+        init_images=init,
+        strength=cfg.edit_strength or 1.0,
+        guidance_morph=cfg.guidance_morph,
+        guidance_ge=cfg.guidance_ge,
+        steps=cfg.steps,
+        progress=progress,
+    )
     predictor = predictor_encoder = None
     if cfg.predictor:
-        from stmdit.predictor import load_predictor
-
         predictor, predictor_encoder = load_predictor(cfg.predictor)
-    result = measure(generated, names, morphology_encoder=pipe.morphology_encoder, predictor=predictor,
-                     predictor_encoder=predictor_encoder, tile_um=tile_um)  # fmt: skip
+    result = measure(
+        generated,
+        names,
+        morphology_encoder=pipe.morphology_encoder,
+        predictor=predictor,
+        predictor_encoder=predictor_encoder,
+        tile_um=tile_um,
+    )
     result["config"] = dataclasses.asdict(cfg)
     result["start_state"] = str(control.obs["state"].iloc[0])
     rows = [(name, generated[i]) for i, name in enumerate(names)]
@@ -382,48 +459,42 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
     save_tile_grid(rows, out / "counterfactuals.png", column_titles=[f"seed {s}" for s in cfg.seeds])
     _plot_changes(result, out / "changes.png")
     write_json(out / "simulation.json", result)
-    _write_report(out, result)
+    write_text(out / "report.html", render_report(result))
     return result
 
 
-def _write_report(out: Path, result: dict) -> None:
-    """report.html: the experiment, its image grids and the measured changes with their intervals."""
-    import html
-
-    from stmdit.io import write_text
-
+def render_report(result: dict) -> str:
+    """report.html (templates/simulate_report.html.j2): the experiment, its image grids and the
+    measured changes with their intervals."""
     rows = []
     for variant, change in result["changes"].items():
         for key, c in change.items():
             if isinstance(c, dict) and "mean_change" in c:
-                outside = c["ci_low"] > c["control_seed_sd"] or c["ci_high"] < -c["control_seed_sd"]
-                rows.append(f"<tr><td>{html.escape(variant)}</td><td>{key}</td><td>{c['control_mean']:.3f}</td>"
-                            f"<td>{c['mean_change']:+.3f}</td><td>[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]</td>"
-                            f"<td>{c['control_seed_sd']:.3f}</td><td>{'yes' if outside else 'no'}</td></tr>")  # fmt: skip
-    cfg = result["config"]
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>STMDiT virtual experiment</title>
-<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:3px 8px;
-font-size:13px}}table{{border-collapse:collapse}}img{{max-width:100%}}</style></head><body>
-<h1>Virtual tissue experiment</h1>
-<p>Start state: {html.escape(result["start_state"])}. {len(cfg["seeds"])} seeds; every variant shares each seed's noise
-with the control. Guidance: expression {cfg["guidance_ge"]}, morphology {cfg["guidance_morph"]}; {cfg["steps"]} steps.</p>
-<h2>Tiles</h2><img src="counterfactuals.png" alt="counterfactual tiles">
-<h2>Measured changes</h2><img src="changes.png" alt="changes">
-<table><tr><th>variant</th><th>measure</th><th>control mean</th><th>change</th><th>95% CI</th>
-<th>control seed sd</th><th>beyond the seed spread</th></tr>{"".join(rows)}</table>
-<p>Changes are paired differences (variant minus control, same seed) with a bootstrap interval over seeds.</p>
-</body></html>"""
-    write_text(out / "report.html", page)
+                sd = c["control_seed_sd"]
+                rows.append(
+                    {
+                        "variant": variant,
+                        "measure": MEASUREMENTS.get(key, key),
+                        **c,
+                        "beyond_spread": c["ci_low"] > sd or c["ci_high"] < -sd,
+                    }
+                )
+    environment = Environment(
+        loader=PackageLoader("stmdit.experiments", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return environment.get_template("simulate_report.html.j2").render(
+        result=result, config=result["config"], rows=rows
+    )
 
 
 def _plot_changes(result: dict, path: Path) -> None:
-    from stmdit.io import save_figure
-    from stmdit.plotting import plt
-
-    keys = ["haematoxylin", "eosin", "brown", "nuclei_per_100px2"]
     variants = list(result["changes"])
     if not variants:
         return
+    keys = [k for k in MEASUREMENTS if k in result["changes"][variants[0]]]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         mean = [result["changes"][v][key]["mean_change"] for v in variants]
@@ -434,6 +505,6 @@ def _plot_changes(result: dict, path: Path) -> None:
         ax.axhspan(-spread, spread, color="grey", alpha=0.2, label="control seed-to-seed sd")
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_xticks(range(len(variants)), [v[:18] for v in variants], rotation=30, ha="right", fontsize=7)
-        ax.set_title(f"change in {key}", fontsize=8)
+        ax.set_title(f"change in {MEASUREMENTS[key]}", fontsize=8)
     axes[0, 0].legend(fontsize=6)
     save_figure(fig, path)
