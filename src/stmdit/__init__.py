@@ -31,7 +31,24 @@ _LAZY = {
     "load_pixcell": "stmdit.warmstart",
 }
 
-__all__ = ["__version__", *sorted(_LAZY)]
+__all__ = [
+    "PRESETS",
+    "STMDiT",
+    "CancerFoundationEncoder",
+    "Condition",
+    "ModalityDropout",
+    "PanelExpressionEncoder",
+    "STMDiTPipeline",
+    "STMDiTPipelineOutput",
+    "StainFeatureEncoder",
+    "TimmMorphologyEncoder",
+    "__version__",
+    "load_pixcell",
+    "load_vae",
+    "make_sampling_scheduler",
+    "make_training_scheduler",
+    "sample",
+]
 
 
 def __getattr__(name: str) -> Any:
