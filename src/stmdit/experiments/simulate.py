@@ -30,12 +30,12 @@ import torch
 from jinja2 import Environment, PackageLoader
 
 from stmdit.data.store import DatasetStore
-from stmdit.predictor import context_features, load_predictor
 from stmdit.generate import spot_generator
 from stmdit.genesets import marker_programmes
 from stmdit.io import dataclass_from_yaml, save_figure, write_json, write_text
 from stmdit.pipeline import STMDiTPipeline
 from stmdit.plotting import plt, save_tile_grid
+from stmdit.predictor import context_features, load_predictor
 from stmdit.stain import count_nuclei, deconvolve, nuclei_unavailable
 
 logger = logging.getLogger(__name__)
