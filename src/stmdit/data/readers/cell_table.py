@@ -11,15 +11,17 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
-from stmdit.data.images import open_image
 from stmdit.data.readers.convention import (
+    ReaderError,
     assemble,
     concat_samples,
     coordinates,
     file_stem,
     grid_centres,
     meta_value,
+    open_checked_image,
     positive,
+    read_anndata,
     read_json,
     require_file,
 )
@@ -72,7 +74,7 @@ def read_cell_table(
     require_file(image, "image")
     meta_path = Path(metadata) if metadata is not None else _find_metadata([h5ad, image])
     meta = read_json(require_file(meta_path, "metadata JSON")) if meta_path is not None else {}
-    img = open_image(image)
+    img = open_checked_image(image)
     key, meta_mpp = meta_value(meta, _PIXEL_SIZE_KEYS)
     if mpp is not None:
         mpp, mpp_source = positive(mpp, "read_cell_table", "mpp"), "argument"
@@ -82,14 +84,14 @@ def read_cell_table(
         mpp, mpp_source = img.mpp, f"{image}: resolution metadata"
     else:
         where = f"none of {list(_PIXEL_SIZE_KEYS)} in {meta_path}" if meta_path else "no metadata JSON found"
-        raise ValueError(
+        raise ReaderError(
             f"pixel size unknown for {h5ad}: {where}, and {image} has no resolution metadata. Pass "
             "mpp=<microns per pixel of the image>, e.g. read_cell_table(..., mpp=0.5)"
         )
-    adata = ad.read_h5ad(h5ad)
+    adata = read_anndata(h5ad, "a cell table (AnnData .h5ad)")
     for key_name in (x_key, y_key):
         if key_name not in adata.obs:
-            raise ValueError(
+            raise ReaderError(
                 f"{h5ad}: obs has no {key_name!r} column; columns are {list(adata.obs.columns)} (set x_key / y_key)"
             )
     centres = (
@@ -131,12 +133,12 @@ def aggregate_to_pseudospots(
         diameter_um if spacing_um is None else positive(spacing_um, "aggregate_to_pseudospots", "spacing_um")
     )
     if "counts" not in adata.layers:
-        raise ValueError("aggregate_to_pseudospots needs raw counts in layers['counts']; this data has none")
+        raise ReaderError("aggregate_to_pseudospots needs raw counts in layers['counts']; this data has none")
     samples = adata.uns.get("stmdit", {}).get("samples", {})
     parts = []
     for sample_id in adata.obs["sample_id"].astype(str).unique():
         if sample_id not in samples:
-            raise ValueError(f"uns['stmdit']['samples'] has no entry for sample {sample_id!r}")
+            raise ReaderError(f"uns['stmdit']['samples'] has no entry for sample {sample_id!r}")
         info = dict(samples[sample_id])
         cells = adata[adata.obs["sample_id"].astype(str).to_numpy() == sample_id]
         mpp = float(info["mpp"])
@@ -148,7 +150,7 @@ def aggregate_to_pseudospots(
         n_cells = np.array([len(m) for m in members])
         keep = np.flatnonzero(n_cells > 0)
         if len(keep) == 0:
-            raise ValueError(
+            raise ReaderError(
                 f"sample {sample_id}: no cell lies in any {diameter_um} um pseudo-spot every {spacing_um} um"
             )
         assign = sp.csr_matrix(

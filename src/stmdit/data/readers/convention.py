@@ -45,7 +45,9 @@ from __future__ import annotations
 import json
 import math
 import warnings
+import zlib
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -55,7 +57,55 @@ import scipy.sparse as sp
 from anndata.utils import make_index_unique
 from scipy.spatial import cKDTree
 
-from stmdit.data.images import SlideImage
+from stmdit.data.images import SlideImage, open_image
+
+# Errors on data that cannot be read or used are reported without traceback by the CLI; the
+# reading errors of the libraries underneath (h5py, gzip, pandas) are wrapped into this one
+# type by :func:`reading`, with the file and what it was expected to hold.
+READ_ERRORS = (
+    OSError,
+    EOFError,
+    zlib.error,
+    UnicodeDecodeError,
+    pd.errors.ParserError,
+    pd.errors.EmptyDataError,
+)
+
+
+class ReaderError(ValueError):
+    """An input file the readers cannot use; the message names the file, the field and what was expected."""
+
+
+@contextmanager
+def reading(path: Path, expected: str):
+    """Turn a library's failure to read ``path`` into a :class:`ReaderError` saying what the file
+    was expected to be. Missing files stay :class:`FileNotFoundError` (checked before, by name)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except READ_ERRORS as err:
+        reason = (
+            "the file is empty"
+            if isinstance(err, pd.errors.EmptyDataError)
+            else f"{type(err).__name__}: {err}"
+        )
+        raise ReaderError(
+            f"{path}: cannot be read as {expected} ({reason}); is the file complete and of that kind?"
+        ) from err
+
+
+def open_checked_image(path: Path, **kwargs) -> SlideImage:
+    """:func:`~stmdit.data.images.open_image` with a clear error for files that are not images."""
+    with reading(Path(path), "an image (TIFF, JPEG, PNG or a whole-slide format)"):
+        return open_image(path, **kwargs)
+
+
+def read_anndata(path: Path, what: str = "an AnnData file (.h5ad)") -> ad.AnnData:
+    """``anndata.read_h5ad`` with a clear error for files that are not (complete) h5ad files."""
+    with reading(path, what):
+        return ad.read_h5ad(path)
+
 
 VISIUM_SPOT_UM = 55.0
 VISIUM_PITCH_UM = 100.0
@@ -110,21 +160,22 @@ def check_counts(
         x = x.to_numpy()
     matrix = sp.csr_matrix(x) if not sp.issparse(x) else sp.csr_matrix(x, copy=True)
     if not (np.issubdtype(matrix.dtype, np.number) or matrix.dtype == bool):
-        raise ValueError(f"{source}: {field} is not numeric (dtype {matrix.dtype}); expected counts")
+        raise ReaderError(f"{source}: {field} is not numeric (dtype {matrix.dtype}); expected counts")
     data = matrix.data
     bad = ~np.isfinite(data) if np.issubdtype(data.dtype, np.floating) else np.zeros(data.shape, dtype=bool)
     if bad.any():
         r, c = _position_of(matrix, int(np.flatnonzero(bad)[0]))
-        raise ValueError(
+        raise ReaderError(
             f"{source}: {field} has {data[bad][0]} for spot {rows[r]!r}, gene {genes[c]!r}; counts must be finite"
         )
     if (data < 0).any():
         k = int(np.flatnonzero(data < 0)[0])
         r, c = _position_of(matrix, k)
-        raise ValueError(
+        raise ReaderError(
             f"{source}: {field} has a negative value {data[k]} for spot {rows[r]!r}, gene {genes[c]!r}; "
             "expected raw counts >= 0"
         )
+    _check_not_empty(matrix, source, field, rows)
     integral = bool(np.all(data == np.round(data))) if np.issubdtype(data.dtype, np.floating) else True
     if not integral:
         k = int(np.flatnonzero(data != np.round(data))[0])
@@ -140,6 +191,28 @@ def check_counts(
     top = matrix.data.max(initial=0)
     matrix = matrix.astype(np.int32 if top < 2**31 else np.int64)
     return matrix, True
+
+
+def _check_not_empty(matrix: sp.csr_matrix, source: str, field: str, rows: Sequence[str]) -> None:
+    """All-zero input is an error (a wrong file or a failed export); spots without a single
+    count are kept, since tiling and pseudo-labels still use them, with a warning naming them."""
+    if matrix.shape[0] == 0 or matrix.shape[1] == 0:
+        raise ReaderError(
+            f"{source}: {field} has {matrix.shape[0]} spots x {matrix.shape[1]} genes; expected at least one of each"
+        )
+    totals = np.asarray(abs(matrix).sum(axis=1)).ravel()
+    empty = np.flatnonzero(totals == 0)
+    if len(empty) == len(totals):
+        raise ReaderError(
+            f"{source}: {field} is all zeros ({matrix.shape[0]} spots x {matrix.shape[1]} genes); expected counts. "
+            "Is it the right file (e.g. the filtered matrix, not an empty export)?"
+        )
+    if len(empty):
+        warnings.warn(
+            f"{source}: {len(empty)} of {len(totals)} spots have no counts at all in {field} "
+            f"(e.g. {[rows[i] for i in empty[:5]]}); kept",
+            stacklevel=4,
+        )
 
 
 def _position_of(matrix: sp.csr_matrix, k: int) -> tuple[int, int]:
@@ -171,14 +244,14 @@ def join_barcodes(
     count_ids = pd.Index([str(b) for b in count_ids])
     if count_ids.has_duplicates:
         dup = sorted(set(count_ids[count_ids.duplicated()]))
-        raise ValueError(f"{source_counts}: duplicated spot ids {dup[:5]}")
+        raise ReaderError(f"{source_counts}: duplicated spot ids {dup[:5]}")
     if position_ids.has_duplicates:
         dup = sorted(set(position_ids[position_ids.duplicated()]))
-        raise ValueError(f"{source_positions}: duplicated spot ids {dup[:5]}")
+        raise ReaderError(f"{source_positions}: duplicated spot ids {dup[:5]}")
     where = position_ids.get_indexer(count_ids)
     missing = count_ids[where < 0]
     if len(missing):
-        raise ValueError(
+        raise ReaderError(
             f"{len(missing)} of {len(count_ids)} spots in {source_counts} have no position in {source_positions} "
             f"(e.g. {list(missing[:5])}; the positions have e.g. {list(position_ids[:3])}). Are both files from "
             "the same section, with the same barcode spelling?"
@@ -197,9 +270,9 @@ def positive(value, source: str, field: str) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{source}: {field} must be a number; got {value!r}") from None
+        raise ReaderError(f"{source}: {field} must be a number; got {value!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{source}: {field} must be a positive number; got {value}")
+        raise ReaderError(f"{source}: {field} must be a positive number; got {value}")
     return value
 
 
@@ -207,7 +280,7 @@ def coordinates(values, source: str, field: str) -> np.ndarray:
     out = pd.to_numeric(pd.Series(np.asarray(values).ravel()), errors="coerce").to_numpy(dtype=np.float64)
     if not np.isfinite(out).all():
         k = int(np.flatnonzero(~np.isfinite(out))[0])
-        raise ValueError(
+        raise ReaderError(
             f"{source}: {field} is missing or not a number at row {k} ({np.asarray(values).ravel()[k]!r})"
         )
     return out
@@ -230,7 +303,7 @@ def inside_image(
         hint = "Is it the right image, and are the coordinates in its pixel frame and scale?"
         if ((yi >= 0) & (xi >= 0) & (yi < image.width) & (xi < image.height)).all():
             hint = "With x and y swapped every centre would be inside: are the two coordinates exchanged?"
-        raise ValueError(f"{msg}. {hint}")
+        raise ReaderError(f"{msg}. {hint}")
     warnings.warn(msg + "; those spots are dropped", stacklevel=3)
     return inside
 
@@ -252,7 +325,7 @@ def assemble(
     obs.insert(0, "sample_id", pd.Categorical([sample_id] * len(barcodes)))
     obs.index = pd.Index([f"{sample_id}:{b}" for b in barcodes])
     if obs.index.has_duplicates:
-        raise ValueError(
+        raise ReaderError(
             f"sample {sample_id}: duplicated spot ids {list(obs.index[obs.index.duplicated()][:5])}"
         )
     adata = ad.AnnData(X=matrix, obs=obs, var=var)
@@ -274,9 +347,9 @@ def read_json(path: Path) -> dict:
         with open(path) as fh:
             data = json.load(fh)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise ReaderError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise ReaderError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -322,7 +395,7 @@ def grid_centres(
     their ``col`` counts half steps, as Visium's ``array_col`` does.
     """
     if grid not in ("hex", "square"):
-        raise ValueError(f"grid must be 'hex' or 'square'; got {grid!r}")
+        raise ReaderError(f"grid must be 'hex' or 'square'; got {grid!r}")
     dy = spacing * math.sqrt(3) / 2 if grid == "hex" else spacing
     n_rows = int(max(0.0, y1 - y0) // dy) + 1
     n_cols = int(max(0.0, x1 - x0) // spacing) + 1
@@ -352,17 +425,17 @@ def concat_samples(adatas: Sequence[ad.AnnData], join: str = "inner") -> ad.AnnD
     dropped). Sample ids must be distinct.
     """
     if not adatas:
-        raise ValueError("concat_samples needs at least one AnnData")
+        raise ReaderError("concat_samples needs at least one AnnData")
     samples: dict[str, dict] = {}
     for a in adatas:
         entries = a.uns.get("stmdit", {}).get("samples")
         if not entries:
-            raise ValueError(
+            raise ReaderError(
                 "every AnnData must come from a stmdit reader (uns['stmdit']['samples'] is missing)"
             )
         for sample_id, info in entries.items():
             if sample_id in samples:
-                raise ValueError(
+                raise ReaderError(
                     f"sample id {sample_id!r} appears twice; pass distinct sample_id= to the readers"
                 )
             samples[sample_id] = info
@@ -376,7 +449,7 @@ def concat_samples(adatas: Sequence[ad.AnnData], join: str = "inner") -> ad.AnnD
     for col in ("sample_id", "patient_id"):
         out.obs[col] = pd.Categorical(out.obs[col].astype(object).where(out.obs[col].notna(), None))
     if out.obs_names.has_duplicates:
-        raise ValueError(
+        raise ReaderError(
             f"duplicated obs names after concatenation: {list(out.obs_names[out.obs_names.duplicated()][:5])}"
         )
     out.uns["stmdit"] = {"samples": samples}

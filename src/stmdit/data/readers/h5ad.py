@@ -8,17 +8,20 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from stmdit.data.images import SlideImage, open_image
+from stmdit.data.images import SlideImage
 from stmdit.data.readers.convention import (
     SPACERANGER_FULLRES_SPOT_UM,
     VISIUM_PITCH_UM,
     VISIUM_SPOT_UM,
+    ReaderError,
     assemble,
     check_counts,
     coordinates,
     file_stem,
     inside_image,
+    open_checked_image,
     positive,
+    read_anndata,
     require_file,
     unique_genes,
 )
@@ -42,13 +45,13 @@ def h5ad_centres(adata: ad.AnnData, path: Path) -> tuple[np.ndarray, np.ndarray,
     if "spatial" in adata.obsm:
         xy = np.asarray(adata.obsm["spatial"])
         if xy.ndim != 2 or xy.shape[1] < 2:
-            raise ValueError(f"{path}: obsm['spatial'] has shape {xy.shape}; expected (n_spots, 2)")
+            raise ReaderError(f"{path}: obsm['spatial'] has shape {xy.shape}; expected (n_spots, 2)")
         return (
             coordinates(xy[:, 0], path, "obsm['spatial'][:, 0]"),
             coordinates(xy[:, 1], path, "obsm['spatial'][:, 1]"),
             "obsm['spatial']",
         )
-    raise ValueError(
+    raise ReaderError(
         f"{path}: no spot coordinates: expected obs 'pxl_col_in_fullres' and 'pxl_row_in_fullres', or obsm['spatial']"
     )
 
@@ -59,10 +62,10 @@ def _scanpy_scalefactors(adata: ad.AnnData, library_id: str | None, path: Path) 
         return None, {}
     if library_id is None:
         if len(spatial) > 1:
-            raise ValueError(f"{path}: uns['spatial'] has libraries {sorted(spatial)}; pass library_id=")
+            raise ReaderError(f"{path}: uns['spatial'] has libraries {sorted(spatial)}; pass library_id=")
         library_id = next(iter(spatial))
     if library_id not in spatial:
-        raise ValueError(f"{path}: uns['spatial'] has no library {library_id!r}; it has {sorted(spatial)}")
+        raise ReaderError(f"{path}: uns['spatial'] has no library {library_id!r}; it has {sorted(spatial)}")
     return library_id, dict(spatial[library_id].get("scalefactors", {}))
 
 
@@ -126,9 +129,9 @@ def read_spatial_h5ad(
     h5ad = require_file(Path(h5ad), "AnnData file")
     image = require_file(Path(image), "image")
     image_scale = positive(image_scale, "read_spatial_h5ad", "image_scale")
-    adata = ad.read_h5ad(h5ad)
+    adata = read_anndata(h5ad)
     library, scalefactors = _scanpy_scalefactors(adata, library_id, h5ad)
-    img = open_image(image)
+    img = open_checked_image(image)
     mpp_source = "argument"
     if mpp is None and "spot_diameter_fullres" in scalefactors:
         fullres = positive(
@@ -139,7 +142,7 @@ def read_spatial_h5ad(
         # One full-resolution pixel spans image_scale pixels of the image file.
         mpp, mpp_source = img.mpp * image_scale, f"{image}: resolution metadata"
     if mpp is None:
-        raise ValueError(
+        raise ReaderError(
             f"pixel size unknown for {h5ad}: no spot_diameter_fullres in uns['spatial'] and no resolution metadata "
             f"in {image}; pass mpp=<microns per full-resolution pixel>"
         )

@@ -10,12 +10,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from stmdit.data.images import open_image, tissue_mask, tissue_threshold
+from stmdit.data.images import tissue_mask, tissue_threshold
 from stmdit.data.readers.convention import (
     DEEPSPOT_TCGA_SPACING_UM,
     DEEPSPOT_TCGA_SPOT_UM,
+    ReaderError,
     assemble,
     grid_centres,
+    open_checked_image,
     positive,
 )
 
@@ -46,16 +48,18 @@ def read_he_slide(
     ``min_tissue_fraction``, ``grid``.
     """
     path = Path(path)
-    img = open_image(path, mpp=mpp)
+    img = open_checked_image(path, mpp=mpp)
     if img.mpp is None:
-        raise ValueError(f"pixel size unknown for {path}: the file states none; pass mpp=<microns per pixel>")
+        raise ReaderError(
+            f"pixel size unknown for {path}: the file states none; pass mpp=<microns per pixel>"
+        )
     d_px = positive(spot_diameter_um, "read_he_slide", "spot_diameter_um") / img.mpp
     s_px = positive(spacing_um, "read_he_slide", "spacing_um") / img.mpp
     longest = max(img.width, img.height)
     thumb, scale = img.thumbnail(min(longest, max(512, min(4096, math.ceil(longest * 16 / d_px)))))
     mask = tissue_mask(thumb, tissue_threshold(thumb))
     if not mask.any():
-        raise ValueError(
+        raise ReaderError(
             f"{path}: no tissue detected (the tissue mask is empty); is it an H&E image of a section?"
         )
     ys_t, xs_t = np.nonzero(mask)
@@ -63,7 +67,7 @@ def read_he_slide(
     x0, x1 = max(xs_t.min() / scale, half), min((xs_t.max() + 1) / scale, img.width - half)
     y0, y1 = max(ys_t.min() / scale, half), min((ys_t.max() + 1) / scale, img.height - half)
     if x1 < x0 or y1 < y0:
-        raise ValueError(
+        raise ReaderError(
             f"{path}: the slide ({img.width} x {img.height} px) is smaller than one {spot_diameter_um} um spot"
         )
     xs, ys, rows, cols = grid_centres(x0, x1, y0, y1, s_px, grid)
@@ -84,7 +88,7 @@ def read_he_slide(
     inside = (xs >= half) & (ys >= half) & (xs + half <= img.width) & (ys + half <= img.height)
     keep = inside & (fraction >= min_tissue_fraction) & (mean_rgb <= background_threshold)
     if not keep.any():
-        raise ValueError(
+        raise ReaderError(
             f"{path}: tissue was detected but no {spot_diameter_um} um tile has mean RGB <= {background_threshold} "
             f"and tissue fraction >= {min_tissue_fraction}"
         )

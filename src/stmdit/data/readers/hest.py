@@ -9,15 +9,18 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from stmdit.data.images import open_image
 from stmdit.data.readers.convention import (
     HEST_PATCH_MPP,
     LEGACY_ST_SPOT_UM,
     VISIUM_SPOT_UM,
+    ReaderError,
     file_stem,
     meta_value,
+    open_checked_image,
     patient_or_none,
+    read_anndata,
     read_json,
+    reading,
     require_file,
 )
 from stmdit.data.readers.h5ad import anndata_sample, h5ad_centres
@@ -69,17 +72,17 @@ def read_hest(
     meta = read_json(require_file(Path(metadata), "HEST metadata")) if metadata is not None else {}
     sample_id = sample_id or str(meta.get("id") or stem)
 
-    img = open_image(wsi)
+    img = open_checked_image(wsi)
     key, mpp = meta_value(meta, ("pixel_size_um_estimated", "pixel_size_um_embedded"))
     mpp_source = f"{metadata}: {key}" if key else None
     if mpp is None and img.mpp is not None:
         mpp, mpp_source = img.mpp, f"{wsi}: resolution tags"
     if mpp is None:
-        raise ValueError(
+        raise ReaderError(
             f"pixel size of {wsi} unknown: no pixel_size_um_estimated / pixel_size_um_embedded in "
             f"{metadata or 'the metadata (none given)'} and no resolution tags in the WSI; pass metadata=<HEST json>"
         )
-    adata = ad.read_h5ad(st_h5ad)
+    adata = read_anndata(st_h5ad, "a HEST expression file (AnnData .h5ad)")
     technology = str(meta.get("st_technology", ""))
     if spot_diameter_um is None:
         _, spot_diameter_um = meta_value(meta, ("spot_diameter",))
@@ -88,7 +91,7 @@ def read_hest(
             technology
         )
     if spot_diameter_um is None:
-        raise ValueError(
+        raise ReaderError(
             f"spot diameter of {st_h5ad} unknown (no 'spot_diameter' in the metadata); pass spot_diameter_um="
         )
     _, pitch = meta_value(meta, ("inter_spot_dist",))
@@ -120,10 +123,10 @@ def read_hest(
 def _hest_patch_rows(adata: ad.AnnData, st_h5ad: Path, patches_h5: Path, mpp: float) -> np.ndarray:
     import h5py
 
-    with h5py.File(patches_h5, "r") as f:
+    with reading(patches_h5, "a HEST patches file (HDF5)"), h5py.File(patches_h5, "r") as f:
         for key in ("barcode", "coords", "img"):
             if key not in f:
-                raise ValueError(
+                raise ReaderError(
                     f"{patches_h5}: missing dataset {key!r}; expected HEST's img / coords / barcode"
                 )
         raw = np.asarray(f["barcode"][:]).reshape(-1)
@@ -133,7 +136,7 @@ def _hest_patch_rows(adata: ad.AnnData, st_h5ad: Path, patches_h5: Path, mpp: fl
     rows = barcodes.get_indexer(pd.Index([str(b) for b in adata.obs_names]))
     unknown = barcodes[~barcodes.isin(adata.obs_names)]
     if len(unknown):
-        raise ValueError(
+        raise ReaderError(
             f"{patches_h5}: {len(unknown)} patch barcodes are not spots of {st_h5ad} (e.g. {list(unknown[:5])})"
         )
     has = rows >= 0

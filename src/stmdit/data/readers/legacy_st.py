@@ -10,10 +10,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from stmdit.data.images import open_image
 from stmdit.data.readers.convention import (
     LEGACY_ST_PITCH_UM,
     LEGACY_ST_SPOT_UM,
+    ReaderError,
     assemble,
     check_counts,
     coordinates,
@@ -21,7 +21,9 @@ from stmdit.data.readers.convention import (
     grid_pitch_px,
     inside_image,
     join_barcodes,
+    open_checked_image,
     positive,
+    reading,
     require_file,
     unique_genes,
 )
@@ -34,9 +36,10 @@ def _separator(path: Path) -> str:
 def _read_counts_table(path: Path) -> pd.DataFrame:
     sep = _separator(path)
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt") as fh:
+    with reading(path, "a counts table (spots x genes)"), opener(path, "rt") as fh:
         header = fh.readline().rstrip("\r\n").split(sep)
-    table = pd.read_csv(path, sep=sep, index_col=0, low_memory=False)
+    with reading(path, "a counts table (spots x genes)"):
+        table = pd.read_csv(path, sep=sep, index_col=0, low_memory=False)
     if len(header) == table.shape[1] + 1:  # pandas renames duplicated columns; keep the file's names
         table.columns = [h.strip('"') for h in header[1:]]
     non_numeric = [
@@ -47,7 +50,7 @@ def _read_counts_table(path: Path) -> pd.DataFrame:
         values = table[col]
         bad = values[pd.to_numeric(values, errors="coerce").isna() & values.notna()]
         example = f" (spot {bad.index[0]!r}: {bad.iloc[0]!r})" if len(bad) else ""
-        raise ValueError(f"{path}: gene column {col!r} is not numeric{example}; expected counts")
+        raise ReaderError(f"{path}: gene column {col!r} is not numeric{example}; expected counts")
     return table
 
 
@@ -88,16 +91,17 @@ def read_legacy_st(
     if _looks_like_st_id(table.index) < 0.5 and _looks_like_st_id(table.columns) >= 0.5:
         table = table.T
     if _looks_like_st_id(table.index) < 0.5:
-        raise ValueError(
+        raise ReaderError(
             f"{counts}: spot ids (first column) should look like '10x21' (XxY); got {list(table.index[:3])}"
         )
     table.index = [str(i) for i in table.index]
 
-    spot_table = pd.read_csv(spots, sep=_separator(spots))
+    with reading(spots, "a spot table (x, y, pixel_x, pixel_y)"):
+        spot_table = pd.read_csv(spots, sep=_separator(spots))
     needed = ["x", "y", "pixel_x", "pixel_y"]
     missing = [c for c in needed if c not in spot_table.columns]
     if missing:
-        raise ValueError(f"{spots}: missing columns {missing}; found {list(spot_table.columns)}")
+        raise ReaderError(f"{spots}: missing columns {missing}; found {list(spot_table.columns)}")
     gx = coordinates(spot_table["x"], spots, "x")
     gy = coordinates(spot_table["y"], spots, "y")
     px = coordinates(spot_table["pixel_x"], spots, "pixel_x")
@@ -127,7 +131,7 @@ def read_legacy_st(
     pixel_xy = np.column_stack([px[where], py[where]])
     pitch_px, n_pairs = grid_pitch_px(grid_xy, pixel_xy)
     mpp = positive(spot_pitch_um, "read_legacy_st", "spot_pitch_um") / pitch_px
-    img = open_image(image)
+    img = open_checked_image(image)
     if img.mpp is not None and abs(img.mpp - mpp) > 0.1 * mpp:
         warnings.warn(
             f"{image} states {img.mpp:.4g} um/px but the spot grid gives {mpp:.4g} um/px ({spot_pitch_um} um pitch); "

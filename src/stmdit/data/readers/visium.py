@@ -11,19 +11,22 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from stmdit.data.images import open_image, unusable_reason
+from stmdit.data.images import unusable_reason
 from stmdit.data.readers.convention import (
     SPACERANGER_FULLRES_SPOT_UM,
     VISIUM_PITCH_UM,
     VISIUM_SPOT_UM,
+    ReaderError,
     assemble,
     check_counts,
     coordinates,
     grid_pitch_px,
     inside_image,
     join_barcodes,
+    open_checked_image,
     positive,
     read_json,
+    reading,
     require_file,
     unique_genes,
 )
@@ -33,15 +36,15 @@ def _read_10x_h5(path: Path) -> tuple[sp.csr_matrix, list[str], pd.DataFrame]:
     """Barcodes x features matrix of a Space Ranger / Cell Ranger (v3+) HDF5, gene expression only."""
     import h5py
 
-    with h5py.File(path, "r") as f:
+    with reading(path, "a Space Ranger feature-barcode matrix (HDF5)"), h5py.File(path, "r") as f:
         if "matrix" not in f:
-            raise ValueError(
+            raise ReaderError(
                 f"{path}: no 'matrix' group; expected a Space Ranger feature-barcode matrix (filtered_feature_bc_matrix.h5)"
             )
         g = f["matrix"]
         for key in ("data", "indices", "indptr", "shape", "barcodes", "features/name", "features/id"):
             if key not in g:
-                raise ValueError(f"{path}: missing dataset matrix/{key}")
+                raise ReaderError(f"{path}: missing dataset matrix/{key}")
         n_features, n_barcodes = (int(v) for v in g["shape"][:])
         data = g["data"][:]
         # Stored features x barcodes, compressed by barcode (CSC); transposing gives barcodes x features as CSR.
@@ -58,7 +61,7 @@ def _read_10x_h5(path: Path) -> tuple[sp.csr_matrix, list[str], pd.DataFrame]:
         )
     keep = np.array([t == "Gene Expression" for t in types])
     if not keep.any():
-        raise ValueError(f"{path}: no 'Gene Expression' features (feature types: {sorted(set(types))})")
+        raise ReaderError(f"{path}: no 'Gene Expression' features (feature types: {sorted(set(types))})")
     var = pd.DataFrame(
         {
             "gene_ids": np.asarray(ids)[keep],
@@ -84,22 +87,24 @@ def _read_visium_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
         )
     if path.suffix == ".parquet":
         try:
-            table = pd.read_parquet(path)
+            with reading(path, "a Space Ranger positions table (parquet)"):
+                table = pd.read_parquet(path)
         except ImportError as err:
             raise ImportError(f"reading {path} needs a parquet engine: `pip install pyarrow`") from err
     else:
-        with open(path) as fh:
-            has_header = fh.readline().split(",")[0].strip() == "barcode"
-        table = pd.read_csv(path, header=0 if has_header else None)
+        with reading(path, "a Space Ranger positions table (CSV)"):
+            with open(path) as fh:
+                has_header = fh.readline().split(",")[0].strip() == "barcode"
+            table = pd.read_csv(path, header=0 if has_header else None)
         if not has_header:
             if table.shape[1] != len(columns):
-                raise ValueError(
+                raise ReaderError(
                     f"{path}: {table.shape[1]} columns; a Space Ranger 1.x positions list has {len(columns)}"
                 )
             table.columns = columns
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing}; found {list(table.columns)}")
+        raise ReaderError(f"{path}: missing columns {missing}; found {list(table.columns)}")
     table["barcode"] = table["barcode"].astype(str)
     for col in columns[1:]:
         table[col] = coordinates(table[col], path, col)
@@ -141,7 +146,7 @@ def read_visium(
     scalefactors_path = require_file(spatial / "scalefactors_json.json", "Space Ranger scale factors")
     scalefactors = read_json(scalefactors_path)
     if "spot_diameter_fullres" not in scalefactors:
-        raise ValueError(f"{scalefactors_path}: missing 'spot_diameter_fullres'")
+        raise ReaderError(f"{scalefactors_path}: missing 'spot_diameter_fullres'")
     spot_fullres = positive(scalefactors["spot_diameter_fullres"], scalefactors_path, "spot_diameter_fullres")
 
     matrix, barcodes, var = _read_10x_h5(h5)
@@ -172,11 +177,11 @@ def read_visium(
     ):
         if (spatial / name).is_file():
             if key not in scalefactors:
-                raise ValueError(f"{scalefactors_path}: missing {key!r}, needed to use {spatial / name}")
+                raise ReaderError(f"{scalefactors_path}: missing {key!r}, needed to use {spatial / name}")
             candidates.append((spatial / name, positive(scalefactors[key], scalefactors_path, key), key))
     chosen, notes = None, []
     for path, scale, _ in candidates:
-        img = open_image(path)
+        img = open_checked_image(path)
         reason = unusable_reason(img.thumbnail(512)[0])
         if reason is None:
             chosen = (path, scale, img)
@@ -185,7 +190,7 @@ def read_visium(
         warnings.warn(f"{path} is unusable ({reason}); trying the next image", stacklevel=2)
     if chosen is None:
         tried = "; ".join(notes) if notes else f"no image given and none in {spatial}"
-        raise ValueError(
+        raise ReaderError(
             f"no usable image for Visium sample {sample_id}: {tried}. Pass image=<full-resolution image>"
         )
     image_path, image_scale, img = chosen
