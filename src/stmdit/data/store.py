@@ -34,7 +34,8 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from stmdit.data.chunks import ChunkedArray, StoreMismatchError
-from stmdit.io import atomic_path, dataclass_from_yaml, differences, write_json
+from stmdit.data.readers.convention import read_h5ad, write_h5ad
+from stmdit.io import dataclass_from_yaml, differences, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class DatasetStore:
         write_json(self.manifest_path, manifest)
 
     def spots(self) -> ad.AnnData:
-        return ad.read_h5ad(self.root / "spots.h5ad")
+        return read_h5ad(self.root / "spots.h5ad")
 
     def tiles(self):
         import zarr
@@ -292,7 +293,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
 
     spots_path = store.root / "spots.h5ad"
     if manifest["stages"].get("spots") and spots_path.exists():
-        adata = ad.read_h5ad(spots_path)
+        adata = read_h5ad(spots_path)
     else:
         parts = [read_sample(s) for s in tqdm(config.samples, desc="reading samples", disable=not progress)]
         adata = parts[0] if len(parts) == 1 else concat_samples(parts)
@@ -311,8 +312,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
         adata.obs["split"] = adata.obs[key].astype(str).map(group_split).astype("category")
         adata.uns["stmdit"]["splits"] = {"by": key, "seed": config.seed, **splits}
         _expression_layers(adata)
-        with atomic_path(spots_path) as tmp:
-            adata.write_h5ad(tmp)
+        write_h5ad(adata, spots_path)
         sources = sorted({str(v) for s in config.samples for k, v in s.items() if k != "format" and isinstance(v, str)
                           and Path(v).is_file()})  # fmt: skip
         manifest["sources"] = [file_digest(p) for p in sources]
@@ -340,8 +340,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
     if not manifest["stages"].get("tiles"):
         adata.obs["tissue_fraction"] = np.asarray(tissue.array[:], dtype=np.float32)
         adata.obs["keep"] = adata.obs["tissue_fraction"].to_numpy() >= config.min_tissue
-        with atomic_path(spots_path) as tmp:
-            adata.write_h5ad(tmp)
+        write_h5ad(adata, spots_path)
         manifest["stages"]["tiles"] = {"kept": int(adata.obs["keep"].sum()), "dropped_background": int((~adata.obs["keep"]).sum()),
                                        "at_edge": int(adata.obs["at_edge"].sum()), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
         store.write_manifest(manifest)

@@ -18,6 +18,13 @@ The convention
     ``y_px`` (the spot centre in full-resolution pixels of the sample's coordinate system),
     ``array_row`` and ``array_col`` (the spot's grid position when the source has one, absent
     otherwise). ``obs_names`` are ``"<sample_id>:<barcode>"``, unique across samples.
+``obsm["spatial"]`` and ``uns["spatial"][sample_id]``
+    scanpy's convention, so ``sc.pl.spatial`` and squidpy work: ``obsm["spatial"]`` is ``(x_px, y_px)``; per sample, ``images`` holds ``hires`` (the H&E with its
+    longer side at most 2,000 px, as Space Ranger's ``tissue_hires_image.png``) and ``lowres`` (600
+    px), and ``scalefactors`` holds ``tissue_hires_scalef``, ``tissue_lowres_scalef`` (image pixels
+    per full-resolution pixel) and ``spot_diameter_fullres`` (the spot diameter in full-resolution
+    pixels: Space Ranger's own for Visium; for cells of unknown size the median distance to the
+    nearest spot). Built by :func:`add_scanpy_spatial`; the sample id is the library id.
 ``uns["stmdit"]["samples"][sample_id]``
     A dict: ``source_format``; ``image_path`` (absolute path of the image the crops come
     from); ``image_scale`` (pixels of that image per full-resolution pixel: 1 for a
@@ -27,6 +34,12 @@ The convention
     (centre-to-centre grid distance, NaN when there is no grid); ``counts_available``;
     ``files`` (role -> path of every source file read); plus reader-specific entries
     documented with each reader.
+
+Files
+-----
+In memory, paths are absolute. :func:`write_h5ad` writes them relative to the written file
+(so a folder moved with its inputs, or a store beside its data, stays readable) and
+:func:`read_h5ad` resolves them again.
 
 Bad input
 ---------
@@ -44,6 +57,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -55,9 +69,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata.utils import make_index_unique
+from PIL import Image
 from scipy.spatial import cKDTree
 
 from stmdit.data.images import SlideImage, open_image
+from stmdit.io import atomic_path
 
 # Errors on data that cannot be read or used are reported without traceback by the CLI; the
 # reading errors of the libraries underneath (h5py, gzip, pandas) are wrapped into this one
@@ -339,7 +355,7 @@ def assemble(
         "files": {k: str(Path(v).resolve()) for k, v in info["files"].items()},
     }
     adata.uns["stmdit"] = {"samples": {sample_id: info}}
-    return adata
+    return add_scanpy_spatial(adata)
 
 
 def read_json(path: Path) -> dict:
@@ -453,4 +469,134 @@ def concat_samples(adatas: Sequence[ad.AnnData], join: str = "inner") -> ad.AnnD
             f"duplicated obs names after concatenation: {list(out.obs_names[out.obs_names.duplicated()][:5])}"
         )
     out.uns["stmdit"] = {"samples": samples}
+    out.uns["spatial"] = {k: v for a in adatas for k, v in a.uns.get("spatial", {}).items()}
+    return add_scanpy_spatial(out)
+
+
+# -- scanpy's spatial convention and portable h5ad files --------------------------------------
+
+# Space Ranger's tissue_hires_image.png and tissue_lowres_image.png: longer side 2,000 and 600 px.
+HIRES_PX = 2000
+LOWRES_PX = 600
+
+
+def _spot_diameter_fullres(info: dict, xy: np.ndarray) -> float:
+    """Space Ranger's value when the source has one, else the spot's diameter, else (cells of
+    unknown size) the median distance to the nearest spot."""
+    if "spot_diameter_fullres" in info:
+        return float(info["spot_diameter_fullres"])
+    diameter = float(info.get("spot_diameter_um", float("nan"))) / float(info["mpp"])
+    if math.isfinite(diameter) and diameter > 0:
+        return diameter
+    if len(xy) < 2:
+        return 1.0
+    distance, _ = cKDTree(xy).query(xy, k=2)
+    return float(np.median(distance[:, 1]))
+
+
+def scanpy_library(
+    info: dict, xy: np.ndarray, hires: np.ndarray | None = None, hires_scalef: float = 1.0
+) -> dict:
+    """One ``uns['spatial']`` entry: ``images`` and ``scalefactors`` as scanpy reads them from Space
+    Ranger. ``hires`` (with its scale factor, image pixels per full-resolution pixel) is the image
+    to show; by default the sample's image (``info['image_path']``) reduced to at most
+    :data:`HIRES_PX`. ``xy``: the sample's spot centres in full-resolution pixels."""
+    if hires is None and info.get("image_path") and Path(info["image_path"]).is_file():
+        with open_checked_image(Path(info["image_path"])) as image:
+            hires, thumb_scale = image.thumbnail(HIRES_PX)
+        hires_scalef = thumb_scale * float(info.get("image_scale", 1.0))
+    scalefactors = {"spot_diameter_fullres": _spot_diameter_fullres(info, xy)}
+    if hires is None:
+        return {"images": {}, "scalefactors": scalefactors}
+    h, w = hires.shape[:2]
+    reduce = min(1.0, LOWRES_PX / max(h, w))
+    size = (max(1, round(w * reduce)), max(1, round(h * reduce)))
+    lowres = (
+        np.asarray(Image.fromarray(hires).resize(size, Image.Resampling.LANCZOS)) if reduce < 1 else hires
+    )
+    scalefactors["tissue_hires_scalef"] = float(hires_scalef)
+    scalefactors["tissue_lowres_scalef"] = float(hires_scalef) * size[0] / w
+    return {
+        "images": {"hires": np.ascontiguousarray(hires), "lowres": np.ascontiguousarray(lowres)},
+        "scalefactors": scalefactors,
+    }
+
+
+def add_scanpy_spatial(adata: ad.AnnData) -> ad.AnnData:
+    """Add scanpy's spatial convention (see the module docstring) to an AnnData in the readers'
+    convention, in place: ``obsm['spatial']`` from ``obs`` ``x_px``/``y_px`` and an
+    ``uns['spatial']`` entry for every sample that has none yet. Data without spot positions is
+    left as it is."""
+    if "x_px" not in adata.obs or "y_px" not in adata.obs or "sample_id" not in adata.obs:
+        return adata
+    xy = adata.obs[["x_px", "y_px"]].to_numpy(dtype=np.float64)
+    adata.obsm["spatial"] = xy
+    samples = adata.uns.get("stmdit", {}).get("samples", {})
+    spatial = dict(adata.uns.get("spatial", {}))
+    sample_ids = adata.obs["sample_id"].astype(str).to_numpy()
+    for sample_id in pd.unique(sample_ids):
+        if sample_id in spatial or sample_id not in samples:
+            continue
+        spatial[sample_id] = scanpy_library(samples[sample_id], xy[sample_ids == sample_id])
+    adata.uns["spatial"] = spatial
+    return adata
+
+
+def derived_anndata(obs: pd.DataFrame, source: ad.AnnData | None, spot_column: str) -> ad.AnnData:
+    """An AnnData of rows made from spots of ``source`` (``obs[spot_column]`` names the spot,
+    e.g. generated tiles), each placed at its spot: ``sample_id``, ``x_px``, ``y_px`` and the
+    samples' ``uns['stmdit']`` and ``uns['spatial']`` entries are carried over."""
+    out = ad.AnnData(obs=obs)
+    if source is None or not {"x_px", "y_px", "sample_id"} <= set(source.obs):
+        return out
+    spots = source.obs.loc[obs[spot_column].to_numpy()]
+    for col in ("sample_id", "x_px", "y_px"):
+        out.obs[col] = spots[col].to_numpy()
+    used = set(spots["sample_id"].astype(str))
+    samples = source.uns.get("stmdit", {}).get("samples", {})
+    out.uns["stmdit"] = {"samples": {k: v for k, v in samples.items() if k in used}}
+    out.uns["spatial"] = {k: v for k, v in source.uns.get("spatial", {}).items() if k in used}
+    return add_scanpy_spatial(out)
+
+
+def _map_paths(samples: dict, change) -> dict:
+    out = {}
+    for sample_id, info in samples.items():
+        info = dict(info)
+        if info.get("image_path"):
+            info["image_path"] = change(str(info["image_path"]))
+        if isinstance(info.get("files"), dict):
+            info["files"] = {role: change(str(p)) for role, p in info["files"].items()}
+        out[sample_id] = info
     return out
+
+
+def write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> Path:
+    """Write atomically with scanpy's spatial convention added and the samples' file paths
+    relative to ``path``'s folder (the AnnData in memory keeps its absolute paths)."""
+    path = Path(path)
+    add_scanpy_spatial(adata)
+    base = path.resolve().parent
+    stmdit = adata.uns.get("stmdit")
+    if isinstance(stmdit, dict) and "samples" in stmdit:
+        relative = lambda p: os.path.relpath(os.path.abspath(p), base)  # noqa: E731
+        adata.uns["stmdit"] = {**stmdit, "samples": _map_paths(stmdit["samples"], relative)}
+    try:
+        with atomic_path(path) as tmp:
+            adata.write_h5ad(tmp)
+    finally:
+        if stmdit is not None:
+            adata.uns["stmdit"] = stmdit
+    return path
+
+
+def read_h5ad(path: str | os.PathLike) -> ad.AnnData:
+    """Read an h5ad written by :func:`write_h5ad`, with the samples' paths absolute again."""
+    path = Path(path)
+    adata = read_anndata(path)
+    stmdit = adata.uns.get("stmdit")
+    if isinstance(stmdit, dict) and "samples" in stmdit:
+        base = path.resolve().parent
+        absolute = lambda p: os.path.normpath(os.path.join(base, p))  # noqa: E731
+        stmdit["samples"] = _map_paths(stmdit["samples"], absolute)
+    return adata

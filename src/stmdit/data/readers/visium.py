@@ -131,7 +131,8 @@ def read_visium(
     65 um spot), checked against the spot grid: neighbouring spots are 100 um apart, and a
     disagreement above 10 % is warned about. ``sample_id`` defaults to the folder name (its
     parent's when the folder is called ``outs``). Extra ``obs``: ``in_tissue``. Extra ``uns``
-    entries: ``mpp_grid`` (the grid's estimate) and ``image_note`` (why an image was
+    entries: ``mpp_grid`` (the grid's estimate), ``spot_diameter_fullres`` (Space Ranger's, kept for
+    scanpy's scale factors) and ``image_note`` (why an image was
     skipped, empty when none was).
     """
     outs = Path(outs_dir)
@@ -213,6 +214,7 @@ def read_visium(
         "image_scale": float(image_scale),
         "mpp": mpp,
         "mpp_grid": mpp_grid,
+        "spot_diameter_fullres": spot_fullres,
         "spot_diameter_um": VISIUM_SPOT_UM,
         "spot_pitch_um": VISIUM_PITCH_UM,
         "image_note": "; ".join(notes),
