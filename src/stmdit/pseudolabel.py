@@ -28,7 +28,8 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from stmdit.io import atomic_path, dataclass_from_yaml
+from stmdit.data.readers.convention import read_h5ad, write_h5ad
+from stmdit.io import dataclass_from_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +153,7 @@ def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
         predictor.to(state.device)
         for i in tqdm(mine, desc=f"slides (process {state.process_index})", disable=not progress):
             adata = pseudolabel_slide(specs[i], predictor, encoder, cfg, progress=progress)
-            with atomic_path(paths[i]) as tmp:
-                adata.write_h5ad(tmp)
+            write_h5ad(adata, paths[i])
             logger.info("%s: %d pseudo-spots", paths[i], adata.n_obs)
     state.wait_for_everyone()
     return paths
@@ -161,12 +161,10 @@ def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
 
 def read_pseudolabels(h5ad: str | os.PathLike, sample_id: str | None = None, patient_id: str | None = None):
     """A ``stmdit pseudolabel`` result as a reader output (for ``stmdit prepare``)."""
-    import anndata as ad
-
     path = Path(h5ad)
     if not path.is_file():
         raise FileNotFoundError(f"pseudo-label file {path} does not exist; run `stmdit pseudolabel` first")
-    adata = ad.read_h5ad(path)
+    adata = read_h5ad(path)
     samples = adata.uns.get("stmdit", {}).get("samples", {})
     if len(samples) != 1 or adata.obs.get("expression_source") is None:
         raise ValueError(
