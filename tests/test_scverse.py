@@ -9,8 +9,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import squidpy as sq
@@ -22,9 +24,10 @@ from stmdit.data.readers import (
     read_cell_table,
     read_legacy_st,
     read_spatial_h5ad,
+    read_spatialdata,
     read_visium,
 )
-from stmdit.data.readers.convention import read_h5ad
+from stmdit.data.readers.convention import ReaderError, read_h5ad
 from stmdit.data.store import PrepareConfig, prepare
 
 
@@ -154,3 +157,81 @@ def test_prepare_writes_a_portable_scanpy_ready_h5ad(test_data, tmp_path):
     resolved = read_h5ad(spots_h5ad)  # what stmdit gets: the files again
     for info in resolved.uns["stmdit"]["samples"].values():
         assert os.path.isfile(info["image_path"]) and all(os.path.isfile(p) for p in info["files"].values())
+
+
+# -- SpatialData input --------------------------------------------------------------------------------
+
+
+def visium_spatialdata(visium):
+    """spatialdata-io's Visium layout: circles of radius spot_diameter_fullres / 2 in full-resolution
+    pixels, an image element reaching full resolution through Scale(1 / scalef)."""
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    entry = visium.uns["spatial"]["V1"]
+    scalef, diameter = (
+        entry["scalefactors"]["tissue_hires_scalef"],
+        entry["scalefactors"]["spot_diameter_fullres"],
+    )
+    image = Image2DModel.parse(entry["images"]["hires"].transpose(2, 0, 1), dims=("c", "y", "x"),
+                               transformations={"global": Scale([1 / scalef, 1 / scalef], axes=("x", "y"))})  # fmt: skip
+    circles = ShapesModel.parse(visium.obsm["spatial"], geometry=0, radius=np.full(visium.n_obs, diameter / 2),
+                                index=pd.RangeIndex(visium.n_obs), transformations={"global": Identity()})  # fmt: skip
+    table = ad.AnnData(X=visium.layers["counts"], obs=pd.DataFrame(index=visium.obs["barcode"].to_numpy()),
+                       var=pd.DataFrame(index=visium.var_names))  # fmt: skip
+    table.obs["region"] = pd.Categorical(["V1_spots"] * visium.n_obs)
+    table.obs["spot_id"] = np.arange(visium.n_obs)
+    table = TableModel.parse(table, region="V1_spots", region_key="region", instance_key="spot_id")
+    return SpatialData(
+        images={"V1_hires_image": image}, shapes={"V1_spots": circles}, tables={"table": table}
+    )
+
+
+def xenium_spatialdata(xenium, pixel_size=2.0):
+    """spatialdata-io's Xenium layout: cell circles in microns reaching the image's pixels through
+    Scale(1 / pixel_size); the image itself is the coordinate system."""
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    entry = xenium.uns["spatial"]["NCBI858"]
+    assert entry["scalefactors"]["tissue_hires_scalef"] == 1.0  # the 1431 px image itself
+    image = Image2DModel.parse(entry["images"]["hires"].transpose(2, 0, 1), dims=("c", "y", "x"),
+                               transformations={"global": Identity()})  # fmt: skip
+    radius_um = np.random.default_rng(0).uniform(4, 8, xenium.n_obs)  # cells of several sizes
+    circles = ShapesModel.parse(xenium.obsm["spatial"] * pixel_size, geometry=0, radius=radius_um,
+                                index=pd.Index([f"cell{i}" for i in range(xenium.n_obs)]),
+                                transformations={"global": Scale([1 / pixel_size] * 2, axes=("x", "y"))})  # fmt: skip
+    table = ad.AnnData(X=xenium.layers["counts"], obs=pd.DataFrame(index=xenium.obs["barcode"].to_numpy()),
+                       var=pd.DataFrame(index=xenium.var_names))  # fmt: skip
+    table.obs["region"] = pd.Categorical(["cell_circles"] * xenium.n_obs)
+    table.obs["cell_id"] = [f"cell{i}" for i in range(xenium.n_obs)]
+    table = TableModel.parse(table, region="cell_circles", region_key="region", instance_key="cell_id")
+    return SpatialData(
+        images={"morphology_focus": image}, shapes={"cell_circles": circles}, tables={"table": table}
+    )
+
+
+def test_read_spatialdata_visium_layout_from_a_zarr_store(visium, tmp_path):
+    visium_spatialdata(visium).write(tmp_path / "V1.zarr")
+    adata = read_spatialdata(tmp_path / "V1.zarr", sample_id="V1")
+    info, reference = adata.uns["stmdit"]["samples"]["V1"], visium.uns["stmdit"]["samples"]["V1"]
+    scalef = visium.uns["spatial"]["V1"]["scalefactors"]["tissue_hires_scalef"]
+    # Positions in the image element's pixels, and its pixel size: full resolution times the scale factor.
+    np.testing.assert_allclose(adata.obsm["spatial"], visium.obsm["spatial"] * scalef, rtol=1e-9)
+    assert info["mpp"] == pytest.approx(reference["mpp"] / scalef) and info["spot_diameter_um"] == 55.0
+    np.testing.assert_array_equal(adata.layers["counts"].toarray(), visium.layers["counts"].toarray())
+    assert list(adata.var_names) == list(visium.var_names) and info["image_element"] == "V1_hires_image"
+    check_scanpy_ready(adata)
+
+
+def test_read_spatialdata_xenium_layout_in_microns(xenium):
+    adata = read_spatialdata(xenium_spatialdata(xenium), sample_id="NCBI858")
+    info = adata.uns["stmdit"]["samples"]["NCBI858"]
+    np.testing.assert_allclose(adata.obsm["spatial"], xenium.obsm["spatial"], rtol=1e-9)
+    assert info["mpp"] == pytest.approx(2.0) and 8 < info["spot_diameter_um"] < 16
+    check_scanpy_ready(adata)
+    check_scanpy_ready(aggregate_to_pseudospots(adata, 55.0))
+    with pytest.raises(ReaderError, match=r"no table 'cells'; it has \['table'\]"):
+        read_spatialdata(xenium_spatialdata(xenium), table="cells")

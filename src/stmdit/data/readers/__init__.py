@@ -5,7 +5,8 @@ Formats: 10x Visium Space Ranger ``outs/`` (:func:`read_visium`), HEST-1k sample
 (:func:`read_hest`), an AnnData with scanpy-style ``obsm['spatial']`` and a separate image
 (:func:`read_spatial_h5ad`), legacy ST such as her2st or STNet (:func:`read_legacy_st`),
 single-cell tables such as Xenium (:func:`read_cell_table`, then
-:func:`aggregate_to_pseudospots`), and H&E-only slides (:func:`read_he_slide`). Several
+:func:`aggregate_to_pseudospots`), H&E-only slides (:func:`read_he_slide`) and SpatialData objects such as spatialdata-io's
+Visium and Xenium (:func:`read_spatialdata`). Several
 samples join with :func:`concat_samples`.
 """
 
@@ -25,6 +26,7 @@ from stmdit.data.readers.h5ad import read_spatial_h5ad
 from stmdit.data.readers.he_slide import read_he_slide
 from stmdit.data.readers.hest import read_hest
 from stmdit.data.readers.legacy_st import read_legacy_st
+from stmdit.data.readers.spatialdata import read_spatialdata
 from stmdit.data.readers.visium import read_visium
 
 __all__ = [
@@ -43,5 +45,6 @@ __all__ = [
     "read_hest",
     "read_legacy_st",
     "read_spatial_h5ad",
+    "read_spatialdata",
     "read_visium",
 ]

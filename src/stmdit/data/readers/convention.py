@@ -351,7 +351,7 @@ def assemble(
         "spot_pitch_um": float("nan"),
         **info,
         "counts_available": bool(is_counts),
-        "image_path": str(Path(info["image_path"]).resolve()),
+        "image_path": str(Path(info["image_path"]).resolve()) if info["image_path"] else "",
         "files": {k: str(Path(v).resolve()) for k, v in info["files"].items()},
     }
     adata.uns["stmdit"] = {"samples": {sample_id: info}}
