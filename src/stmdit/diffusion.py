@@ -13,6 +13,7 @@ all guidance branches of a step in one batched forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -329,7 +330,7 @@ def sample(
     generator: torch.Generator | list[torch.Generator] | None = None,
     latents: torch.Tensor | None = None,
     strength: float = 1.0,
-    progress: bool = True,
+    progress: bool | Callable[[Iterable], Iterable] = True,
 ) -> torch.Tensor:
     """Draw latents for every row of ``cond`` (or ``num_images`` unconditional ones).
 
@@ -338,6 +339,9 @@ def sample(
 
     With ``strength < 1`` and ``latents`` given, sampling starts from ``latents`` noised to
     that fraction of the schedule (SDEdit), which keeps the layout of a real tile.
+
+    ``progress``: show a bar over the steps, or a callable that wraps the steps in one (the
+    pipeline passes diffusers' ``progress_bar``, so ``set_progress_bar_config`` applies).
     """
     cfg = _config(model)
     batch = cond.batch_size()
@@ -375,7 +379,12 @@ def sample(
         x = scheduler.add_noise(latents.to(device, dtype), noise, timesteps[:1].expand(batch))
     else:
         x = noise * scheduler.init_noise_sigma
-    for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
+    steps = (
+        progress(timesteps)
+        if callable(progress)
+        else tqdm(timesteps, desc="sampling", disable=not progress, leave=False)
+    )
+    for t in steps:
         x_in = scheduler.scale_model_input(x, t)
         eps = guided_prediction(model, x_in, t, cond, guidance_morph, guidance_ge)
         x = scheduler.step(eps, t, x).prev_sample

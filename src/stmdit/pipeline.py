@@ -161,6 +161,8 @@ class STMDiTPipeline(DiffusionPipeline):
             init_images, strength: edit real tiles (SDEdit): noise them to ``strength`` of the
                 schedule and denoise under the given condition.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            progress: show diffusers' progress bar over the steps (configured with
+                ``set_progress_bar_config``); False: none.
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be pil, np, pt or latent; got {output_type!r}")
@@ -198,7 +200,8 @@ class STMDiTPipeline(DiffusionPipeline):
             generator=generator,
             latents=latents,
             strength=strength,
-            progress=progress,
+            # diffusers' own bar, so that set_progress_bar_config(disable=True) silences it.
+            progress=(lambda steps: self.progress_bar(steps)) if progress else False,
         )
         if output_type == "latent":
             return STMDiTPipelineOutput(images=out, expression_alignment=alignment)
