@@ -235,3 +235,40 @@ def test_read_spatialdata_xenium_layout_in_microns(xenium):
     check_scanpy_ready(aggregate_to_pseudospots(adata, 55.0))
     with pytest.raises(ReaderError, match=r"no table 'cells'; it has \['table'\]"):
         read_spatialdata(xenium_spatialdata(xenium), table="cells")
+
+
+def test_generated_h5ad_places_each_tile_at_its_spot(visium, tmp_path):
+    import torch
+
+    from stmdit import (
+        PanelExpressionEncoder,
+        StainFeatureEncoder,
+        STMDiT,
+        STMDiTPipeline,
+        make_sampling_scheduler,
+    )
+    from stmdit.data.readers.convention import write_h5ad
+    from stmdit.generate import generate_tiles
+
+    torch.manual_seed(0)
+    ge = PanelExpressionEncoder.fit(visium, n_genes=16)
+    morph = StainFeatureEncoder(image_size=16)
+    model = STMDiT.from_preset("tiny", in_channels=3, sample_size=16, patch_size=8, morph_dim=morph.output_dim,
+                               ge_dim=ge.output_dim, ge_token_dim=ge.token_dim)  # fmt: skip
+    STMDiTPipeline(model, make_sampling_scheduler(pixel_space=True), ge, morph, None).save_pretrained(
+        tmp_path / "pipe"
+    )
+    write_h5ad(visium, tmp_path / "data" / "V1.h5ad")
+    spots = list(visium.obs_names[[3, 40, 77]])
+    target = generate_tiles(tmp_path / "pipe", tmp_path / "data" / "V1.h5ad", tmp_path / "out", spots=spots, steps=1,
+                            images_per_spot=2)  # fmt: skip
+    generated = sc.read_h5ad(target)
+    assert generated.n_obs == 6 and list(generated.obs["sample_id"].unique()) == ["V1"]
+    np.testing.assert_array_equal(
+        generated.obsm["spatial"], np.repeat(visium[spots].obsm["spatial"], 2, axis=0)
+    )
+    assert generated.uns["spatial"]["V1"]["scalefactors"] == visium.uns["spatial"]["V1"]["scalefactors"]
+    assert not os.path.isabs(generated.uns["stmdit"]["samples"]["V1"]["image_path"])
+    axes = sc.pl.spatial(generated, library_id="V1", show=False)
+    assert axes[0].get_images()
+    plt.close("all")
