@@ -137,3 +137,25 @@ def test_bad_calls_say_what_is_wrong(adata):
         run(pipe, expression_embeds=torch.zeros(1, 5))
     with pytest.raises(ValueError, match="float images must lie in"):
         run(pipe, morphology=torch.full((1, 3, 16, 16), 255.0))
+
+
+def test_sampling_progress_is_diffusers_progress_bar(adata, capsys, random_inception_weights):
+    pipe = make_pipe(adata)
+    kw = {"expression": adata[:2], "num_inference_steps": 3, "generator": torch.Generator().manual_seed(0)}
+    pipe(**kw)
+    assert "3/3" in capsys.readouterr().err  # one bar step per denoising step
+    pipe.set_progress_bar_config(disable=True)
+    quiet = pipe(**{**kw, "generator": torch.Generator().manual_seed(0)}, output_type="np").images
+    assert capsys.readouterr().err == ""
+    pipe.set_progress_bar_config(disable=False)
+    assert pipe(**{**kw, "generator": torch.Generator().manual_seed(0)}, output_type="np", progress=False)
+    assert capsys.readouterr().err == ""  # progress=False: no bar whatever the configuration
+    np.testing.assert_array_equal(quiet, run(pipe, expression=adata[:2], output_type="np").images)
+
+    from stmdit.evaluate.image_metrics import InceptionFeatures
+
+    tiles = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    InceptionFeatures(random_inception_weights, batch_size=2, download=False)(tiles)
+    assert "Inception features" in capsys.readouterr().err
+    InceptionFeatures(random_inception_weights, batch_size=2, download=False, progress=False)(tiles)
+    assert "Inception features" not in capsys.readouterr().err

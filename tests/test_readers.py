@@ -22,6 +22,7 @@ from stmdit.data.readers import (
     read_spatial_h5ad,
     read_visium,
 )
+from stmdit.data.readers.convention import ReaderError
 
 # Space Ranger tissue_positions columns, in file order.
 POSITION_COLUMNS = [
@@ -641,3 +642,72 @@ def test_gzip_header_with_quotes(tmp_path):
     with gzip.open(c, "wt") as fh:
         fh.write("\n".join(text) + "\n")
     assert list(read_legacy_st(c, s, i).var_names) == list(counts.columns)
+
+
+def test_all_zero_and_partly_empty_counts(tmp_path):
+    _, _, _, counts, _ = write_legacy(tmp_path / "base")
+    c, s, i, *_ = write_legacy(tmp_path / "zeros", counts=counts * 0)
+    with pytest.raises(
+        ReaderError, match=r"zeros/counts\.tsv\.gz: counts is all zeros \(20 spots x 4 genes\)"
+    ):
+        read_legacy_st(c, s, i)
+    some = counts.copy()
+    some.loc[["4x3", "6x5"]] = 0
+    c, s, i, *_ = write_legacy(tmp_path / "some", counts=some)
+    with pytest.warns(
+        UserWarning, match=r"counts\.tsv\.gz: 2 of 20 spots have no counts at all .*\['4x3', '6x5'\]"
+    ):
+        adata = read_legacy_st(c, s, i)
+    assert adata.n_obs == 20 and adata[["some:4x3"]].layers["counts"].sum() == 0
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_unreadable_inputs_name_the_file_and_what_was_expected(tmp_path):
+    outs, *_ = write_visium(tmp_path / "truncated_h5")
+    truncate(outs / "filtered_feature_bc_matrix.h5")
+    with pytest.raises(
+        ReaderError,
+        match=r"filtered_feature_bc_matrix\.h5: cannot be read as a Space Ranger feature-barcode matrix",
+    ):
+        read_visium(outs)
+
+    not_hdf5 = tmp_path / "notes.h5ad"
+    not_hdf5.write_text("barcode,x,y\n")
+    Image.fromarray(section_image()).save(tmp_path / "he.png")
+    with pytest.raises(ReaderError, match=r"notes\.h5ad: cannot be read as an AnnData file \(\.h5ad\)"):
+        read_spatial_h5ad(not_hdf5, tmp_path / "he.png", mpp=1.0)
+    with pytest.raises(ReaderError, match=r"notes\.h5ad: cannot be read as a cell table"):
+        read_cell_table(not_hdf5, tmp_path / "he.png", mpp=1.0)
+
+    c, s, i, *_ = write_legacy(tmp_path / "truncated_gz")
+    truncate(c, 0.6)
+    with pytest.raises(ReaderError, match=r"truncated_gz/counts\.tsv\.gz: cannot be read as a counts table"):
+        read_legacy_st(c, s, i)
+
+    c, s, i, *_ = write_legacy(tmp_path / "empty_spots")
+    s.write_text("")
+    with pytest.raises(
+        ReaderError, match=r"empty_spots/spots\.tsv: cannot be read as a spot table .*the file is empty"
+    ):
+        read_legacy_st(c, s, i)
+    outs, *_ = write_visium(tmp_path / "empty_positions")
+    (outs / "spatial" / "tissue_positions_list.csv").write_text("")
+    with pytest.raises(ReaderError, match=r"tissue_positions_list\.csv: cannot be read .*the file is empty"):
+        read_visium(outs)
+
+    not_image = tmp_path / "he.jpg"
+    not_image.write_text("not an image")
+    with pytest.raises(ReaderError, match=r"he\.jpg: cannot be read as an image"):
+        read_he_slide(not_image, mpp=0.5)
+
+    no_spots = ad.AnnData(X=sp.csr_matrix((0, 3)), var=pd.DataFrame(index=["A", "B", "C"]))
+    no_spots.obsm["spatial"] = np.zeros((0, 2))
+    no_spots.write_h5ad(tmp_path / "none.h5ad")
+    with pytest.raises(
+        ReaderError, match=r"none\.h5ad: X has 0 spots x 3 genes; expected at least one of each"
+    ):
+        read_spatial_h5ad(tmp_path / "none.h5ad", tmp_path / "he.png", mpp=1.0)

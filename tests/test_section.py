@@ -25,9 +25,9 @@ from stmdit.section import (
     SectionGeometry,
     assemble_mosaic,
     blend_window,
-    section_command,
     synthesize_section,
 )
+from stmdit.section_export import section_command, write_section_files
 
 WHITE = 255
 
@@ -210,6 +210,126 @@ def test_section_command_with_morphology_at_another_scale(tiny_pipe, her2st_stor
     # At 8 µm per pixel a 128 µm tile is 16 x 16 px (resized from 32), and legacy ST tiles do not touch.
     assert abs((virtual != WHITE).any(axis=-1).sum() - n_kept * 16 * 16) < 0.01 * n_kept * 16 * 16
     assert len(list((tmp_path / "out" / "cache").glob("*/*.npy"))) == n_kept
+    assert paths["anndata"].name == "C2_section.h5ad" and "spatialdata" not in paths
+
+
+# -- the section in scanpy and SpatialData ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def c2_section(tiny_pipe, her2st_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("section")
+    result = synthesize_section(tiny_pipe, her2st_store, "C2", steps=1, um_per_px=8.0, progress=False)
+    return result, write_section_files(result, out, spatialdata=out / "C2.zarr")
+
+
+def grey_at(image, xy, r=1):
+    """Mean grey level of the (2r+1)^2 pixels around each point (x, y)."""
+    return np.array([image[int(y) - r : int(y) + r + 1, int(x) - r : int(x) + r + 1].mean() for x, y in xy])
+
+
+def test_section_anndata_overlays_expression_on_real_and_virtual_at_the_same_coordinates(
+    c2_section, her2st_store
+):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    result, paths = c2_section
+    adata = sc.read_h5ad(paths["anndata"])
+    assert adata.n_obs == len(result.spots) and set(adata.uns["spatial"]) == {"C2", "C2_virtual"}
+    real, virtual = (adata.uns["spatial"][k] for k in ("C2", "C2_virtual"))
+    assert real["scalefactors"] == virtual["scalefactors"]
+    assert real["images"]["hires"].shape == virtual["images"]["hires"].shape
+    xy = adata.obsm["spatial"] * real["scalefactors"]["tissue_hires_scalef"]
+
+    # The virtual image holds each spot's generated tile at the spot: its grey level there follows the
+    # tile's own centre, and the real image follows the store's real tile; 3 pixels off, much less so.
+    tile_grey = result.tiles[:, 12:20, 12:20].mean(axis=(1, 2, 3))
+    store_grey = (
+        her2st_store.tiles()
+        .oindex[result.spots["store_row"].to_numpy()][:, 12:20, 12:20]
+        .mean(axis=(1, 2, 3))
+    )
+    for image, truth in ((virtual["images"]["hires"], tile_grey), (real["images"]["hires"], store_grey)):
+        here = np.corrcoef(grey_at(image, xy), truth)[0, 1]
+        off = np.corrcoef(grey_at(image, xy + [3, 0]), truth)[0, 1]
+        assert here > 0.6 and here > off + 0.3
+
+    # scanpy draws the spots at the same place on both images.
+    gene = adata.var_names[np.argmax(np.asarray(adata.X.sum(axis=0)).ravel())]
+    offsets = {}
+    for library in ("C2", "C2_virtual"):
+        ax = sc.pl.spatial(adata, library_id=library, color=gene, show=False)[0]
+        assert ax.get_images()
+        # scanpy draws the spots as one circle path each, in image pixels.
+        paths_ = ax.collections[0].get_paths()
+        offsets[library] = np.array([(c.vertices.min(axis=0) + c.vertices.max(axis=0)) / 2 for c in paths_])
+        plt.close("all")
+    np.testing.assert_allclose(offsets["C2"], offsets["C2_virtual"])
+    # scanpy draws in the order of the colour values: compare as sets of points.
+    drawn, spots = (a[np.lexsort(a.T)] for a in (offsets["C2"], xy))
+    np.testing.assert_allclose(drawn, spots, atol=0.05)
+
+    # Per-spot comparisons of the real and the virtual tile.
+    assert {"tissue_fraction_real", "tissue_fraction_virtual", "real_virtual_mean_abs_diff"} <= set(adata.obs)
+    assert (adata.obs["real_virtual_mean_abs_diff"] > 0).all()
+
+
+def test_section_spatialdata_round_trip_in_one_coordinate_system(c2_section):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import spatialdata
+    import spatialdata_plot  # noqa: F401 (registers the .pl accessor)
+    from spatialdata.transformations import get_transformation
+
+    result, paths = c2_section
+    sdata = spatialdata.read_zarr(paths["spatialdata"])
+    assert set(sdata.images) == {"C2_real", "C2_virtual"} and set(sdata.shapes) == {"C2_spots"}
+    for name in (*sdata.images, *sdata.shapes):
+        assert set(get_transformation(sdata[name], get_all=True)) == {"global"}
+    np.testing.assert_array_equal(sdata["C2_real"]["scale0"]["image"].values.transpose(1, 2, 0), result.real)
+    np.testing.assert_array_equal(
+        sdata["C2_virtual"]["scale0"]["image"].values.transpose(1, 2, 0), result.virtual
+    )
+
+    # The spots, the table and the images agree: each circle is at its spot's full-resolution pixel, and
+    # the images' transformation takes the spot's canvas pixel there.
+    table = sdata.tables["table"]
+    circles = sdata["C2_spots"]
+    assert (
+        table.uns["spatialdata_attrs"]["region"] == "C2_spots" and (table.obs["region"] == "C2_spots").all()
+    )
+    centres = np.column_stack([circles.geometry.x, circles.geometry.y])[table.obs["spot_id"].to_numpy()]
+    mpp = result.real_image["mpp"]
+    np.testing.assert_allclose(centres, result.spots[["x_um", "y_um"]].to_numpy() / mpp)
+    np.testing.assert_allclose(circles["radius"], 100 / mpp / 2)  # legacy ST: 100 µm spots
+    affine = get_transformation(sdata["C2_virtual"], "global").to_affine_matrix(("x", "y"), ("x", "y"))
+    canvas = np.column_stack([result.centres_px(), np.ones(len(centres))])
+    np.testing.assert_allclose((canvas @ affine.T)[:, :2], centres, atol=1e-6)
+    assert (
+        table.n_obs == len(result.spots)
+        and table.layers["counts"].sum() == result.expression.layers["counts"].sum()
+    )
+
+    # spatialdata-plot renders both layers over the same extent of the coordinate system.
+    extents = {}
+    for name in ("C2_real", "C2_virtual"):
+        fig, ax = plt.subplots()
+        sdata.pl.render_images(name).pl.show(coordinate_systems="global", ax=ax)
+        extents[name] = (*ax.get_xlim(), *ax.get_ylim())
+        plt.close(fig)
+    assert extents["C2_real"] == extents["C2_virtual"]
+    g = result.geometry
+    x0, x1, y1, y0 = extents["C2_real"]
+    np.testing.assert_allclose([x0, y0], np.array(g.origin_um) / mpp, atol=g.um_per_px / mpp)
+    np.testing.assert_allclose(
+        [x1 - x0, y1 - y0], np.array([g.width, g.height]) * g.um_per_px / mpp, rtol=0.02
+    )
 
 
 # -- bad input --------------------------------------------------------------------------------------------

@@ -295,14 +295,17 @@ def section(
         float | None, typer.Option(help="Output scale (default: the generated tiles' own)")
     ] = None,
     batch_size: Annotated[int, typer.Option()] = 16,
+    spatialdata: Annotated[
+        Path | None, typer.Option(help="Also write a SpatialData zarr store here (needs stmdit[spatialdata])")
+    ] = None,
 ) -> None:
     """Whole-section virtual H&E: a tile for every spot, assembled at the spot layout beside the real H&E."""
-    from stmdit.section import section_command
+    from stmdit.section_export import section_command
 
     try:
         paths = section_command(pipeline, dataset, sample, out, seed=seed, guidance_ge=guidance_ge,
                                 guidance_morph=guidance_morph, steps=steps, use_morphology=use_morphology,
-                                um_per_px=um_per_px, batch_size=batch_size)  # fmt: skip
+                                um_per_px=um_per_px, batch_size=batch_size, spatialdata=spatialdata)  # fmt: skip
     except (ValueError, FileNotFoundError, OSError) as err:
         _fail(str(err))
     for role, path in paths.items():

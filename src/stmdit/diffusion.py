@@ -13,6 +13,7 @@ all guidance branches of a step in one batched forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -329,7 +330,7 @@ def sample(
     generator: torch.Generator | list[torch.Generator] | None = None,
     latents: torch.Tensor | None = None,
     strength: float = 1.0,
-    progress: bool = True,
+    progress: bool | Callable[[Iterable], Iterable] = True,
     guidance_ge_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Draw latents for every row of ``cond`` (or ``num_images`` unconditional ones).
@@ -344,6 +345,9 @@ def sample(
     ``low < sigma_t <= high`` (interval guidance, Kynkäänniemi et al. 2024), with
     ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)``; elsewhere the GE scale is 1 (the GE
     condition without extrapolation), so high-noise steps do not push layout away from realism.
+
+    ``progress``: show a bar over the steps, or a callable that wraps the steps in one (the
+    pipeline passes diffusers' ``progress_bar``, so ``set_progress_bar_config`` applies).
     """
     if guidance_ge_interval is not None and not 0 <= guidance_ge_interval[0] < guidance_ge_interval[1]:
         raise ValueError(
@@ -385,7 +389,12 @@ def sample(
         x = scheduler.add_noise(latents.to(device, dtype), noise, timesteps[:1].expand(batch))
     else:
         x = noise * scheduler.init_noise_sigma
-    for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
+    steps = (
+        progress(timesteps)
+        if callable(progress)
+        else tqdm(timesteps, desc="sampling", disable=not progress, leave=False)
+    )
+    for t in steps:
         x_in = scheduler.scale_model_input(x, t)
         s_g = guidance_ge
         if (

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import anndata
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from stmdit.data.readers.convention import derived_anndata, read_h5ad, write_h5ad
 from stmdit.io import atomic_path
 
 
@@ -41,7 +41,7 @@ def generate_tiles(
         expression = Path(expression)
         if not expression.is_file():
             raise FileNotFoundError(f"expression file {expression} does not exist")
-        adata = anndata.read_h5ad(expression)
+        adata = read_h5ad(expression)
         if spots is not None:
             unknown = [s for s in spots if s not in adata.obs_names]
             if unknown:
@@ -83,13 +83,12 @@ def generate_tiles(
     obs = table.set_index(table["spot"] + "_" + table["image_index"].astype(str))
     if adata is not None:
         obs = obs.join(adata.obs.add_prefix("source_"), on="spot")
-    result = anndata.AnnData(obs=obs)
+    result = derived_anndata(obs, adata, "spot")
     result.uns["stmdit_generate"] = {
         "pipeline": str(pipeline), "guidance_ge": guidance_ge, "guidance_morph": guidance_morph, "steps": steps,
         "seed": seed, "images_per_spot": images_per_spot,
         "expression": str(expression) if expression is not None else "none (unconditional)",
     }  # fmt: skip
     target = out / "generated.h5ad"
-    with atomic_path(target) as tmp:
-        result.write_h5ad(tmp)
+    write_h5ad(result, target)
     return target

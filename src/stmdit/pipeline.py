@@ -9,8 +9,12 @@ its gene list, morphology encoder, optional VAE) saves and loads as one folder::
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +26,9 @@ from stmdit.diffusion import Condition, sample
 from stmdit.encoders.expression import PanelAlignment
 from stmdit.encoders.morphology import images_to_tensor
 from stmdit.encoders.vae import decode_latents, encode_images
+from stmdit.io import write_text
 from stmdit.model import STMDiT
+from stmdit.model_card import render_model_card
 
 
 @dataclass
@@ -62,6 +68,46 @@ class STMDiTPipeline(DiffusionPipeline):
             morphology_encoder=morphology_encoder,
             vae=vae,
         )
+
+    # -- saving and sharing --------------------------------------------------------------
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args, card_location: str | None = None, **kwargs
+    ) -> None:
+        """diffusers' ``save_pretrained`` plus the model card ``README.md`` (:mod:`stmdit.model_card`):
+        built from ``self.training_record`` when the trainer set one; else the card of the folder
+        this pipeline was loaded from is kept (with its evaluation); else one from the components.
+        ``card_location``: where the card's loading example points (default: the folder)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        target = Path(save_directory) / "README.md"
+        record = getattr(self, "training_record", None)
+        loaded_from = Path(self.name_or_path or "") / "README.md" if self.name_or_path else None
+        if record is None and loaded_from is not None and loaded_from.is_file():
+            if loaded_from.resolve() != target.resolve():
+                shutil.copyfile(loaded_from, target)
+        elif record is not None or not target.is_file():
+            write_text(target, render_model_card(self, record, card_location or str(save_directory)))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+    ) -> str:
+        """Upload through diffusers' hub support, with this pipeline's model card. (diffusers'
+        own ``push_to_hub`` replaces README.md by a generic card, so its two steps are run
+        here: create the repository, then upload the saved folder.)"""
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, card_location=repo_id)
+            return self._upload_folder(
+                tmp, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
+            )
 
     # -- conditioning --------------------------------------------------------------------
 
@@ -164,6 +210,8 @@ class STMDiTPipeline(DiffusionPipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             guidance_ge_interval: GE guidance only at noise levels in (low, high] (see
                 :func:`stmdit.diffusion.sample`).
+            progress: show diffusers' progress bar over the steps (configured with
+                ``set_progress_bar_config``); False: none.
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be pil, np, pt or latent; got {output_type!r}")
@@ -201,8 +249,9 @@ class STMDiTPipeline(DiffusionPipeline):
             generator=generator,
             latents=latents,
             strength=strength,
-            progress=progress,
             guidance_ge_interval=guidance_ge_interval,
+            # diffusers' own bar, so that set_progress_bar_config(disable=True) silences it.
+            progress=(lambda steps: self.progress_bar(steps)) if progress else False,
         )
         if output_type == "latent":
             return STMDiTPipelineOutput(images=out, expression_alignment=alignment)

@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
@@ -51,7 +52,6 @@ __all__ = [
     "assemble_mosaic",
     "blend_window",
     "read_real_region",
-    "section_command",
     "side_by_side",
     "synthesize_section",
 ]
@@ -254,7 +254,8 @@ class SectionResult:
     """One virtual section. ``spots``: the kept spots of the sample (their obs plus ``store_row``,
     ``x_um``, ``y_um``), in the order of ``tiles``; ``real_image``: where ``real`` was read from
     (``path``, ``mpp``, ``image_scale``); ``n_generated``: tiles made by this call (the rest came
-    from the cache)."""
+    from the cache); ``expression``: the spots' rows of the store (counts, obs), for the AnnData
+    and SpatialData views of :mod:`stmdit.section_export`."""
 
     sample: str
     virtual: np.ndarray
@@ -267,6 +268,7 @@ class SectionResult:
     real_image: dict
     settings: dict = field(default_factory=dict)
     n_generated: int = 0
+    expression: ad.AnnData | None = None
 
     def centres_px(self) -> np.ndarray:
         """Spot centres as continuous canvas coordinates (N, 2: col, row)."""
@@ -470,33 +472,6 @@ def synthesize_section(
     real = read_real_region(meta["image_path"], mpp, scale, geometry)
     real_image = {"path": str(meta["image_path"]), "mpp": mpp, "image_scale": scale}
     return SectionResult(
-        sample, virtual, real, coverage, geometry, tiles, obs, tile_um, real_image, settings, n_generated
-    )
-
-
-def section_command(
-    pipeline: str | os.PathLike,
-    dataset: str | os.PathLike,
-    sample: str,
-    out: str | os.PathLike,
-    seed: int = 0,
-    guidance_ge: float = 2.0,
-    guidance_morph: float = 1.5,
-    steps: int = 20,
-    use_morphology: bool = False,
-    um_per_px: float | None = None,
-    batch_size: int = 16,
-) -> dict[str, Path]:
-    """``stmdit section``: load the pipeline (on the GPU when there is one), synthesise the
-    section with its tile cache in ``out/cache`` and write the figures and geometry to ``out``.
-    Returns the written paths by role (side_by_side, virtual, geometry)."""
-    from stmdit.pipeline import STMDiTPipeline
-
-    pipe = STMDiTPipeline.from_pretrained(pipeline)
-    if torch.cuda.is_available():
-        pipe.to("cuda")
-    pipe.set_progress_bar_config(disable=True)
-    result = synthesize_section(pipe, dataset, sample, seed=seed, guidance_ge=guidance_ge, guidance_morph=guidance_morph,
-                                steps=steps, use_morphology=use_morphology, um_per_px=um_per_px,
-                                batch_size=batch_size, cache_dir=Path(out) / "cache")  # fmt: skip
-    return result.save(out)
+        sample, virtual, real, coverage, geometry, tiles, obs, tile_um, real_image, settings, n_generated,
+        adata[rows].copy(),
+    )  # fmt: skip

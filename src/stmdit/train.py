@@ -49,6 +49,7 @@ from stmdit.distributed import cpu_process_group, process_state
 from stmdit.encoders.vae import decode_latents
 from stmdit.io import atomic_path, dataclass_from_yaml, differences, write_json, write_text
 from stmdit.model import STMDiT
+from stmdit.model_card import training_record
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +358,7 @@ class Trainer:
             morphology_encoder=self.morphology_encoder,
             vae=self.vae,
         )
+        pipe.training_record = training_record(self.config.to_dict(), self.dataset)
         with atomic_path(self.run_dir / "pipeline") as tmp:
             pipe.save_pretrained(tmp)
         return self.run_dir / "pipeline"

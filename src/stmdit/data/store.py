@@ -35,8 +35,12 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from stmdit.data import readers
 from stmdit.data.chunks import ChunkedArray, StoreMismatchError
-from stmdit.io import atomic_path, dataclass_from_yaml, differences, write_json
+from stmdit.data.readers import concat_samples
+from stmdit.data.readers.convention import read_h5ad, write_h5ad
+from stmdit.data.tiling import SpotTiler, tile_boxes
+from stmdit.io import dataclass_from_yaml, differences, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +220,6 @@ class PrepareConfig:
 
 def read_sample(spec: dict) -> ad.AnnData:
     """Run the reader named by ``spec['format']`` with the rest of ``spec`` as arguments."""
-    from stmdit.data import readers
-
     spec = dict(spec)
     fmt = spec.pop("format")
     spec.pop("split", None)  # the sample's split is prepare's business, not the reader's
@@ -229,11 +231,10 @@ def read_sample(spec: dict) -> ad.AnnData:
             )
         agg = {k: spec.pop(k) for k in ("spacing_um", "grid") if k in spec}
         return readers.aggregate_to_pseudospots(readers.read_cell_table(**spec), diameter, **agg)
-    from stmdit.data.pseudolabels import read_pseudolabels
 
     fn = {"visium": readers.read_visium, "hest": readers.read_hest, "legacy_st": readers.read_legacy_st,
           "spatial_h5ad": readers.read_spatial_h5ad, "he_slide": readers.read_he_slide,
-          "pseudolabels": read_pseudolabels}.get(fmt)  # fmt: skip
+          "pseudolabels": readers.read_pseudolabels}.get(fmt)  # fmt: skip
     if fn is None:
         raise ValueError(
             f"samples: unknown format {fmt!r}; use visium, hest, legacy_st, spatial_h5ad, cell_table, he_slide "
@@ -354,7 +355,7 @@ class DatasetStore:
         write_json(self.manifest_path, manifest)
 
     def spots(self) -> ad.AnnData:
-        return ad.read_h5ad(self.root / "spots.h5ad")
+        return read_h5ad(self.root / "spots.h5ad")
 
     def tiles(self):
         import zarr
@@ -431,8 +432,6 @@ def _named_splits(config: PrepareConfig, parts: list[ad.AnnData]) -> dict[str, s
 def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False) -> DatasetStore:
     """Readers + tiling into ``config.out``; resumes an interrupted run of the same config from the
     same (unchanged) sources. ``restart`` removes what an earlier run wrote there and starts over."""
-    from stmdit.data.readers import concat_samples
-    from stmdit.data.tiling import SpotTiler, tile_boxes
 
     store = DatasetStore(config.out)
     if restart:
@@ -446,7 +445,7 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
 
     spots_path = store.root / "spots.h5ad"
     if manifest["stages"].get("spots") and spots_path.exists():
-        adata = ad.read_h5ad(spots_path)
+        adata = read_h5ad(spots_path)
     else:
         # Digests first: a file that changes while it is read shows up on the rerun. Names are
         # not paths, even when a folder of the same name happens to exist.
@@ -474,8 +473,7 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
         adata.obs["split"] = pd.Categorical(split.astype(str))
         adata.uns["stmdit"]["splits"] = {"by": key, "seed": config.seed, **splits}
         _expression_layers(adata)
-        with atomic_path(spots_path) as tmp:
-            adata.write_h5ad(tmp)
+        write_h5ad(adata, spots_path)
         manifest["sources"] = sources
         manifest["versions"] = package_versions()
         manifest["stages"]["spots"] = {"n_spots": adata.n_obs, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -501,8 +499,7 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
     if not manifest["stages"].get("tiles"):
         adata.obs["tissue_fraction"] = np.asarray(tissue.array[:], dtype=np.float32)
         adata.obs["keep"] = adata.obs["tissue_fraction"].to_numpy() >= config.min_tissue
-        with atomic_path(spots_path) as tmp:
-            adata.write_h5ad(tmp)
+        write_h5ad(adata, spots_path)
         manifest["stages"]["tiles"] = {"kept": int(adata.obs["keep"].sum()), "dropped_background": int((~adata.obs["keep"]).sum()),
                                        "at_edge": int(adata.obs["at_edge"].sum()), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
         store.write_manifest(manifest)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
+from tqdm.auto import tqdm
 
 from stmdit.encoders.morphology import images_to_tensor
 from stmdit.hub import WeightsUnavailableError, offline
@@ -263,6 +264,7 @@ class InceptionFeatures(torch.nn.Module):
         device: str | torch.device | None = None,
         batch_size: int = 50,
         download: bool = True,
+        progress: bool = True,
     ):
         super().__init__()
         try:
@@ -288,6 +290,7 @@ class InceptionFeatures(torch.nn.Module):
             detail = str(err) if len(str(err)) < 400 else str(err)[:400] + " ..."
             raise ValueError(f"{path} is not a state dict of the FID Inception-v3: {detail}") from err
         self.batch_size = batch_size
+        self.progress = progress
         self.weights_path = path.resolve()
         self.weights_sha256 = _sha256(path)
         self.protocol = {
@@ -313,7 +316,10 @@ class InceptionFeatures(torch.nn.Module):
         x = images_to_tensor(images)
         device = next(self.model.parameters()).device
         out = []
-        for chunk in x.split(self.batch_size):
+        chunks = x.split(self.batch_size)
+        for chunk in tqdm(
+            chunks, desc="Inception features", unit="batch", disable=not self.progress, leave=False
+        ):
             as_uint8 = (chunk * 255).round().clamp(0, 255).to(torch.uint8)
             out.append(self.model(as_uint8.to(device))[0])
         return torch.cat(out)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from stmdit.evaluate.fidelity import ceiling_ratio
 from stmdit.io import atomic_path, dataclass_from_yaml, write_json
+from stmdit.model_card import update_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -400,6 +401,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             model_res["ge_ablation"] = {ablation: _deltas(settings[ablation]["summary"], settings["ge"]["summary"])
                                         for ablation in cfg.ablations}  # fmt: skip
         results["models"][name] = model_res
+        update_model_card(folder, model_res, source=f"{cfg.split} split of {cfg.dataset}, seeds {cfg.seeds}")
         del pipe
 
     sources = set(held.adata.obs.get("expression_source", ["measured"]))

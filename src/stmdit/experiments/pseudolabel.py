@@ -32,9 +32,10 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from stmdit.data.readers import read_he_slide
+from stmdit.data.readers.convention import write_h5ad
 from stmdit.data.tiling import SpotTiler
 from stmdit.distributed import process_state
-from stmdit.io import atomic_path, dataclass_from_yaml
+from stmdit.io import dataclass_from_yaml
 from stmdit.predictor import context_features, load_predictor
 from stmdit.predictor.pseudocounts import CP10K, pseudo_counts
 
@@ -182,8 +183,7 @@ def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
         predictor.to(state.device)
         for i in tqdm(mine, desc=f"slides (process {state.process_index})", disable=not progress):
             adata = pseudolabel_slide(specs[i], predictor, encoder, cfg, progress=progress)
-            with atomic_path(paths[i]) as tmp:
-                adata.write_h5ad(tmp)
+            write_h5ad(adata, paths[i])
             logger.info("%s: %d pseudo-spots", paths[i], adata.n_obs)
     state.wait_for_everyone()
     return paths

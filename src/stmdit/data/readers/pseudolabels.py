@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import anndata as ad
+from stmdit.data.readers.convention import read_h5ad
 
 
 def read_pseudolabels(h5ad: str | os.PathLike, sample_id: str | None = None, patient_id: str | None = None):
@@ -18,7 +18,7 @@ def read_pseudolabels(h5ad: str | os.PathLike, sample_id: str | None = None, pat
     path = Path(h5ad)
     if not path.is_file():
         raise FileNotFoundError(f"pseudo-label file {path} does not exist; run `stmdit pseudolabel` first")
-    adata = ad.read_h5ad(path)
+    adata = read_h5ad(path)
     samples = adata.uns.get("stmdit", {}).get("samples", {})
     if len(samples) != 1 or adata.obs.get("expression_source") is None:
         raise ValueError(
