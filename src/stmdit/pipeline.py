@@ -144,6 +144,7 @@ class STMDiTPipeline(DiffusionPipeline):
         output_type: str = "pil",
         gene_column: str | None = None,
         progress: bool = True,
+        precision: str = "fp32",
     ) -> STMDiTPipelineOutput:
         """Generate tiles.
 
@@ -161,6 +162,8 @@ class STMDiTPipeline(DiffusionPipeline):
             init_images, strength: edit real tiles (SDEdit): noise them to ``strength`` of the
                 schedule and denoise under the given condition.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            precision: the transformer's compute precision, ``fp32``, ``bf16`` (autocast; weights
+                and scheduler stay fp32) or ``auto`` (bf16 where the device has bf16 units).
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be pil, np, pt or latent; got {output_type!r}")
@@ -199,6 +202,7 @@ class STMDiTPipeline(DiffusionPipeline):
             latents=latents,
             strength=strength,
             progress=progress,
+            precision=precision,
         )
         if output_type == "latent":
             return STMDiTPipelineOutput(images=out, expression_alignment=alignment)
