@@ -8,7 +8,13 @@ import torch
 from stmdit import STMDiT
 from stmdit.data.features import FeatureDataset
 from stmdit.diffusion import Condition, guided_prediction, make_sampling_scheduler, sample
-from stmdit.precision import cpu_has_bf16, mixed_precision_setting, resolve_precision
+from stmdit.precision import (
+    cpu_has_bf16,
+    current_default,
+    default_precision,
+    mixed_precision_setting,
+    resolve_precision,
+)
 from stmdit.train import TrainConfig, Trainer
 
 
@@ -102,3 +108,13 @@ def test_bf16_training_computes_in_bf16_keeps_fp32_master_weights_and_learns(tmp
     weights = load_file(ckpt / "transformer" / "diffusion_pytorch_model.safetensors")
     ema = load_file(ckpt / "ema.safetensors")
     assert {t.dtype for t in [*weights.values(), *ema.values()]} == {torch.float32}
+
+
+def test_default_precision_applies_inside_its_block_only():
+    assert current_default() == "fp32"  # library calls are exact unless a command asks otherwise
+    with default_precision("bf16"):
+        assert current_default() == "bf16"
+        with pytest.raises(ValueError, match="precision must be one of"), default_precision("half"):
+            pass
+        assert current_default() == "bf16"
+    assert current_default() == "fp32"

@@ -23,6 +23,7 @@ from stmdit.encoders.expression import PanelAlignment
 from stmdit.encoders.morphology import images_to_tensor
 from stmdit.encoders.vae import decode_latents, encode_images
 from stmdit.model import STMDiT
+from stmdit.precision import current_default
 
 
 @dataclass
@@ -144,7 +145,7 @@ class STMDiTPipeline(DiffusionPipeline):
         output_type: str = "pil",
         gene_column: str | None = None,
         progress: bool = True,
-        precision: str = "fp32",
+        precision: str | None = None,
     ) -> STMDiTPipelineOutput:
         """Generate tiles.
 
@@ -163,7 +164,8 @@ class STMDiTPipeline(DiffusionPipeline):
                 schedule and denoise under the given condition.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             precision: the transformer's compute precision, ``fp32``, ``bf16`` (autocast; weights
-                and scheduler stay fp32) or ``auto`` (bf16 where the device has bf16 units).
+                and scheduler stay fp32) or ``auto`` (bf16 where the device has bf16 units);
+                default: :func:`stmdit.precision.current_default` (fp32 unless a command set it).
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be pil, np, pt or latent; got {output_type!r}")
@@ -202,7 +204,7 @@ class STMDiTPipeline(DiffusionPipeline):
             latents=latents,
             strength=strength,
             progress=progress,
-            precision=precision,
+            precision=precision or current_default(),
         )
         if output_type == "latent":
             return STMDiTPipelineOutput(images=out, expression_alignment=alignment)

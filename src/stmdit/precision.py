@@ -15,6 +15,10 @@ from pathlib import Path
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# What a pipeline call without an explicit precision uses. Library code gets exact fp32; the
+# commands that generate (demo, generate, section, simulate, serve) run inside
+# ``default_precision("auto")`` (or the user's --precision), see stmdit.cli.
+_default = "fp32"
 # CPU flags (as /proc/cpuinfo spells them) that mean native bf16 dot products.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -52,6 +56,27 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
     if device.type == "cpu":
         return "bf16" if cpu_has_bf16() else "fp32"
     return "fp32"
+
+
+def current_default() -> str:
+    """The precision a pipeline call uses when it is not given one."""
+    return _default
+
+
+@contextlib.contextmanager
+def default_precision(precision: str):
+    """Within the block, pipeline calls without an explicit precision use ``precision``.
+
+    A module variable rather than a context variable, so that the worker threads of ``stmdit
+    serve`` see the setting of the command that started them.
+    """
+    global _default
+    resolve_precision(precision)  # rejects unknown names before anything runs
+    previous, _default = _default, precision
+    try:
+        yield
+    finally:
+        _default = previous
 
 
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:

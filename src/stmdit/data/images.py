@@ -78,6 +78,8 @@ class SlideImage(abc.ABC):
 
     path: Path
     mpp: float | None
+    # Whether reads may run on several threads at once (pixels held in memory after the first read).
+    concurrent_reads: bool = False
 
     def __init__(
         self, path: Path, size: tuple[int, int], level_sizes: list[tuple[int, int]], mpp: float | None
@@ -184,6 +186,8 @@ class SlideImage(abc.ABC):
 class _ArrayImage(SlideImage):
     """JPEG / PNG: decoded on the first read, then kept as an array (opening only reads the
     header, so a reader that just checks sizes does not pay for a 100-megapixel decode)."""
+
+    concurrent_reads = True
 
     def __init__(self, path: Path, mpp: float | None):
         with _allow_large_images(), Image.open(path) as im:

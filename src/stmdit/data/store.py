@@ -281,8 +281,10 @@ def _expression_layers(adata: ad.AnnData) -> None:
 
 def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
     """Readers + tiling into ``config.out``; resumes an interrupted run of the same config."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from stmdit.data.readers import concat_samples
-    from stmdit.data.tiling import SpotTiler, tile_boxes
+    from stmdit.data.tiling import SpotTiler, open_slide, slide_key, tile_boxes
 
     store = DatasetStore(config.out)
     store.root.mkdir(parents=True, exist_ok=True)
@@ -290,6 +292,14 @@ def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
     _check_parameters(manifest, "prepare", config.parameters(), store.root)
     manifest["prepare"] = config.parameters()
 
+    # Decoding a section's image is the floor of prepare's cost; it runs on a second thread
+    # (Pillow releases the GIL) while the counts are parsed, and the next chunk's tiles are cut
+    # while the previous chunk is compressed and written.
+    background = ThreadPoolExecutor(2)
+    images = set() if manifest["stages"].get("tiles") else {
+        str(s["image"]) for s in config.samples if isinstance(s.get("image"), str) and Path(s["image"]).is_file()
+    }
+    opened = {slide_key(p): background.submit(open_slide, p) for p in sorted(images)}
     spots_path = store.root / "spots.h5ad"
     if manifest["stages"].get("spots") and spots_path.exists():
         adata = ad.read_h5ad(spots_path)
@@ -323,19 +333,30 @@ def prepare(config: PrepareConfig, progress: bool = True) -> DatasetStore:
     n, px = adata.n_obs, config.tile_px
     tiles = ChunkedArray(store.root / "tiles.zarr", (n, px, px, 3), np.uint8, config.chunk_rows)
     tissue = ChunkedArray(store.root / "tissue_fraction.zarr", (n,), np.float32, config.chunk_rows)
-    tiler = SpotTiler(adata, config.tile_um, px, boxes=adata.obsm["tile_box"])
+    tiler = SpotTiler(adata, config.tile_um, px, boxes=adata.obsm["tile_box"], opened=opened)
     # A kill between the two writes of a chunk leaves one marked and not the other: redo both.
     pending = [c for c in range(tiles.n_chunks) if not (tiles.is_done(c) and tissue.is_done(c))]
     bar = tqdm(total=n, initial=n - sum(tiles.rows(c).stop - tiles.rows(c).start for c in pending),
                desc="tiling", unit="tile", disable=not progress)  # fmt: skip
-    for chunk in pending:
-        rows = tiles.rows(chunk)
-        block, fractions = tiler.read(np.arange(rows.start, rows.stop))
+    def write(chunk: int, block: np.ndarray, fractions: np.ndarray) -> None:
         tiles.write(chunk, block)
         tissue.write(chunk, fractions)
-        bar.update(len(block))
-    tiler.close()
-    bar.close()
+
+    writing = None
+    try:
+        for chunk in pending:
+            rows = tiles.rows(chunk)
+            block, fractions = tiler.read(np.arange(rows.start, rows.stop))
+            if writing is not None:
+                writing.result()  # one write in flight: memory stays at two chunks
+            writing = background.submit(write, chunk, block, fractions)
+            bar.update(len(block))
+        if writing is not None:
+            writing.result()
+    finally:
+        tiler.close()
+        background.shutdown()
+        bar.close()
 
     if not manifest["stages"].get("tiles"):
         adata.obs["tissue_fraction"] = np.asarray(tissue.array[:], dtype=np.float32)
