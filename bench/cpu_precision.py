@@ -177,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--presets", nargs="+", default=["tiny", "S", "B"])
+    parser.add_argument("--presets", nargs="*", default=["tiny", "S", "B"])
     parser.add_argument(
         "--batch", type=int, default=4, help="training batch for S and B (tiny uses the demo's)"
     )

@@ -22,7 +22,8 @@ def test_quick_demo_writes_every_promised_file(tmp_path):
         assert set(metrics[setting]) >= {"composition_corr", "composition_mae", "fidelity_auc"}
         assert -1 <= metrics[setting]["composition_corr"] <= 1
     assert "protocol" in metrics and metrics["protocol"]["eval_spots"].startswith("16:")
-    assert metrics["tile_size"] == metrics["settings"]["tile_size"] and metrics["precision"] in ("fp32", "bf16")
+    assert metrics["tile_size"] == metrics["settings"]["tile_size"]
+    assert metrics["precision"] in ("fp32", "bf16")
     for setting in ("real_tiles", "ge_only", "unconditional"):
         assert 0 <= metrics[setting]["saturated_fraction"] <= 1
     for run in ("ge", "no_ge"):
