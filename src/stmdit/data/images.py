@@ -335,7 +335,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
         alpha = rgba[..., 3:] / 255.0
         return (rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
-    return np.asarray(im.convert("RGB"))
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # convert() would copy an RGB image
 
 
 def _samples_to_rgb(block: np.ndarray, path: Path) -> np.ndarray:

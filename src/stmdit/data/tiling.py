@@ -61,14 +61,20 @@ def _shrink(tile: np.ndarray, side: int) -> np.ndarray:
 
 
 def open_slide(path: str | os.PathLike):
-    """(image, tissue threshold) of a slide, with its pixels loaded: what tiling needs first.
-
-    One threshold per slide, so tiles of a section are judged alike. Computing it from the
-    thumbnail reads the whole image, so this is also where a JPEG/PNG is decoded."""
-    from stmdit.data.images import open_image, tissue_threshold
+    """A slide with its pixels loaded (a JPEG/PNG is decoded on its first read): the floor of
+    tiling's cost, which prepare starts while it parses the counts."""
+    from stmdit.data.images import open_image
 
     image = open_image(path)
-    return image, tissue_threshold(image.thumbnail(1024)[0])
+    image.read_region(0, 0, 1, 1)
+    return image
+
+
+def slide_threshold(image) -> float:
+    """One tissue threshold per slide, from its thumbnail, so tiles of a section are judged alike."""
+    from stmdit.data.images import tissue_threshold
+
+    return tissue_threshold(image.thumbnail(1024)[0])
 
 
 def slide_key(path: str | os.PathLike) -> str:
@@ -80,6 +86,7 @@ class SpotTiler:
 
     ``opened`` may hold slides already opened (or being opened) by :func:`open_slide`,
     keyed by :func:`slide_key`: prepare starts decoding images while it parses the counts.
+    On in-memory images, tiles are cut and measured on a thread pool.
     """
 
     def __init__(
@@ -99,38 +106,50 @@ class SpotTiler:
         self._pool = ThreadPoolExecutor(TILING_THREADS) if TILING_THREADS > 1 else None
 
     def _image(self, sid: str):
+        """(image, Future of its tissue threshold); the threshold is computed on the pool while
+        the first tiles are cut, which needs no threshold."""
         if sid not in self._images:
             path = self.samples[sid]["image_path"]
             pending = self._opened.pop(slide_key(path), None)
-            self._images[sid] = pending.result() if pending is not None else open_slide(path)
+            image = pending.result() if pending is not None else open_slide(path)
+            if self._pool is not None and image.concurrent_reads:
+                threshold = self._pool.submit(slide_threshold, image)
+            else:
+                threshold = Future()
+                threshold.set_result(slide_threshold(image))
+            self._images[sid] = (image, threshold)
         return self._images[sid]
 
-    def _tile(self, i: int) -> tuple[np.ndarray, float]:
+    def _cut(self, i: int) -> np.ndarray:
+        image, _ = self._images[self.sample_ids[i]]
+        x0, y0, side = self.boxes[i]
+        return image.read_region(x0, y0, side, side, out_size=self.tile_px)
+
+    def _fraction(self, i: int, tile: np.ndarray) -> float:
         from stmdit.data.images import tissue_fraction
 
-        image, threshold = self._images[self.sample_ids[i]]
-        x0, y0, side = self.boxes[i]
-        tile = image.read_region(x0, y0, side, side, out_size=self.tile_px)
-        return tile, tissue_fraction(_shrink(tile, 64), threshold)
+        return tissue_fraction(_shrink(tile, 64), self._images[self.sample_ids[i]][1].result())
 
     def read(self, rows) -> tuple[np.ndarray, np.ndarray]:
         """(tiles (n, px, px, 3) uint8, tissue fractions (n,) float32) for spot rows."""
         rows = np.asarray(rows, dtype=np.int64)
         for sid in dict.fromkeys(self.sample_ids[rows]):  # open (decode) slides before fanning out
             self._image(sid)
+        parallel = self._pool is not None and all(
+            image.concurrent_reads for image, _ in self._images.values()
+        )
+        run = self._pool.map if parallel else map
         tiles = np.empty((len(rows), self.tile_px, self.tile_px, 3), np.uint8)
-        fractions = np.empty(len(rows), np.float32)
-        parallel = self._pool is not None and all(image.concurrent_reads for image, _ in self._images.values())
-        results = self._pool.map(self._tile, rows) if parallel else map(self._tile, rows)
-        for j, (tile, fraction) in enumerate(results):
-            tiles[j], fractions[j] = tile, fraction
+        for j, tile in enumerate(run(self._cut, rows)):
+            tiles[j] = tile
+        fractions = np.fromiter(run(self._fraction, rows, tiles), np.float32, count=len(rows))
         return tiles, fractions
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
         for pending in self._opened.values():
-            pending.result()[0].close()
+            pending.result().close()
         self._opened.clear()
         for image, _ in self._images.values():
             image.close()
