@@ -2,6 +2,7 @@ import json
 
 import anndata as ad
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -21,12 +22,35 @@ def test_quick_demo_writes_every_promised_file(tmp_path):
         assert set(metrics[setting]) >= {"composition_corr", "composition_mae", "fidelity_auc"}
         assert -1 <= metrics[setting]["composition_corr"] <= 1
     assert "protocol" in metrics and metrics["protocol"]["eval_spots"].startswith("16:")
+    assert metrics["tile_size"] == metrics["settings"]["tile_size"]
+    assert metrics["precision"] in ("fp32", "bf16")
+    for setting in ("real_tiles", "ge_only", "unconditional"):
+        assert 0 <= metrics[setting]["saturated_fraction"] <= 1
     for run in ("ge", "no_ge"):
         assert (tmp_path / "runs" / run / "pipeline" / "model_index.json").exists()
         assert list((tmp_path / "runs" / run / "checkpoints").iterdir())
     assert "ge_only" in result.output
     with Image.open(tmp_path / "samples_grid.png") as grid:
         assert grid.size[0] > 400
+
+
+def test_saturated_fraction_counts_pixels_with_any_channel_at_the_gamut_edge():
+    from stmdit.demo import saturated_fraction
+
+    tiles = np.full((2, 2, 2, 3), 128, dtype=np.uint8)
+    tiles[0, 0, 0, 1] = 0  # one channel at 0
+    tiles[1, 1, 1] = 255  # all channels at 255: still one pixel
+    assert saturated_fraction(tiles) == 2 / 8
+    as_float = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    assert saturated_fraction(as_float) == 2 / 8
+
+
+def test_precision_option_rejects_unknown_names_readably(tmp_path):
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path), "--precision", "fp16"])
+    assert (
+        result.exit_code != 0 and "--precision must be one of auto, fp32, bf16; got 'fp16'" in result.output
+    )
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_train_then_generate_from_the_command_line(tmp_path):

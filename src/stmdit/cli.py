@@ -28,13 +28,30 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+PrecisionOption = Annotated[
+    str,
+    typer.Option(help="Transformer compute precision: auto (bf16 where the CPU/GPU has bf16 units), fp32 or bf16"),
+]
+
+
+def _use_precision(ctx: typer.Context, precision: str) -> None:
+    """Pipeline calls of this command run in ``precision`` (restored when the command ends)."""
+    from stmdit.precision import PRECISIONS, default_precision
+
+    if precision not in PRECISIONS:
+        _fail(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    ctx.with_resource(default_precision(precision))
+
+
 @app.command()
 def demo(
+    ctx: typer.Context,
     out: Annotated[
         Path, typer.Option("--out", help="Folder for grids, curves, checkpoints and metrics.json")
     ] = Path("outputs/demo"),
     quick: Annotated[bool, typer.Option(help="Seconds-long smoke run of the same code path")] = False,
     seed: Annotated[int, typer.Option(help="Seed for simulation, training and sampling")] = 0,
+    precision: PrecisionOption = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Simulate tissue, train a GE-conditioned STMDiT and a no-GE baseline, and compare them."""
@@ -43,6 +60,8 @@ def demo(
     _setup_logging(verbose)
     settings = DemoSettings.quick() if quick else DemoSettings()
     settings.seed = seed
+    _use_precision(ctx, precision)
+    settings.precision = precision
     metrics = run_demo(out, settings)
     rows = ["real_tiles", "ge_only", "morph_ge", "morph_only", "unconditional"]
     typer.echo(f"\n{'setting':<15}{'composition_corr':>18}{'composition_mae':>17}{'fidelity_auc':>14}")
@@ -280,6 +299,7 @@ def pseudolabel(
 
 @app.command()
 def section(
+    ctx: typer.Context,
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder")],
     dataset: Annotated[Path, typer.Option(help="Prepared dataset folder")],
     sample: Annotated[str, typer.Option(help="Sample (section) to synthesize")],
@@ -298,10 +318,12 @@ def section(
     spatialdata: Annotated[
         Path | None, typer.Option(help="Also write a SpatialData zarr store here (needs stmdit[spatialdata])")
     ] = None,
+    precision: PrecisionOption = "auto",
 ) -> None:
     """Whole-section virtual H&E: a tile for every spot, assembled at the spot layout beside the real H&E."""
     from stmdit.section_export import section_command
 
+    _use_precision(ctx, precision)
     try:
         paths = section_command(pipeline, dataset, sample, out, seed=seed, guidance_ge=guidance_ge,
                                 guidance_morph=guidance_morph, steps=steps, use_morphology=use_morphology,
@@ -314,6 +336,7 @@ def section(
 
 @app.command()
 def simulate(
+    ctx: typer.Context,
     config: Annotated[
         Path,
         typer.Argument(
@@ -323,12 +346,14 @@ def simulate(
         ),
     ],
     out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
+    precision: PrecisionOption = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Virtual tissue experiment: perturb genes, generate paired counterfactuals over seeds, measure the change."""
     from stmdit.experiments.simulate import SimulateConfig, run_simulation
 
     _setup_logging(verbose)
+    _use_precision(ctx, precision)
     try:
         result = run_simulation(SimulateConfig.from_yaml(config, out=out))
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
@@ -345,6 +370,7 @@ def simulate(
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder (e.g. outputs/demo/runs/ge/pipeline)")],
     data: Annotated[
         Path, typer.Option(help="Folder whose .h5ad files and prepared datasets the page offers")
@@ -362,6 +388,7 @@ def serve(
     threads: Annotated[
         int, typer.Option(help="torch CPU threads (0: torch's default); 1 is fastest for small models")
     ] = 1,
+    precision: PrecisionOption = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve the virtual-experiment web page: perturb a spot's genes, compare counterfactual tiles."""
@@ -369,6 +396,7 @@ def serve(
     from stmdit.web.app import serve as run_server
 
     _setup_logging(verbose)
+    _use_precision(ctx, precision)
     try:
         sets = load_gene_sets(gene_sets) if gene_sets else None
         run_server(pipeline, data, host=host, port=port, gene_sets=sets, steps=steps, max_upload_mb=max_upload_mb,
@@ -379,6 +407,7 @@ def serve(
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder (as written by training) or hub id")],
     expression: Annotated[
         Path | None, typer.Option(help="AnnData .h5ad with raw counts (layers['counts'] or X)")
@@ -396,10 +425,12 @@ def generate(
     images_per_spot: Annotated[int, typer.Option(help="Images per spot, each from different noise")] = 1,
     batch_size: Annotated[int, typer.Option(help="Spots per forward pass")] = 16,
     seed: Annotated[int, typer.Option()] = 0,
+    precision: PrecisionOption = "auto",
 ) -> None:
     """Generate tiles for the spots of an AnnData file (or unconditional tiles without one)."""
     from stmdit.generate import generate_tiles
 
+    _use_precision(ctx, precision)
     try:
         path = generate_tiles(pipeline, expression, out, spots=spots.split(",") if spots else None,
                               gene_column=gene_column, guidance_ge=guidance_ge, guidance_morph=guidance_morph,

@@ -30,6 +30,7 @@ from stmdit.evaluate.composition import composition_agreement, fit_composition_e
 from stmdit.io import atomic_path, write_json
 from stmdit.pipeline import STMDiTPipeline
 from stmdit.plotting import save_loss_curves, save_tile_grid
+from stmdit.precision import mixed_precision_setting, resolve_precision
 from stmdit.train import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class DemoSettings:
     predictor_model: dict = dataclasses.field(
         default_factory=lambda: {"hidden_dim": 256, "n_phi": 3, "n_rho": 3}
     )
+    # Transformer compute precision for training and sampling (stmdit.precision): bf16 autocast
+    # on CPUs with bf16 units, fp32 elsewhere; weights, EMA, losses and schedulers stay fp32.
+    precision: str = "auto"
     seed: int = 0
 
     @classmethod
@@ -134,6 +138,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
             guidance_morph=s.guidance_morph,
             guidance_ge=s.guidance_ge,
             sample_steps=s.sample_steps,
+            mixed_precision=mixed_precision_setting(s.precision),
             seed=s.seed,
         )
         trainer = Trainer(
@@ -173,6 +178,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
             generator=torch.Generator().manual_seed(s.seed + 1),
             output_type="pt",
             progress=progress,
+            precision=s.precision,
         ).images
 
     true = composition[eval_idx]
@@ -182,6 +188,10 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     metrics: dict = {"real_tiles": composition_agreement(true, estimator.predict(tiles[eval_idx]))}
     for setting, images in generated.items():
         metrics[setting] = composition_agreement(true, estimator.predict(images))
+    for setting, images in {"real_tiles": tiles[eval_idx], **generated}.items():
+        metrics[setting]["saturated_fraction"] = saturated_fraction(images)
+    metrics["tile_size"] = s.tile_size
+    metrics["precision"] = resolve_precision(s.precision)
     for setting, result in fidelity.items():
         metrics[setting]["fidelity_auc"] = result.auc
         metrics[setting]["fidelity_auc_bootstrap_std"] = result.bootstrap_std
@@ -198,6 +208,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
         "eval_spots": f"{len(eval_idx)}: the central {s.eval_block} x {s.eval_block} spots of the held-out section",
         "train_spots": len(train_idx),
         "sampler": f"DPM-Solver++ {s.sample_steps} steps, dual guidance s_m={s.guidance_morph}, s_g={s.guidance_ge}",
+        "saturated_fraction": "fraction of pixels with any channel at 0 or 255 in the 8-bit tile (out of gamut)",
         "noise_seed": s.seed + 1,
         "ge_encoder": describe(data.ge_encoder) + ": highly variable genes, log1p CP10k, standardised",
         "morphology_encoder": describe(data.morphology_encoder),
@@ -234,6 +245,16 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     with atomic_path(out / "data" / "simulated_held_out.h5ad") as tmp:
         held_out.write_h5ad(tmp)
     return metrics
+
+
+def saturated_fraction(images) -> float:
+    """Fraction of pixels with any channel at 0 or 255 once written as 8-bit RGB (out of gamut).
+
+    ``images``: uint8 (N, H, W, 3) or float (N, 3, H, W) in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        images = (images.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    images = np.asarray(images)
+    return float(((images == 0) | (images == 255)).any(axis=-1).mean())
 
 
 def _fit_predictor(data, s: DemoSettings, progress: bool):

@@ -29,6 +29,7 @@ from stmdit.encoders.vae import decode_latents, encode_images
 from stmdit.io import write_text
 from stmdit.model import STMDiT
 from stmdit.model_card import render_model_card
+from stmdit.precision import current_default
 
 
 @dataclass
@@ -191,6 +192,7 @@ class STMDiTPipeline(DiffusionPipeline):
         gene_column: str | None = None,
         progress: bool = True,
         guidance_ge_interval: tuple[float, float] | None = None,
+        precision: str | None = None,
     ) -> STMDiTPipelineOutput:
         """Generate tiles.
 
@@ -212,6 +214,9 @@ class STMDiTPipeline(DiffusionPipeline):
                 :func:`stmdit.diffusion.sample`).
             progress: show diffusers' progress bar over the steps (configured with
                 ``set_progress_bar_config``); False: none.
+            precision: the transformer's compute precision, ``fp32``, ``bf16`` (autocast; weights
+                and scheduler stay fp32) or ``auto`` (bf16 where the device has bf16 units);
+                default: :func:`stmdit.precision.current_default` (fp32 unless a command set it).
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be pil, np, pt or latent; got {output_type!r}")
@@ -252,6 +257,7 @@ class STMDiTPipeline(DiffusionPipeline):
             guidance_ge_interval=guidance_ge_interval,
             # diffusers' own bar, so that set_progress_bar_config(disable=True) silences it.
             progress=(lambda steps: self.progress_bar(steps)) if progress else False,
+            precision=precision or current_default(),
         )
         if output_type == "latent":
             return STMDiTPipelineOutput(images=out, expression_alignment=alignment)

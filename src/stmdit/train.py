@@ -333,6 +333,7 @@ class Trainer:
                 num_inference_steps=self.config.sample_steps,
                 generator=gen,
                 progress=False,
+                precision="bf16" if self.config.mixed_precision == "bf16" else "fp32",
             )
         finally:
             ema.restore(params)

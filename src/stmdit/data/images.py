@@ -80,6 +80,8 @@ class SlideImage(abc.ABC):
 
     path: Path
     mpp: float | None
+    # Whether reads may run on several threads at once (pixels held in memory after the first read).
+    concurrent_reads: bool = False
 
     def __init__(
         self, path: Path, size: tuple[int, int], level_sizes: list[tuple[int, int]], mpp: float | None
@@ -186,6 +188,8 @@ class SlideImage(abc.ABC):
 class _ArrayImage(SlideImage):
     """JPEG / PNG: decoded on the first read, then kept as an array (opening only reads the
     header, so a reader that just checks sizes does not pay for a 100-megapixel decode)."""
+
+    concurrent_reads = True
 
     def __init__(self, path: Path, mpp: float | None):
         with _allow_large_images(), Image.open(path) as im:
@@ -333,7 +337,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
         alpha = rgba[..., 3:] / 255.0
         return (rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
-    return np.asarray(im.convert("RGB"))
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # convert() would copy an RGB image
 
 
 def _samples_to_rgb(block: np.ndarray, path: Path) -> np.ndarray:

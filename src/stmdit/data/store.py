@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from stmdit.data import readers
 from stmdit.data.chunks import ChunkedArray, StoreMismatchError
 from stmdit.data.readers import concat_samples
 from stmdit.data.readers.convention import read_h5ad, write_h5ad
-from stmdit.data.tiling import SpotTiler, tile_boxes
+from stmdit.data.tiling import SpotTiler, open_slide, slide_key, tile_boxes
 from stmdit.io import dataclass_from_yaml, differences, write_json
 
 logger = logging.getLogger(__name__)
@@ -443,6 +444,14 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
         verify_sources(manifest["sources"], "start over with `stmdit prepare --restart`")
     manifest["prepare"] = config.parameters()
 
+    # Decoding a section's image is the floor of prepare's cost; it runs on a second thread
+    # (Pillow releases the GIL) while the counts are parsed, and the next chunk's tiles are cut
+    # while the previous chunk is compressed and written.
+    background = ThreadPoolExecutor(2)
+    images = set() if manifest["stages"].get("tiles") else {
+        str(s["image"]) for s in config.samples if isinstance(s.get("image"), str) and Path(s["image"]).is_file()
+    }
+    opened = {slide_key(p): background.submit(open_slide, p) for p in sorted(images)}
     spots_path = store.root / "spots.h5ad"
     if manifest["stages"].get("spots") and spots_path.exists():
         adata = read_h5ad(spots_path)
@@ -482,19 +491,30 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
     n, px = adata.n_obs, config.tile_px
     tiles = ChunkedArray(store.root / "tiles.zarr", (n, px, px, 3), np.uint8, config.chunk_rows)
     tissue = ChunkedArray(store.root / "tissue_fraction.zarr", (n,), np.float32, config.chunk_rows)
-    tiler = SpotTiler(adata, config.tile_um, px, boxes=adata.obsm["tile_box"])
+    tiler = SpotTiler(adata, config.tile_um, px, boxes=adata.obsm["tile_box"], opened=opened)
     # A kill between the two writes of a chunk leaves one marked and not the other: redo both.
     pending = [c for c in range(tiles.n_chunks) if not (tiles.is_done(c) and tissue.is_done(c))]
     bar = tqdm(total=n, initial=n - sum(tiles.rows(c).stop - tiles.rows(c).start for c in pending),
                desc="tiling", unit="tile", disable=not progress)  # fmt: skip
-    for chunk in pending:
-        rows = tiles.rows(chunk)
-        block, fractions = tiler.read(np.arange(rows.start, rows.stop))
+    def write(chunk: int, block: np.ndarray, fractions: np.ndarray) -> None:
         tiles.write(chunk, block)
         tissue.write(chunk, fractions)
-        bar.update(len(block))
-    tiler.close()
-    bar.close()
+
+    writing = None
+    try:
+        for chunk in pending:
+            rows = tiles.rows(chunk)
+            block, fractions = tiler.read(np.arange(rows.start, rows.stop))
+            if writing is not None:
+                writing.result()  # one write in flight: memory stays at two chunks
+            writing = background.submit(write, chunk, block, fractions)
+            bar.update(len(block))
+        if writing is not None:
+            writing.result()
+    finally:
+        tiler.close()
+        background.shutdown()
+        bar.close()
 
     if not manifest["stages"].get("tiles"):
         adata.obs["tissue_fraction"] = np.asarray(tissue.array[:], dtype=np.float32)

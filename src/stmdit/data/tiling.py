@@ -4,12 +4,25 @@ A tile of ``tile_um`` microns is cut around each spot centre in the sample's ima
 reader convention's ``image_scale`` and ``mpp``), resized to ``tile_px``, and its tissue fraction
 measured against one threshold per slide. Tiles crossing the image edge are padded with white
 and flagged. Only the needed region of a large slide is ever read.
+
+Crops of one chunk are cut and resized on a small thread pool: Pillow's resize and most of the
+tissue mask release the GIL, so two cores work on independent tiles at once.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
+
+# Threads cutting tiles: the cores this process may use, at most 4 (the gain flattens there,
+# as every thread reads from the same decoded image in memory).
+TILING_THREADS = max(
+    1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+)
 
 
 def tile_boxes(adata: ad.AnnData, tile_um: float) -> tuple[np.ndarray, np.ndarray]:
@@ -47,40 +60,97 @@ def _shrink(tile: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(tile).resize((side, side), Image.Resampling.BOX))
 
 
-class SpotTiler:
-    """Reads the tiles of an AnnData's spots (reader convention), opening each slide once."""
+def open_slide(path: str | os.PathLike):
+    """A slide with its pixels loaded (a JPEG/PNG is decoded on its first read): the floor of
+    tiling's cost, which prepare starts while it parses the counts."""
+    from stmdit.data.images import open_image
 
-    def __init__(self, adata: ad.AnnData, tile_um: float, tile_px: int, boxes: np.ndarray | None = None):
+    image = open_image(path)
+    image.read_region(0, 0, 1, 1)
+    return image
+
+
+def slide_threshold(image) -> float:
+    """One tissue threshold per slide, from its thumbnail, so tiles of a section are judged alike."""
+    from stmdit.data.images import tissue_threshold
+
+    return tissue_threshold(image.thumbnail(1024)[0])
+
+
+def slide_key(path: str | os.PathLike) -> str:
+    return str(Path(path).resolve())
+
+
+class SpotTiler:
+    """Reads the tiles of an AnnData's spots (reader convention), opening each slide once.
+
+    ``opened`` may hold slides already opened (or being opened) by :func:`open_slide`,
+    keyed by :func:`slide_key`: prepare starts decoding images while it parses the counts.
+    On in-memory images, tiles are cut and measured on a thread pool.
+    """
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        tile_um: float,
+        tile_px: int,
+        boxes: np.ndarray | None = None,
+        opened: dict[str, Future] | None = None,
+    ):
         self.tile_px = tile_px
         self.samples = adata.uns["stmdit"]["samples"]
         self.sample_ids = adata.obs["sample_id"].astype(str).to_numpy()
         self.boxes = tile_boxes(adata, tile_um)[0] if boxes is None else np.asarray(boxes)
+        self._opened = dict(opened or {})
         self._images: dict[str, tuple] = {}
+        self._pool = ThreadPoolExecutor(TILING_THREADS) if TILING_THREADS > 1 else None
 
     def _image(self, sid: str):
-        from stmdit.data.images import open_image, tissue_threshold
-
+        """(image, Future of its tissue threshold); the threshold is computed on the pool while
+        the first tiles are cut, which needs no threshold."""
         if sid not in self._images:
-            image = open_image(self.samples[sid]["image_path"])
-            # One threshold per slide, so tiles of a section are judged alike.
-            self._images[sid] = (image, tissue_threshold(image.thumbnail(1024)[0]))
+            path = self.samples[sid]["image_path"]
+            pending = self._opened.pop(slide_key(path), None)
+            image = pending.result() if pending is not None else open_slide(path)
+            if self._pool is not None and image.concurrent_reads:
+                threshold = self._pool.submit(slide_threshold, image)
+            else:
+                threshold = Future()
+                threshold.set_result(slide_threshold(image))
+            self._images[sid] = (image, threshold)
         return self._images[sid]
+
+    def _cut(self, i: int) -> np.ndarray:
+        image, _ = self._images[self.sample_ids[i]]
+        x0, y0, side = self.boxes[i]
+        return image.read_region(x0, y0, side, side, out_size=self.tile_px)
+
+    def _fraction(self, i: int, tile: np.ndarray) -> float:
+        from stmdit.data.images import tissue_fraction
+
+        return tissue_fraction(_shrink(tile, 64), self._images[self.sample_ids[i]][1].result())
 
     def read(self, rows) -> tuple[np.ndarray, np.ndarray]:
         """(tiles (n, px, px, 3) uint8, tissue fractions (n,) float32) for spot rows."""
-        from stmdit.data.images import tissue_fraction
-
         rows = np.asarray(rows, dtype=np.int64)
+        for sid in dict.fromkeys(self.sample_ids[rows]):  # open (decode) slides before fanning out
+            self._image(sid)
+        parallel = self._pool is not None and all(
+            image.concurrent_reads for image, _ in self._images.values()
+        )
+        run = self._pool.map if parallel else map
         tiles = np.empty((len(rows), self.tile_px, self.tile_px, 3), np.uint8)
-        fractions = np.empty(len(rows), np.float32)
-        for j, i in enumerate(rows):
-            image, threshold = self._image(self.sample_ids[i])
-            x0, y0, side = self.boxes[i]
-            tiles[j] = image.read_region(x0, y0, side, side, out_size=self.tile_px)
-            fractions[j] = tissue_fraction(_shrink(tiles[j], 64), threshold)
+        for j, tile in enumerate(run(self._cut, rows)):
+            tiles[j] = tile
+        fractions = np.fromiter(run(self._fraction, rows, tiles), np.float32, count=len(rows))
         return tiles, fractions
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        for pending in self._opened.values():
+            pending.result().close()
+        self._opened.clear()
         for image, _ in self._images.values():
             image.close()
         self._images.clear()
