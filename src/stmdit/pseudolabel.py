@@ -21,61 +21,66 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
+from pydantic import Field
 from tqdm.auto import tqdm
 
-from stmdit.io import atomic_path, dataclass_from_yaml
+from stmdit.config import ConfigModel, Count, PathStr, PositiveFloat, Probability
+from stmdit.errors import ConfigError
+from stmdit.io import atomic_path, path_inside
 
 logger = logging.getLogger(__name__)
 
 CP10K = 1e4
 
 
-@dataclass
-class PseudolabelConfig:
+class SlideGeometry(ConfigModel):
+    """Pseudo-spot geometry; unset entries take :func:`stmdit.data.readers.read_he_slide`'s
+    defaults (DeepSpot's TCGA protocol)."""
+
+    spot_diameter_um: PositiveFloat | None = None
+    spacing_um: PositiveFloat | None = None
+    background_threshold: Annotated[float, Field(ge=0.0, le=255.0)] | None = None
+    min_tissue_fraction: Probability | None = None
+
+
+class SlideSpec(SlideGeometry):
+    """One slide given as a mapping: its path, pixel size and ids, and its own geometry."""
+
+    path: PathStr
+    mpp: PositiveFloat | None = None
+    sample_id: str | None = None
+    patient_id: str | None = None
+
+
+class PseudolabelConfig(SlideGeometry):
     """Slides are paths, or mappings with ``path`` and optionally ``mpp``, ``sample_id``,
     ``patient_id`` and per-slide geometry (``spot_diameter_um``, ``spacing_um``,
     ``background_threshold``, ``min_tissue_fraction``). Geometry defaults to DeepSpot's TCGA
     protocol (:func:`stmdit.data.readers.read_he_slide`)."""
 
-    predictor: str
-    slides: list = field(default_factory=list)
-    out: str = "pseudolabels"
-    spot_diameter_um: float | None = None
-    spacing_um: float | None = None
-    background_threshold: float | None = None
-    min_tissue_fraction: float | None = None
-    tile_px: int = 64
-    batch_size: int = 64
+    config_name: ClassVar[str] = "pseudolabel config"
+
+    predictor: PathStr
+    slides: Annotated[list[PathStr | SlideSpec], Field(min_length=1)]
+    out: PathStr = "pseudolabels"
+    tile_px: Annotated[int, Field(ge=8)] = 64
+    batch_size: Count = 64
     trust_pickle: bool = False
-
-    def __post_init__(self):
-        if not self.slides:
-            raise ValueError("pseudolabel: 'slides' lists no slide")
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides) -> PseudolabelConfig:
-        return dataclass_from_yaml(cls, path, "pseudolabel config", **overrides)
 
     def slide_specs(self) -> list[dict]:
         specs = []
         for item in self.slides:
-            spec = {"path": str(item)} if isinstance(item, (str, os.PathLike)) else dict(item)
-            if "path" not in spec:
-                raise ValueError(f"pseudolabel: a slide entry needs a path; got {item!r}")
-            unknown = set(spec) - {"path", "mpp", "sample_id", "patient_id", "spot_diameter_um", "spacing_um",
-                                   "background_threshold", "min_tissue_fraction"}  # fmt: skip
-            if unknown:
-                raise ValueError(f"pseudolabel: unknown keys {sorted(unknown)} in slide entry {spec['path']}")
+            spec = {"path": item} if isinstance(item, str) else item.model_dump(exclude_none=True)
             spec.setdefault("sample_id", Path(spec["path"]).stem)
             specs.append(spec)
         ids = [s["sample_id"] for s in specs]
         if len(ids) != len(set(ids)):
-            raise ValueError(f"pseudolabel: slide sample ids repeat ({ids}); give each a sample_id")
+            raise ConfigError(f"pseudolabel: slide sample ids repeat ({ids}); give each a sample_id")
         return specs
 
 
@@ -137,7 +142,7 @@ def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     specs = cfg.slide_specs()
-    paths = [out / f"{s['sample_id']}.h5ad" for s in specs]
+    paths = [path_inside(out, s["sample_id"], suffix=".h5ad") for s in specs]
     mine = [
         i
         for i in range(len(specs))

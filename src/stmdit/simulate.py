@@ -19,15 +19,18 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, ClassVar
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from pydantic import AfterValidator, Field
 from scipy import ndimage
 
-from stmdit.io import dataclass_from_yaml, write_json
+from stmdit.config import ConfigModel, Count, PathStr, Probability
+from stmdit.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -279,31 +282,51 @@ def measure(tiles: np.ndarray, names: list[str], morphology_encoder=None, predic
 # -- the experiment ------------------------------------------------------------------------
 
 
-@dataclass
-class SimulateConfig:
+def _perturbations(variants: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Each variant entry must build a :class:`Perturbation` (its own checks apply)."""
+    known = [f.name for f in dataclasses.fields(Perturbation)]
+    for name, entries in variants.items():
+        for i, entry in enumerate(entries):
+            unknown = sorted(set(entry) - set(known))
+            if unknown:
+                raise ValueError(f"variant {name!r}, change {i}: unknown keys {unknown}; use {', '.join(known)}")
+            try:
+                Perturbation(**entry)
+            except ValueError as err:
+                raise ValueError(f"variant {name!r}, change {i}: {err}") from None
+    return variants
+
+
+class StateSpec(ConfigModel):
+    """A target state for ``interpolate_to``: exactly one of a spot, a cluster or a sample."""
+
+    spot: str | None = None
+    cluster: Annotated[list[str], Field(min_length=2, max_length=2)] | None = None
+    sample: str | None = None
+
+
+class SimulateConfig(ConfigModel):
     """``stmdit simulate``: a pipeline, data, a start state and variants to compare with it."""
 
-    pipeline: str
-    data: str
-    out: str
+    config_name: ClassVar[str] = "simulate config"
+
+    pipeline: PathStr
+    data: PathStr
+    out: PathStr
     spot: str | None = None
-    cluster: list[str] | None = None
+    cluster: Annotated[list[str], Field(min_length=2, max_length=2)] | None = None
     sample: str | None = None
-    variants: dict[str, list[dict]] = field(default_factory=dict)
-    interpolate_to: dict | None = None
-    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    seeds: list[int] = field(default_factory=lambda: list(range(8)))
+    variants: Annotated[dict[str, list[dict[str, Any]]], AfterValidator(_perturbations)] = {}
+    interpolate_to: StateSpec | None = None
+    alphas: Annotated[list[Probability], Field(min_length=1)] = [0.25, 0.5, 0.75, 1.0]
+    seeds: Annotated[list[int], Field(min_length=1)] = list(range(8))
     use_morphology: bool = False
-    edit_strength: float | None = None
+    edit_strength: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     guidance_morph: float = 1.5
     guidance_ge: float = 2.0
-    steps: int = 20
-    gene_sets: dict[str, list[str]] = field(default_factory=dict)
-    predictor: str | None = None
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides) -> SimulateConfig:
-        return dataclass_from_yaml(cls, path, "simulate config", **overrides)
+    steps: Count = 20
+    gene_sets: dict[str, list[str]] = {}
+    predictor: PathStr | None = None
 
 
 def load_expression_data(path: str | os.PathLike):
@@ -337,7 +360,8 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
         )
     if cfg.interpolate_to:
         target = start_state(
-            adata, **{k: (tuple(v) if k == "cluster" else v) for k, v in cfg.interpolate_to.items()}
+            adata, **{k: (tuple(v) if k == "cluster" else v)
+                      for k, v in cfg.interpolate_to.model_dump(exclude_none=True).items()}  # fmt: skip
         )
         path = interpolate(control, target, cfg.alphas)
         for i, name in enumerate(path.obs_names):
@@ -368,7 +392,7 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
         predictor, predictor_encoder = load_predictor(cfg.predictor)
     result = measure(generated, names, morphology_encoder=pipe.morphology_encoder, predictor=predictor,
                      predictor_encoder=predictor_encoder, tile_um=tile_um)  # fmt: skip
-    result["config"] = dataclasses.asdict(cfg)
+    result["config"] = cfg.to_dict()
     result["start_state"] = str(control.obs["state"].iloc[0])
     rows = [(name, generated[i]) for i, name in enumerate(names)]
     if init is not None:
