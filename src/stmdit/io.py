@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from stmdit.errors import StmditError, UnsafePathError
+from stmdit.errors import InputFileError, StmditError, UnsafePathError
 
 
 @contextlib.contextmanager
@@ -78,16 +78,27 @@ def load_state_dict_file(path: str | os.PathLike, trust_pickle: bool = False):
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors' own error type derives from Exception only
+            raise InputFileError(path, f"not a readable safetensors file ({err})") from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # A real pickle with objects besides tensors fails on an "Unsupported global"; anything
+        # else (an unknown opcode, an invalid load key) means the file is not a torch checkpoint.
+        if "Unsupported global" not in str(err):
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+            reason = detail.group(1) if detail else str(err)
+            raise InputFileError(path, f"not a readable torch checkpoint ({reason})") from err
         if not trust_pickle:
             raise UntrustedPickleError(
                 f"{path} holds pickled Python objects besides tensors, and loading it runs code from the file. "
                 "If you trust where it came from, pass trust_pickle=True (CLI: --trust-pickle), or re-save its "
                 "state dict as .safetensors."
             ) from err
+    except (RuntimeError, EOFError, ValueError) as err:  # truncated zip archives, empty files
+        raise InputFileError(path, f"not a readable torch checkpoint ({type(err).__name__}: {err})") from err
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
