@@ -167,65 +167,39 @@ def _kind(value) -> str:
 
 def _walk(cls, loc) -> tuple[list, list[str] | None]:
     """The key path of an error location as the user wrote it (pydantic adds union tags and
-    type names to locations) and the keys allowed where the path ends, when known."""
+    type names to locations), and the keys of the last mapping model on the way (for an
+    unknown key: the keys it could have been)."""
     keys: list = []
+    holder = None
     current: Any = cls
     for part in loc:
         current = _unwrap(current)
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            if part in current.model_fields:
-                keys.append(part)
-                current = current.model_fields[part].annotation
-                continue
-            keys.append(part)
-            current = None
-            continue
         origin = typing.get_origin(current)
-        if origin in (list, tuple) and isinstance(part, int):
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            holder = current
+            keys.append(part)
+            field = current.model_fields.get(part)
+            current = field.annotation if field is not None else None
+        elif origin in (list, tuple) and isinstance(part, int):
             keys.append(part)
             args = typing.get_args(current)
             current = args[0] if args else None
-            continue
-        if origin is dict:
+        elif origin is dict:
             keys.append(part)
             args = typing.get_args(current)
             current = args[1] if len(args) == 2 else None
-            continue
-        if origin in (typing.Union, types.UnionType):
-            members = [m for m in typing.get_args(current) if _tag(m) == part]
-            if members:  # a discriminated union: the tag is not a key
+        elif origin in (typing.Union, types.UnionType):
+            names = {m: (_tag(m), getattr(_unwrap(m), "__name__", None)) for m in typing.get_args(current)}
+            members = [m for m, labels in names.items() if part in labels]
+            if members:  # a union's tag or member name, not a key
                 current = members[0]
-                continue
-            if isinstance(part, str) and not part.isidentifier():
-                continue  # pydantic's name of a union member (e.g. "list[float]")
-        if isinstance(part, str) and not part.isidentifier():
-            continue
-        keys.append(part)
-        current = None
-    current = _unwrap(current)
-    allowed = list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else None
-    if keys and allowed is not None and keys[-1] in allowed:
-        allowed = None
-    # An unknown key's allowed set is that of the model holding it.
-    if allowed is None and keys:
-        parent = _model_at(cls, keys[:-1])
-        allowed = list(parent.model_fields) if parent is not None else None
-    return keys, allowed
-
-
-def _model_at(cls, keys):
-    current: Any = cls
-    for part in keys:
-        current = _unwrap(current)
-        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
-            current = current.model_fields[part].annotation
-        elif typing.get_origin(current) in (list, tuple, dict):
-            args = typing.get_args(current)
-            current = args[-1] if args else None
-        else:
-            return None
-    current = _unwrap(current)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+            elif not (isinstance(part, str) and not part.isidentifier()):  # e.g. "list[float]"
+                keys.append(part)
+                current = None
+        elif not (isinstance(part, str) and not part.isidentifier()):
+            keys.append(part)
+            current = None
+    return keys, (list(holder.model_fields) if holder is not None else None)
 
 
 def _unwrap(annotation):

@@ -57,7 +57,7 @@ def generate_tiles(
         adata, n_spots = None, num_images
     if not Path(pipeline).exists() and not _looks_like_hub_id(str(pipeline)):
         raise FileNotFoundError(f"pipeline folder {pipeline} does not exist (train one with `stmdit train`)")
-    pipe = STMDiTPipeline.from_pretrained(pipeline)
+    pipe = STMDiTPipeline.from_pretrained(str(pipeline))
     pipe.set_progress_bar_config(disable=True)
     tile_dir = out / "tiles"
     tile_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from typing import Annotated, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from tqdm.auto import tqdm
 
 from stmdit.config import ConfigModel, Count, PathStr, PositiveFloat, Probability
@@ -57,6 +57,11 @@ class SlideSpec(SlideGeometry):
     patient_id: str | None = None
 
 
+def _slide_mapping(item):
+    """A slide given as a bare path is ``{path: ...}``."""
+    return {"path": os.fspath(item)} if isinstance(item, (str, os.PathLike)) else item
+
+
 class PseudolabelConfig(SlideGeometry):
     """Slides are paths, or mappings with ``path`` and optionally ``mpp``, ``sample_id``,
     ``patient_id`` and per-slide geometry (``spot_diameter_um``, ``spacing_um``,
@@ -66,7 +71,7 @@ class PseudolabelConfig(SlideGeometry):
     config_name: ClassVar[str] = "pseudolabel config"
 
     predictor: PathStr
-    slides: Annotated[list[PathStr | SlideSpec], Field(min_length=1)]
+    slides: Annotated[list[Annotated[SlideSpec, BeforeValidator(_slide_mapping)]], Field(min_length=1)]
     out: PathStr = "pseudolabels"
     tile_px: Annotated[int, Field(ge=8)] = 64
     batch_size: Count = 64
@@ -75,7 +80,7 @@ class PseudolabelConfig(SlideGeometry):
     def slide_specs(self) -> list[dict]:
         specs = []
         for item in self.slides:
-            spec = {"path": item} if isinstance(item, str) else item.model_dump(exclude_none=True)
+            spec = item.model_dump(exclude_none=True)
             spec.setdefault("sample_id", Path(spec["path"]).stem)
             specs.append(spec)
         ids = [s["sample_id"] for s in specs]

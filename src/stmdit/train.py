@@ -584,8 +584,8 @@ class Trainer:
                     if not math.isfinite(loss):
                         raise TrainingDiverged(
                             f"{self.run_dir}: the training loss became {loss} at step {step} "
-                            f"(learning_rate {cfg.learning_rate:g}); lower learning_rate, or lengthen "
-                            "warmup_steps, and start over with --no-resume (or resume from the last checkpoint)"
+                            f"(learning_rate {cfg.learning_rate:g}); lower learning_rate (or lengthen "
+                            "warmup_steps) and rerun with --no-resume to start over"
                         )
                     window.append(loss)
                     done = step + 1
