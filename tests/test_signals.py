@@ -48,8 +48,14 @@ def _losses(run: Path) -> list[float]:
 
 def _interrupt(config: Path, run: Path, sig: int, after: int) -> int:
     """Start (or resume) training, send ``sig`` once ``after`` losses are logged; the step it stopped at."""
-    proc = subprocess.Popen(_command(config), cwd=config.parent, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _command(config),
+        cwd=config.parent,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and len(_losses(run)) < after:
         time.sleep(0.02)
@@ -75,14 +81,26 @@ def test_sigterm_and_sigint_write_checkpoints_and_reruns_continue_the_same_run(t
     assert second >= first + 3
     # The last rerun resumes at `second` and runs three more steps.
     target = second + 3
-    resumed = subprocess.run(_command(config, "--max-steps", str(target)), cwd=tmp_path, env=_env(),
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        _command(config, "--max-steps", str(target)),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (run / "pipeline" / "model_index.json").exists()
     # An uninterrupted run of the same length (the steps' losses do not depend on max_steps
     # under this constant schedule, so any longer reference would give the same prefix).
-    reference = subprocess.run(_command(config, "--max-steps", str(target), "--output-dir", "reference"),
-                               cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    reference = subprocess.run(
+        _command(config, "--max-steps", str(target), "--output-dir", "reference"),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert reference.returncode == 0, reference.stderr[-2000:]
     assert len(_losses(run)) == target
     assert _losses(run) == _losses(tmp_path / "reference")  # exact, step for step

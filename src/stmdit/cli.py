@@ -96,7 +96,9 @@ def command(*args, **kwargs):
             except Exception as err:
                 if kw.get("verbose"):
                     traceback.print_exc()
-                _fail(f"unexpected {_message(err)} (a bug: rerun with --verbose for the traceback, and report it)")
+                _fail(
+                    f"unexpected {_message(err)} (a bug: rerun with --verbose for the traceback, and report it)"
+                )
 
         return app.command(*args, **kwargs)(wrapper)
 
@@ -154,7 +156,9 @@ def train(
     cfg = TrainConfig.from_yaml(config, **overrides)
     spec = cfg.to_dict()
     try:
-        data = load_training_data({**spec["data"], **({"trust_pickle": True} if trust_pickle else {})}, spec["model"])
+        data = load_training_data(
+            {**spec["data"], **({"trust_pickle": True} if trust_pickle else {})}, spec["model"]
+        )
         result = Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
                          vae=data.vae, val=data.val, resume=resume).run()  # fmt: skip
     except TrainingInterrupted as stop:
@@ -336,7 +340,8 @@ def section(
     steps: Annotated[int, Steps] = 20,
     use_morphology: Annotated[bool, typer.Option(help="Also condition on each spot's real tile")] = False,
     um_per_px: Annotated[
-        float | None, typer.Option(callback=_positive, help="Output scale (default: the generated tiles' own)")
+        float | None,
+        typer.Option(callback=_positive, help="Output scale (default: the generated tiles' own)"),
     ] = None,
     batch_size: Annotated[int, BatchSize] = 16,
     verbose: Verbose = False,
@@ -429,7 +434,9 @@ def generate(
     guidance_ge: Annotated[
         float, typer.Option(callback=_finite, help="Guidance scale for gene expression")
     ] = 1.5,
-    guidance_morph: Annotated[float, typer.Option(callback=_finite, help="Guidance scale for morphology")] = 1.5,
+    guidance_morph: Annotated[
+        float, typer.Option(callback=_finite, help="Guidance scale for morphology")
+    ] = 1.5,
     steps: Annotated[int, Steps] = 20,
     images_per_spot: Annotated[
         int, typer.Option(min=1, help="Images per spot, each from different noise")
