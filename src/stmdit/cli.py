@@ -155,6 +155,9 @@ def train(
     overrides = {k: v for k, v in (("output_dir", output_dir), ("max_steps", max_steps)) if v is not None}
     cfg = TrainConfig.from_yaml(config, **overrides)
     spec = cfg.to_dict()
+    if spec["data"]["source"] == "store" and not (Path(cfg.data.path) / "manifest.json").is_file():
+        _fail(f"{config}: data.path: {cfg.data.path} is not a prepared dataset (no manifest.json); "
+              "run `stmdit prepare` first")  # fmt: skip
     try:
         data = load_training_data(
             {**spec["data"], **({"trust_pickle": True} if trust_pickle else {})}, spec["model"]

@@ -33,7 +33,7 @@ import yaml
 from accelerate import Accelerator
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -120,14 +120,6 @@ class StoreDataSpec(ConfigModel):
     path: PathStr
     split: str = "train"
     val_split: str = "val"
-
-    @field_validator("path")
-    @classmethod
-    def _prepared_dataset(cls, path: str) -> str:
-        if not (Path(path) / "manifest.json").is_file():
-            what = "does not exist" if not Path(path).exists() else "has no manifest.json"
-            raise ValueError(f"the prepared dataset folder {path} {what}; run `stmdit prepare` first")
-        return path
 
 
 def _data_source(value) -> str:

@@ -33,7 +33,7 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 from tqdm.auto import tqdm
 
 from stmdit.config import ConfigModel, Count, NonNegativeInt, PathStr
@@ -71,7 +71,11 @@ class EvaluateConfig(ConfigModel):
     guidance_morph: float = 1.5
     guidance_ge: float = 2.0
     steps: Count = 20
-    ablations: list[Literal["null", "shuffled"]] = ["null", "shuffled"]
+    # YAML reads a bare `null` as nothing; here it can only mean the "null" ablation.
+    ablations: list[Annotated[Literal["null", "shuffled"], BeforeValidator(lambda v: "null" if v is None else v)]] = [
+        "null",
+        "shuffled",
+    ]
     sweep_guidance_ge: list[float] = []
     inception_weights: PathStr | None = None
     fd_encoder: str = "store"
