@@ -7,7 +7,15 @@ import yaml
 
 from conftest import run_two_processes
 from stmdit.data.features import FeatureDataset, StepBatchSampler
-from stmdit.train import ConfigMismatchError, TrainConfig, Trainer, TrainingInterrupted, find_checkpoints
+from stmdit.errors import ConfigError, TrainingDiverged
+from stmdit.train import (
+    ConfigMismatchError,
+    CorruptCheckpointError,
+    TrainConfig,
+    Trainer,
+    TrainingInterrupted,
+    find_checkpoints,
+)
 
 
 def dataset(n=24, seed=0):
@@ -83,13 +91,42 @@ def test_resume_refuses_a_folder_from_another_config(tmp_path):
     Trainer(config(tmp_path, learning_rate=1e-2, max_steps=2), dataset(), resume=False, progress=False).run()
 
 
-def test_resume_from_a_corrupt_checkpoint_fails_clearly(tmp_path):
+def test_resume_skips_a_corrupt_newest_checkpoint_and_removes_stale_temporaries(tmp_path, caplog):
+    data = dataset()
+    full = Trainer(config(tmp_path, "full"), data, progress=False).run()
+    # Checkpoints at steps 2 and 4; then the one at 4 is damaged (a crash, a bad disk) and
+    # crashed saves left temporaries behind in the run and checkpoint folders.
+    Trainer(config(tmp_path, "run", max_steps=4, keep_checkpoints=2), data, progress=False).run()
+    run = tmp_path / "run"
+    (find_checkpoints(run)[-1] / "ema.safetensors").write_bytes(b"not a safetensors file")
+    stale = [run / "checkpoints" / ".step_00000006.k2j3.tmp", run / ".pipeline.x8a1.tmp"]
+    for folder in stale:
+        (folder / "transformer").mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="stmdit.train"):
+        resumed = Trainer(config(tmp_path, "run", keep_checkpoints=2), data, progress=False).run()
+    assert "step_00000004 is incomplete or corrupt" in caplog.text
+    assert not any(folder.exists() for folder in stale)
+    assert (run / "checkpoints" / "step_00000004.corrupt").is_dir()  # set aside, not deleted
+    # Resumed from step 2: the same losses as a run that was never interrupted.
+    assert resumed.final_step == 6
+    assert losses(run) == losses(tmp_path / "full")
+    assert [v for _, v in resumed.losses] == [v for _, v in full.losses]
+
+
+def test_resume_with_no_intact_checkpoint_fails_clearly(tmp_path):
     cfg = config(tmp_path, max_steps=2)
     Trainer(cfg, dataset(), progress=False).run()
-    weights = find_checkpoints(cfg.output_dir)[-1] / "ema.safetensors"
-    weights.write_bytes(b"not a safetensors file")
-    with pytest.raises(RuntimeError, match=r"checkpoint .*step_00000002 is incomplete or corrupt"):
+    (find_checkpoints(cfg.output_dir)[-1] / "ema.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CorruptCheckpointError, match=r"no intact checkpoint .*step_00000002.*--no-resume"):
         Trainer(config(tmp_path, max_steps=4), dataset(), progress=False).run()
+
+
+def test_a_diverging_loss_names_the_step_and_the_learning_rate(tmp_path):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"loss became (nan|inf) at step \d+ \(learning_rate 1e\+30\); lower learning_rate",
+    ):
+        Trainer(config(tmp_path, learning_rate=1e30, warmup_steps=0), dataset(), progress=False).run()
 
 
 def test_stop_request_writes_a_checkpoint_and_resumes(tmp_path):
@@ -117,16 +154,31 @@ def test_bf16_mixed_precision_trains(tmp_path):
 
 
 def test_config_rejects_bad_values_and_unknown_keys(tmp_path):
-    with pytest.raises(ValueError, match="mixed_precision must be"):
+    with pytest.raises(ValueError, match="mixed_precision"):
         TrainConfig(mixed_precision="fp8")
-    with pytest.raises(ValueError, match="p_drop_ge must be a probability"):
+    with pytest.raises(ValueError, match="p_drop_ge"):
         TrainConfig(p_drop_ge=2.0)
     path = tmp_path / "c.yaml"
-    path.write_text("max_step: 10\n")
-    with pytest.raises(ValueError, match=r"unknown training config keys \['max_step'\]"):
+    path.write_text("max_step: 10\nmodel:\n  preset: tiny\n  hiden_size: 8\nema_decay: 5.0\n")
+    with pytest.raises(ConfigError) as err:
         TrainConfig.from_yaml(path)
+    message = str(err.value)
+    assert f"{path}, line 1: max_step: unknown key (did you mean 'max_steps'?)" in message
+    assert f"{path}, line 4: model.hiden_size: unknown key (did you mean 'hidden_size'?)" in message
+    assert f"{path}, line 5: ema_decay: input should be less than 1; got 5.0" in message
     with pytest.raises(ValueError, match="model.in_channels is 4 in the config but the training data has 3"):
         Trainer(config(tmp_path, model={"preset": "tiny", "in_channels": 4}), dataset(), progress=False).run()
+
+
+def test_config_reads_yaml_1_2_floats_and_round_trips(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1e-4\nmodel: {preset: S, depth: 2}\ndata: {source: synthetic, grid: 4}\n")
+    cfg = TrainConfig.from_yaml(path, max_steps=7)
+    assert cfg.learning_rate == 1e-4 and cfg.max_steps == 7
+    assert cfg.to_dict()["model"] == {"preset": "S", "depth": 2}
+    assert cfg.to_dict()["data"] == {"source": "synthetic", "grid": 4}
+    (tmp_path / "again.yaml").write_text(cfg.to_yaml())
+    assert TrainConfig.from_yaml(tmp_path / "again.yaml") == cfg
 
 
 @pytest.mark.slow

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
+import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
+import click
 import typer
+import yaml
+
+from stmdit.errors import StmditError
 
 app = typer.Typer(
     name="stmdit",
@@ -17,15 +24,33 @@ app = typer.Typer(
 )
 
 
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress; show tracebacks of errors")]
+# Options that feed sampling or batching: a zero, a negative or a NaN is a usage error (exit 2).
+Steps = typer.Option(min=1, help="Sampling steps (DPM-Solver++)")
+BatchSize = typer.Option(min=1)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
 
 
-def _fail(message: str) -> None:
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number; got {value}")
+    return value
+
+
+def _positive(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number > 0; got {value}")
+    return value
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 PrecisionOption = Annotated[
@@ -43,7 +68,59 @@ def _use_precision(ctx: typer.Context, precision: str) -> None:
     ctx.with_resource(default_precision(precision))
 
 
-@app.command()
+def _message(err: BaseException) -> str:
+    """The text of a user-facing failure; built-in errors that do not name their file are
+    named by type so the message still says what happened."""
+    from pydantic import ValidationError
+
+    from stmdit.config import describe_validation_error
+
+    if isinstance(err, ValidationError):
+        return describe_validation_error(err)
+    if isinstance(err, KeyError):  # str(KeyError) is the quoted key alone
+        return f"missing entry {err.args[0]!r}" if err.args else "missing entry"
+    if isinstance(err, EOFError):
+        return f"an input file ends early (truncated or still being written): {err}"
+    text = str(err)
+    if isinstance(err, StmditError) or isinstance(err, (ValueError, OSError)):
+        return text or type(err).__name__
+    return f"{type(err).__name__}: {text}"
+
+
+def command(*args, **kwargs):
+    """``app.command`` that turns failures into one readable line and exit status 1.
+
+    Usage errors stay click's (exit 2); a user-facing failure (the project's own errors,
+    OSError, ValueError, KeyError, EOFError: what bad input raises) prints its message; any
+    other exception is a bug and says so. A traceback is printed only with ``--verbose``.
+    """
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except (typer.Exit, typer.Abort, click.ClickException):
+                raise
+            except KeyboardInterrupt:
+                _fail("interrupted", code=130)
+            except (StmditError, OSError, ValueError, KeyError, EOFError, yaml.YAMLError) as err:
+                if kw.get("verbose"):
+                    traceback.print_exc()
+                _fail(_message(err))
+            except Exception as err:
+                if kw.get("verbose"):
+                    traceback.print_exc()
+                _fail(
+                    f"unexpected {_message(err)} (a bug: rerun with --verbose for the traceback, and report it)"
+                )
+
+        return app.command(*args, **kwargs)(wrapper)
+
+    return decorate
+
+
+@command()
 def demo(
     ctx: typer.Context,
     out: Annotated[
@@ -52,7 +129,7 @@ def demo(
     quick: Annotated[bool, typer.Option(help="Seconds-long smoke run of the same code path")] = False,
     seed: Annotated[int, typer.Option(help="Seed for simulation, training and sampling")] = 0,
     precision: PrecisionOption = "auto",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Simulate tissue, train a GE-conditioned STMDiT and a no-GE baseline, and compare them."""
     from stmdit.demo import DemoSettings, run_demo
@@ -75,33 +152,37 @@ def demo(
     )
 
 
-@app.command()
+@command()
 def train(
     config: Annotated[
         Path,
         typer.Argument(help="Training config (YAML); see README for the keys", exists=True, dir_okay=False),
     ],
     output_dir: Annotated[str | None, typer.Option(help="Override the config's output_dir")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Override the config's max_steps")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Override the config's max_steps")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir")] = True,
     trust_pickle: Annotated[
         bool, typer.Option(help="Allow encoder checkpoints that need unpickling (runs code from them)")
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Train an STMDiT. Works in one process or under ``accelerate launch``."""
     from stmdit.data.sources import load_training_data
-    from stmdit.train import ConfigMismatchError, TrainConfig, Trainer, TrainingInterrupted
+    from stmdit.train import TrainConfig, Trainer, TrainingInterrupted
 
     _setup_logging(verbose)
     overrides = {k: v for k, v in (("output_dir", output_dir), ("max_steps", max_steps)) if v is not None}
+    cfg = TrainConfig.from_yaml(config, **overrides)
+    spec = cfg.to_dict()
+    if spec["data"]["source"] == "store" and not (Path(cfg.data.path) / "manifest.json").is_file():
+        _fail(f"{config}: data.path: {cfg.data.path} is not a prepared dataset (no manifest.json); "
+              "run `stmdit prepare` first")  # fmt: skip
     try:
-        cfg = TrainConfig.from_yaml(config, **overrides)
-        data = load_training_data({**cfg.data, **({"trust_pickle": True} if trust_pickle else {})}, cfg.model)
+        data = load_training_data(
+            {**spec["data"], **({"trust_pickle": True} if trust_pickle else {})}, spec["model"]
+        )
         result = Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
                          vae=data.vae, val=data.val, resume=resume).run()  # fmt: skip
-    except (ConfigMismatchError, ValueError) as err:
-        _fail(str(err))
     except TrainingInterrupted as stop:
         typer.echo(str(stop), err=True)
         raise typer.Exit(code=130) from None
@@ -111,7 +192,7 @@ def train(
         typer.echo(f"trained to step {result.final_step}; pipeline saved to {result.pipeline_dir}")
 
 
-@app.command()
+@command()
 def prepare(
     config: Annotated[
         Path,
@@ -123,19 +204,14 @@ def prepare(
     restart: Annotated[
         bool, typer.Option("--restart", help="Discard what an earlier run wrote in the folder and start over")
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Read samples, tile every spot and write a prepared dataset (resumes when rerun)."""
-    from stmdit.data.chunks import StoreMismatchError
     from stmdit.data.store import PrepareConfig
     from stmdit.data.store import prepare as run_prepare
 
     _setup_logging(verbose)
-    try:
-        cfg = PrepareConfig.from_yaml(config, out=out)
-        store = run_prepare(cfg, restart=restart)
-    except (StoreMismatchError, ValueError, FileNotFoundError, KeyError) as err:
-        _fail(str(err))
+    store = run_prepare(PrepareConfig.from_yaml(config, out=out), restart=restart)
     stages = store.manifest()["stages"]
     typer.echo(
         f"{store.root}: {stages['spots']['n_spots']} spots, {stages['tiles']['kept']} kept "
@@ -143,33 +219,34 @@ def prepare(
     )
 
 
-@app.command()
+@command()
 def encode(
     dataset: Annotated[Path, typer.Argument(help="Prepared dataset folder")],
     ge_encoder: Annotated[str, typer.Option(help="panel | cancerfoundation[:FOLDER]")] = "panel",
     n_genes: Annotated[
-        int | None, typer.Option(help="GE panel size (default: panel 256, CancerFoundation 1199)")
+        int | None, typer.Option(min=1, help="GE panel size (default: panel 256, CancerFoundation 1199)")
     ] = None,
     morphology_encoder: Annotated[
         str, typer.Option(help="stain | uni2h[:SOURCE] | timm:NAME[@WEIGHTS] | auto")
     ] = "stain",
-    morphology_grid: Annotated[int, typer.Option(help="Tokens per side (4 = PixCell-1024's 4 x 4 grid)")] = 1,
+    morphology_grid: Annotated[
+        int, typer.Option(min=1, help="Tokens per side (4 = PixCell-1024's 4 x 4 grid)")
+    ] = 1,
     vae: Annotated[str, typer.Option(help="none (pixel space) | sd35 | VAE folder or hub id")] = "none",
     ge_tokens: Annotated[bool, typer.Option(help="Also cache per-gene GE tokens (for PMA models)")] = False,
     features: Annotated[
         str, typer.Option(help="Features to cache, comma-separated (others: on the fly)")
     ] = "latents,morphology,ge",
-    batch_size: Annotated[int, typer.Option()] = 32,
+    batch_size: Annotated[int, BatchSize] = 32,
     trust_pickle: Annotated[
         bool, typer.Option(help="Allow checkpoints that need unpickling (runs code from them)")
     ] = False,
     restart: Annotated[
         bool, typer.Option("--restart", help="Discard the store's earlier features and encoders and start over")
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Cache frozen-encoder features in a prepared dataset (resumes; shards under accelerate launch)."""
-    from stmdit.data.chunks import StoreMismatchError
     from stmdit.data.encode import EncodeConfig
     from stmdit.data.encode import encode as run_encode
 
@@ -177,10 +254,7 @@ def encode(
     cfg = EncodeConfig(ge_encoder=ge_encoder, n_genes=n_genes, morphology_encoder=morphology_encoder,
                        morphology_grid=morphology_grid, vae=vae, ge_tokens=ge_tokens, batch_size=batch_size,
                        features=tuple(f for f in features.split(",") if f), trust_pickle=trust_pickle)  # fmt: skip
-    try:
-        store = run_encode(dataset, cfg, restart=restart)
-    except (StoreMismatchError, ValueError, FileNotFoundError, OSError) as err:
-        _fail(str(err))
+    store = run_encode(dataset, cfg, restart=restart)
     from stmdit.distributed import process_state
 
     if not process_state().is_main_process:
@@ -189,7 +263,7 @@ def encode(
         typer.echo(f"{name}: {tuple(info['shape'])} {info['dtype']} from {info['encoder']}")
 
 
-@app.command("train-predictor")
+@command("train-predictor")
 def train_predictor(
     dataset: Annotated[
         Path, typer.Argument(help="Prepared dataset folder (train split for fitting, val for early stopping)")
@@ -198,10 +272,12 @@ def train_predictor(
     morphology_encoder: Annotated[
         str, typer.Option(help="stain | uni2h[:SOURCE] | timm:NAME[@WEIGHTS]")
     ] = "stain",
-    n_genes: Annotated[int | None, typer.Option(help="Top highly variable genes to predict [default: 5000, DeepSpot's]")] = None,
+    n_genes: Annotated[
+        int | None, typer.Option(min=1, help="Top highly variable genes to predict [default: 5000, DeepSpot's]")
+    ] = None,
     gene_selection: Annotated[str | None, typer.Option(help="seurat_v3 (DeepSpot's, default) | variance")] = None,
-    epochs: Annotated[int, typer.Option()] = 100,
-    batch_size: Annotated[int, typer.Option()] = 256,
+    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    batch_size: Annotated[int, BatchSize] = 256,
     leave_one_patient_out: Annotated[
         bool, typer.Option(help="Also fit one model per held-out patient")
     ] = False,
@@ -209,20 +285,19 @@ def train_predictor(
     trust_pickle: Annotated[
         bool, typer.Option(help="Allow checkpoints that need unpickling (runs code from them)")
     ] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Train the DeepSpot-style expression predictor (H&E features -> spot expression)."""
     from stmdit.predictor import train_predictor_command
 
-    try:
-        path = train_predictor_command(dataset, out, morphology_encoder=morphology_encoder, n_genes=n_genes,
-                                       gene_selection=gene_selection, epochs=epochs, leave_one_patient_out=leave_one_patient_out, seed=seed,
-                                       trust_pickle=trust_pickle, batch_size=batch_size)  # fmt: skip
-    except (ValueError, FileNotFoundError, OSError) as err:
-        _fail(str(err))
+    _setup_logging(verbose)
+    path = train_predictor_command(dataset, out, morphology_encoder=morphology_encoder, n_genes=n_genes,
+                                   gene_selection=gene_selection, epochs=epochs, leave_one_patient_out=leave_one_patient_out, seed=seed,
+                                   trust_pickle=trust_pickle, batch_size=batch_size)  # fmt: skip
     typer.echo(f"predictor saved to {path}")
 
 
-@app.command()
+@command()
 def evaluate(
     config: Annotated[
         Path,
@@ -239,20 +314,17 @@ def evaluate(
     download_weights: Annotated[
         bool, typer.Option("--download-weights", help="Fetch the FID Inception weights if absent (network)")
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Compare models on the same held-out spots and seeds: FID/KID/FD, fidelity AUC, GE ablation, report."""
     from stmdit.evaluate.run import EvaluateConfig
     from stmdit.evaluate.run import evaluate as run_evaluate
 
     _setup_logging(verbose)
-    try:
-        cfg = EvaluateConfig.from_yaml(
-            config, out=out, inception_weights=inception_weights, download_weights=download_weights or None
-        )
-        results = run_evaluate(cfg)
-    except (ValueError, FileNotFoundError, OSError, KeyError) as err:
-        _fail(str(err))
+    cfg = EvaluateConfig.from_yaml(
+        config, out=out, inception_weights=inception_weights, download_weights=download_weights or None
+    )
+    results = run_evaluate(cfg)
     typer.echo(f"{'model':<16}{'setting':<12}{'FID':>10}{'FD-morph':>11}{'fidelity':>10}")
     for name, model in results["models"].items():
         for setting, res in model["settings"].items():
@@ -273,7 +345,7 @@ def evaluate(
     typer.echo(f"report: {Path(cfg.out) / 'report.html'} (numbers and protocol in metrics.json)")
 
 
-@app.command()
+@command()
 def pseudolabel(
     config: Annotated[
         Path,
@@ -282,22 +354,19 @@ def pseudolabel(
         ),
     ],
     out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Predict pseudo spatial transcriptomics for H&E-only slides (resumes; shards under accelerate launch)."""
     from stmdit.experiments.pseudolabel import PseudolabelConfig
     from stmdit.experiments.pseudolabel import pseudolabel as run_pseudolabel
 
     _setup_logging(verbose)
-    try:
-        paths = run_pseudolabel(PseudolabelConfig.from_yaml(config, out=out))
-    except (ValueError, FileNotFoundError, OSError) as err:
-        _fail(str(err))
+    paths = run_pseudolabel(PseudolabelConfig.from_yaml(config, out=out))
     for path in paths:
         typer.echo(str(path))
 
 
-@app.command()
+@command()
 def section(
     ctx: typer.Context,
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder")],
@@ -307,34 +376,34 @@ def section(
         Path, typer.Option(help="Output folder (side-by-side PNG, mosaic, geometry JSON, tile cache)")
     ],
     seed: Annotated[int, typer.Option()] = 0,
-    guidance_ge: Annotated[float, typer.Option()] = 2.0,
-    guidance_morph: Annotated[float, typer.Option()] = 1.5,
-    steps: Annotated[int, typer.Option()] = 20,
+    guidance_ge: Annotated[float, typer.Option(callback=_finite)] = 2.0,
+    guidance_morph: Annotated[float, typer.Option(callback=_finite)] = 1.5,
+    steps: Annotated[int, Steps] = 20,
     use_morphology: Annotated[bool, typer.Option(help="Also condition on each spot's real tile")] = False,
     um_per_px: Annotated[
-        float | None, typer.Option(help="Output scale (default: the generated tiles' own)")
+        float | None,
+        typer.Option(callback=_positive, help="Output scale (default: the generated tiles' own)"),
     ] = None,
-    batch_size: Annotated[int, typer.Option()] = 16,
+    batch_size: Annotated[int, BatchSize] = 16,
     spatialdata: Annotated[
         Path | None, typer.Option(help="Also write a SpatialData zarr store here (needs stmdit[spatialdata])")
     ] = None,
     precision: PrecisionOption = "auto",
+    verbose: Verbose = False,
 ) -> None:
     """Whole-section virtual H&E: a tile for every spot, assembled at the spot layout beside the real H&E."""
     from stmdit.section_export import section_command
 
+    _setup_logging(verbose)
     _use_precision(ctx, precision)
-    try:
-        paths = section_command(pipeline, dataset, sample, out, seed=seed, guidance_ge=guidance_ge,
-                                guidance_morph=guidance_morph, steps=steps, use_morphology=use_morphology,
-                                um_per_px=um_per_px, batch_size=batch_size, spatialdata=spatialdata)  # fmt: skip
-    except (ValueError, FileNotFoundError, OSError) as err:
-        _fail(str(err))
+    paths = section_command(pipeline, dataset, sample, out, seed=seed, guidance_ge=guidance_ge,
+                            guidance_morph=guidance_morph, steps=steps, use_morphology=use_morphology,
+                            um_per_px=um_per_px, batch_size=batch_size, spatialdata=spatialdata)  # fmt: skip
     for role, path in paths.items():
         typer.echo(f"{role}: {path}")
 
 
-@app.command()
+@command()
 def simulate(
     ctx: typer.Context,
     config: Annotated[
@@ -347,17 +416,14 @@ def simulate(
     ],
     out: Annotated[str | None, typer.Option(help="Override the config's output folder")] = None,
     precision: PrecisionOption = "auto",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Virtual tissue experiment: perturb genes, generate paired counterfactuals over seeds, measure the change."""
     from stmdit.experiments.simulate import SimulateConfig, run_simulation
 
     _setup_logging(verbose)
     _use_precision(ctx, precision)
-    try:
-        result = run_simulation(SimulateConfig.from_yaml(config, out=out))
-    except (ValueError, KeyError, FileNotFoundError, OSError) as err:
-        _fail(str(err))
+    result = run_simulation(SimulateConfig.from_yaml(config, out=out))
     typer.echo(f"start: {result['start_state']}; {len(result['config']['seeds'])} seeds")
     for variant, change in result["changes"].items():
         parts = [f"{k} {c['mean_change']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
@@ -368,7 +434,7 @@ def simulate(
     )
 
 
-@app.command()
+@command()
 def serve(
     ctx: typer.Context,
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder (e.g. outputs/demo/runs/ge/pipeline)")],
@@ -378,18 +444,20 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Address to bind; the default keeps the app on this machine")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     gene_sets: Annotated[
         Path | None, typer.Option(help="YAML: gene set name -> gene symbols, beside the marker programmes")
     ] = None,
-    steps: Annotated[int, typer.Option(help="Default sampling steps")] = 20,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest .h5ad upload, in MB")] = 50,
-    max_spots: Annotated[int, typer.Option(help="Most spots an uploaded .h5ad may have")] = 5000,
+    steps: Annotated[int, typer.Option(min=1, help="Default sampling steps")] = 20,
+    max_upload_mb: Annotated[
+        float, typer.Option(callback=_positive, help="Largest .h5ad upload, in MB")
+    ] = 50,
+    max_spots: Annotated[int, typer.Option(min=1, help="Most spots an uploaded .h5ad may have")] = 5000,
     threads: Annotated[
-        int, typer.Option(help="torch CPU threads (0: torch's default); 1 is fastest for small models")
+        int, typer.Option(min=0, help="torch CPU threads (0: torch's default); 1 is fastest for small models")
     ] = 1,
     precision: PrecisionOption = "auto",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Serve the virtual-experiment web page: perturb a spot's genes, compare counterfactual tiles."""
     from stmdit.genesets import load_gene_sets
@@ -397,15 +465,12 @@ def serve(
 
     _setup_logging(verbose)
     _use_precision(ctx, precision)
-    try:
-        sets = load_gene_sets(gene_sets) if gene_sets else None
-        run_server(pipeline, data, host=host, port=port, gene_sets=sets, steps=steps, max_upload_mb=max_upload_mb,
-                   max_spots=max_spots, cpu_threads=threads or None)  # fmt: skip
-    except (FileNotFoundError, ValueError, OSError) as err:
-        _fail(str(err))
+    sets = load_gene_sets(gene_sets) if gene_sets else None
+    run_server(pipeline, data, host=host, port=port, gene_sets=sets, steps=steps, max_upload_mb=max_upload_mb,
+               max_spots=max_spots, cpu_threads=threads or None)  # fmt: skip
 
 
-@app.command()
+@command()
 def generate(
     ctx: typer.Context,
     pipeline: Annotated[Path, typer.Argument(help="Pipeline folder (as written by training) or hub id")],
@@ -419,28 +484,33 @@ def generate(
         str | None, typer.Option(help="Comma-separated obs names to generate (default: all)")
     ] = None,
     gene_column: Annotated[str | None, typer.Option(help="var column holding gene symbols")] = None,
-    guidance_ge: Annotated[float, typer.Option(help="Guidance scale for gene expression")] = 1.5,
-    guidance_morph: Annotated[float, typer.Option(help="Guidance scale for morphology")] = 1.5,
-    steps: Annotated[int, typer.Option(help="Sampling steps (DPM-Solver++)")] = 20,
-    images_per_spot: Annotated[int, typer.Option(help="Images per spot, each from different noise")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Spots per forward pass")] = 16,
+    guidance_ge: Annotated[
+        float, typer.Option(callback=_finite, help="Guidance scale for gene expression")
+    ] = 1.5,
+    guidance_morph: Annotated[
+        float, typer.Option(callback=_finite, help="Guidance scale for morphology")
+    ] = 1.5,
+    steps: Annotated[int, Steps] = 20,
+    images_per_spot: Annotated[
+        int, typer.Option(min=1, help="Images per spot, each from different noise")
+    ] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Spots per forward pass")] = 16,
     seed: Annotated[int, typer.Option()] = 0,
     precision: PrecisionOption = "auto",
+    verbose: Verbose = False,
 ) -> None:
     """Generate tiles for the spots of an AnnData file (or unconditional tiles without one)."""
     from stmdit.generate import generate_tiles
 
+    _setup_logging(verbose)
     _use_precision(ctx, precision)
-    try:
-        path = generate_tiles(pipeline, expression, out, spots=spots.split(",") if spots else None,
-                              gene_column=gene_column, guidance_ge=guidance_ge, guidance_morph=guidance_morph,
-                              steps=steps, images_per_spot=images_per_spot, batch_size=batch_size, seed=seed)  # fmt: skip
-    except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
-        _fail(str(err))
+    path = generate_tiles(pipeline, expression, out, spots=spots.split(",") if spots else None,
+                          gene_column=gene_column, guidance_ge=guidance_ge, guidance_morph=guidance_morph,
+                          steps=steps, images_per_spot=images_per_spot, batch_size=batch_size, seed=seed)  # fmt: skip
     typer.echo(f"wrote {path}")
 
 
-@app.command()
+@command()
 def weights() -> None:
     """Where each component's real weights come from, whether they are gated, and whether
     they are already on this machine (environment variable or hub cache)."""
@@ -464,7 +534,7 @@ def weights() -> None:
     )
 
 
-@app.command()
+@command()
 def version() -> None:
     """Print the versions of stmdit and the libraries it rests on."""
     import diffusers

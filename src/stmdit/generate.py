@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -9,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from stmdit.data.readers.convention import derived_anndata, read_h5ad, write_h5ad
-from stmdit.io import atomic_path
+from stmdit.errors import InputFileError
+from stmdit.io import atomic_path, path_inside
 
 
 def spot_generator(seed: int, spot_index: int, image_index: int = 0) -> torch.Generator:
@@ -41,7 +43,10 @@ def generate_tiles(
         expression = Path(expression)
         if not expression.is_file():
             raise FileNotFoundError(f"expression file {expression} does not exist")
-        adata = read_h5ad(expression)
+        try:
+            adata = read_h5ad(expression)
+        except OSError as err:  # h5py's messages do not name the file
+            raise InputFileError(expression, f"not a readable .h5ad (AnnData HDF5) file: {err}") from err
         if spots is not None:
             unknown = [s for s in spots if s not in adata.obs_names]
             if unknown:
@@ -50,7 +55,9 @@ def generate_tiles(
         n_spots = adata.n_obs
     else:
         adata, n_spots = None, num_images
-    pipe = STMDiTPipeline.from_pretrained(pipeline)
+    if not Path(pipeline).exists() and not _looks_like_hub_id(str(pipeline)):
+        raise FileNotFoundError(f"pipeline folder {pipeline} does not exist (train one with `stmdit train`)")
+    pipe = STMDiTPipeline.from_pretrained(str(pipeline))
     pipe.set_progress_bar_config(disable=True)
     tile_dir = out / "tiles"
     tile_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +82,8 @@ def generate_tiles(
         ).images
         for j, image in enumerate(images):
             spot, k = names[idx[j // images_per_spot]], j % images_per_spot
-            path = tile_dir / f"{spot}_{k}.png"
+            # Spot names come from the data: "../x" or "/tmp/x" must not leave the output folder.
+            path = path_inside(tile_dir, f"{spot}_{k}", suffix=".png")
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             rows.append({"spot": spot, "image_index": k, "tile_path": str(path.relative_to(out))})
@@ -92,3 +100,8 @@ def generate_tiles(
     target = out / "generated.h5ad"
     write_h5ad(result, target)
     return target
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """``owner/name`` as the Hugging Face hub spells it (a local path is anything else)."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is not None and not text.startswith(".")

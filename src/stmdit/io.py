@@ -4,12 +4,16 @@ so a reader sees either the old complete file (or folder) or the new complete on
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from stmdit.errors import InputFileError, StmditError, UnsafePathError
 
 
 @contextlib.contextmanager
@@ -53,7 +57,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     plt.close(fig)
 
 
-class UntrustedPickleError(ValueError):
+class UntrustedPickleError(StmditError, ValueError):
     """A checkpoint holds pickled Python objects; loading it would run code from the file."""
 
 
@@ -74,16 +78,27 @@ def load_state_dict_file(path: str | os.PathLike, trust_pickle: bool = False):
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors' own error type derives from Exception only
+            raise InputFileError(path, f"not a readable safetensors file ({err})") from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # A real pickle with objects besides tensors fails on an "Unsupported global"; anything
+        # else (an unknown opcode, an invalid load key) means the file is not a torch checkpoint.
+        if "Unsupported global" not in str(err):
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+            reason = detail.group(1) if detail else str(err)
+            raise InputFileError(path, f"not a readable torch checkpoint ({reason})") from err
         if not trust_pickle:
             raise UntrustedPickleError(
                 f"{path} holds pickled Python objects besides tensors, and loading it runs code from the file. "
                 "If you trust where it came from, pass trust_pickle=True (CLI: --trust-pickle), or re-save its "
                 "state dict as .safetensors."
             ) from err
+    except (RuntimeError, EOFError, ValueError) as err:  # truncated zip archives, empty files
+        raise InputFileError(path, f"not a readable torch checkpoint ({type(err).__name__}: {err})") from err
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -93,18 +108,50 @@ def differences(old: dict, new: dict, old_label: str = "saved", new_label: str =
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]  # fmt: skip
 
 
-def dataclass_from_yaml(cls, path: str | os.PathLike, what: str, **overrides):
-    """Build a config dataclass from a YAML mapping; unknown keys are an error naming them."""
-    import dataclasses
+# atomic_path's temporaries: ".<name>.<random>.tmp".
+_TEMPORARY_RE = re.compile(r"^\..+\.[^.]+\.tmp$")
+_UNSAFE_CHARACTERS_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
-    import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a {what} must be a mapping of keys to values")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown {what} keys {unknown}; known keys are {sorted(known)}")
-    return cls(**data)
+def remove_stale_temporaries(*folders: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that :func:`atomic_path` left in ``folders`` when a process died
+    mid-save (a killed save leaves a hidden ``.<name>.<random>.tmp``); returns what went.
+
+    Call it only where no other process is saving into these folders at the same time."""
+    removed = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for item in folder.iterdir():
+            if _TEMPORARY_RE.match(item.name) and item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+                removed.append(item)
+    return removed
+
+
+def safe_file_name(name: object, fallback: str = "item") -> str:
+    """``name`` (a spot, sample, dataset or variant id) as a single portable file name.
+
+    Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``, leading dots
+    are dropped (no hidden files, no ``..``), and a name that had to change gets a short hash
+    of the original, so that ``a/b`` and ``a_b`` stay two files.
+    """
+    text = str(name)
+    safe = _UNSAFE_CHARACTERS_RE.sub("_", text).lstrip(".")[:120] or fallback
+    if safe != text:
+        safe = f"{safe}-{hashlib.blake2b(text.encode(), digest_size=4).hexdigest()}"
+    return safe
+
+
+def path_inside(folder: str | os.PathLike, *names: object, suffix: str = "") -> Path:
+    """``folder / safe(name) / ... / safe(last) + suffix``, checked to stay inside ``folder``."""
+    folder = Path(folder)
+    if not names:
+        raise ValueError("path_inside needs at least one name")
+    parts = [safe_file_name(n) for n in names]
+    parts[-1] += suffix
+    path = folder.joinpath(*parts)
+    root = folder.resolve()
+    if not path.resolve().is_relative_to(root):  # e.g. a symlinked sub-folder pointing elsewhere
+        raise UnsafePathError(f"{path} would be written outside the output folder {folder}")
+    return path

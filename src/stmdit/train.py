@@ -16,7 +16,6 @@ tensor dict loaded with ``torch.load(weights_only=True)``, the rest is JSON.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -25,18 +24,29 @@ import os
 import re
 import shutil
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import yaml
 from accelerate import Accelerator
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
+from pydantic import Discriminator, Field, Tag
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from stmdit.config import (
+    ConfigModel,
+    Count,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PathStr,
+    PositiveFloat,
+    Probability,
+)
 from stmdit.data.features import FeatureDataset, StepBatchSampler, batch_condition, collate_batch
 from stmdit.diffusion import (
     ModalityDropout,
@@ -47,8 +57,9 @@ from stmdit.diffusion import (
 )
 from stmdit.distributed import cpu_process_group, process_state
 from stmdit.encoders.vae import decode_latents
-from stmdit.io import atomic_path, dataclass_from_yaml, differences, write_json, write_text
-from stmdit.model import STMDiT
+from stmdit.errors import StmditError, TrainingDiverged
+from stmdit.io import atomic_path, differences, remove_stale_temporaries, write_json, write_text
+from stmdit.model import GE_INJECTIONS, GE_POOLINGS, PRESETS, STMDiT
 from stmdit.model_card import training_record
 
 logger = logging.getLogger(__name__)
@@ -66,8 +77,12 @@ RESUME_FREE_KEYS = {
 }
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(StmditError, ValueError):
     """A resume folder was written by a run with a different configuration."""
+
+
+class CorruptCheckpointError(StmditError, RuntimeError):
+    """A checkpoint cannot be read (a crash during its save, a damaged disk)."""
 
 
 class TrainingInterrupted(Exception):
@@ -80,8 +95,77 @@ class TrainingInterrupted(Exception):
         self.step, self.checkpoint = step, checkpoint
 
 
-@dataclass
-class TrainConfig:
+class SyntheticDataSpec(ConfigModel):
+    """``data`` with ``source: synthetic``: the embedded tissue simulator; the keys are the
+    arguments of :func:`stmdit.data.sources.prepare_synthetic` (its defaults apply)."""
+
+    tag: ClassVar[str] = "synthetic"
+    source: Literal["synthetic"] = "synthetic"
+    n_sections: Annotated[int, Field(ge=2)] | None = None
+    grid: Count | None = None
+    tile_size: Annotated[int, Field(ge=4)] | None = None
+    n_genes: Count | None = None
+    seed: int | None = None
+    ge_encoder: str | None = None
+    morphology_encoder: str | None = None
+    vae: str | None = None
+    ge_tokens: bool | None = None
+    trust_pickle: bool | None = None
+
+
+class StoreDataSpec(ConfigModel):
+    """``data`` with ``source: store``: a dataset written by ``stmdit prepare`` (and ``encode``)."""
+
+    tag: ClassVar[str] = "store"
+    source: Literal["store"]
+    path: PathStr
+    split: str = "train"
+    val_split: str = "val"
+
+
+def _data_source(value) -> str:
+    if isinstance(value, dict):
+        return value.get("source", "synthetic")
+    return getattr(value, "source", "synthetic")
+
+
+DataSpec = Annotated[
+    Annotated[SyntheticDataSpec, Tag("synthetic")] | Annotated[StoreDataSpec, Tag("store")],
+    Discriminator(_data_source, custom_error_type="data_source",
+                  custom_error_message="source must be 'synthetic' or 'store'"),
+]  # fmt: skip
+
+
+class ModelSpec(ConfigModel):
+    """``model``: a size ``preset`` plus any :class:`~stmdit.model.STMDiT` constructor argument
+    to override. Entries that the data decides (channels, sample size, feature widths) are
+    filled in from it and, when given, must agree with it."""
+
+    preset: Literal[tuple(PRESETS)] = "tiny"
+    sample_size: Count | None = None
+    patch_size: Count | None = None
+    in_channels: Count | None = None
+    out_channels: Count | None = None
+    hidden_size: Count | None = None
+    depth: Count | None = None
+    num_heads: Count | None = None
+    mlp_ratio: PositiveFloat | None = None
+    morph_dim: Count | None = None
+    morph_tokens: Count | None = None
+    ge_injection: Literal[GE_INJECTIONS] | None = None
+    ge_pooling: Literal[GE_POOLINGS] | None = None
+    ge_dim: Count | None = None
+    ge_token_dim: Count | None = None
+    pma_seeds: Count | None = None
+    interpolation_scale: PositiveFloat | None = None
+    norm_eps: PositiveFloat | None = None
+
+    def arguments(self) -> dict:
+        """The constructor arguments given (the preset supplies the others)."""
+        return self.model_dump(exclude_unset=True, exclude={"preset"})
+
+
+class TrainConfig(ConfigModel):
     """Everything that defines a training run; saved as ``config.yaml`` in the run folder.
 
     ``data`` says where the training features come from (read by
@@ -98,57 +182,43 @@ class TrainConfig:
     (lr 2e-5, 1000 warm-up steps, clip 0.01).
     """
 
-    output_dir: str = "runs/stmdit"
-    data: dict = field(default_factory=lambda: {"source": "synthetic"})
-    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    config_name: ClassVar[str] = "training config"
+
+    output_dir: PathStr = "runs/stmdit"
+    data: DataSpec = Field(default_factory=SyntheticDataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
     init_from: str | None = None
-    max_steps: int = 1000
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    lr_schedule: str = "constant_with_warmup"
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    mixed_precision: str = "no"
+    max_steps: Count = 1000
+    batch_size: Count = 32
+    learning_rate: PositiveFloat = 1e-4
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_steps: NonNegativeInt = 100
+    lr_schedule: Literal[tuple(s.value for s in SchedulerType)] = "constant_with_warmup"
+    grad_clip: NonNegativeFloat = 1.0
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    p_drop_morphology: float = 0.1
-    p_drop_ge: float = 0.1
-    vlb_weight: float = 0.0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    sample_every: int = 0
-    sample_spots: int = 8
-    sample_steps: int = 20
+    p_drop_morphology: Probability = 0.1
+    p_drop_ge: Probability = 0.1
+    vlb_weight: NonNegativeFloat = 0.0
+    checkpoint_every: Count = 500
+    keep_checkpoints: Count = 3
+    sample_every: NonNegativeInt = 0
+    sample_spots: Count = 8
+    sample_steps: Count = 20
     guidance_morph: float = 1.5
     guidance_ge: float = 1.5
-    log_every: int = 10
-    num_workers: int = 0
+    log_every: Count = 10
+    num_workers: NonNegativeInt = 0
     seed: int = 0
 
-    def __post_init__(self):
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
-        for name in (
-            "max_steps",
-            "batch_size",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "log_every",
-            "sample_spots",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("p_drop_morphology", "p_drop_ge"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1]; got {getattr(self, name)}")
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
-        return dataclass_from_yaml(cls, path, "training config", **overrides)
-
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values; ``data`` and ``model`` hold the keys that were given (their defaults
+        live in :func:`~stmdit.data.sources.prepare_synthetic` and the presets)."""
+        out = self.model_dump(exclude={"data", "model"})
+        out["data"] = {"source": self.data.source, **self.data.model_dump(exclude_unset=True)}
+        out["model"] = {"preset": self.model.preset, **self.model.arguments()}
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -156,8 +226,8 @@ class TrainConfig:
 
 def build_model(config: TrainConfig, dataset: FeatureDataset) -> STMDiT:
     """STMDiT from the config's ``model`` section, with data-determined entries filled in."""
-    spec = dict(config.model)
-    preset = spec.pop("preset", "tiny")
+    spec = config.model.arguments()
+    preset = config.model.preset
     from_data = dataset.model_kwargs()
     for key, value in from_data.items():
         if key in spec and spec[key] != value:
@@ -291,14 +361,14 @@ class Trainer:
             ema_weights = load_file(path / "ema.safetensors")
             state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
         except Exception as err:  # any failure to read a checkpoint means it cannot be resumed from
-            raise RuntimeError(
+            raise CorruptCheckpointError(
                 f"checkpoint {path} is incomplete or corrupt ({type(err).__name__}: {err})"
             ) from err
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.load_state_dict(weights, strict=False)
         missing = set(n for n, _ in unwrapped.named_parameters()) - set(weights)
         if missing:
-            raise RuntimeError(f"checkpoint {path} lacks parameters {sorted(missing)[:5]}")
+            raise CorruptCheckpointError(f"checkpoint {path} lacks parameters {sorted(missing)[:5]}")
+        unwrapped.load_state_dict(weights, strict=False)
         names = [n for n, _ in unwrapped.named_parameters()]
         for shadow, name in zip(ema.shadow_params, names, strict=True):
             shadow.copy_(ema_weights[name])
@@ -309,6 +379,32 @@ class Trainer:
             accelerator.scaler.load_state_dict(state["grad_scaler"])
         torch.set_rng_state(state["torch_rng"])
         return int(step)
+
+    def _resume(self, checkpoints: list[Path], model, optimizer, lr_scheduler, ema, accelerator) -> int:
+        """Load the newest intact checkpoint; corrupt newer ones are reported and set aside
+        (renamed ``*.corrupt``) so that later saves and resumes pass them by."""
+        corrupt = []
+        for path in reversed(checkpoints):
+            try:
+                step = self._load_checkpoint(path, model, optimizer, lr_scheduler, ema, accelerator)
+            except CorruptCheckpointError as err:
+                logger.warning("%s; trying the one before it", err)
+                corrupt.append(path)
+                continue
+            logger.info("resumed %s at step %d", path, step)
+            break
+        else:
+            raise CorruptCheckpointError(
+                f"{self.run_dir}: no intact checkpoint to resume from ({len(corrupt)} corrupt: "
+                f"{', '.join(p.name for p in corrupt)}); rerun with --no-resume to start over"
+            )
+        accelerator.wait_for_everyone()
+        if corrupt and accelerator.is_main_process:
+            for path in corrupt:
+                path.rename(path.with_name(path.name + ".corrupt"))
+                logger.warning("resumed from %s; set %s aside as %s.corrupt", path.name, path.name, path.name)
+        accelerator.wait_for_everyone()
+        return step
 
     # -- sampling grids and final pipeline ---------------------------------------------
 
@@ -377,6 +473,10 @@ class Trainer:
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_process_group(), log_with="tensorboard",
                                   project_dir=str(self.run_dir))  # fmt: skip
         device = accelerator.device
+        if accelerator.is_main_process:
+            for stale in remove_stale_temporaries(self.run_dir, self.run_dir / "checkpoints"):
+                logger.warning("removed %s, left by an interrupted save", stale)
+        accelerator.wait_for_everyone()
         existing = find_checkpoints(self.run_dir)
         if existing and self.resume:
             self._check_resume_config()
@@ -406,14 +506,13 @@ class Trainer:
         losses_path = self.run_dir / "losses.jsonl"
         history: list[tuple[int, float]] = []
         if existing and self.resume:
-            start_step = self._load_checkpoint(existing[-1], model, optimizer, lr_scheduler, ema, accelerator)
+            start_step = self._resume(existing, model, optimizer, lr_scheduler, ema, accelerator)
             if losses_path.exists():
                 history = [
                     (r["step"], r["loss"])
                     for r in map(json.loads, losses_path.read_text().splitlines())
                     if r["step"] < start_step
                 ]
-            logger.info("resumed %s at step %d", existing[-1], start_step)
         if accelerator.is_main_process:
             write_text(losses_path, "".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in history))
             accelerator.init_trackers("tensorboard")
@@ -478,8 +577,10 @@ class Trainer:
 
                     loss = accelerator.reduce(out["loss"].detach(), reduction="mean").item()
                     if not math.isfinite(loss):
-                        raise FloatingPointError(
-                            f"training loss became {loss} at step {step}; lower the learning rate"
+                        raise TrainingDiverged(
+                            f"{self.run_dir}: the training loss became {loss} at step {step} "
+                            f"(learning_rate {cfg.learning_rate:g}); lower learning_rate (or lengthen "
+                            "warmup_steps) and rerun with --no-resume to start over"
                         )
                     window.append(loss)
                     done = step + 1

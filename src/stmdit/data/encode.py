@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
+from stmdit.config import ConfigModel, Count
 from stmdit.data.chunks import ChunkedArray
 from stmdit.data.store import (
     DatasetStore,
@@ -39,33 +41,27 @@ ENCODER_CLASSES = {
 }
 
 
-@dataclass
-class EncodeConfig:
+FEATURES = ("latents", "morphology", "ge")
+
+
+class EncodeConfig(ConfigModel):
     """Which encoders (specs of :mod:`stmdit.encoders.factory`) and which features to cache."""
 
+    config_name: ClassVar[str] = "encode options"
+
     ge_encoder: str = "panel"
-    n_genes: int | None = None
+    n_genes: Count | None = None
     morphology_encoder: str = "stain"
-    morphology_grid: int = 1
+    morphology_grid: Count = 1
     vae: str = "none"
     ge_tokens: bool = False
     # Which features to cache; the others are encoded on the fly during training.
-    features: tuple[str, ...] = ("latents", "morphology", "ge")
-    batch_size: int = 32
+    features: Annotated[tuple[Literal[FEATURES], ...], Field(strict=False)] = FEATURES
+    batch_size: Count = 32
     trust_pickle: bool = False
 
-    def __post_init__(self):
-        self.features = tuple(self.features)
-        unknown = set(self.features) - {"latents", "morphology", "ge"}
-        if unknown:
-            raise ValueError(
-                f"features to cache must be among latents, morphology, ge; got {sorted(unknown)}"
-            )
-
     def parameters(self) -> dict:
-        d = asdict(self)
-        d.pop("batch_size")  # batching changes results only by float round-off
-        d.pop("trust_pickle")
+        d = self.model_dump(exclude={"batch_size", "trust_pickle"})  # batching changes only round-off
         d["features"] = list(d["features"])
         return d
 

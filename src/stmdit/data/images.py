@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from stmdit.errors import InputFileError
 from stmdit.stain import otsu_threshold
 
 __all__ = [
@@ -192,14 +193,14 @@ class _ArrayImage(SlideImage):
     concurrent_reads = True
 
     def __init__(self, path: Path, mpp: float | None):
-        with _allow_large_images(), Image.open(path) as im:
+        with _decode_errors_name(path), _allow_large_images(), Image.open(path) as im:
             w, h = im.size
         self._array: np.ndarray | None = None
         super().__init__(path, (w, h), [(w, h)], mpp)
 
     def _read_level(self, level, x0, y0, x1, y1):
         if self._array is None:
-            with _allow_large_images(), Image.open(self.path) as im:
+            with _decode_errors_name(self.path), _allow_large_images(), Image.open(self.path) as im:
                 self._array = _to_rgb(im)
             self._array.flags.writeable = False
         return self._array[y0:y1, x0:x1]
@@ -211,7 +212,8 @@ class _TiffImage(SlideImage):
     def __init__(self, path: Path, mpp: float | None):
         import tifffile
 
-        self._tif = tifffile.TiffFile(path)
+        with _decode_errors_name(path):
+            self._tif = tifffile.TiffFile(path)
         series = self._series = self._tif.series[0]
         self._axes = series.axes
         if not (set("YX") <= set(self._axes)):
@@ -317,6 +319,18 @@ def open_image(path: str | Path, mpp: float | None = None, backend: str | None =
     if backend == "pil":
         return _ArrayImage(path, mpp)
     raise ValueError(f"unknown image backend {backend!r}; use 'openslide', 'tifffile' or 'pil'")
+
+
+@contextlib.contextmanager
+def _decode_errors_name(path: Path) -> Iterator[None]:
+    """Decoders' errors ("image file is truncated", "not a TIFF file") do not say which file;
+    this names it. (SyntaxError: what Pillow raises for some malformed headers.)"""
+    try:
+        yield
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        if isinstance(err, InputFileError):
+            raise
+        raise InputFileError(path, f"cannot decode it as an image ({type(err).__name__}: {err})") from err
 
 
 @contextlib.contextmanager

@@ -19,29 +19,42 @@ chunks across processes under ``accelerate launch``.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import hashlib
+import inspect
 import logging
 import os
 import platform
 import shutil
 import time
+import types
+import typing
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from pydantic import AfterValidator, Field, ValidationError, create_model, field_validator
 from tqdm.auto import tqdm
 
+from stmdit.config import (
+    ConfigModel,
+    Count,
+    NonNegativeFloat,
+    PathStr,
+    PositiveFloat,
+    Probability,
+    describe_validation_error,
+)
 from stmdit.data import readers
 from stmdit.data.chunks import ChunkedArray, StoreMismatchError
 from stmdit.data.readers import concat_samples
 from stmdit.data.readers.convention import read_h5ad, write_h5ad
 from stmdit.data.tiling import SpotTiler, open_slide, slide_key, tile_boxes
-from stmdit.io import dataclass_from_yaml, differences, write_json
+from stmdit.io import differences, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +161,66 @@ def package_versions() -> dict:
 # -- configuration ------------------------------------------------------------------------
 
 
-@dataclass
-class PrepareConfig:
+SAMPLE_FORMATS = ("visium", "hest", "legacy_st", "spatial_h5ad", "cell_table", "he_slide", "pseudolabels")
+# Keys of a sample entry that are not arguments of its reader.
+SAMPLE_KEYS = ("format", "split")
+
+
+def sample_reader(fmt: str):
+    """The reader function of a sample ``format``."""
+    return {"visium": readers.read_visium, "hest": readers.read_hest, "legacy_st": readers.read_legacy_st,
+            "spatial_h5ad": readers.read_spatial_h5ad, "cell_table": readers.read_cell_table,
+            "he_slide": readers.read_he_slide, "pseudolabels": readers.read_pseudolabels}[fmt]  # fmt: skip
+
+
+@functools.cache
+def _sample_model(fmt: str) -> type[ConfigModel]:
+    """A config model of one sample entry, built from its reader's signature (so the reader
+    keeps the only copy of each default): unknown, missing and mistyped arguments are errors."""
+    fields: dict = {"format": (Literal[fmt], ...)}
+    fields.update(_arguments_of(sample_reader(fmt)))
+    if fmt == "cell_table":  # the pseudo-spot aggregation's arguments
+        from stmdit.data.readers import aggregate_to_pseudospots
+
+        aggregation = _arguments_of(aggregate_to_pseudospots, skip=("adata", "diameter_um"))
+        fields.update(pseudospot_um=(PositiveFloat, ...), **aggregation)
+    model = create_model(f"{fmt}_sample", __base__=ConfigModel, **fields)
+    model.config_name = f"{fmt} sample"
+    return model
+
+
+def _arguments_of(fn, skip=()) -> dict:
+    """pydantic fields for a function's arguments: paths are taken as text, defaults kept."""
+    hints = typing.get_type_hints(fn)
+    fields = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        if name in skip:
+            continue
+        members = typing.get_args(hints[name]) if typing.get_origin(hints[name]) in (typing.Union, types.UnionType) else (hints[name],)  # fmt: skip
+        mapped = tuple(dict.fromkeys(PathStr if m in (Path, os.PathLike) or m is str else m for m in members))
+        annotation = typing.Union[mapped] if len(mapped) > 1 else mapped[0]  # noqa: UP007 (built from a tuple)
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        fields[name] = (annotation, default)
+    return fields
+
+
+def _check_sample(entry: dict) -> dict:
+    fmt = entry.get("format")
+    if fmt is None:
+        raise ValueError(f"a sample needs a 'format': one of {', '.join(SAMPLE_FORMATS)}")
+    if fmt not in SAMPLE_FORMATS:
+        raise ValueError(f"unknown sample format {fmt!r}; use one of {', '.join(SAMPLE_FORMATS)}")
+    if "split" in entry and entry["split"] not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {entry['split']!r}")
+    model = _sample_model(fmt)
+    try:
+        model.model_validate({k: v for k, v in entry.items() if k not in SAMPLE_KEYS or k == "format"})
+    except ValidationError as err:
+        raise ValueError(f"{fmt} sample: {describe_validation_error(err, model, inline=True)}") from None
+    return entry
+
+
+class PrepareConfig(ConfigModel):
     """What ``stmdit prepare`` builds. ``samples`` lists reader calls: each a mapping with
     ``format`` (``visium``, ``hest``, ``legacy_st``, ``spatial_h5ad``, ``cell_table``, ``he_slide``,
     ``pseudolabels``: the output of ``stmdit pseudolabel``) and that
@@ -160,58 +231,44 @@ class PrepareConfig:
     patients per split (``{test: [P7_A], val: [P9]}``); see :func:`assign_splits` for how the
     groups nobody named are dealt."""
 
-    out: str
-    samples: list[dict] = field(default_factory=list)
-    tile_um: float = 128.0
-    tile_px: int = 256
-    min_tissue: float = 0.25
-    split_by: str = "patient_id"
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    splits: dict[str, list[str]] = field(default_factory=dict)
-    seed: int = 0
-    chunk_rows: int = 64
+    config_name: ClassVar[str] = "prepare config"
 
-    def __post_init__(self):
-        if not self.samples:
-            raise ValueError("prepare: 'samples' lists no input; give at least one sample")
-        for i, s in enumerate(self.samples):
-            if "format" not in s:
-                raise ValueError(
-                    f"prepare: samples[{i}] has no 'format' (visium, hest, legacy_st, cell_table, he_slide)"
-                )
-            if "split" in s and s["split"] not in SPLITS:
-                raise ValueError(f"prepare: samples[{i}].split must be one of {SPLITS}; got {s['split']!r}")
-        unknown = sorted(set(self.splits) - set(SPLITS))
-        if unknown:
-            raise ValueError(f"prepare: splits has unknown keys {unknown}; use {list(SPLITS)}")
+    out: PathStr
+    samples: Annotated[list[Annotated[dict[str, Any], AfterValidator(_check_sample)]], Field(min_length=1)]
+    tile_um: PositiveFloat = 128.0
+    tile_px: Annotated[int, Field(ge=8)] = 256
+    min_tissue: Probability = 0.25
+    split_by: str = "patient_id"
+    # A YAML list is welcome here.
+    split_fractions: Annotated[tuple[NonNegativeFloat, NonNegativeFloat, NonNegativeFloat], Field(strict=False)] = (
+        0.8,
+        0.1,
+        0.1,
+    )
+    splits: dict[Literal["train", "val", "test"], list[str]] = {}
+    seed: int = 0
+    chunk_rows: Count = 64
+
+    @field_validator("splits")
+    @classmethod
+    def _each_name_in_one_split(cls, splits: dict[str, list[str]]) -> dict[str, list[str]]:
         seen: dict[str, str] = {}
-        for split, names in self.splits.items():
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise ValueError(
-                    f"prepare: splits.{split} must be a list of sample or patient names; got {names!r}"
-                )
+        for split, names in splits.items():
             for name in names:
                 if seen.setdefault(name, split) != split:
-                    raise ValueError(f"prepare: {name!r} is named in splits.{seen[name]} and splits.{split}")
-        if self.tile_um <= 0 or self.tile_px < 8:
-            raise ValueError(f"tile_um must be > 0 and tile_px >= 8; got {self.tile_um}, {self.tile_px}")
-        fr = tuple(float(f) for f in self.split_fractions)
-        if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1) > 1e-6:
-            raise ValueError(
-                f"split_fractions must be three non-negative numbers summing to 1; got {self.split_fractions}"
-            )
-        self.split_fractions = fr
-        if not 0 <= self.min_tissue <= 1:
-            raise ValueError(f"min_tissue must be in [0, 1]; got {self.min_tissue}")
+                    raise ValueError(f"{name!r} is named in splits.{seen[name]} and splits.{split}")
+        return splits
 
+    @field_validator("split_fractions")
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides) -> PrepareConfig:
-        return dataclass_from_yaml(cls, path, "prepare config", **overrides)
+    def _fractions_sum_to_one(cls, fractions: tuple[float, float, float]) -> tuple[float, float, float]:
+        if abs(sum(fractions) - 1) > 1e-6:
+            raise ValueError(f"split_fractions must sum to 1; got {list(fractions)} (sum {sum(fractions):g})")
+        return fractions
 
     def parameters(self) -> dict:
         """Everything that determines the store's content (not where it is written)."""
-        d = dataclasses.asdict(self)
-        d.pop("out")
+        d = self.model_dump(exclude={"out"})
         d["split_fractions"] = list(d["split_fractions"])
         return d
 
@@ -221,9 +278,8 @@ class PrepareConfig:
 
 def read_sample(spec: dict) -> ad.AnnData:
     """Run the reader named by ``spec['format']`` with the rest of ``spec`` as arguments."""
-    spec = dict(spec)
+    spec = {k: v for k, v in spec.items() if k not in SAMPLE_KEYS or k == "format"}
     fmt = spec.pop("format")
-    spec.pop("split", None)  # the sample's split is prepare's business, not the reader's
     if fmt == "cell_table":
         diameter = spec.pop("pseudospot_um", None)
         if diameter is None:
@@ -232,15 +288,9 @@ def read_sample(spec: dict) -> ad.AnnData:
             )
         agg = {k: spec.pop(k) for k in ("spacing_um", "grid") if k in spec}
         return readers.aggregate_to_pseudospots(readers.read_cell_table(**spec), diameter, **agg)
-
-    fn = {"visium": readers.read_visium, "hest": readers.read_hest, "legacy_st": readers.read_legacy_st,
-          "spatial_h5ad": readers.read_spatial_h5ad, "he_slide": readers.read_he_slide,
-          "pseudolabels": readers.read_pseudolabels}.get(fmt)  # fmt: skip
-    if fn is None:
-        raise ValueError(
-            f"samples: unknown format {fmt!r}; use visium, hest, legacy_st, spatial_h5ad, cell_table, he_slide "
-            "or pseudolabels"
-        )
+    if fmt not in SAMPLE_FORMATS:
+        raise ValueError(f"samples: unknown format {fmt!r}; use one of {', '.join(SAMPLE_FORMATS)}")
+    fn = sample_reader(fmt)
     adata = fn(**spec)
     # Which expression a spot carries: measured by the assay, or predicted from H&E (PTPL).
     if "expression_source" not in adata.obs:

@@ -25,78 +25,78 @@ interrupted evaluation continues where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, BeforeValidator, Field
 from tqdm.auto import tqdm
 
+from stmdit.config import ConfigModel, Count, NonNegativeInt, PathStr
 from stmdit.evaluate.fidelity import ceiling_ratio
-from stmdit.io import atomic_path, dataclass_from_yaml, write_json
+from stmdit.io import atomic_path, safe_file_name, write_json
 from stmdit.model_card import update_model_card
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class EvaluateConfig:
+def _file_name_safe(names: dict[str, str]) -> dict[str, str]:
+    """Model names become folder names under ``out/generated``."""
+    for name in names:
+        if safe_file_name(name) != name:
+            raise ValueError(
+                f"model name {name!r} cannot be a folder name; use letters, digits, '.', '_' and '-' "
+                f"(e.g. {safe_file_name(name)!r})"
+            )
+    return names
+
+
+def _interval(bounds: tuple[float, float]) -> tuple[float, float]:
+    if not 0 <= bounds[0] < bounds[1]:
+        raise ValueError(f"must be [low, high] with 0 <= low < high; got {list(bounds)}")
+    return bounds
+
+
+class EvaluateConfig(ConfigModel):
     """What ``stmdit evaluate`` compares. ``models`` maps a name to a pipeline folder."""
 
-    out: str
-    dataset: str
-    models: dict[str, str] = field(default_factory=dict)
-    predictor: str | None = None
+    config_name: ClassVar[str] = "evaluate config"
+
+    out: PathStr
+    dataset: PathStr
+    models: Annotated[dict[str, PathStr], Field(min_length=1), AfterValidator(_file_name_safe)]
+    predictor: PathStr | None = None
     split: str = "test"
     samples: list[str] | None = None
-    max_spots_per_sample: int | None = None
-    seeds: list[int] = field(default_factory=lambda: [0])
-    inputs: str = "both"
+    max_spots_per_sample: Count | None = None
+    seeds: Annotated[list[int], Field(min_length=1)] = [0]
+    inputs: Literal["both", "ge_only"] = "both"
     guidance_morph: float = 1.5
     guidance_ge: float = 2.0
     # GE guidance only at noise levels sigma in (low, high] (interval guidance); None: every step.
-    guidance_ge_interval: list[float] | None = None
-    steps: int = 20
-    # YAML reads the word null as None: both name the null (expression removed) ablation.
-    ablations: list[str | None] = field(default_factory=lambda: ["null", "shuffled"])
-    sweep_guidance_ge: list[float] = field(default_factory=list)
-    inception_weights: str | None = None
+    guidance_ge_interval: Annotated[tuple[float, float], AfterValidator(_interval)] | None = None
+    steps: Count = 20
+    # YAML reads a bare `null` as nothing; here it can only mean the "null" ablation.
+    ablations: list[Annotated[Literal["null", "shuffled"], BeforeValidator(lambda v: "null" if v is None else v)]] = [
+        "null",
+        "shuffled",
+    ]
+    sweep_guidance_ge: list[float] = []
+    inception_weights: PathStr | None = None
     # FID/KID weights are never fetched unless asked: without them those two metrics are skipped.
     download_weights: bool = False
     fd_encoder: str = "store"
-    kid_subsets: int = 50
-    kid_subset_size: int = 1000
-    n_bootstrap: int = 1000
-    batch_size: int = 16
-    grid_spots: int = 8
-    scatter_genes: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        if not self.models:
-            raise ValueError("evaluate: 'models' names no pipeline; give name: folder pairs")
-        if self.inputs not in ("both", "ge_only"):
-            raise ValueError(f"inputs must be 'both' (morphology and GE) or 'ge_only'; got {self.inputs!r}")
-        self.ablations = ["null" if a is None else a for a in self.ablations]
-        unknown = set(self.ablations) - {"null", "shuffled"}
-        if unknown:
-            raise ValueError(f"ablations must be among null, shuffled; got {sorted(unknown)}")
-        if not self.seeds:
-            raise ValueError("evaluate: give at least one seed")
-        if self.guidance_ge_interval is not None and (
-            len(self.guidance_ge_interval) != 2
-            or not 0 <= self.guidance_ge_interval[0] < self.guidance_ge_interval[1]
-        ):
-            raise ValueError(
-                f"guidance_ge_interval must be [low, high] with 0 <= low < high; got {self.guidance_ge_interval}"
-            )
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides) -> EvaluateConfig:
-        return dataclass_from_yaml(cls, path, "evaluate config", **overrides)
+    kid_subsets: Count = 50
+    kid_subset_size: Count = 1000
+    n_bootstrap: NonNegativeInt = 1000
+    batch_size: Count = 16
+    grid_spots: Count = 8
+    scatter_genes: list[str] = []
 
 
 @dataclass
@@ -331,7 +331,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
                  f"{held.tile_um:g} µm tiles, resized to each model's resolution)")  # fmt: skip
 
     predictor = encoder = measured = None
-    results: dict = {"models": {}, "config": dataclasses.asdict(cfg), "n_spots": int(held.adata.n_obs),
+    results: dict = {"models": {}, "config": cfg.to_dict(), "n_spots": int(held.adata.n_obs),
                      "samples": sorted(set(held.samples)), "skipped": {}}  # fmt: skip
     if skipped:
         results["skipped"] = {"fid": skipped, "kid": skipped}

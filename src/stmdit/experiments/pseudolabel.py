@@ -24,26 +24,52 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
+from pydantic import BeforeValidator, Field
 from tqdm.auto import tqdm
 
+from stmdit.config import ConfigModel, Count, PathStr, PositiveFloat, Probability
 from stmdit.data.readers import read_he_slide
 from stmdit.data.readers.convention import write_h5ad
 from stmdit.data.tiling import SpotTiler
 from stmdit.distributed import process_state
-from stmdit.io import dataclass_from_yaml
+from stmdit.errors import ConfigError
+from stmdit.io import path_inside
 from stmdit.predictor import context_features, load_predictor
 from stmdit.predictor.pseudocounts import CP10K, pseudo_counts
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class PseudolabelConfig:
+class SlideGeometry(ConfigModel):
+    """Pseudo-spot geometry; unset entries take :func:`stmdit.data.readers.read_he_slide`'s
+    defaults (DeepSpot's TCGA protocol)."""
+
+    spot_diameter_um: PositiveFloat | None = None
+    spacing_um: PositiveFloat | None = None
+    background_threshold: Annotated[float, Field(ge=0.0, le=255.0)] | None = None
+    min_tissue_fraction: Probability | None = None
+
+
+class SlideSpec(SlideGeometry):
+    """One slide given as a mapping: its path, pixel size and ids, and its own geometry."""
+
+    path: PathStr
+    mpp: PositiveFloat | None = None
+    sample_id: str | None = None
+    patient_id: str | None = None
+
+
+def _slide_mapping(item):
+    """A slide given as a bare path is ``{path: ...}``."""
+    return {"path": os.fspath(item)} if isinstance(item, (str, os.PathLike)) else item
+
+
+class PseudolabelConfig(SlideGeometry):
     """Slides are paths, or mappings with ``path`` and optionally ``mpp``, ``sample_id``,
     ``patient_id`` and per-slide geometry (``spot_diameter_um``, ``spacing_um``,
     ``background_threshold``, ``min_tissue_fraction``). Geometry defaults to DeepSpot's TCGA
@@ -51,40 +77,24 @@ class PseudolabelConfig:
     training resolution (its provenance ``tile_um`` and ``tile_px``); ``tile_px`` may only
     repeat the predictor's value, and is needed for a predictor that does not record one."""
 
-    predictor: str
-    slides: list = field(default_factory=list)
-    out: str = "pseudolabels"
-    spot_diameter_um: float | None = None
-    spacing_um: float | None = None
-    background_threshold: float | None = None
-    min_tissue_fraction: float | None = None
-    tile_px: int | None = None
-    batch_size: int = 64
+    config_name: ClassVar[str] = "pseudolabel config"
+
+    predictor: PathStr
+    slides: Annotated[list[Annotated[SlideSpec, BeforeValidator(_slide_mapping)]], Field(min_length=1)]
+    out: PathStr = "pseudolabels"
+    tile_px: Annotated[int, Field(ge=8)] | None = None
+    batch_size: Count = 64
     trust_pickle: bool = False
-
-    def __post_init__(self):
-        if not self.slides:
-            raise ValueError("pseudolabel: 'slides' lists no slide")
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides) -> PseudolabelConfig:
-        return dataclass_from_yaml(cls, path, "pseudolabel config", **overrides)
 
     def slide_specs(self) -> list[dict]:
         specs = []
         for item in self.slides:
-            spec = {"path": str(item)} if isinstance(item, (str, os.PathLike)) else dict(item)
-            if "path" not in spec:
-                raise ValueError(f"pseudolabel: a slide entry needs a path; got {item!r}")
-            unknown = set(spec) - {"path", "mpp", "sample_id", "patient_id", "spot_diameter_um", "spacing_um",
-                                   "background_threshold", "min_tissue_fraction"}  # fmt: skip
-            if unknown:
-                raise ValueError(f"pseudolabel: unknown keys {sorted(unknown)} in slide entry {spec['path']}")
+            spec = item.model_dump(exclude_none=True)
             spec.setdefault("sample_id", Path(spec["path"]).stem)
             specs.append(spec)
         ids = [s["sample_id"] for s in specs]
         if len(ids) != len(set(ids)):
-            raise ValueError(f"pseudolabel: slide sample ids repeat ({ids}); give each a sample_id")
+            raise ConfigError(f"pseudolabel: slide sample ids repeat ({ids}); give each a sample_id")
         return specs
 
 
@@ -167,7 +177,7 @@ def pseudolabel(cfg: PseudolabelConfig, progress: bool = True) -> list[Path]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     specs = cfg.slide_specs()
-    paths = [out / f"{s['sample_id']}.h5ad" for s in specs]
+    paths = [path_inside(out, s["sample_id"], suffix=".h5ad") for s in specs]
     mine = [
         i
         for i in range(len(specs))

@@ -21,6 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, ClassVar
 
 import anndata as ad
 import numpy as np
@@ -28,11 +29,13 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from jinja2 import Environment, PackageLoader
+from pydantic import AfterValidator, Field
 
+from stmdit.config import ConfigModel, Count, PathStr, Probability
 from stmdit.data.store import DatasetStore
 from stmdit.generate import spot_generator
 from stmdit.genesets import marker_programmes
-from stmdit.io import dataclass_from_yaml, save_figure, write_json, write_text
+from stmdit.io import save_figure, write_json, write_text
 from stmdit.pipeline import STMDiTPipeline
 from stmdit.plotting import plt, save_tile_grid
 from stmdit.predictor import context_features, load_predictor
@@ -346,31 +349,51 @@ def measure(
 # -- the experiment ------------------------------------------------------------------------
 
 
-@dataclass
-class SimulateConfig:
+def _perturbations(variants: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Each variant entry must build a :class:`Perturbation` (its own checks apply)."""
+    known = [f.name for f in dataclasses.fields(Perturbation)]
+    for name, entries in variants.items():
+        for i, entry in enumerate(entries):
+            unknown = sorted(set(entry) - set(known))
+            if unknown:
+                raise ValueError(f"variant {name!r}, change {i}: unknown keys {unknown}; use {', '.join(known)}")
+            try:
+                Perturbation(**entry)
+            except ValueError as err:
+                raise ValueError(f"variant {name!r}, change {i}: {err}") from None
+    return variants
+
+
+class StateSpec(ConfigModel):
+    """A target state for ``interpolate_to``: exactly one of a spot, a cluster or a sample."""
+
+    spot: str | None = None
+    cluster: Annotated[list[str], Field(min_length=2, max_length=2)] | None = None
+    sample: str | None = None
+
+
+class SimulateConfig(ConfigModel):
     """``stmdit simulate``: a pipeline, data, a start state and variants to compare with it."""
 
-    pipeline: str
-    data: str
-    out: str
+    config_name: ClassVar[str] = "simulate config"
+
+    pipeline: PathStr
+    data: PathStr
+    out: PathStr
     spot: str | None = None
-    cluster: list[str] | None = None
+    cluster: Annotated[list[str], Field(min_length=2, max_length=2)] | None = None
     sample: str | None = None
-    variants: dict[str, list[dict]] = field(default_factory=dict)
-    interpolate_to: dict | None = None
-    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    seeds: list[int] = field(default_factory=lambda: list(range(8)))
+    variants: Annotated[dict[str, list[dict[str, Any]]], AfterValidator(_perturbations)] = {}
+    interpolate_to: StateSpec | None = None
+    alphas: Annotated[list[Probability], Field(min_length=1)] = [0.25, 0.5, 0.75, 1.0]
+    seeds: Annotated[list[int], Field(min_length=1)] = list(range(8))
     use_morphology: bool = False
-    edit_strength: float | None = None
+    edit_strength: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     guidance_morph: float = 1.5
     guidance_ge: float = 2.0
-    steps: int = 20
-    gene_sets: dict[str, list[str]] = field(default_factory=dict)
-    predictor: str | None = None
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides) -> SimulateConfig:
-        return dataclass_from_yaml(cls, path, "simulate config", **overrides)
+    steps: Count = 20
+    gene_sets: dict[str, list[str]] = {}
+    predictor: PathStr | None = None
 
 
 def load_expression_data(path: str | os.PathLike):
@@ -402,7 +425,8 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
         )
     if cfg.interpolate_to:
         target = start_state(
-            adata, **{k: (tuple(v) if k == "cluster" else v) for k, v in cfg.interpolate_to.items()}
+            adata, **{k: (tuple(v) if k == "cluster" else v)
+                      for k, v in cfg.interpolate_to.model_dump(exclude_none=True).items()}  # fmt: skip
         )
         path = interpolate(control, target, cfg.alphas)
         for i, name in enumerate(path.obs_names):
@@ -445,7 +469,7 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
         predictor_encoder=predictor_encoder,
         tile_um=tile_um,
     )
-    result["config"] = dataclasses.asdict(cfg)
+    result["config"] = cfg.to_dict()
     result["start_state"] = str(control.obs["state"].iloc[0])
     rows = [(name, generated[i]) for i, name in enumerate(names)]
     if init is not None:
