@@ -483,26 +483,3 @@ def test_corrupt_weights_files_name_the_file(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(InputFileError, match=rf"{name}: not a readable"):
             load_state_dict_file(tmp_path / name)
-
-
-def test_the_readme_config_examples_are_valid_configs():
-    """Each YAML block of the README, read as the command it documents reads it."""
-    import re
-
-    from stmdit.pseudolabel import PseudolabelConfig
-    from stmdit.simulate import SimulateConfig
-
-    from stmdit.config import ConfigLoader
-    from stmdit.data.store import PrepareConfig
-    from stmdit.evaluate.run import EvaluateConfig
-    from stmdit.train import TrainConfig
-
-    kinds = {"prepare.yaml": PrepareConfig, "eval.yaml": EvaluateConfig, "pseudo.yaml": PseudolabelConfig,
-             "sim.yaml": SimulateConfig}  # fmt: skip
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
-    assert len(blocks) >= 5
-    for block in blocks:
-        first = block.splitlines()[0].lstrip("# ").strip()
-        cls = kinds.get(first, TrainConfig)
-        cls.model_validate(yaml.load(block, Loader=ConfigLoader))
