@@ -14,6 +14,7 @@ import click
 import typer
 import yaml
 
+from stmdit import defaults
 from stmdit.errors import StmditError
 
 app = typer.Typer(
@@ -376,9 +377,9 @@ def section(
         Path, typer.Option(help="Output folder (side-by-side PNG, mosaic, geometry JSON, tile cache)")
     ],
     seed: Annotated[int, typer.Option()] = 0,
-    guidance_ge: Annotated[float, typer.Option(callback=_finite)] = 2.0,
-    guidance_morph: Annotated[float, typer.Option(callback=_finite)] = 1.5,
-    steps: Annotated[int, Steps] = 20,
+    guidance_ge: Annotated[float, typer.Option(callback=_finite)] = defaults.GUIDANCE_GE,
+    guidance_morph: Annotated[float, typer.Option(callback=_finite)] = defaults.GUIDANCE_MORPH,
+    steps: Annotated[int, Steps] = defaults.STEPS,
     use_morphology: Annotated[bool, typer.Option(help="Also condition on each spot's real tile")] = False,
     um_per_px: Annotated[
         float | None,
@@ -448,7 +449,7 @@ def serve(
     gene_sets: Annotated[
         Path | None, typer.Option(help="YAML: gene set name -> gene symbols, beside the marker programmes")
     ] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Default sampling steps")] = 20,
+    steps: Annotated[int, typer.Option(min=1, help="Default sampling steps")] = defaults.STEPS,
     max_upload_mb: Annotated[
         float, typer.Option(callback=_positive, help="Largest .h5ad upload, in MB")
     ] = 50,
@@ -486,11 +487,11 @@ def generate(
     gene_column: Annotated[str | None, typer.Option(help="var column holding gene symbols")] = None,
     guidance_ge: Annotated[
         float, typer.Option(callback=_finite, help="Guidance scale for gene expression")
-    ] = 1.5,
+    ] = defaults.GUIDANCE_GE,
     guidance_morph: Annotated[
         float, typer.Option(callback=_finite, help="Guidance scale for morphology")
-    ] = 1.5,
-    steps: Annotated[int, Steps] = 20,
+    ] = defaults.GUIDANCE_MORPH,
+    steps: Annotated[int, Steps] = defaults.STEPS,
     images_per_spot: Annotated[
         int, typer.Option(min=1, help="Images per spot, each from different noise")
     ] = 1,

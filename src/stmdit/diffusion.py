@@ -21,6 +21,7 @@ import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
+from stmdit import defaults
 from stmdit.model import STMDiT
 from stmdit.precision import autocast
 
@@ -288,8 +289,8 @@ def guided_prediction(
     x: torch.Tensor,
     t: torch.Tensor,
     cond: Condition,
-    guidance_morph: float = 1.5,
-    guidance_ge: float = 1.5,
+    guidance_morph: float = defaults.GUIDANCE_MORPH,
+    guidance_ge: float = defaults.GUIDANCE_GE,
     precision: str = "fp32",
 ) -> torch.Tensor:
     """Guided epsilon for a batch of latents, all branches in one forward (in ``precision``)."""
@@ -328,9 +329,9 @@ def sample(
     scheduler: DPMSolverMultistepScheduler,
     cond: Condition,
     num_images: int | None = None,
-    guidance_morph: float = 1.5,
-    guidance_ge: float = 1.5,
-    num_inference_steps: int = 20,
+    guidance_morph: float = defaults.GUIDANCE_MORPH,
+    guidance_ge: float = defaults.GUIDANCE_GE,
+    num_inference_steps: int = defaults.STEPS,
     generator: torch.Generator | list[torch.Generator] | None = None,
     latents: torch.Tensor | None = None,
     strength: float = 1.0,

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from stmdit import defaults
 from stmdit.data.readers.convention import derived_anndata, read_h5ad, write_h5ad
 from stmdit.errors import InputFileError
 from stmdit.io import atomic_path, path_inside
@@ -26,9 +27,9 @@ def generate_tiles(
     out: str | Path,
     spots: list[str] | None = None,
     gene_column: str | None = None,
-    guidance_ge: float = 1.5,
-    guidance_morph: float = 1.5,
-    steps: int = 20,
+    guidance_ge: float = defaults.GUIDANCE_GE,
+    guidance_morph: float = defaults.GUIDANCE_MORPH,
+    steps: int = defaults.STEPS,
     images_per_spot: int = 1,
     batch_size: int = 16,
     seed: int = 0,

@@ -22,6 +22,7 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.utils import BaseOutput
 from PIL import Image
 
+from stmdit import defaults
 from stmdit.diffusion import Condition, sample
 from stmdit.encoders.expression import PanelAlignment
 from stmdit.encoders.morphology import images_to_tensor
@@ -180,9 +181,9 @@ class STMDiTPipeline(DiffusionPipeline):
         morphology=None,
         expression_embeds: torch.Tensor | dict[str, torch.Tensor] | None = None,
         morphology_embeds: torch.Tensor | None = None,
-        guidance_morph: float = 1.5,
-        guidance_ge: float = 1.5,
-        num_inference_steps: int = 20,
+        guidance_morph: float = defaults.GUIDANCE_MORPH,
+        guidance_ge: float = defaults.GUIDANCE_GE,
+        num_inference_steps: int = defaults.STEPS,
         num_images_per_spot: int = 1,
         num_images: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,

@@ -44,6 +44,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from stmdit import defaults
 from stmdit.io import atomic_path, write_json
 
 __all__ = [
@@ -409,9 +410,9 @@ def synthesize_section(
     dataset,
     sample: str,
     seed: int = 0,
-    guidance_ge: float = 2.0,
-    guidance_morph: float = 1.5,
-    steps: int = 20,
+    guidance_ge: float = defaults.GUIDANCE_GE,
+    guidance_morph: float = defaults.GUIDANCE_MORPH,
+    steps: int = defaults.STEPS,
     use_morphology: bool = False,
     um_per_px: float | None = None,
     batch_size: int = 16,

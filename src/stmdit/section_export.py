@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from stmdit import defaults
 from stmdit.data.images import tissue_fraction
 from stmdit.data.readers.convention import HIRES_PX, scanpy_library, write_h5ad
 from stmdit.io import atomic_path
@@ -197,9 +198,9 @@ def section_command(
     sample: str,
     out: str | os.PathLike,
     seed: int = 0,
-    guidance_ge: float = 2.0,
-    guidance_morph: float = 1.5,
-    steps: int = 20,
+    guidance_ge: float = defaults.GUIDANCE_GE,
+    guidance_morph: float = defaults.GUIDANCE_MORPH,
+    steps: int = defaults.STEPS,
     use_morphology: bool = False,
     um_per_px: float | None = None,
     batch_size: int = 16,

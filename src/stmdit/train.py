@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from stmdit import defaults
 from stmdit.config import (
     ConfigModel,
     Count,
@@ -205,9 +206,9 @@ class TrainConfig(ConfigModel):
     keep_checkpoints: Count = 3
     sample_every: NonNegativeInt = 0
     sample_spots: Count = 8
-    sample_steps: Count = 20
-    guidance_morph: float = 1.5
-    guidance_ge: float = 1.5
+    sample_steps: Count = defaults.STEPS
+    guidance_morph: float = defaults.GUIDANCE_MORPH
+    guidance_ge: float = defaults.GUIDANCE_GE
     log_every: Count = 10
     num_workers: NonNegativeInt = 0
     seed: int = 0

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, BeforeValidator, Field
 from tqdm.auto import tqdm
 
+from stmdit import defaults
 from stmdit.config import ConfigModel, Count, NonNegativeInt, PathStr
 from stmdit.evaluate.fidelity import ceiling_ratio
 from stmdit.io import atomic_path, safe_file_name, write_json
@@ -76,11 +77,11 @@ class EvaluateConfig(ConfigModel):
     max_spots_per_sample: Count | None = None
     seeds: Annotated[list[int], Field(min_length=1)] = [0]
     inputs: Literal["both", "ge_only"] = "both"
-    guidance_morph: float = 1.5
-    guidance_ge: float = 2.0
+    guidance_morph: float = defaults.GUIDANCE_MORPH
+    guidance_ge: float = defaults.GUIDANCE_GE
     # GE guidance only at noise levels sigma in (low, high] (interval guidance); None: every step.
     guidance_ge_interval: Annotated[tuple[float, float], AfterValidator(_interval)] | None = None
-    steps: Count = 20
+    steps: Count = defaults.STEPS
     # YAML reads a bare `null` as nothing; here it can only mean the "null" ablation.
     ablations: list[Annotated[Literal["null", "shuffled"], BeforeValidator(lambda v: "null" if v is None else v)]] = [
         "null",

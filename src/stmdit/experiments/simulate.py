@@ -31,6 +31,7 @@ import torch
 from jinja2 import Environment, PackageLoader
 from pydantic import AfterValidator, Field
 
+from stmdit import defaults
 from stmdit.config import ConfigModel, Count, PathStr, Probability
 from stmdit.data.store import DatasetStore
 from stmdit.generate import spot_generator
@@ -202,9 +203,9 @@ def paired_generate(
     morphology=None,
     init_images=None,
     strength: float = 1.0,
-    guidance_morph: float = 1.5,
-    guidance_ge: float = 2.0,
-    steps: int = 20,
+    guidance_morph: float = defaults.GUIDANCE_MORPH,
+    guidance_ge: float = defaults.GUIDANCE_GE,
+    steps: int = defaults.STEPS,
     progress: bool = False,
 ) -> np.ndarray:
     """Tiles (n_states, n_seeds, H, W, 3) float in [0, 1]; state i and j share the noise of
@@ -389,9 +390,9 @@ class SimulateConfig(ConfigModel):
     seeds: Annotated[list[int], Field(min_length=1)] = list(range(8))
     use_morphology: bool = False
     edit_strength: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    guidance_morph: float = 1.5
-    guidance_ge: float = 2.0
-    steps: Count = 20
+    guidance_morph: float = defaults.GUIDANCE_MORPH
+    guidance_ge: float = defaults.GUIDANCE_GE
+    steps: Count = defaults.STEPS
     gene_sets: dict[str, list[str]] = {}
     predictor: PathStr | None = None
 

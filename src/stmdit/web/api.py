@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from stmdit import defaults
 from stmdit.experiments.simulate import (
     MEASUREMENTS,
     Perturbation,
@@ -75,8 +76,8 @@ class GenerateRequest(BaseModel):
     spot: str | None = Field(None, max_length=MAX_NAME_LENGTH)
     start: Literal["spot", "sample"] = "spot"
     changes: list[GeneChange] = Field(default_factory=list, max_length=MAX_CHANGES)
-    guidance_ge: float = Field(2.0, ge=0.0, le=GUIDANCE_MAX, allow_inf_nan=False)
-    guidance_morph: float = Field(1.5, ge=0.0, le=GUIDANCE_MAX, allow_inf_nan=False)
+    guidance_ge: float = Field(defaults.GUIDANCE_GE, ge=0.0, le=GUIDANCE_MAX, allow_inf_nan=False)
+    guidance_morph: float = Field(defaults.GUIDANCE_MORPH, ge=0.0, le=GUIDANCE_MAX, allow_inf_nan=False)
     use_morphology: bool = False
     seed: int = Field(0, ge=0, le=SEED_MAX)
     n_seeds: int = Field(2, ge=1, le=MAX_SEEDS)

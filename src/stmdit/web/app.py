@@ -33,6 +33,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from stmdit import defaults
 from stmdit.pipeline import STMDiTPipeline
 from stmdit.web.api import MAX_STEPS, Generator, routes
 from stmdit.web.datasets import AppError, Datasets
@@ -67,7 +68,7 @@ def create_app(
     max_spots: int = 5000,
     min_panel_fraction: float = 0.5,
     max_uploads: int = 8,
-    steps: int = 20,
+    steps: int = defaults.STEPS,
     device: str | None = None,
     allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
 ) -> FastAPI:
