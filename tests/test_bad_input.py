@@ -306,7 +306,7 @@ CASES = [
         "generate_expression_not_h5ad",
         ["generate", "pipe", "--expression", "x.h5ad", "--out", "out"],
         {"x.h5ad": "spot,gene\n"},
-        ["x.h5ad", "not a readable .h5ad"],
+        ["x.h5ad", "cannot be read as an AnnData file"],
     ),
     Case("encode_missing_dataset", ["encode", "nowhere"], expect=["nowhere", "stmdit prepare"]),
 ]

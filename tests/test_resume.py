@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+
 from stmdit.predictor import SpotSet, build_predictor_encoder, save_predictor, train_predictor
 
 HER2ST_MPP = 0.6853

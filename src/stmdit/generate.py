@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 
 from stmdit import defaults
 from stmdit.data.readers.convention import derived_anndata, read_h5ad, write_h5ad
-from stmdit.errors import InputFileError
 from stmdit.io import atomic_path, path_inside
 
 
@@ -44,10 +43,7 @@ def generate_tiles(
         expression = Path(expression)
         if not expression.is_file():
             raise FileNotFoundError(f"expression file {expression} does not exist")
-        try:
-            adata = read_h5ad(expression)
-        except OSError as err:  # h5py's messages do not name the file
-            raise InputFileError(expression, f"not a readable .h5ad (AnnData HDF5) file: {err}") from err
+        adata = read_h5ad(expression)  # names the file when it is not a readable .h5ad
         if spots is not None:
             unknown = [s for s in spots if s not in adata.obs_names]
             if unknown:

@@ -73,6 +73,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from stmdit.data.images import SlideImage, open_image
+from stmdit.errors import StmditError
 from stmdit.io import atomic_path
 
 # Errors on data that cannot be read or used are reported without traceback by the CLI; the
@@ -88,7 +89,7 @@ READ_ERRORS = (
 )
 
 
-class ReaderError(ValueError):
+class ReaderError(StmditError, ValueError):
     """An input file the readers cannot use; the message names the file, the field and what was expected."""
 
 
