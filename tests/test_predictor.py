@@ -20,9 +20,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import median_r_with_shuffled_controls
-from stmdit.data.synthetic import MARKER_GENES, simulate_tissue
+from stmdit.data.synthetic import simulate_tissue
 from stmdit.encoders.morphology import StainFeatureEncoder
 from stmdit.evaluate.fidelity import DEEPSPOT_N_GRID, fidelity_auc
+from stmdit.genesets import MARKER_GENES
 from stmdit.io import UntrustedPickleError
 from stmdit.predictor import (
     PREDICTION_KEY,

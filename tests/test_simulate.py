@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from stmdit.cli import app
 from stmdit.data.sources import prepare_synthetic
-from stmdit.data.synthetic import CELL_TYPES, MARKER_GENES
+from stmdit.data.synthetic import CELL_TYPES
 from stmdit.evaluate.composition import fit_composition_estimator
 from stmdit.experiments.simulate import (
     Perturbation,
@@ -26,6 +26,7 @@ from stmdit.experiments.simulate import (
     start_state,
     tile_statistics,
 )
+from stmdit.genesets import MARKER_GENES
 from stmdit.train import TrainConfig, Trainer
 
 LYMPHOCYTE = CELL_TYPES.index("lymphocyte")

@@ -36,7 +36,6 @@ __all__ = [
     "EOSIN",
     "GENE_PANEL",
     "HAEMATOXYLIN",
-    "MARKER_GENES",
     "MELANIN",
     "SimulatedTissue",
     "render_tiles",
