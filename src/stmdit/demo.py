@@ -31,6 +31,7 @@ from stmdit.io import atomic_path, write_json
 from stmdit.pipeline import STMDiTPipeline
 from stmdit.plotting import save_loss_curves, save_tile_grid
 from stmdit.precision import mixed_precision_setting, resolve_precision
+from stmdit.tiles import to_uint8
 from stmdit.train import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ def saturated_fraction(images) -> float:
 
     ``images``: uint8 (N, H, W, 3) or float (N, 3, H, W) in [0, 1]."""
     if isinstance(images, torch.Tensor):
-        images = (images.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        images = to_uint8(images)
     images = np.asarray(images)
     return float(((images == 0) | (images == 255)).any(axis=-1).mean())
 
@@ -277,7 +278,7 @@ def _fidelity(predictor_fit, images: torch.Tensor, adata, tile_um: float):
     from stmdit.predictor import context_features, expression_targets
 
     fit, encoder = predictor_fit
-    tiles = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    tiles = to_uint8(images)
     feats = context_features(tiles, adata.obs, tile_um, tile_um, encoder, progress=False)
     predicted = fit.predictor.predict_features(feats)
     return fidelity_auc(expression_targets(adata, fit.predictor.genes), predicted, n_bootstrap=200, seed=0)

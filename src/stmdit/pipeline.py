@@ -31,6 +31,7 @@ from stmdit.io import write_text
 from stmdit.model import STMDiT
 from stmdit.model_card import render_model_card
 from stmdit.precision import current_default
+from stmdit.tiles import to_uint8
 
 
 @dataclass
@@ -268,5 +269,5 @@ class STMDiTPipeline(DiffusionPipeline):
         arr = images.permute(0, 2, 3, 1).numpy()
         if output_type == "np":
             return STMDiTPipelineOutput(images=arr, expression_alignment=alignment)
-        pil = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+        pil = [Image.fromarray(a) for a in to_uint8(arr)]
         return STMDiTPipelineOutput(images=pil, expression_alignment=alignment)

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from stmdit import defaults
 from stmdit.io import atomic_path, write_json
+from stmdit.tiles import to_tensor, to_uint8
 
 __all__ = [
     "SectionGeometry",
@@ -389,13 +390,11 @@ def _generate(pipe, adata, rows, store, settings, batch_size, cache, progress) -
         batch = pending[start : start + batch_size]
         kwargs = {"expression": adata[batch]}
         if real_tiles is not None:
-            kwargs["morphology"] = (
-                torch.from_numpy(np.asarray(real_tiles.oindex[batch])).permute(0, 3, 1, 2).float() / 255.0
-            )
+            kwargs["morphology"] = to_tensor(np.asarray(real_tiles.oindex[batch]))
         images = pipe(**kwargs, guidance_ge=settings["guidance_ge"], guidance_morph=settings["guidance_morph"],
                       num_inference_steps=settings["steps"], generator=[spot_generator(settings["seed"], r) for r in batch],
                       output_type="np", progress=False).images  # fmt: skip
-        for r, image in zip(batch, (np.clip(images, 0, 1) * 255).round().astype(np.uint8), strict=True):
+        for r, image in zip(batch, to_uint8(images), strict=True):
             tiles[r] = image
             if cache is not None:
                 with atomic_path(cache / f"{r}.npy") as tmp, open(tmp, "wb") as f:

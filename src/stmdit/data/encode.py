@@ -29,6 +29,7 @@ from stmdit.data.store import (
     verify_sources,
 )
 from stmdit.io import atomic_path
+from stmdit.tiles import to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def _build_encoders(store: DatasetStore, cfg: EncodeConfig) -> dict:
         encoders["ge_encoder"] = None
     tiles = store.tiles()
     sample = np.sort(np.random.default_rng(0).choice(train, size=min(len(train), 2048), replace=False))
-    train_tiles = torch.from_numpy(np.asarray(tiles.oindex[sample])).permute(0, 3, 1, 2).float() / 255.0
+    train_tiles = to_tensor(np.asarray(tiles.oindex[sample]))
     encoders["morphology_encoder"] = build_morphology_encoder(cfg.morphology_encoder, train_tiles, tiles.shape[1],
                                                               trust_pickle=cfg.trust_pickle, grid=cfg.morphology_grid)  # fmt: skip
     encoders["vae"] = build_vae(cfg.vae)
@@ -163,7 +164,7 @@ def _encode_chunk(tiles_u8: np.ndarray, counts: np.ndarray | None, library: np.n
     from stmdit.encoders.vae import encode_images
 
     out = {}
-    images = torch.from_numpy(tiles_u8).permute(0, 3, 1, 2).float().div(255.0)
+    images = to_tensor(tiles_u8)
     morph, lat = [], []
     for part in images.split(cfg.batch_size):
         part = part.to(device)

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from stmdit.diffusion import Condition
+from stmdit.tiles import to_tensor
 
 FEATURE_KEYS = ("latents", "morphology", "ge", "ge_tokens", "ge_mask")
 
@@ -219,7 +220,7 @@ class StoreDataset(Dataset):
         tiles = batch.pop("tiles", None)
         counts, library = batch.pop("counts", None), batch.pop("library", None)
         if tiles is not None:
-            images = tiles.to(device).permute(0, 3, 1, 2).float() / 255.0
+            images = to_tensor(tiles, device)
             if "latents" not in batch:
                 vae = self.encoders.get("vae")
                 batch["latents"] = encode_images(vae.to(device) if vae is not None else None, images)

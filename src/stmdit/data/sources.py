@@ -18,6 +18,7 @@ from stmdit.data.features import FeatureDataset
 from stmdit.data.synthetic import SimulatedTissue, simulate_tissue
 from stmdit.encoders.expression import align_to_panel
 from stmdit.encoders.vae import encode_images
+from stmdit.tiles import to_tensor
 
 
 @dataclass
@@ -44,7 +45,7 @@ class SyntheticData(TrainingData):
     @property
     def tiles(self) -> torch.Tensor:
         """All tiles as (N, 3, H, W) floats in [0, 1]."""
-        return torch.from_numpy(self.tissue.tiles).permute(0, 3, 1, 2).float() / 255.0
+        return to_tensor(self.tissue.tiles)
 
 
 def prepare_synthetic(
@@ -71,7 +72,7 @@ def prepare_synthetic(
     sections = sorted(adata.obs["sample_id"].unique())
     held_out = adata.obs["sample_id"].to_numpy() == sections[-1]
     train_idx, test_idx = np.flatnonzero(~held_out), np.flatnonzero(held_out)
-    tiles = torch.from_numpy(tissue.tiles).permute(0, 3, 1, 2).float() / 255.0
+    tiles = to_tensor(tissue.tiles)
 
     ge = build_ge_encoder(ge_encoder, adata[train_idx], n_genes=n_genes, trust_pickle=trust_pickle)
     morphology = build_morphology_encoder(

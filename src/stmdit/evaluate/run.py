@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from pydantic import AfterValidator, BeforeValidator, Field
 from tqdm.auto import tqdm
@@ -42,6 +41,7 @@ from stmdit.config import ConfigModel, Count, NonNegativeInt, PathStr
 from stmdit.evaluate.fidelity import ceiling_ratio
 from stmdit.io import atomic_path, safe_file_name, write_json
 from stmdit.model_card import update_model_card
+from stmdit.tiles import to_tensor, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -191,17 +191,13 @@ def _model_resolution(pipe) -> int:
     return size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
-def _to_nchw(tiles_u8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(tiles_u8)).permute(0, 3, 1, 2).float() / 255.0
-
-
 def _resize_u8(tiles_u8: np.ndarray, size: int) -> np.ndarray:
     if tiles_u8.shape[1] == size:
         return tiles_u8
     x = F.interpolate(
-        _to_nchw(tiles_u8), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        to_tensor(tiles_u8), size=(size, size), mode="bilinear", antialias=True, align_corners=False
     )
-    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    return to_uint8(x)
 
 
 def generate_setting(pipe, folder: str, held: HeldOut, setting: str, seed: int, cfg: EvaluateConfig,
@@ -233,13 +229,13 @@ def generate_setting(pipe, folder: str, held: HeldOut, setting: str, seed: int, 
         if setting in ("ge", "shuffled"):
             kwargs["expression"] = held.adata[order[idx]]
         if cfg.inputs == "both":
-            kwargs["morphology"] = _to_nchw(held.tiles[idx])
+            kwargs["morphology"] = to_tensor(held.tiles[idx])
         if not kwargs:
             kwargs["num_images"] = len(idx)
         images = pipe(**kwargs, guidance_morph=cfg.guidance_morph, guidance_ge=guidance_ge,
                       num_inference_steps=cfg.steps, generator=[spot_generator(seed, int(i)) for i in idx],
                       output_type="np", progress=False, guidance_ge_interval=interval).images  # fmt: skip
-        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+        out.append(to_uint8(images))
     tiles = np.concatenate(out)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -319,7 +315,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     else:
         from stmdit.encoders.factory import build_morphology_encoder
 
-        fd_encoder = build_morphology_encoder(cfg.fd_encoder, _to_nchw(held.tiles))
+        fd_encoder = build_morphology_encoder(cfg.fd_encoder, to_tensor(held.tiles))
     if fd_encoder is None:
         raise ValueError(
             f"{cfg.dataset} has no saved morphology encoder for FD; run `stmdit encode` or set fd_encoder"

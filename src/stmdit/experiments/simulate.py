@@ -41,6 +41,7 @@ from stmdit.pipeline import STMDiTPipeline
 from stmdit.plotting import plt, save_tile_grid
 from stmdit.predictor import context_features, load_predictor
 from stmdit.stain import count_nuclei, deconvolve, nuclei_unavailable
+from stmdit.tiles import to_tensor, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +325,7 @@ def measure(
     predicted = None
     if predictor is not None and predictor_encoder is not None:
         obs = pd.DataFrame({"sample_id": "virtual", "x_px": np.arange(len(flat)) * 1e6, "y_px": 0.0})
-        u8 = (np.clip(flat, 0, 1) * 255).round().astype(np.uint8)
+        u8 = to_uint8(flat)
         cf = context_features(u8, obs, tile_um, tile_um, predictor_encoder, progress=False)
         predicted = predictor.predict_features(cf).reshape(n_states, n_seeds, -1)
     for i in range(1, n_states):
@@ -444,7 +445,7 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
         if tiles is None:
             raise ValueError(f"{cfg.data} has no tiles; morphology and editing need a prepared dataset")
         real = np.asarray(tiles[int(np.flatnonzero(adata.obs_names == cfg.spot)[0])])
-        real_t = torch.from_numpy(real).permute(2, 0, 1)[None].float() / 255.0
+        real_t = to_tensor(real)
         morphology = real_t if cfg.use_morphology else None
         init = real_t if cfg.edit_strength else None
     generated = paired_generate(

@@ -12,7 +12,6 @@ from typing import Literal
 
 import anndata as ad
 import numpy as np
-import torch
 from fastapi import APIRouter, Query, Request
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,6 +29,7 @@ from stmdit.experiments.simulate import (
     tile_statistics,
 )
 from stmdit.stain import nuclei_unavailable
+from stmdit.tiles import to_tensor, to_uint8
 from stmdit.web.datasets import AppError, Dataset, Datasets
 
 # Limits of one request: small enough that a CPU answers in seconds and nobody can make the
@@ -86,7 +86,7 @@ class GenerateRequest(BaseModel):
 
 def png_data_url(image: np.ndarray) -> str:
     """A tile (H, W, 3) in [0, 1] or uint8 as a PNG data URL, enlarged with nearest neighbours."""
-    u8 = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    u8 = image if image.dtype == np.uint8 else to_uint8(image)
     h, w = u8.shape[:2]
     factor = max(1, DISPLAY_MIN_PX // max(h, w))
     picture = Image.fromarray(u8).resize((w * factor, h * factor), Image.Resampling.NEAREST)
@@ -260,7 +260,7 @@ class Generator:
             raise AppError(
                 400, "the morphology of a real tile needs a spot as the start state, not a sample mean"
             )
-        return torch.from_numpy(real).permute(2, 0, 1)[None].float() / 255.0, "used (the spot's real tile)"
+        return to_tensor(real), "used (the spot's real tile)"
 
 
 def routes(
