@@ -102,6 +102,8 @@ def test_command_line_errors_are_readable(tmp_path, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 1\n")
     result = runner.invoke(app, ["train", str(bad)])
-    assert result.exit_code == 1 and "learning_rat: unknown key (did you mean 'learning_rate'?)" in result.output
+    assert (
+        result.exit_code == 1 and "learning_rat: unknown key (did you mean 'learning_rate'?)" in result.output
+    )
     result = runner.invoke(app, ["generate", str(tmp_path), "--expression", str(tmp_path / "none.h5ad")])
     assert result.exit_code == 1 and "none.h5ad does not exist" in result.output

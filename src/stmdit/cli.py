@@ -56,7 +56,9 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 PrecisionOption = Annotated[
     str,
-    typer.Option(help="Transformer compute precision: auto (bf16 where the CPU/GPU has bf16 units), fp32 or bf16"),
+    typer.Option(
+        help="Transformer compute precision: auto (bf16 where the CPU/GPU has bf16 units), fp32 or bf16"
+    ),
 ]
 
 
@@ -178,14 +180,23 @@ def train(
     cfg = TrainConfig.from_yaml(config, **overrides)
     spec = cfg.to_dict()
     if spec["data"]["source"] == "store" and not (Path(cfg.data.path) / "manifest.json").is_file():
-        _fail(f"{config}: data.path: {cfg.data.path} is not a prepared dataset (no manifest.json); "
-              "run `stmdit prepare` first")  # fmt: skip
+        _fail(
+            f"{config}: data.path: {cfg.data.path} is not a prepared dataset (no manifest.json); "
+            "run `stmdit prepare` first"
+        )
     try:
         data = load_training_data(
             {**spec["data"], **({"trust_pickle": True} if trust_pickle else {})}, spec["model"]
         )
-        result = Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
-                         vae=data.vae, val=data.val, resume=resume).run()  # fmt: skip
+        result = Trainer(
+            cfg,
+            data.train,
+            ge_encoder=data.ge_encoder,
+            morphology_encoder=data.morphology_encoder,
+            vae=data.vae,
+            val=data.val,
+            resume=resume,
+        ).run()
     except TrainingInterrupted as stop:
         typer.echo(str(stop), err=True)
         raise typer.Exit(code=130) from None
@@ -245,7 +256,8 @@ def encode(
         bool, typer.Option(help="Allow checkpoints that need unpickling (runs code from them)")
     ] = False,
     restart: Annotated[
-        bool, typer.Option("--restart", help="Discard the store's earlier features and encoders and start over")
+        bool,
+        typer.Option("--restart", help="Discard the store's earlier features and encoders and start over"),
     ] = False,
     verbose: Verbose = False,
 ) -> None:
@@ -254,9 +266,17 @@ def encode(
     from stmdit.data.encode import encode as run_encode
 
     _setup_logging(verbose)
-    cfg = EncodeConfig(ge_encoder=ge_encoder, n_genes=n_genes, morphology_encoder=morphology_encoder,
-                       morphology_grid=morphology_grid, vae=vae, ge_tokens=ge_tokens, batch_size=batch_size,
-                       features=tuple(f for f in features.split(",") if f), trust_pickle=trust_pickle)  # fmt: skip
+    cfg = EncodeConfig(
+        ge_encoder=ge_encoder,
+        n_genes=n_genes,
+        morphology_encoder=morphology_encoder,
+        morphology_grid=morphology_grid,
+        vae=vae,
+        ge_tokens=ge_tokens,
+        batch_size=batch_size,
+        features=tuple(f for f in features.split(",") if f),
+        trust_pickle=trust_pickle,
+    )
     store = run_encode(dataset, cfg, restart=restart)
     from stmdit.distributed import process_state
 
@@ -276,9 +296,12 @@ def train_predictor(
         str, typer.Option(help="stain | uni2h[:SOURCE] | timm:NAME[@WEIGHTS]")
     ] = "stain",
     n_genes: Annotated[
-        int | None, typer.Option(min=1, help="Top highly variable genes to predict [default: 5000, DeepSpot's]")
+        int | None,
+        typer.Option(min=1, help="Top highly variable genes to predict [default: 5000, DeepSpot's]"),
     ] = None,
-    gene_selection: Annotated[str | None, typer.Option(help="seurat_v3 (DeepSpot's, default) | variance")] = None,
+    gene_selection: Annotated[
+        str | None, typer.Option(help="seurat_v3 (DeepSpot's, default) | variance")
+    ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 100,
     batch_size: Annotated[int, BatchSize] = 256,
     leave_one_patient_out: Annotated[
@@ -294,9 +317,18 @@ def train_predictor(
     from stmdit.predictor import train_predictor_command
 
     _setup_logging(verbose)
-    path = train_predictor_command(dataset, out, morphology_encoder=morphology_encoder, n_genes=n_genes,
-                                   gene_selection=gene_selection, epochs=epochs, leave_one_patient_out=leave_one_patient_out, seed=seed,
-                                   trust_pickle=trust_pickle, batch_size=batch_size)  # fmt: skip
+    path = train_predictor_command(
+        dataset,
+        out,
+        morphology_encoder=morphology_encoder,
+        n_genes=n_genes,
+        gene_selection=gene_selection,
+        epochs=epochs,
+        leave_one_patient_out=leave_one_patient_out,
+        seed=seed,
+        trust_pickle=trust_pickle,
+        batch_size=batch_size,
+    )
     typer.echo(f"predictor saved to {path}")
 
 
@@ -399,9 +431,20 @@ def section(
 
     _setup_logging(verbose)
     _use_precision(ctx, precision)
-    paths = section_command(pipeline, dataset, sample, out, seed=seed, guidance_ge=guidance_ge,
-                            guidance_morph=guidance_morph, steps=steps, use_morphology=use_morphology,
-                            um_per_px=um_per_px, batch_size=batch_size, spatialdata=spatialdata)  # fmt: skip
+    paths = section_command(
+        pipeline,
+        dataset,
+        sample,
+        out,
+        seed=seed,
+        guidance_ge=guidance_ge,
+        guidance_morph=guidance_morph,
+        steps=steps,
+        use_morphology=use_morphology,
+        um_per_px=um_per_px,
+        batch_size=batch_size,
+        spatialdata=spatialdata,
+    )
     for role, path in paths.items():
         typer.echo(f"{role}: {path}")
 
@@ -429,8 +472,11 @@ def simulate(
     result = run_simulation(SimulateConfig.from_yaml(config, out=out))
     typer.echo(f"start: {result['start_state']}; {len(result['config']['seeds'])} seeds")
     for variant, change in result["changes"].items():
-        parts = [f"{k} {c['mean_change']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
-                 for k, c in change.items() if isinstance(c, dict) and "mean_change" in c]  # fmt: skip
+        parts = [
+            f"{k} {c['mean_change']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+            for k, c in change.items()
+            if isinstance(c, dict) and "mean_change" in c
+        ]
         typer.echo(f"{variant}: " + "; ".join(parts))
     typer.echo(
         f"wrote {Path(result['config']['out'])}/report.html, counterfactuals.png, changes.png, simulation.json"
@@ -469,8 +515,17 @@ def serve(
     _setup_logging(verbose)
     _use_precision(ctx, precision)
     sets = load_gene_sets(gene_sets) if gene_sets else None
-    run_server(pipeline, data, host=host, port=port, gene_sets=sets, steps=steps, max_upload_mb=max_upload_mb,
-               max_spots=max_spots, cpu_threads=threads or None)  # fmt: skip
+    run_server(
+        pipeline,
+        data,
+        host=host,
+        port=port,
+        gene_sets=sets,
+        steps=steps,
+        max_upload_mb=max_upload_mb,
+        max_spots=max_spots,
+        cpu_threads=threads or None,
+    )
 
 
 @command()
@@ -507,9 +562,19 @@ def generate(
 
     _setup_logging(verbose)
     _use_precision(ctx, precision)
-    path = generate_tiles(pipeline, expression, out, spots=spots.split(",") if spots else None,
-                          gene_column=gene_column, guidance_ge=guidance_ge, guidance_morph=guidance_morph,
-                          steps=steps, images_per_spot=images_per_spot, batch_size=batch_size, seed=seed)  # fmt: skip
+    path = generate_tiles(
+        pipeline,
+        expression,
+        out,
+        spots=spots.split(",") if spots else None,
+        gene_column=gene_column,
+        guidance_ge=guidance_ge,
+        guidance_morph=guidance_morph,
+        steps=steps,
+        images_per_spot=images_per_spot,
+        batch_size=batch_size,
+        seed=seed,
+    )
     typer.echo(f"wrote {path}")
 
 

@@ -161,8 +161,15 @@ def _show(value) -> str:
 
 
 def _kind(value) -> str:
-    return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "an integer",
-            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)  # fmt: skip
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "text",
+        bool: "true/false",
+        int: "an integer",
+        float: "a number",
+        type(None): "nothing",
+    }.get(type(value), type(value).__name__)
 
 
 def _walk(cls, loc) -> tuple[list, list[str] | None]:

@@ -88,9 +88,19 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> DemoSettings:
         """A seconds-long version for tests: the same code path, nothing learned to speak of."""
-        return cls(n_sections=2, grid=8, n_genes=32, eval_block=4, train_steps=6, batch_size=16,
-                   model={"preset": "tiny", "patch_size": 2}, sample_steps=3, estimator_epochs=1,
-                   predictor_genes=150, predictor_epochs=2)  # fmt: skip
+        return cls(
+            n_sections=2,
+            grid=8,
+            n_genes=32,
+            eval_block=4,
+            train_steps=6,
+            batch_size=16,
+            model={"preset": "tiny", "patch_size": 2},
+            sample_steps=3,
+            estimator_epochs=1,
+            predictor_genes=150,
+            predictor_epochs=2,
+        )
 
 
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress: bool = True) -> dict:
@@ -101,8 +111,14 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     t0 = time.time()
     torch.manual_seed(s.seed)
 
-    data = prepare_synthetic(n_sections=s.n_sections, grid=s.grid, tile_size=s.tile_size, n_genes=s.n_genes, seed=s.seed,
-                             morphology_encoder=s.morphology_encoder)  # fmt: skip
+    data = prepare_synthetic(
+        n_sections=s.n_sections,
+        grid=s.grid,
+        tile_size=s.tile_size,
+        n_genes=s.n_genes,
+        seed=s.seed,
+        morphology_encoder=s.morphology_encoder,
+    )
     adata, tiles = data.adata, data.tiles
     composition = np.asarray(adata.obsm["composition"])
     train_idx = data.train_index
@@ -126,7 +142,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
                 "n_genes": s.n_genes,
                 "seed": s.seed,
                 "morphology_encoder": s.morphology_encoder,
-            },  # fmt: skip
+            },
             model={**s.model, "ge_injection": injection},
             max_steps=s.train_steps,
             batch_size=s.batch_size,
@@ -185,8 +201,10 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
 
     true = composition[eval_idx]
     tile_um = float(adata.uns["simulator"]["tile_um"])
-    fidelity = {name: _fidelity(predictor_fit, images, eval_adata, tile_um)
-                for name, images in {"real_tiles": tiles[eval_idx], **generated}.items()}  # fmt: skip
+    fidelity = {
+        name: _fidelity(predictor_fit, images, eval_adata, tile_um)
+        for name, images in {"real_tiles": tiles[eval_idx], **generated}.items()
+    }
     metrics: dict = {"real_tiles": composition_agreement(true, estimator.predict(tiles[eval_idx]))}
     for setting, images in generated.items():
         metrics[setting] = composition_agreement(true, estimator.predict(images))
@@ -214,11 +232,17 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
         "noise_seed": s.seed + 1,
         "ge_encoder": describe(data.ge_encoder) + ": highly variable genes, log1p CP10k, standardised",
         "morphology_encoder": describe(data.morphology_encoder),
-        "models": {name: {"ge_injection": r_cfg, "train_steps": s.train_steps, "batch_size": s.batch_size}
-                   for name, r_cfg in (("ge", "adaln+xattn"), ("no_ge", "none"))},
-        "settings": {"ge_only": "GE model, expression only", "morph_ge": "GE model, morphology + expression",
-                     "morph_only": "no-GE baseline, morphology", "unconditional": "no-GE baseline, nothing"},
-    }  # fmt: skip
+        "models": {
+            name: {"ge_injection": r_cfg, "train_steps": s.train_steps, "batch_size": s.batch_size}
+            for name, r_cfg in (("ge", "adaln+xattn"), ("no_ge", "none"))
+        },
+        "settings": {
+            "ge_only": "GE model, expression only",
+            "morph_ge": "GE model, morphology + expression",
+            "morph_only": "no-GE baseline, morphology",
+            "unconditional": "no-GE baseline, nothing",
+        },
+    }
     metrics["timing_seconds"] = {
         "simulate_encode_train": round(train_seconds, 1),
         "total": round(time.time() - t0, 1),
@@ -269,9 +293,17 @@ def _fit_predictor(data, s: DemoSettings, progress: bool):
         data.adata[data.train_index].copy(), data.tissue.tiles[data.train_index], tile_um, tile_um
     )
     encoder = StainFeatureEncoder(image_size=s.tile_size).fit(data.tiles[data.train_index])
-    return train_predictor(train, encoder, n_genes=s.predictor_genes, epochs=s.predictor_epochs, lr=1e-3, seed=s.seed, gene_selection="variance",
-                           model_kwargs=s.predictor_model,
-                           progress=progress), encoder  # fmt: skip
+    return train_predictor(
+        train,
+        encoder,
+        n_genes=s.predictor_genes,
+        epochs=s.predictor_epochs,
+        lr=1e-3,
+        seed=s.seed,
+        gene_selection="variance",
+        model_kwargs=s.predictor_model,
+        progress=progress,
+    ), encoder
 
 
 def _fidelity(predictor_fit, images: torch.Tensor, adata, tile_um: float):

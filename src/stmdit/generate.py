@@ -90,10 +90,14 @@ def generate_tiles(
         obs = obs.join(adata.obs.add_prefix("source_"), on="spot")
     result = derived_anndata(obs, adata, "spot")
     result.uns["stmdit_generate"] = {
-        "pipeline": str(pipeline), "guidance_ge": guidance_ge, "guidance_morph": guidance_morph, "steps": steps,
-        "seed": seed, "images_per_spot": images_per_spot,
+        "pipeline": str(pipeline),
+        "guidance_ge": guidance_ge,
+        "guidance_morph": guidance_morph,
+        "steps": steps,
+        "seed": seed,
+        "images_per_spot": images_per_spot,
         "expression": str(expression) if expression is not None else "none (unconditional)",
-    }  # fmt: skip
+    }
     target = out / "generated.h5ad"
     write_h5ad(result, target)
     return target

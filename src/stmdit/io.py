@@ -104,8 +104,11 @@ def load_state_dict_file(path: str | os.PathLike, trust_pickle: bool = False):
 
 def differences(old: dict, new: dict, old_label: str = "saved", new_label: str = "now") -> list[str]:
     """``key: old (saved) vs new (now)`` for every key whose value differs, in key order."""
-    return [f"{k}: {old.get(k)!r} ({old_label}) vs {new.get(k)!r} ({new_label})"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]  # fmt: skip
+    return [
+        f"{k}: {old.get(k)!r} ({old_label}) vs {new.get(k)!r} ({new_label})"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
 
 
 # atomic_path's temporaries: ".<name>.<random>.tmp".

@@ -284,31 +284,42 @@ class SectionResult:
         note = "white: no spot tile" if not self.coverage.all() else ""
         conditions = "expression + morphology" if self.settings["use_morphology"] else "expression"
         figure, boxes = side_by_side(
-            self.real, self.virtual, self.geometry.um_per_px,
-            (f"real H&E, {self.sample}", f"virtual H&E from {conditions}, {self.sample} ({len(self.spots)} spots, seed {self.settings['seed']})"),
+            self.real,
+            self.virtual,
+            self.geometry.um_per_px,
+            (
+                f"real H&E, {self.sample}",
+                f"virtual H&E from {conditions}, {self.sample} ({len(self.spots)} spots, seed {self.settings['seed']})",
+            ),
             note,
-        )  # fmt: skip
-        paths = {"side_by_side": out / f"{stem}_section.png", "virtual": out / f"{stem}_virtual.png",
-                 "geometry": out / f"{stem}_section.json"}  # fmt: skip
+        )
+        paths = {
+            "side_by_side": out / f"{stem}_section.png",
+            "virtual": out / f"{stem}_virtual.png",
+            "geometry": out / f"{stem}_section.json",
+        }
         for key, pixels in (("side_by_side", figure), ("virtual", self.virtual)):
             with atomic_path(paths[key]) as tmp:
                 Image.fromarray(pixels).save(tmp, format="PNG")
-        write_json(paths["geometry"], {
-            "sample": self.sample,
-            **self.geometry.to_dict(),
-            "coordinates": "microns in the sample's full-resolution frame (x_px * mpp); canvas pixel (row i, col j) "
-                           "covers [x0 + j*um_per_px, x0 + (j+1)*um_per_px) x [y0 + i*um_per_px, y0 + (i+1)*um_per_px)",
-            "tile_um": self.tile_um,
-            "tile_px": int(self.tiles.shape[1]),
-            "n_spots": len(self.spots),
-            "coverage_fraction": float(self.coverage.mean()),
-            "background": "white (255) where no generated tile lies",
-            "blending": f"raised-cosine window over {FEATHER:g} of the tile side at each edge, normalised by the summed weights",
-            "real_image": self.real_image,
-            "side_by_side_panels": boxes,
-            "files": {k: p.name for k, p in paths.items()},
-            "settings": self.settings,
-        })  # fmt: skip
+        write_json(
+            paths["geometry"],
+            {
+                "sample": self.sample,
+                **self.geometry.to_dict(),
+                "coordinates": "microns in the sample's full-resolution frame (x_px * mpp); canvas pixel (row i, col j) "
+                "covers [x0 + j*um_per_px, x0 + (j+1)*um_per_px) x [y0 + i*um_per_px, y0 + (i+1)*um_per_px)",
+                "tile_um": self.tile_um,
+                "tile_px": int(self.tiles.shape[1]),
+                "n_spots": len(self.spots),
+                "coverage_fraction": float(self.coverage.mean()),
+                "background": "white (255) where no generated tile lies",
+                "blending": f"raised-cosine window over {FEATHER:g} of the tile side at each edge, normalised by the summed weights",
+                "real_image": self.real_image,
+                "side_by_side_panels": boxes,
+                "files": {k: p.name for k, p in paths.items()},
+                "settings": self.settings,
+            },
+        )
         return paths
 
 
@@ -366,8 +377,10 @@ def _check_inputs(pipe, store, sample: str, use_morphology: bool):
         raise ValueError(f"{store.root}: sample {sample!r} has no kept spots (all background)")
     meta = adata.uns["stmdit"]["samples"][sample]
     if not meta.get("image_path"):
-        raise ValueError(f"sample {sample!r} has no H&E image (uns['stmdit']['samples'][{sample!r}]['image_path']); "
-                         "the real side of the section needs one")  # fmt: skip
+        raise ValueError(
+            f"sample {sample!r} has no H&E image (uns['stmdit']['samples'][{sample!r}]['image_path']); "
+            "the real side of the section needs one"
+        )
     if not Path(meta["image_path"]).is_file():
         raise FileNotFoundError(f"sample {sample!r}: its H&E image {meta['image_path']} does not exist")
     if not meta.get("mpp") or not np.isfinite(meta["mpp"]):
@@ -384,16 +397,27 @@ def _generate(pipe, adata, rows, store, settings, batch_size, cache, progress) -
         tiles = {int(r): np.load(cache / f"{r}.npy") for r in rows if (cache / f"{r}.npy").exists()}
     pending = [int(r) for r in rows if int(r) not in tiles]
     real_tiles = store.tiles() if settings["use_morphology"] else None
-    bar = tqdm(total=len(rows), initial=len(rows) - len(pending), desc=f"section {settings['sample']}", unit="spot",
-               disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=len(rows),
+        initial=len(rows) - len(pending),
+        desc=f"section {settings['sample']}",
+        unit="spot",
+        disable=not progress,
+    )
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
         kwargs = {"expression": adata[batch]}
         if real_tiles is not None:
             kwargs["morphology"] = to_tensor(np.asarray(real_tiles.oindex[batch]))
-        images = pipe(**kwargs, guidance_ge=settings["guidance_ge"], guidance_morph=settings["guidance_morph"],
-                      num_inference_steps=settings["steps"], generator=[spot_generator(settings["seed"], r) for r in batch],
-                      output_type="np", progress=False).images  # fmt: skip
+        images = pipe(
+            **kwargs,
+            guidance_ge=settings["guidance_ge"],
+            guidance_morph=settings["guidance_morph"],
+            num_inference_steps=settings["steps"],
+            generator=[spot_generator(settings["seed"], r) for r in batch],
+            output_type="np",
+            progress=False,
+        ).images
         for r, image in zip(batch, to_uint8(images), strict=True):
             tiles[r] = image
             if cache is not None:
@@ -444,9 +468,16 @@ def synthesize_section(
     sample = str(sample)
     adata, rows, meta, manifest = _check_inputs(pipe, store, sample, use_morphology)
     tile_um = float(manifest["prepare"]["tile_um"])
-    settings = {"sample": sample, "dataset": str(store.root.resolve()), "seed": int(seed), "guidance_ge": float(guidance_ge),
-                "guidance_morph": float(guidance_morph), "steps": int(steps), "use_morphology": bool(use_morphology),
-                "pipeline_sha256": _fingerprint(pipe, use_morphology)}  # fmt: skip
+    settings = {
+        "sample": sample,
+        "dataset": str(store.root.resolve()),
+        "seed": int(seed),
+        "guidance_ge": float(guidance_ge),
+        "guidance_morph": float(guidance_morph),
+        "steps": int(steps),
+        "use_morphology": bool(use_morphology),
+        "pipeline_sha256": _fingerprint(pipe, use_morphology),
+    }
     cache = None
     if cache_dir is not None:
         # The store's preparation fixes what each row is; its parameters and time identify it.
@@ -472,6 +503,16 @@ def synthesize_section(
     real = read_real_region(meta["image_path"], mpp, scale, geometry)
     real_image = {"path": str(meta["image_path"]), "mpp": mpp, "image_scale": scale}
     return SectionResult(
-        sample, virtual, real, coverage, geometry, tiles, obs, tile_um, real_image, settings, n_generated,
+        sample,
+        virtual,
+        real,
+        coverage,
+        geometry,
+        tiles,
+        obs,
+        tile_um,
+        real_image,
+        settings,
+        n_generated,
         adata[rows].copy(),
-    )  # fmt: skip
+    )

@@ -216,7 +216,17 @@ def section_command(
     if torch.cuda.is_available():
         pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    result = synthesize_section(pipe, dataset, sample, seed=seed, guidance_ge=guidance_ge, guidance_morph=guidance_morph,
-                                steps=steps, use_morphology=use_morphology, um_per_px=um_per_px,
-                                batch_size=batch_size, cache_dir=Path(out) / "cache")  # fmt: skip
+    result = synthesize_section(
+        pipe,
+        dataset,
+        sample,
+        seed=seed,
+        guidance_ge=guidance_ge,
+        guidance_morph=guidance_morph,
+        steps=steps,
+        use_morphology=use_morphology,
+        um_per_px=um_per_px,
+        batch_size=batch_size,
+        cache_dir=Path(out) / "cache",
+    )
     return {**result.save(out), **write_section_files(result, out, spatialdata)}

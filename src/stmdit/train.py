@@ -132,9 +132,12 @@ def _data_source(value) -> str:
 
 DataSpec = Annotated[
     Annotated[SyntheticDataSpec, Tag("synthetic")] | Annotated[StoreDataSpec, Tag("store")],
-    Discriminator(_data_source, custom_error_type="data_source",
-                  custom_error_message="source must be 'synthetic' or 'store'"),
-]  # fmt: skip
+    Discriminator(
+        _data_source,
+        custom_error_type="data_source",
+        custom_error_message="source must be 'synthetic' or 'store'",
+    ),
+]
 
 
 class ModelSpec(ConfigModel):
@@ -347,8 +350,10 @@ class Trainer:
                 if accelerator.scaler is not None:
                     state["grad_scaler"] = accelerator.scaler.state_dict()
                 torch.save(state, tmp / "training_state.pt")
-                write_json(tmp / "trainer_state.json", {"step": step, "processes": accelerator.num_processes,
-                                                         "config": self.config.to_dict()})  # fmt: skip
+                write_json(
+                    tmp / "trainer_state.json",
+                    {"step": step, "processes": accelerator.num_processes, "config": self.config.to_dict()},
+                )
             for old in find_checkpoints(self.run_dir)[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -471,8 +476,12 @@ class Trainer:
         cfg = self.config
         _allow_new_precision(cfg.mixed_precision)
         process_state()  # forms the process group (gloo on CPUs) before accelerate would without it
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_process_group(), log_with="tensorboard",
-                                  project_dir=str(self.run_dir))  # fmt: skip
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            cpu=cpu_process_group(),
+            log_with="tensorboard",
+            project_dir=str(self.run_dir),
+        )
         device = accelerator.device
         if accelerator.is_main_process:
             for stale in remove_stale_temporaries(self.run_dir, self.run_dir / "checkpoints"):
@@ -528,8 +537,13 @@ class Trainer:
             accelerator.num_processes,
         )
         # Batches are fetched by __getitems__ (one call per step), in worker processes if asked.
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate_batch,
-                            num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)  # fmt: skip
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=collate_batch,
+            num_workers=cfg.num_workers,
+            persistent_workers=cfg.num_workers > 0,
+        )
         unwrapped = accelerator.unwrap_model(model)
         use_ge = unwrapped.has_ge
         previous = (

@@ -98,16 +98,22 @@ def _build_encoders(store: DatasetStore, cfg: EncodeConfig) -> dict:
         raise ValueError(f"{store.root}: the training split has no kept spots; encoders are fitted on it")
     encoders = {}
     if "counts" in adata.layers:
-        encoders["ge_encoder"] = build_ge_encoder(cfg.ge_encoder, adata[train], n_genes=cfg.n_genes,
-                                                  trust_pickle=cfg.trust_pickle)  # fmt: skip
+        encoders["ge_encoder"] = build_ge_encoder(
+            cfg.ge_encoder, adata[train], n_genes=cfg.n_genes, trust_pickle=cfg.trust_pickle
+        )
     else:
         logger.warning("%s has no raw counts: no GE features (H&E-only data)", store.root)
         encoders["ge_encoder"] = None
     tiles = store.tiles()
     sample = np.sort(np.random.default_rng(0).choice(train, size=min(len(train), 2048), replace=False))
     train_tiles = to_tensor(np.asarray(tiles.oindex[sample]))
-    encoders["morphology_encoder"] = build_morphology_encoder(cfg.morphology_encoder, train_tiles, tiles.shape[1],
-                                                              trust_pickle=cfg.trust_pickle, grid=cfg.morphology_grid)  # fmt: skip
+    encoders["morphology_encoder"] = build_morphology_encoder(
+        cfg.morphology_encoder,
+        train_tiles,
+        tiles.shape[1],
+        trust_pickle=cfg.trust_pickle,
+        grid=cfg.morphology_grid,
+    )
     encoders["vae"] = build_vae(cfg.vae)
     return encoders
 
@@ -159,8 +165,14 @@ def _save_encoders(store: DatasetStore, encoders: dict, parameters: dict, source
 
 
 @torch.no_grad()
-def _encode_chunk(tiles_u8: np.ndarray, counts: np.ndarray | None, library: np.ndarray | None, encoders: dict,
-                  cfg: EncodeConfig, device: torch.device) -> dict[str, np.ndarray]:  # fmt: skip
+def _encode_chunk(
+    tiles_u8: np.ndarray,
+    counts: np.ndarray | None,
+    library: np.ndarray | None,
+    encoders: dict,
+    cfg: EncodeConfig,
+    device: torch.device,
+) -> dict[str, np.ndarray]:
     from stmdit.encoders.vae import encode_images
 
     out = {}
@@ -241,8 +253,14 @@ def encode(
     tiles = store.tiles()
 
     # Shapes from one encoded row, so every process creates identical arrays.
-    probe = _encode_chunk(np.asarray(tiles[:1]), None if counts is None else counts[:1],
-                          None if library is None else library[:1], encoders, cfg, device)  # fmt: skip
+    probe = _encode_chunk(
+        np.asarray(tiles[:1]),
+        None if counts is None else counts[:1],
+        None if library is None else library[:1],
+        encoders,
+        cfg,
+        device,
+    )
     wanted = set(cfg.features) | ({"ge_tokens", "ge_mask"} if "ge" in cfg.features else set())
     probe = {k: v for k, v in probe.items() if k in wanted}
     arrays = {}
@@ -264,8 +282,14 @@ def encode(
     )
     for chunk in pending:
         rows = rows_of(chunk)
-        values = _encode_chunk(np.asarray(tiles[rows]), None if counts is None else counts[rows],
-                               None if library is None else library[rows], encoders, cfg, device)  # fmt: skip
+        values = _encode_chunk(
+            np.asarray(tiles[rows]),
+            None if counts is None else counts[rows],
+            None if library is None else library[rows],
+            encoders,
+            cfg,
+            device,
+        )
         for name, arr in arrays.items():
             if not arr.is_done(chunk):
                 arr.write(chunk, values[name])
@@ -276,11 +300,20 @@ def encode(
     if state.is_main_process:
         manifest = store.manifest()
         manifest["features"] = {
-            name: {"shape": list(arr.shape), "dtype": str(arr.dtype), "complete": arr.complete,
-                   "encoder": manifest["encoders"]["describe"]["vae" if name == "latents" else
-                                                            "morphology_encoder" if name == "morphology" else "ge_encoder"]}
+            name: {
+                "shape": list(arr.shape),
+                "dtype": str(arr.dtype),
+                "complete": arr.complete,
+                "encoder": manifest["encoders"]["describe"][
+                    "vae"
+                    if name == "latents"
+                    else "morphology_encoder"
+                    if name == "morphology"
+                    else "ge_encoder"
+                ],
+            }
             for name, arr in arrays.items()
-        }  # fmt: skip
+        }
         manifest["stages"]["encode"] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "processes": state.num_processes,

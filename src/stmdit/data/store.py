@@ -84,8 +84,13 @@ def file_digest(path: str | os.PathLike, full_limit: int = 256 * 2**20, block: i
                 f.seek(offset)
                 h.update(f.read(block))
             method = f"sha256 of size + 3 x {block // 2**20} MiB samples"
-    return {"path": str(path.resolve()), "bytes": size, "mtime_ns": path.stat().st_mtime_ns,
-            "digest": h.hexdigest(), "method": method}  # fmt: skip
+    return {
+        "path": str(path.resolve()),
+        "bytes": size,
+        "mtime_ns": path.stat().st_mtime_ns,
+        "digest": h.hexdigest(),
+        "method": method,
+    }
 
 
 class SourceChangedError(StoreMismatchError):
@@ -101,8 +106,11 @@ def source_files(paths, exclude: str | os.PathLike | None = None) -> list[Path]:
         if path.is_file():
             found.add(path.resolve())
         elif path.is_dir():
-            found.update(f.resolve() for f in path.rglob("*")
-                         if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))  # fmt: skip
+            found.update(
+                f.resolve()
+                for f in path.rglob("*")
+                if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
+            )
     return sorted(f for f in found if exclude is None or not f.is_relative_to(exclude))
 
 
@@ -115,8 +123,10 @@ def verify_sources(recorded: list[dict], restart_hint: str) -> None:
     for record in recorded:
         path = Path(record["path"])
         if not path.is_file():
-            raise SourceChangedError(f"source {path} no longer exists; it was read by the interrupted run. "
-                                     f"Restore it, or {restart_hint}")  # fmt: skip
+            raise SourceChangedError(
+                f"source {path} no longer exists; it was read by the interrupted run. "
+                f"Restore it, or {restart_hint}"
+            )
         now = file_digest(path)
         changed = []
         if now["bytes"] != record["bytes"]:
@@ -128,13 +138,23 @@ def verify_sources(recorded: list[dict], restart_hint: str) -> None:
                 f"modification time changed and its digest ({record['method']}) does not cover every byte"
             )
         if changed:
-            raise SourceChangedError(f"source {path} changed since this store was started ({'; '.join(changed)}): "
-                                     f"resuming would mix data from both versions. Restore it, or {restart_hint}")  # fmt: skip
+            raise SourceChangedError(
+                f"source {path} changed since this store was started ({'; '.join(changed)}): "
+                f"resuming would mix data from both versions. Restore it, or {restart_hint}"
+            )
 
 
 # What ``prepare --restart`` removes: the store's own entries, never other files in the folder.
-STORE_ENTRIES = (MANIFEST, "spots.h5ad", "tiles.zarr", "tiles.zarr.done", "tissue_fraction.zarr",
-                 "tissue_fraction.zarr.done", "features", "encoders")  # fmt: skip
+STORE_ENTRIES = (
+    MANIFEST,
+    "spots.h5ad",
+    "tiles.zarr",
+    "tiles.zarr.done",
+    "tissue_fraction.zarr",
+    "tissue_fraction.zarr.done",
+    "features",
+    "encoders",
+)
 
 
 def remove_entries(root: Path, entries) -> None:
@@ -168,9 +188,15 @@ SAMPLE_KEYS = ("format", "split")
 
 def sample_reader(fmt: str):
     """The reader function of a sample ``format``."""
-    return {"visium": readers.read_visium, "hest": readers.read_hest, "legacy_st": readers.read_legacy_st,
-            "spatial_h5ad": readers.read_spatial_h5ad, "cell_table": readers.read_cell_table,
-            "he_slide": readers.read_he_slide, "pseudolabels": readers.read_pseudolabels}[fmt]  # fmt: skip
+    return {
+        "visium": readers.read_visium,
+        "hest": readers.read_hest,
+        "legacy_st": readers.read_legacy_st,
+        "spatial_h5ad": readers.read_spatial_h5ad,
+        "cell_table": readers.read_cell_table,
+        "he_slide": readers.read_he_slide,
+        "pseudolabels": readers.read_pseudolabels,
+    }[fmt]
 
 
 @functools.cache
@@ -196,7 +222,11 @@ def _arguments_of(fn, skip=()) -> dict:
     for name, param in inspect.signature(fn).parameters.items():
         if name in skip:
             continue
-        members = typing.get_args(hints[name]) if typing.get_origin(hints[name]) in (typing.Union, types.UnionType) else (hints[name],)  # fmt: skip
+        members = (
+            typing.get_args(hints[name])
+            if typing.get_origin(hints[name]) in (typing.Union, types.UnionType)
+            else (hints[name],)
+        )
         mapped = tuple(dict.fromkeys(PathStr if m in (Path, os.PathLike) or m is str else m for m in members))
         annotation = typing.Union[mapped] if len(mapped) > 1 else mapped[0]  # noqa: UP007 (built from a tuple)
         default = ... if param.default is inspect.Parameter.empty else param.default
@@ -240,7 +270,9 @@ class PrepareConfig(ConfigModel):
     min_tissue: Probability = 0.25
     split_by: str = "patient_id"
     # A YAML list is welcome here.
-    split_fractions: Annotated[tuple[NonNegativeFloat, NonNegativeFloat, NonNegativeFloat], Field(strict=False)] = (
+    split_fractions: Annotated[
+        tuple[NonNegativeFloat, NonNegativeFloat, NonNegativeFloat], Field(strict=False)
+    ] = (
         0.8,
         0.1,
         0.1,
@@ -326,8 +358,9 @@ def make_splits(groups: np.ndarray, fractions: tuple[float, float, float], seed:
     return out
 
 
-def assign_splits(obs, key: str, named: dict[str, str], fractions: tuple[float, float, float],
-                  seed: int) -> tuple[np.ndarray, dict]:  # fmt: skip
+def assign_splits(
+    obs, key: str, named: dict[str, str], fractions: tuple[float, float, float], seed: int
+) -> tuple[np.ndarray, dict]:
     """The split of every spot: named groups where the user named them, the others dealt at random.
 
     ``named`` maps a sample id or a patient id (or any value of the ``key`` column) to a split.
@@ -343,16 +376,20 @@ def assign_splits(obs, key: str, named: dict[str, str], fractions: tuple[float, 
     known = set().union(*(set(v) for v in values.values()))
     missing = sorted(set(named) - known)
     if missing:
-        raise ValueError(f"splits name {missing}, which are neither samples nor patients of this dataset "
-                         f"(samples: {sorted(set(values['sample_id']))})")  # fmt: skip
+        raise ValueError(
+            f"splits name {missing}, which are neither samples nor patients of this dataset "
+            f"(samples: {sorted(set(values['sample_id']))})"
+        )
     explicit = np.full(len(obs), "", dtype=object)
     for column, vals in values.items():
         for name, split in named.items():
             rows = vals == name
             clash = rows & (explicit != "") & (explicit != split)
             if clash.any():
-                raise ValueError(f"{column} {name!r} is named for {split}, but some of its spots are also named "
-                                 f"for {sorted(set(explicit[clash]))[0]} (through another sample or patient name)")  # fmt: skip
+                raise ValueError(
+                    f"{column} {name!r} is named for {split}, but some of its spots are also named "
+                    f"for {sorted(set(explicit[clash]))[0]} (through another sample or patient name)"
+                )
             explicit[rows] = split
     group_split: dict[str, str] = {}
     for group in dict.fromkeys(groups):
@@ -365,8 +402,10 @@ def assign_splits(obs, key: str, named: dict[str, str], fractions: tuple[float, 
             parts = "; ".join(f"{s}: samples {by_split[s]}" for s in chosen)
             if by_split[""]:
                 parts += f"; not named (dealt at random): samples {by_split['']}"
-            raise ValueError(f"{key} {group!r} would be in two splits ({parts}). A {key} stays in one split: name "
-                             f"all of its samples for the same split, or set split_by: sample_id to split by section")  # fmt: skip
+            raise ValueError(
+                f"{key} {group!r} would be in two splits ({parts}). A {key} stays in one split: name "
+                f"all of its samples for the same split, or set split_by: sample_id to split by section"
+            )
         group_split[group] = chosen[0]
     rest = np.isin(groups, list(group_split), invert=True)
     taken = set(group_split.values())
@@ -498,9 +537,15 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
     # (Pillow releases the GIL) while the counts are parsed, and the next chunk's tiles are cut
     # while the previous chunk is compressed and written.
     background = ThreadPoolExecutor(2)
-    images = set() if manifest["stages"].get("tiles") else {
-        str(s["image"]) for s in config.samples if isinstance(s.get("image"), str) and Path(s["image"]).is_file()
-    }
+    images = (
+        set()
+        if manifest["stages"].get("tiles")
+        else {
+            str(s["image"])
+            for s in config.samples
+            if isinstance(s.get("image"), str) and Path(s["image"]).is_file()
+        }
+    )
     opened = {slide_key(p): background.submit(open_slide, p) for p in sorted(images)}
     spots_path = store.root / "spots.h5ad"
     if manifest["stages"].get("spots") and spots_path.exists():
@@ -544,8 +589,14 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
     tiler = SpotTiler(adata, config.tile_um, px, boxes=adata.obsm["tile_box"], opened=opened)
     # A kill between the two writes of a chunk leaves one marked and not the other: redo both.
     pending = [c for c in range(tiles.n_chunks) if not (tiles.is_done(c) and tissue.is_done(c))]
-    bar = tqdm(total=n, initial=n - sum(tiles.rows(c).stop - tiles.rows(c).start for c in pending),
-               desc="tiling", unit="tile", disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=n,
+        initial=n - sum(tiles.rows(c).stop - tiles.rows(c).start for c in pending),
+        desc="tiling",
+        unit="tile",
+        disable=not progress,
+    )
+
     def write(chunk: int, block: np.ndarray, fractions: np.ndarray) -> None:
         tiles.write(chunk, block)
         tissue.write(chunk, fractions)
@@ -570,7 +621,11 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
         adata.obs["tissue_fraction"] = np.asarray(tissue.array[:], dtype=np.float32)
         adata.obs["keep"] = adata.obs["tissue_fraction"].to_numpy() >= config.min_tissue
         write_h5ad(adata, spots_path)
-        manifest["stages"]["tiles"] = {"kept": int(adata.obs["keep"].sum()), "dropped_background": int((~adata.obs["keep"]).sum()),
-                                       "at_edge": int(adata.obs["at_edge"].sum()), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+        manifest["stages"]["tiles"] = {
+            "kept": int(adata.obs["keep"].sum()),
+            "dropped_background": int((~adata.obs["keep"]).sum()),
+            "at_edge": int(adata.obs["at_edge"].sum()),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         store.write_manifest(manifest)
     return store

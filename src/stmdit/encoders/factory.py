@@ -41,8 +41,13 @@ def _split(spec: str) -> tuple[str, str | None]:
     return kind.strip().lower(), (arg.strip() or None)
 
 
-def build_ge_encoder(spec: str, train_adata, n_genes: int | None = None, trust_pickle: bool = False,
-                     binning_seed: int | None = 0):  # fmt: skip
+def build_ge_encoder(
+    spec: str,
+    train_adata,
+    n_genes: int | None = None,
+    trust_pickle: bool = False,
+    binning_seed: int | None = 0,
+):
     """A GE encoder whose panel is chosen on ``train_adata``.
 
     ``n_genes``: panel size (``panel`` default 256; CancerFoundation default 1199). CancerFoundation
@@ -65,8 +70,9 @@ def build_ge_encoder(spec: str, train_adata, n_genes: int | None = None, trust_p
     raise ValueError(f"unknown GE encoder {spec!r}; use panel, cancerfoundation or cancerfoundation:FOLDER")
 
 
-def build_morphology_encoder(spec: str, train_tiles=None, tile_size: int | None = None, trust_pickle: bool = False,
-                             grid: int = 1):  # fmt: skip
+def build_morphology_encoder(
+    spec: str, train_tiles=None, tile_size: int | None = None, trust_pickle: bool = False, grid: int = 1
+):
     """A frozen morphology encoder; ``stain`` is fitted on ``train_tiles`` (N, 3, H, W)."""
     from stmdit.hub import KNOWN_WEIGHTS, locate
 

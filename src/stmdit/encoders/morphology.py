@@ -122,10 +122,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # configuration stays JSON.
 UNI2H_MODEL = "vit_giant_patch14_224"
 UNI2H_KWARGS = {
-    "img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
-    "mlp_ratio": 5.33334, "num_classes": 0, "no_embed_class": True, "mlp_layer": "SwiGLUPacked",
-    "act_layer": "SiLU", "reg_tokens": 8, "dynamic_img_size": True,
-}  # fmt: skip
+    "img_size": 224,
+    "patch_size": 14,
+    "depth": 24,
+    "num_heads": 24,
+    "init_values": 1e-5,
+    "embed_dim": 1536,
+    "mlp_ratio": 5.33334,
+    "num_classes": 0,
+    "no_embed_class": True,
+    "mlp_layer": "SwiGLUPacked",
+    "act_layer": "SiLU",
+    "reg_tokens": 8,
+    "dynamic_img_size": True,
+}
 _LAYER_CLASSES = {
     "SwiGLUPacked": ("timm.layers", "SwiGLUPacked"),
     "SiLU": ("torch.nn", "SiLU"),
@@ -195,8 +205,13 @@ class TimmMorphologyEncoder(ModelMixin, ConfigMixin):
         return super().train(False)
 
     @classmethod
-    def uni2h(cls, source: str | os.PathLike = "MahmoodLab/UNI2-h", grid: int = 1, trust_pickle: bool = False,
-              **overrides) -> TimmMorphologyEncoder:  # fmt: skip
+    def uni2h(
+        cls,
+        source: str | os.PathLike = "MahmoodLab/UNI2-h",
+        grid: int = 1,
+        trust_pickle: bool = False,
+        **overrides,
+    ) -> TimmMorphologyEncoder:
         """UNI-2h from its hub id (gated; see ``stmdit weights``) or a local folder or file
         with ``pytorch_model.bin`` / ``model.safetensors``. ``overrides`` change the timm
         constructor arguments (tests use a narrow model of the same structure)."""
@@ -207,8 +222,15 @@ class TimmMorphologyEncoder(ModelMixin, ConfigMixin):
         return encoder
 
     @classmethod
-    def from_timm(cls, model_name: str, weights: str | os.PathLike | None = None, model_kwargs: dict | None = None,
-                  grid: int = 1, trust_pickle: bool = False, **config) -> TimmMorphologyEncoder:  # fmt: skip
+    def from_timm(
+        cls,
+        model_name: str,
+        weights: str | os.PathLike | None = None,
+        model_kwargs: dict | None = None,
+        grid: int = 1,
+        trust_pickle: bool = False,
+        **config,
+    ) -> TimmMorphologyEncoder:
         """Any timm backbone by name. ``weights``: a local file or folder, a hub id, or None for
         timm's own pretrained weights (downloaded by timm, so not offline)."""
         import timm

@@ -490,8 +490,11 @@ def _fd_entry(metric: str, fa: np.ndarray, fb: np.ndarray, protocol: dict) -> di
 def _with_caveats(entry: dict, notes) -> dict:
     """``entry`` with its ``warnings`` (texts) and ``caveats`` (each text with its kind, so that a
     report can give one line per kind of caveat however many scopes share it)."""
-    return {**entry, "warnings": [text for _, text in notes],
-            "caveats": [{"kind": kind, "text": text} for kind, text in notes]}  # fmt: skip
+    return {
+        **entry,
+        "warnings": [text for _, text in notes],
+        "caveats": [{"kind": kind, "text": text} for kind, text in notes],
+    }
 
 
 def _kid_entry(
@@ -604,8 +607,11 @@ def compute_image_metrics(
     )
     caveats = [{"metric": None, "kind": "no_reference", "group": None, "text": w} for w in top_warnings]
     top_warnings += [w for _, extractor_warnings in described.values() for w in extractor_warnings]
-    caveats += [{"metric": name, "kind": "extractor", "group": None, "text": w}
-                for name, (_, extractor_warnings) in described.items() for w in extractor_warnings]  # fmt: skip
+    caveats += [
+        {"metric": name, "kind": "extractor", "group": None, "text": w}
+        for name, (_, extractor_warnings) in described.items()
+        for w in extractor_warnings
+    ]
 
     def scope_metrics(group: str | None, real_idx: np.ndarray, fake_idx: np.ndarray) -> dict:
         scope = "overall" if group is None else f"group {group!r}"

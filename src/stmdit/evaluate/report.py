@@ -24,8 +24,12 @@ _TEMPLATES = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-METRICS = (("fid", "FID", "{:.1f}"), ("kid", "KID", "{:.4f}"), ("fd_morph", "FD-morph", "{:.2f}"),
-           ("fidelity_auc", "fidelity AUC", "{:.3f}"))  # fmt: skip
+METRICS = (
+    ("fid", "FID", "{:.1f}"),
+    ("kid", "KID", "{:.4f}"),
+    ("fd_morph", "FD-morph", "{:.2f}"),
+    ("fidelity_auc", "fidelity AUC", "{:.3f}"),
+)
 
 
 def _fmt(summary: dict, key: str, pattern: str) -> str:
@@ -53,9 +57,11 @@ def _metric_rows(results: dict) -> list[list[str]]:
 
 
 def _ablation_rows(results: dict) -> list[list[str]]:
-    return [[name, f"{ablation} − ge", *(f"{deltas[k]:+.3f}" if k in deltas else "–" for k, _, _ in METRICS)]
-            for name, model in results["models"].items()
-            for ablation, deltas in model.get("ge_ablation", {}).items()]  # fmt: skip
+    return [
+        [name, f"{ablation} − ge", *(f"{deltas[k]:+.3f}" if k in deltas else "–" for k, _, _ in METRICS)]
+        for name, model in results["models"].items()
+        for ablation, deltas in model.get("ge_ablation", {}).items()
+    ]
 
 
 def _ood(results: dict) -> dict | None:
@@ -65,8 +71,13 @@ def _ood(results: dict) -> dict | None:
     rows = []
     for name, summary in ood["models"].items():
         delta = ood["delta_ood"].get(name)
-        rows.append([name, *(_fmt(summary, key, pat) for key, _, pat in METRICS[:3]),
-                     "–" if delta is None else f"{delta:+.1f}"])  # fmt: skip
+        rows.append(
+            [
+                name,
+                *(_fmt(summary, key, pat) for key, _, pat in METRICS[:3]),
+                "–" if delta is None else f"{delta:+.1f}",
+            ]
+        )
     return {**ood, "rows": rows}
 
 
@@ -187,10 +198,17 @@ def _plot_tradeoff(results: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     drawn = False
     for name, model in results["models"].items():
-        pts = sorted((s["guidance_ge"], s["summary"]) for key, s in model["settings"].items()
-                     if key in ("ge", "none") or key.startswith("ge@"))  # fmt: skip
-        pts = [(g, s["fd_morph"]["mean"], s["fidelity_auc"]["mean"]) for g, s in pts
-               if s.get("fd_morph", {}).get("mean") is not None and s.get("fidelity_auc", {}).get("mean") is not None]  # fmt: skip
+        pts = sorted(
+            (s["guidance_ge"], s["summary"])
+            for key, s in model["settings"].items()
+            if key in ("ge", "none") or key.startswith("ge@")
+        )
+        pts = [
+            (g, s["fd_morph"]["mean"], s["fidelity_auc"]["mean"])
+            for g, s in pts
+            if s.get("fd_morph", {}).get("mean") is not None
+            and s.get("fidelity_auc", {}).get("mean") is not None
+        ]
         if not pts:
             continue
         drawn = True
@@ -199,8 +217,14 @@ def _plot_tradeoff(results: dict, path: Path) -> bool:
             continue
         line = ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=name)[0]
         for g, fd, auc in pts:
-            ax.annotate(f"{g:g}", (fd, auc), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                        color=line.get_color())  # fmt: skip
+            ax.annotate(
+                f"{g:g}",
+                (fd, auc),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=line.get_color(),
+            )
     if not drawn:
         plt.close(fig)
         return False
@@ -214,8 +238,17 @@ def _plot_tradeoff(results: dict, path: Path) -> bool:
     return True
 
 
-def write_report(out: Path, results: dict, real_grid: np.ndarray, model_grids: dict, held, measured, predictions,
-                 genes: list[str], scatter_genes: list[str]) -> Path:  # fmt: skip
+def write_report(
+    out: Path,
+    results: dict,
+    real_grid: np.ndarray,
+    model_grids: dict,
+    held,
+    measured,
+    predictions,
+    genes: list[str],
+    scatter_genes: list[str],
+) -> Path:
     """Write ``report.html`` and its PNGs into ``out``; returns the HTML path."""
     out = Path(out)
     figures = []
@@ -223,17 +256,37 @@ def write_report(out: Path, results: dict, real_grid: np.ndarray, model_grids: d
     save_tile_grid(
         rows, out / "samples_grid.png", column_titles=[str(s) for s in held.adata.obs_names[: len(real_grid)]]
     )
-    figures.append(("samples_grid.png", "Real held-out tiles and each model's tile for the same spots (seed 0; "
-                    "GE models with the spot's measured expression)."))  # fmt: skip
+    figures.append(
+        (
+            "samples_grid.png",
+            "Real held-out tiles and each model's tile for the same spots (seed 0; "
+            "GE models with the spot's measured expression).",
+        )
+    )
     if _plot_fidelity_curves(results, out / "fidelity_curves.png"):
-        figures.append(("fidelity_curves.png", "Median per-gene Pearson r of the expression predictor against the "
-                        "measured expression, over the top-N highly variable genes; AUC with N normalised to [0, 1]."))  # fmt: skip
+        figures.append(
+            (
+                "fidelity_curves.png",
+                "Median per-gene Pearson r of the expression predictor against the "
+                "measured expression, over the top-N highly variable genes; AUC with N normalised to [0, 1].",
+            )
+        )
     if _plot_gene_scatter(measured, predictions, genes, scatter_genes, out / "gene_scatter.png"):
-        figures.append(("gene_scatter.png", "Measured expression against the expression the predictor reads off "
-                        "real and generated tiles, for chosen genes."))  # fmt: skip
+        figures.append(
+            (
+                "gene_scatter.png",
+                "Measured expression against the expression the predictor reads off "
+                "real and generated tiles, for chosen genes.",
+            )
+        )
     if _plot_ablation(results, out / "ge_ablation.png"):
-        figures.append(("ge_ablation.png", "GE ablation: metric with GE removed (null) or shuffled minus the metric "
-                        "with the true GE. Positive FID/FD deltas and negative fidelity deltas mean GE helps."))  # fmt: skip
+        figures.append(
+            (
+                "ge_ablation.png",
+                "GE ablation: metric with GE removed (null) or shuffled minus the metric "
+                "with the true GE. Positive FID/FD deltas and negative fidelity deltas mean GE helps.",
+            )
+        )
     if _plot_sweep(results, out / "guidance_sweep.png"):
         figures.append(
             (
@@ -243,9 +296,14 @@ def write_report(out: Path, results: dict, real_grid: np.ndarray, model_grids: d
         )
 
     if _plot_tradeoff(results, out / "fidelity_vs_fd.png"):
-        figures.append(("fidelity_vs_fd.png", "Realism against fidelity: FD in the morphology space (x, lower is "
-                        "more realistic) and fidelity AUC (y) for each GE guidance scale of the sweep (labels); "
-                        "a no-GE model is one square."))  # fmt: skip
+        figures.append(
+            (
+                "fidelity_vs_fd.png",
+                "Realism against fidelity: FD in the morphology space (x, lower is "
+                "more realistic) and fidelity AUC (y) for each GE guidance scale of the sweep (labels); "
+                "a no-GE model is one square.",
+            )
+        )
 
     protocol = {**results["protocol"], "image_metrics": _first_protocol(results)}
     if "ceiling" in results:

@@ -83,7 +83,9 @@ class EvaluateConfig(ConfigModel):
     guidance_ge_interval: Annotated[tuple[float, float], AfterValidator(_interval)] | None = None
     steps: Count = defaults.STEPS
     # YAML reads a bare `null` as nothing; here it can only mean the "null" ablation.
-    ablations: list[Annotated[Literal["null", "shuffled"], BeforeValidator(lambda v: "null" if v is None else v)]] = [
+    ablations: list[
+        Annotated[Literal["null", "shuffled"], BeforeValidator(lambda v: "null" if v is None else v)]
+    ] = [
         "null",
         "shuffled",
     ]
@@ -160,8 +162,10 @@ def inception_extractor(cfg: EvaluateConfig):
     try:
         return InceptionFeatures(cfg.inception_weights, download=cfg.download_weights), None
     except (WeightsUnavailableError, ImportError) as err:
-        how = ("pass --inception-weights FILE (or set inception_weights, or STMDIT_INCEPTION_WEIGHTS), or "
-               "--download-weights to fetch it")  # fmt: skip
+        how = (
+            "pass --inception-weights FILE (or set inception_weights, or STMDIT_INCEPTION_WEIGHTS), or "
+            "--download-weights to fetch it"
+        )
         return None, f"FID and KID skipped: {err} To compute them, {how}."
 
 
@@ -200,16 +204,32 @@ def _resize_u8(tiles_u8: np.ndarray, size: int) -> np.ndarray:
     return to_uint8(x)
 
 
-def generate_setting(pipe, folder: str, held: HeldOut, setting: str, seed: int, cfg: EvaluateConfig,
-                     guidance_ge: float, path: Path) -> np.ndarray:  # fmt: skip
+def generate_setting(
+    pipe,
+    folder: str,
+    held: HeldOut,
+    setting: str,
+    seed: int,
+    cfg: EvaluateConfig,
+    guidance_ge: float,
+    path: Path,
+) -> np.ndarray:
     """Tiles (N, R, R, 3) uint8 for every held-out spot under one setting; cached at ``path``
     with a record of what made them, so a rerun with other parameters regenerates."""
     import json
 
     from stmdit.generate import spot_generator
 
-    made_by = {"pipeline": str(Path(folder).resolve()), "setting": setting, "seed": seed, "inputs": cfg.inputs, "guidance_morph": cfg.guidance_morph,
-               "guidance_ge": guidance_ge, "steps": cfg.steps, "spots": list(map(str, held.adata.obs_names))}  # fmt: skip
+    made_by = {
+        "pipeline": str(Path(folder).resolve()),
+        "setting": setting,
+        "seed": seed,
+        "inputs": cfg.inputs,
+        "guidance_morph": cfg.guidance_morph,
+        "guidance_ge": guidance_ge,
+        "steps": cfg.steps,
+        "spots": list(map(str, held.adata.obs_names)),
+    }
     if cfg.guidance_ge_interval is not None:
         made_by["guidance_ge_interval"] = list(cfg.guidance_ge_interval)
     record = path.with_suffix(".json")
@@ -232,9 +252,16 @@ def generate_setting(pipe, folder: str, held: HeldOut, setting: str, seed: int, 
             kwargs["morphology"] = to_tensor(held.tiles[idx])
         if not kwargs:
             kwargs["num_images"] = len(idx)
-        images = pipe(**kwargs, guidance_morph=cfg.guidance_morph, guidance_ge=guidance_ge,
-                      num_inference_steps=cfg.steps, generator=[spot_generator(seed, int(i)) for i in idx],
-                      output_type="np", progress=False, guidance_ge_interval=interval).images  # fmt: skip
+        images = pipe(
+            **kwargs,
+            guidance_morph=cfg.guidance_morph,
+            guidance_ge=guidance_ge,
+            num_inference_steps=cfg.steps,
+            generator=[spot_generator(seed, int(i)) for i in idx],
+            output_type="np",
+            progress=False,
+            guidance_ge_interval=interval,
+        ).images
         out.append(to_uint8(images))
     tiles = np.concatenate(out)
     with atomic_path(path) as tmp:
@@ -268,14 +295,23 @@ def _fidelity(
         rows = held.samples == sample
         if rows.sum() < 3:
             continue
-        res = fidelity_auc(measured[rows], predicted[rows], predictor.hvg_order, n_bootstrap=n_bootstrap,
-                           gene_protocol=predictor.gene_protocol)  # fmt: skip
+        res = fidelity_auc(
+            measured[rows],
+            predicted[rows],
+            predictor.hvg_order,
+            n_bootstrap=n_bootstrap,
+            gene_protocol=predictor.gene_protocol,
+        )
         per_sample[sample] = res.to_dict()
     if not per_sample:
         raise ValueError("fidelity needs at least 3 spots in some sample")
     aucs = [r["auc"] for r in per_sample.values()]
-    return {"auc": float(np.mean(aucs)), "per_sample": per_sample, "predicted": predicted,
-            "protocol": next(iter(per_sample.values()))["protocol"]}  # fmt: skip
+    return {
+        "auc": float(np.mean(aucs)),
+        "per_sample": per_sample,
+        "predicted": predicted,
+        "protocol": next(iter(per_sample.values()))["protocol"],
+    }
 
 
 def _mean_std(values: list[float | None]) -> dict:
@@ -324,12 +360,19 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     extractors = {"morph": MorphologyFeatures(fd_encoder, type(fd_encoder).__name__)}
     if inception is not None:
         extractors["inception"] = inception
-    reference = (f"real tiles of the same {held.adata.n_obs} held-out spots ({cfg.split} split of {cfg.dataset}; "
-                 f"{held.tile_um:g} µm tiles, resized to each model's resolution)")  # fmt: skip
+    reference = (
+        f"real tiles of the same {held.adata.n_obs} held-out spots ({cfg.split} split of {cfg.dataset}; "
+        f"{held.tile_um:g} µm tiles, resized to each model's resolution)"
+    )
 
     predictor = encoder = measured = None
-    results: dict = {"models": {}, "config": cfg.to_dict(), "n_spots": int(held.adata.n_obs),
-                     "samples": sorted(set(held.samples)), "skipped": {}}  # fmt: skip
+    results: dict = {
+        "models": {},
+        "config": cfg.to_dict(),
+        "n_spots": int(held.adata.n_obs),
+        "samples": sorted(set(held.samples)),
+        "skipped": {},
+    }
     if skipped:
         results["skipped"] = {"fid": skipped, "kid": skipped}
     if cfg.predictor:
@@ -341,8 +384,11 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         measured = expression_targets(held.adata, predictor.genes, source=f"{cfg.dataset} spots")
         ceiling = _fidelity(predictor, encoder, held.tiles, held, measured, cfg.n_bootstrap)
         results["ceiling"] = {k: v for k, v in ceiling.items() if k != "predicted"}
-        results["predictor"] = {"path": str(cfg.predictor), "genes": len(predictor.genes),
-                                "gene_protocol": predictor.gene_protocol}  # fmt: skip
+        results["predictor"] = {
+            "path": str(cfg.predictor),
+            "genes": len(predictor.genes),
+            "gene_protocol": predictor.gene_protocol,
+        }
         predictions = {"real": ceiling["predicted"]}
 
     samples_for_grid: dict[str, np.ndarray] = {}
@@ -368,10 +414,17 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
                 fake = generate_setting(pipe, folder, held, setting, seed, cfg, s_g, path)
                 if seed == seeds[0] and setting in ("ge", "none"):
                     samples_for_grid[name] = fake[: cfg.grid_spots]
-                metrics = compute_image_metrics(real, fake, extractors, kid_subsets=cfg.kid_subsets,
-                                                kid_subset_size=min(cfg.kid_subset_size, len(fake)),
-                                                per_group=held.samples, reference=reference, seed=seed,
-                                                real_cache=real_cache)  # fmt: skip
+                metrics = compute_image_metrics(
+                    real,
+                    fake,
+                    extractors,
+                    kid_subsets=cfg.kid_subsets,
+                    kid_subset_size=min(cfg.kid_subset_size, len(fake)),
+                    per_group=held.samples,
+                    reference=reference,
+                    seed=seed,
+                    real_cache=real_cache,
+                )
                 overall = metrics["overall"]
                 if inception is not None:
                     per_seed["fid"].append(overall["fid"]["value"])
@@ -395,8 +448,10 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             model_res["settings"][setting] = {"guidance_ge": s_g, "summary": summary, "details": details}
         settings = model_res["settings"]
         if "ge" in settings:
-            model_res["ge_ablation"] = {ablation: _deltas(settings[ablation]["summary"], settings["ge"]["summary"])
-                                        for ablation in cfg.ablations}  # fmt: skip
+            model_res["ge_ablation"] = {
+                ablation: _deltas(settings[ablation]["summary"], settings["ge"]["summary"])
+                for ablation in cfg.ablations
+            }
         results["models"][name] = model_res
         update_model_card(folder, model_res, source=f"{cfg.split} split of {cfg.dataset}, seeds {cfg.seeds}")
         del pipe
@@ -407,37 +462,66 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             "cohort": f"{cfg.dataset} ({cfg.split} split): H&E-only slides with pseudo-labels as expression",
             "reference": "the cohort's own real tiles of the same pseudo-spots",
             "fidelity_note": "expression is predicted, so 'fidelity' here is consistency with the pseudo-labels",
-            "delta_ood": {name: m["ge_ablation"]["null"].get("fid") for name, m in results["models"].items()
-                          if "null" in m.get("ge_ablation", {})},
-            "models": {name: m["settings"].get("ge", m["settings"].get("none"))["summary"]
-                       for name, m in results["models"].items()},
-        }  # fmt: skip
+            "delta_ood": {
+                name: m["ge_ablation"]["null"].get("fid")
+                for name, m in results["models"].items()
+                if "null" in m.get("ge_ablation", {})
+            },
+            "models": {
+                name: m["settings"].get("ge", m["settings"].get("none"))["summary"]
+                for name, m in results["models"].items()
+            },
+        }
     results["warnings"] = ([skipped] if skipped else []) + caveat_lines(
-        [c for m in results["models"].values() for s in m["settings"].values() for d in s["details"].values()
-         for c in d["image_metrics"]["caveats"]])  # fmt: skip
+        [
+            c
+            for m in results["models"].values()
+            for s in m["settings"].values()
+            for d in s["details"].values()
+            for c in d["image_metrics"]["caveats"]
+        ]
+    )
     if "ceiling" in results and not results["ceiling"]["auc"] > 0:
         results["warnings"].append(
             f"the real-tile fidelity ceiling is {results['ceiling']['auc']:.3f}: the predictor does not read "
             "expression from these tiles, so fidelity AUCs and their ratios to it are not informative"
         )
     if "ceiling" in results and results["ceiling"]["protocol"]["departures"]:
-        results["warnings"].append("fidelity AUC departs from DeepSpot's protocol: "
-                                   + "; ".join(results["ceiling"]["protocol"]["departures"]))  # fmt: skip
+        results["warnings"].append(
+            "fidelity AUC departs from DeepSpot's protocol: "
+            + "; ".join(results["ceiling"]["protocol"]["departures"])
+        )
     results["protocol"] = {
         "spots": reference,
         "noise": "per spot: torch.Generator seeded by (seed, spot index); identical across models and settings",
         "inputs": cfg.inputs,
-        "guidance": {"morph": cfg.guidance_morph, "ge": cfg.guidance_ge, "ge_interval": cfg.guidance_ge_interval},
+        "guidance": {
+            "morph": cfg.guidance_morph,
+            "ge": cfg.guidance_ge,
+            "ge_interval": cfg.guidance_ge_interval,
+        },
         "steps": cfg.steps,
-        "settings": {"ge": "the spot's measured expression", "null": "expression removed (GE null embedding)",
-                     "shuffled": "another held-out spot's expression (fixed permutation per seed)",
-                     "none": "no-GE model"},
+        "settings": {
+            "ge": "the spot's measured expression",
+            "null": "expression removed (GE null embedding)",
+            "shuffled": "another held-out spot's expression (fixed permutation per seed)",
+            "none": "no-GE model",
+        },
         "ge_ablation": "metric(ablated) - metric(ge); positive for FID/KID/FD and negative for fidelity mean GE helps",
         "fidelity": "predictor on generated tiles (sub-spots from the tile, neighbours from the generated tiles of "
-                    "neighbouring spots) against the spot's measured log1p CP10k; DeepSpot AUC per sample, mean over samples",
-    }  # fmt: skip
+        "neighbouring spots) against the spot's measured log1p CP10k; DeepSpot AUC per sample, mean over samples",
+    }
     write_json(out / "metrics.json", results)
     real_grid = held.tiles[: cfg.grid_spots]
-    write_report(out, results, real_grid, samples_for_grid, held, measured, predictions if predictor else None,
-                 predictor.genes if predictor else [], cfg.scatter_genes)  # fmt: skip
+    write_report(
+        out,
+        results,
+        real_grid,
+        samples_for_grid,
+        held,
+        measured,
+        predictions if predictor else None,
+        predictor.genes if predictor else [],
+        cfg.scatter_genes,
+    )
     return results

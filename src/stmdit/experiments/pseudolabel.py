@@ -130,21 +130,35 @@ def pseudolabel_slide(spec: dict, predictor, encoder, cfg: PseudolabelConfig, pr
     tile_um, tile_px = predictor_resolution(predictor, cfg.tile_px)
     keys = ("spot_diameter_um", "spacing_um", "background_threshold", "min_tissue_fraction")
     geometry = {k: spec.get(k, getattr(cfg, k)) for k in keys if spec.get(k, getattr(cfg, k)) is not None}
-    slide = read_he_slide(spec["path"], mpp=spec.get("mpp"), sample_id=spec["sample_id"],
-                          patient_id=spec.get("patient_id"), **geometry)  # fmt: skip
+    slide = read_he_slide(
+        spec["path"],
+        mpp=spec.get("mpp"),
+        sample_id=spec["sample_id"],
+        patient_id=spec.get("patient_id"),
+        **geometry,
+    )
     if slide.n_obs == 0:
         raise ValueError(
             f"{spec['path']}: no pseudo-spot on tissue; check the slide and background_threshold"
         )
     tiler = SpotTiler(slide, tile_um, tile_px)
-    tiles = np.concatenate([tiler.read(np.arange(i, min(i + 256, slide.n_obs)))[0]
-                            for i in tqdm(range(0, slide.n_obs, 256), desc=f"tiles {spec['sample_id']}",
-                                          disable=not progress, leave=False)])  # fmt: skip
+    tiles = np.concatenate(
+        [
+            tiler.read(np.arange(i, min(i + 256, slide.n_obs)))[0]
+            for i in tqdm(
+                range(0, slide.n_obs, 256),
+                desc=f"tiles {spec['sample_id']}",
+                disable=not progress,
+                leave=False,
+            )
+        ]
+    )
     tiler.close()
     # The crop the predictor reads is the spot size it was trained on, whatever the grid's pitch.
     crop_um = float(diameters[0]) if len(diameters) == 1 and diameters[0] else float(tile_um)
-    feats = context_features(tiles, slide.obs, float(tile_um), crop_um, encoder, batch_size=cfg.batch_size,
-                             progress=progress)  # fmt: skip
+    feats = context_features(
+        tiles, slide.obs, float(tile_um), crop_um, encoder, batch_size=cfg.batch_size, progress=progress
+    )
     # log1p CP10k is never negative; a regressor's small excursions below 0 are clipped.
     predicted = np.clip(predictor.predict_features(feats), 0.0, None)
 
@@ -160,8 +174,16 @@ def pseudolabel_slide(spec: dict, predictor, encoder, cfg: PseudolabelConfig, pr
     out.obs["library_size"] = CP10K
     out.obs["expression_source"] = "predicted"
     meta = dict(slide.uns["stmdit"]["samples"][spec["sample_id"]])
-    meta.update(counts_available=True, counts_are_predicted=True, source_format="pseudolabels",
-                predictor=provenance, predictor_crop_um=crop_um, predictor_tile_um=tile_um, predictor_tile_px=tile_px, counts_sparsified=calibration is not None)  # fmt: skip
+    meta.update(
+        counts_available=True,
+        counts_are_predicted=True,
+        source_format="pseudolabels",
+        predictor=provenance,
+        predictor_crop_um=crop_um,
+        predictor_tile_um=tile_um,
+        predictor_tile_px=tile_px,
+        counts_sparsified=calibration is not None,
+    )
     out.uns["stmdit"] = {"samples": {spec["sample_id"]: _json_safe(meta)}}
     return out
 

@@ -358,7 +358,9 @@ def _perturbations(variants: dict[str, list[dict]]) -> dict[str, list[dict]]:
         for i, entry in enumerate(entries):
             unknown = sorted(set(entry) - set(known))
             if unknown:
-                raise ValueError(f"variant {name!r}, change {i}: unknown keys {unknown}; use {', '.join(known)}")
+                raise ValueError(
+                    f"variant {name!r}, change {i}: unknown keys {unknown}; use {', '.join(known)}"
+                )
             try:
                 Perturbation(**entry)
             except ValueError as err:
@@ -427,8 +429,11 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
         )
     if cfg.interpolate_to:
         target = start_state(
-            adata, **{k: (tuple(v) if k == "cluster" else v)
-                      for k, v in cfg.interpolate_to.model_dump(exclude_none=True).items()}  # fmt: skip
+            adata,
+            **{
+                k: (tuple(v) if k == "cluster" else v)
+                for k, v in cfg.interpolate_to.model_dump(exclude_none=True).items()
+            },
         )
         path = interpolate(control, target, cfg.alphas)
         for i, name in enumerate(path.obs_names):

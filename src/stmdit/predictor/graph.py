@@ -43,8 +43,10 @@ def _array_neighbours(rows: np.ndarray, cols: np.ndarray, radius: int, grid: str
     hexagonal = _is_hexagonal(rows, cols) if grid is None else grid == "hex"
     where = {(r, c): i for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True))}
     offsets = _grid_offsets(radius, hexagonal)
-    return [[j for dr, dc in offsets if (j := where.get((r + dr, c + dc))) is not None and j != i]
-            for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True))]  # fmt: skip
+    return [
+        [j for dr, dc in offsets if (j := where.get((r + dr, c + dc))) is not None and j != i]
+        for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True))
+    ]
 
 
 def _pixel_neighbours(xy: np.ndarray, radius: int) -> list[list[int]]:

@@ -152,8 +152,13 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
                 f"got {neighbour_mask.dtype} {tuple(neighbour_mask.shape)}"
             )
 
-    def forward(self, spot: torch.Tensor, subspots: torch.Tensor, neighbours: torch.Tensor,
-                neighbour_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        spot: torch.Tensor,
+        subspots: torch.Tensor,
+        neighbours: torch.Tensor,
+        neighbour_mask: torch.Tensor,
+    ) -> torch.Tensor:
         """``spot`` (B, D), ``subspots`` (B, 9, D), ``neighbours`` (B, K, D) with
         ``neighbour_mask`` (B, K) True where a neighbour is present -> (B, n_genes) standardised.
 
@@ -193,8 +198,10 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
                 "use the morphology encoder it was trained with"
             )
         device = self.target_mean.device
-        out = [self.predict(*features.batch(np.arange(i, min(i + batch_size, len(features))), device)).cpu()
-               for i in range(0, len(features), batch_size)]  # fmt: skip
+        out = [
+            self.predict(*features.batch(np.arange(i, min(i + batch_size, len(features))), device)).cpu()
+            for i in range(0, len(features), batch_size)
+        ]
         return torch.cat(out).numpy().astype(np.float32)
 
     def to_anndata(self, values, obs: pd.DataFrame | None = None) -> ad.AnnData:
@@ -218,8 +225,9 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
     # -- DeepSpot's weights ------------------------------------------------------------------
 
     @classmethod
-    def from_deepspot(cls, path: str | os.PathLike, genes: Sequence[str] | None = None,
-                      trust_pickle: bool = False) -> ExpressionPredictor:  # fmt: skip
+    def from_deepspot(
+        cls, path: str | os.PathLike, genes: Sequence[str] | None = None, trust_pickle: bool = False
+    ) -> ExpressionPredictor:
         """An official DeepSpot model (``final_model.pkl``) as an ExpressionPredictor.
 
         DeepSpot saves its models with ``torch.save(model)``: a pickled whole LightningModule,
@@ -285,11 +293,21 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
         genes = _deepspot_genes(path, n_out) if genes is None else [str(g) for g in genes]
         if len(genes) != n_out:
             raise ValueError(f"{path} predicts {n_out} genes but {len(genes)} gene names were given")
-        provenance = {"source": "deepspot", "path": str(path.resolve()), "spot_context": context,
-                      "image_feature_model": _deepspot_feature_model(path)}  # fmt: skip
-        model = cls(genes=genes, input_dim=int(input_dim), hidden_dim=int(hidden), n_phi=len(phi_ids),
-                    n_rho=len(rho_ids), dropout=float(hparams.get("p_phi") or hparams.get("p") or 0.3),
-                    provenance=provenance)  # fmt: skip
+        provenance = {
+            "source": "deepspot",
+            "path": str(path.resolve()),
+            "spot_context": context,
+            "image_feature_model": _deepspot_feature_model(path),
+        }
+        model = cls(
+            genes=genes,
+            input_dim=int(input_dim),
+            hidden_dim=int(hidden),
+            n_phi=len(phi_ids),
+            n_rho=len(rho_ids),
+            dropout=float(hparams.get("p_phi") or hparams.get("p") or 0.3),
+            provenance=provenance,
+        )
         with torch.no_grad():
             for c, i in enumerate(phi_ids):
                 model.phi_weight[c].copy_(state[f"phi_spot.{i}.model.0.weight"])

@@ -54,8 +54,13 @@ def fit_zero_calibration(
     n = np.bincount(index, minlength=edges.size - 1)
     zeros = np.bincount(index, weights=zero, minlength=edges.size - 1)
     fraction = np.divide(zeros, n, out=np.zeros_like(zeros), where=n > 0)
-    return {"edges": edges.tolist(), "zero_fraction": fraction.tolist(),
-            "measured_zero_fraction": float(zero.mean()), "source": source, "n_entries": int(p.size)}  # fmt: skip
+    return {
+        "edges": edges.tolist(),
+        "zero_fraction": fraction.tolist(),
+        "measured_zero_fraction": float(zero.mean()),
+        "source": source,
+        "n_entries": int(p.size),
+    }
 
 
 def _bin(p: np.ndarray, edges: np.ndarray) -> np.ndarray:

@@ -61,8 +61,9 @@ class SpotSet:
         return int(square_images(take_rows(self.tiles, np.arange(1)), "tiles").shape[-1])
 
     @classmethod
-    def from_store(cls, store, split: str | None = "train", samples: Sequence[str] | None = None,
-                   only_kept: bool = True) -> SpotSet:  # fmt: skip
+    def from_store(
+        cls, store, split: str | None = "train", samples: Sequence[str] | None = None, only_kept: bool = True
+    ) -> SpotSet:
         """The spots of a prepared store (a :class:`~stmdit.data.store.DatasetStore` or its folder):
         those of ``split`` (None: all) and of ``samples`` (None: all), kept spots only by default."""
         store = store if isinstance(store, DatasetStore) else DatasetStore(store)

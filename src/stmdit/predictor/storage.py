@@ -22,8 +22,12 @@ def save_predictor(fit: PredictorFit, encoder, path: str | os.PathLike) -> Path:
     instead), ``training.json``, and for leave-one-patient-out ``folds/<patient>/`` with each
     fold's model and ``test_predictions.h5ad``."""
     path = Path(path)
-    record = {"history": fit.history, "genes": fit.predictor.genes, "provenance": fit.predictor.config.provenance,
-              "folds": {p: f.history for p, f in fit.folds.items()}}  # fmt: skip
+    record = {
+        "history": fit.history,
+        "genes": fit.predictor.genes,
+        "provenance": fit.predictor.config.provenance,
+        "folds": {p: f.history for p, f in fit.folds.items()},
+    }
     with atomic_path(path) as tmp:
         fit.predictor.save_pretrained(tmp)
         if isinstance(encoder, StainFeatureEncoder):

@@ -175,15 +175,32 @@ def train_predictor(
         train.tiles, train.adata.obs, train.tile_um, train.spot_diameter_um, encoder, progress=progress
     )
     val_features = (
-        context_features(val.tiles, val.adata.obs, val.tile_um, val.spot_diameter_um, encoder, progress=progress)
-        if val is not None and len(val) else None
-    )  # fmt: skip
+        context_features(
+            val.tiles, val.adata.obs, val.tile_um, val.spot_diameter_um, encoder, progress=progress
+        )
+        if val is not None and len(val)
+        else None
+    )
     d = np.unique(np.asarray(train.spot_diameter_um, dtype=np.float64))
-    base = {"trained_by": "stmdit train_predictor", "morphology_encoder": describe(encoder),
-            "tile_um": float(train.tile_um), "tile_px": train.tile_px, "spot_diameter_um": d.tolist(),
-            "neighbour_radius": 1, "seed": int(seed)}  # fmt: skip
-    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "patience": patience,
-                "model_kwargs": model_kwargs, "progress": progress, "device": device}  # fmt: skip
+    base = {
+        "trained_by": "stmdit train_predictor",
+        "morphology_encoder": describe(encoder),
+        "tile_um": float(train.tile_um),
+        "tile_px": train.tile_px,
+        "spot_diameter_um": d.tolist(),
+        "neighbour_radius": 1,
+        "seed": int(seed),
+    }
+    settings = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "patience": patience,
+        "model_kwargs": model_kwargs,
+        "progress": progress,
+        "device": device,
+    }
 
     def fit(rows: np.ndarray, extra: dict) -> PredictorFit:
         adata = train.adata[rows]
@@ -292,9 +309,17 @@ def train_predictor_command(
     if torch.cuda.is_available():
         encoder.to("cuda")
     genes = {"n_genes": n_genes, "gene_selection": gene_selection}
-    fit = train_predictor(train, encoder, val=val if len(val) else None, epochs=epochs, batch_size=batch_size,
-                          seed=seed, leave_one_patient_out=leave_one_patient_out, progress=progress,
-                          **{k: v for k, v in genes.items() if v is not None})  # fmt: skip
+    fit = train_predictor(
+        train,
+        encoder,
+        val=val if len(val) else None,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        leave_one_patient_out=leave_one_patient_out,
+        progress=progress,
+        **{k: v for k, v in genes.items() if v is not None},
+    )
     extra = {"morphology_spec": str(morphology_encoder), "dataset": str(store.root.resolve())}
     for f in (fit, *fit.folds.values()):
         f.predictor.register_to_config(provenance={**(f.predictor.config.provenance or {}), **extra})

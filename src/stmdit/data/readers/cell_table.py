@@ -186,15 +186,23 @@ def aggregate_to_pseudospots(
         patients = cells.obs["patient_id"].dropna().astype(str).unique() if "patient_id" in cells.obs else []
         barcodes = [f"r{r}c{c}" for r, c in zip(rows[keep], cols[keep], strict=True)]
         part = assemble(
-            summed.tocsr(), True, barcodes, obs, adata.var.copy(), sample_id,
-            patients[0] if len(patients) else None, info,
-        )  # fmt: skip
+            summed.tocsr(),
+            True,
+            barcodes,
+            obs,
+            adata.var.copy(),
+            sample_id,
+            patients[0] if len(patients) else None,
+            info,
+        )
         # The cells' image (it may live outside any file, e.g. in a SpatialData store) shows the spots too.
         cell_images = adata.uns.get("spatial", {}).get(sample_id, {})
         if "hires" in cell_images.get("images", {}):
             part.uns["spatial"][sample_id] = scanpy_library(
-                info, obs[["x_px", "y_px"]].to_numpy(), cell_images["images"]["hires"],
+                info,
+                obs[["x_px", "y_px"]].to_numpy(),
+                cell_images["images"]["hires"],
                 cell_images["scalefactors"]["tissue_hires_scalef"],
-            )  # fmt: skip
+            )
         parts.append(part)
     return parts[0] if len(parts) == 1 else concat_samples(parts)
