@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from stmdit import defaults
-from stmdit.io import atomic_path, write_json
+from stmdit.io import atomic_path, safe_file_name, write_json
 from stmdit.tiles import to_tensor, to_uint8
 
 __all__ = [
@@ -280,7 +279,7 @@ class SectionResult:
         """Write ``<sample>_section.png`` (real | virtual), ``<sample>_virtual.png`` (the mosaic at
         its own pixels) and ``<sample>_section.json`` (geometry and settings), each atomically."""
         out = Path(out)
-        stem = _safe_name(self.sample)
+        stem = safe_file_name(self.sample)
         note = "white: no spot tile" if not self.coverage.all() else ""
         conditions = "expression + morphology" if self.settings["use_morphology"] else "expression"
         figure, boxes = side_by_side(
@@ -321,11 +320,6 @@ class SectionResult:
             },
         )
         return paths
-
-
-def _safe_name(sample: str) -> str:
-    """A sample id usable as a file name on any system."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", sample)
 
 
 def _store(dataset):
@@ -486,7 +480,7 @@ def synthesize_section(
             "store": {"prepare": manifest["prepare"], "spots": manifest["stages"]["spots"]},
         }
         key = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
-        cache = Path(cache_dir) / f"{_safe_name(sample)}_seed{seed}_{key}"
+        cache = Path(cache_dir) / f"{safe_file_name(sample)}_seed{seed}_{key}"
         cache.mkdir(parents=True, exist_ok=True)
         write_json(cache / "made_by.json", made_by)
     tiles, n_generated = _generate(pipe, adata, rows, store, settings, batch_size, cache, progress)

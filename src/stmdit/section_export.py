@@ -33,11 +33,10 @@ from PIL import Image
 from stmdit import defaults
 from stmdit.data.images import tissue_fraction
 from stmdit.data.readers.convention import HIRES_PX, scanpy_library, write_h5ad
-from stmdit.io import atomic_path
+from stmdit.io import atomic_path, safe_file_name
 from stmdit.section import (
     SectionGeometry,
     SectionResult,
-    _safe_name,
     assemble_mosaic,
     read_real_region,
     synthesize_section,
@@ -182,7 +181,7 @@ def write_section_files(
     """Write ``<out>/<sample>_section.h5ad`` and, when ``spatialdata`` is given, the SpatialData
     zarr store there (atomically; an existing one is replaced)."""
     adata = section_anndata(result)
-    paths = {"anndata": write_h5ad(adata, Path(out) / f"{_safe_name(result.sample)}_section.h5ad")}
+    paths = {"anndata": write_h5ad(adata, Path(out) / f"{safe_file_name(result.sample)}_section.h5ad")}
     if spatialdata is not None:
         sdata = section_spatialdata(result, adata)
         target = Path(spatialdata)

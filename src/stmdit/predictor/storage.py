@@ -8,7 +8,7 @@ from pathlib import Path
 
 from stmdit.encoders.factory import build_morphology_encoder
 from stmdit.encoders.morphology import StainFeatureEncoder
-from stmdit.io import atomic_path
+from stmdit.io import atomic_path, safe_file_name
 from stmdit.predictor.model import ExpressionPredictor, PredictorFit
 
 ENCODER_FOLDER = "morphology_encoder"
@@ -33,16 +33,12 @@ def save_predictor(fit: PredictorFit, encoder, path: str | os.PathLike) -> Path:
         if isinstance(encoder, StainFeatureEncoder):
             encoder.save_pretrained(tmp / ENCODER_FOLDER)
         for patient, fold in fit.folds.items():
-            where = tmp / "folds" / _safe_name(patient)
+            where = tmp / "folds" / safe_file_name(patient, fallback="patient")
             fold.predictor.save_pretrained(where)
             if fold.test_predictions is not None:
                 fold.test_predictions.write_h5ad(where / "test_predictions.h5ad")
         (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return path
-
-
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)) or "patient"
 
 
 def load_predictor(path: str | os.PathLike, trust_pickle: bool = False):
