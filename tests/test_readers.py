@@ -23,6 +23,7 @@ from stmdit.data.readers import (
     read_visium,
 )
 from stmdit.data.readers.convention import ReaderError
+from stmdit.errors import StmditError
 
 # Space Ranger tissue_positions columns, in file order.
 POSITION_COLUMNS = [
@@ -701,7 +702,7 @@ def test_unreadable_inputs_name_the_file_and_what_was_expected(tmp_path):
 
     not_image = tmp_path / "he.jpg"
     not_image.write_text("not an image")
-    with pytest.raises(ReaderError, match=r"he\.jpg: cannot be read as an image"):
+    with pytest.raises(StmditError, match=r"he\.jpg: cannot decode it as an image"):
         read_he_slide(not_image, mpp=0.5)
 
     no_spots = ad.AnnData(X=sp.csr_matrix((0, 3)), var=pd.DataFrame(index=["A", "B", "C"]))

@@ -99,7 +99,7 @@ def reading(path: Path, expected: str):
     was expected to be. Missing files stay :class:`FileNotFoundError` (checked before, by name)."""
     try:
         yield
-    except FileNotFoundError:
+    except (FileNotFoundError, StmditError):  # missing, or already named and explained
         raise
     except READ_ERRORS as err:
         reason = (
