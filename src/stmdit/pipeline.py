@@ -71,6 +71,8 @@ class STMDiTPipeline(DiffusionPipeline):
             morphology_encoder=morphology_encoder,
             vae=vae,
         )
+        # diffusers' own bar over the sampling steps; set_progress_bar_config replaces this.
+        self.set_progress_bar_config(desc="sampling")
 
     # -- saving and sharing --------------------------------------------------------------
 
