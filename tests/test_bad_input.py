@@ -483,3 +483,23 @@ def test_corrupt_weights_files_name_the_file(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(InputFileError, match=rf"{name}: not a readable"):
             load_state_dict_file(tmp_path / name)
+
+
+def test_the_message_gets_its_own_line_beside_an_open_progress_bar(tmp_path, test_data):
+    """A failure inside a loop with a progress bar: the bar is cleared before the message, so
+    the message starts a line instead of trailing the bar."""
+    case = next(c for c in CASES if c.name == "counts_truncated_gzip")
+    folder = tmp_path / case.name
+    argv = _materialise(case, folder, test_data)
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stmdit", *argv],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 1 and "reading samples" in proc.stderr, proc.stderr  # a bar was open
+    lines = proc.stderr.replace("\r", "\n").splitlines()
+    assert [line for line in lines if line.startswith("error: ")], proc.stderr

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import math
+import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -13,6 +14,7 @@ from typing import Annotated, NoReturn
 import click
 import typer
 import yaml
+from tqdm.auto import tqdm
 
 from stmdit import defaults
 from stmdit.errors import StmditError
@@ -50,7 +52,10 @@ def _positive(value: float | None) -> float | None:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    # A progress bar still open on stderr (the failure interrupted its loop) would share the
+    # message's line: tqdm.write clears the bars, prints the line, then redraws them.
+    line = f"error: {message}"
+    tqdm.write(click.style(line, fg="red") if sys.stderr.isatty() else line, file=sys.stderr)
     raise typer.Exit(code=code)
 
 
