@@ -123,8 +123,9 @@ def assert_matches_pixart(model, pixart):
 def test_diffusers_folder_matches_pixart(hub_folder, pixart, uncond):
     model, report = load_pixcell(hub_folder, ge_injection="adaln+xattn", ge_pooling="cls", ge_dim=6)
     assert report.layout == "diffusers" and report.clean
-    assert report.missing and all(GE_RE.match(k) for k in report.missing)
-    assert {k for k in model.state_dict() if GE_RE.match(k)} == set(report.missing)
+    assert report.initial and report.missing == []
+    assert {k for k in model.state_dict() if GE_RE.match(k)} == set(report.initial)
+    assert set(report.loaded) | set(report.initial) == set(model.state_dict())
     assert report.config["interpolation_scale"] == INTERPOLATION
     assert (report.config["hidden_size"], report.config["depth"], report.config["out_channels"]) == (
         HIDDEN,
@@ -158,7 +159,7 @@ def test_original_layout_matches_pixart(tmp_path, pixart, uncond, fmt):
         **overrides,
     )
     assert report.layout == "original" and report.clean
-    assert all(GE_RE.match(k) for k in report.missing)
+    assert report.initial and all(GE_RE.match(k) for k in report.initial) and report.missing == []
     assert ("pos_embed" in report.ignored) == (fmt == "pth")
     assert report.config["mlp_ratio"] == 4.0 and report.config["morph_dim"] == CAPTION
     assert_matches_pixart(model, pixart)
@@ -178,7 +179,7 @@ def test_unexpected_key_is_reported(tmp_path, pixart):
     with pytest.warns(UserWarning, match="extra.weight"):
         _, report = load_pixcell(folder)
     assert report.unexpected == ["extra.weight"]
-    assert report.missing_backbone == ["y_embedder.y_embedding"]  # plain PixArt has no uncond_embedding
+    assert report.missing == ["y_embedder.y_embedding"]  # plain PixArt has no uncond_embedding
 
 
 def test_null_interpolation_scale_follows_diffusers(tmp_path, pixart, uncond):

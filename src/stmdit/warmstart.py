@@ -24,15 +24,14 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import PixArtTransformer2DModel
 from safetensors.torch import load_file
 
+from stmdit.checkpoint import LoadReport, read_state_dict
 from stmdit.hub import hub_snapshot, is_local
-from stmdit.io import load_state_dict_file
 from stmdit.model import STMDiT
 
 logger = logging.getLogger(__name__)
@@ -86,47 +85,6 @@ _PIXCELL_CLASS = "PixCellTransformer2DModel"
 # PixCell-256 was trained with pe_interpolation = 0.5 (PixArt's sample_size / 64); its hub
 # config.json leaves interpolation_scale null, from which diffusers would build 1.
 _PIXCELL_256_INTERPOLATION = 0.5
-
-
-@dataclass
-class LoadReport:
-    """What :func:`load_pixcell` did. ``missing`` are STMDiT keys the checkpoint did not fill
-    (normally only the GE layers); ``unexpected`` are checkpoint tensors with no STMDiT place;
-    ``ignored`` are entries deliberately not loaded, with the reason; ``notes`` record every
-    config value that was inferred rather than read; ``caveats`` say why the model may not
-    reproduce the checkpoint's own outputs."""
-
-    source: str
-    layout: str
-    config: dict
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    ignored: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    caveats: list[str] = field(default_factory=list)
-
-    @property
-    def missing_backbone(self) -> list[str]:
-        """Missing keys outside the GE layers: these start from random initialisation."""
-        return [k for k in self.missing if not _GE_KEY.match(k)]
-
-    @property
-    def clean(self) -> bool:
-        """True when every backbone tensor was loaded, nothing was left over and nothing is
-        known to make the outputs differ from the checkpoint's."""
-        return not (self.missing_backbone or self.unexpected or self.caveats)
-
-    def __str__(self) -> str:
-        ge = len(self.missing) - len(self.missing_backbone)
-        lines = [f"loaded {self.source} ({self.layout} layout): {ge} GE tensors left at their initial state"]
-        if self.missing_backbone:
-            lines.append(f"missing backbone tensors (random init): {self.missing_backbone}")
-        if self.unexpected:
-            lines.append(f"unexpected checkpoint tensors (not loaded): {self.unexpected}")
-        lines += [f"ignored {k}: {why}" for k, why in self.ignored.items()]
-        lines += [f"note: {n}" for n in self.notes]
-        lines += [f"caveat: {c}" for c in self.caveats]
-        return "\n".join(lines)
 
 
 def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
@@ -234,7 +192,7 @@ def load_pixcell(
     naming the key.
     """
     path = _resolve(source, revision)
-    config_json, state = _read_checkpoint(path, state_dict_key, trust_pickle)
+    config_json, state = _read_transformer(path, state_dict_key, trust_pickle)
     not_tensors = {k: "not a tensor" for k, v in state.items() if not isinstance(v, torch.Tensor)}
     state = {k: v for k, v in state.items() if k not in not_tensors}
     layout = detect_layout(state) if layout is None else layout
@@ -286,7 +244,7 @@ def load_initial_weights(init_from: str | os.PathLike, **model_args) -> tuple[ST
     config = {k: v for k, v in pretrained.config.items() if not k.startswith("_")}
     model = STMDiT(**{**config, **model_args})
     report = _load_matching(model, pretrained.state_dict(), str(folder), "stmdit")
-    if report.missing_backbone or report.unexpected:
+    if report.missing or report.unexpected:
         raise ValueError(f"init_from {spec!r} does not fit the configured model:\n{report}")
     logger.info("%s", report)
     return model, report
@@ -303,11 +261,14 @@ def _load_matching(model: STMDiT, state: dict[str, torch.Tensor], source: str, l
             )
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     model.eval()
+    left = sorted(k for k in expected if k not in state)
     return LoadReport(
         source=source,
         layout=layout,
         config=dict(model.config),
-        missing=sorted(k for k in expected if k not in state),
+        loaded=sorted(k for k in state if k in expected),
+        initial=[k for k in left if _GE_KEY.match(k)],
+        missing=[k for k in left if not _GE_KEY.match(k)],
         unexpected=sorted(k for k in state if k not in expected),
     )
 
@@ -319,7 +280,7 @@ def _resolve(source: str | os.PathLike, revision: str | None) -> Path:
     return hub_snapshot(str(source), allow_patterns=_HUB_FILES, revision=revision)
 
 
-def _read_checkpoint(path: Path, state_dict_key: str | None, trust_pickle: bool) -> tuple[dict | None, dict]:
+def _read_transformer(path: Path, state_dict_key: str | None, trust_pickle: bool) -> tuple[dict | None, dict]:
     """(config.json contents or None, flat state dict) from a diffusers folder or a file."""
     if path.is_dir():
         for folder in (path, path / "transformer"):
@@ -337,28 +298,7 @@ def _read_checkpoint(path: Path, state_dict_key: str | None, trust_pickle: bool)
         raise ValueError(
             f"unsupported checkpoint file {path.name}: expected .safetensors, .pth, .pt, .ckpt or .bin"
         )
-    return None, _unwrap(load_state_dict_file(path, trust_pickle), state_dict_key, path.name)
-
-
-def _unwrap(obj, state_dict_key: str | None, name: str) -> dict:
-    """The state dict inside a training checkpoint (PixArt/PixCell save ``{"state_dict": ...,
-    "state_dict_ema": ..., "optimizer": ...}``), or the object itself when it is one."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"{name} does not hold a state dict (got {type(obj).__name__})")
-    if state_dict_key is not None:
-        if state_dict_key not in obj:
-            raise ValueError(
-                f"{name} has no {state_dict_key!r} entry; its top-level keys are {list(obj)[:10]}"
-            )
-        return obj[state_dict_key]
-    if any(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    for key in ("state_dict", "model", "module", "ema"):
-        if isinstance(obj.get(key), dict):
-            return obj[key]
-    raise ValueError(
-        f"no state dict found in {name}; its top-level keys are {list(obj)[:10]}: pass state_dict_key="
-    )
+    return None, read_state_dict(path, trust_pickle, state_dict_key)
 
 
 def _config_from_diffusers(cfg: dict, explicit: set[str] = frozenset()) -> tuple[dict, list[str]]:

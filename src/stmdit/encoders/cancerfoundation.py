@@ -54,8 +54,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from stmdit.checkpoint import LoadReport, read_state_dict
 from stmdit.encoders.expression import PanelAlignment, align_to_panel
-from stmdit.io import load_state_dict_file
 
 CLS_TOKEN = "<cls>"
 PAD_TOKEN = "<pad>"
@@ -322,58 +322,6 @@ class _Encoder(nn.Module):
 # -- loading ------------------------------------------------------------------------------
 
 
-@dataclass
-class LoadReport:
-    """What loading ``model.pth`` copied and what it could not match.
-
-    ``renamed`` maps training-checkpoint names (``...self_attn.self_attn.*``) to the names they
-    were loaded under. Everything in :attr:`unmatched` was left out; a non-empty ``missing``
-    never survives loading (it is an error).
-    """
-
-    path: str
-    loaded: list[str] = field(default_factory=list)
-    renamed: dict[str, str] = field(default_factory=dict)
-    unexpected: list[str] = field(default_factory=list)
-    shape_mismatch: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-    not_tensors: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-
-    @property
-    def unmatched(self) -> list[str]:
-        return self.unexpected + list(self.shape_mismatch) + self.not_tensors + self.missing
-
-    def summary(self) -> str:
-        parts = [
-            f"{self.path}: loaded {len(self.loaded)} tensors "
-            f"({len(self.renamed)} renamed from self_attn.self_attn.*)"
-        ]
-        if self.unexpected:
-            parts.append(
-                f"{len(self.unexpected)} ignored (not part of the encoder): {', '.join(self.unexpected)}"
-            )
-        if self.shape_mismatch:
-            items = ", ".join(
-                f"{k} {list(a)} vs model {list(b)}" for k, (a, b) in self.shape_mismatch.items()
-            )
-            parts.append(f"{len(self.shape_mismatch)} with another shape: {items}")
-        if self.not_tensors:
-            parts.append(f"{len(self.not_tensors)} not tensors: {', '.join(self.not_tensors)}")
-        if self.missing:
-            parts.append(f"{len(self.missing)} missing: {', '.join(self.missing)}")
-        return "; ".join(parts)
-
-
-def _read_checkpoint(path: Path, trust_pickle: bool) -> Mapping:
-    """``model.pth`` as a mapping of names to tensors, refusing pickled code unless trusted."""
-    state = load_state_dict_file(path, trust_pickle)
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
-    if not isinstance(state, Mapping):
-        raise TypeError(f"{path}: expected a state dict (names -> tensors); got {type(state).__name__}")
-    return state
-
-
 def _read_args(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found. {WEIGHTS_SOURCE}.")
@@ -536,7 +484,7 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
             binning_seed=binning_seed,
             include_zero_genes=include_zero_genes,
         )
-        encoder.load_report = encoder._load_checkpoint(_read_checkpoint(weights, trust_pickle), str(weights))
+        encoder.load_report = encoder._load_checkpoint(read_state_dict(weights, trust_pickle), str(weights))
         encoder.vocabulary_mapping = mapping
         return encoder
 
@@ -548,7 +496,7 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
         aliases = []
         for name, value in checkpoint.items():
             if not isinstance(value, torch.Tensor):
-                report.not_tensors.append(name)
+                report.ignored[name] = "not a tensor"
             elif name in own:
                 if value.shape == own[name].shape:
                     chosen[name] = value
@@ -572,12 +520,12 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
         if report.missing:
             raise ValueError(
                 f"{path} lacks weights the encoder needs, so it would encode with random values: "
-                f"{report.summary()}. "
+                f"{report}. "
                 "Is it a CancerFoundation checkpoint, and does args.json come from the same archive?"
             )
         self.load_state_dict(chosen, strict=True)
-        if report.unmatched:
-            warnings.warn(f"CancerFoundation checkpoint: {report.summary()}", stacklevel=3)
+        if report.unmatched or report.ignored:
+            warnings.warn(f"CancerFoundation checkpoint: {report}", stacklevel=3)
         return report
 
     # -- encoding ------------------------------------------------------------------------
