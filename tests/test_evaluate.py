@@ -6,6 +6,7 @@ import re
 import shutil
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -63,6 +64,14 @@ def test_predictor_training_evaluation_and_report_end_to_end(
     ge = metrics["models"]["xattn"]["settings"]["ge"]["summary"]
     assert len(ge["fid"]["per_seed"]) == 2 and ge["fid"]["mean"] > 0 and 0 <= ge["fd_morph"]["mean"]
     assert -1 <= ge["fidelity_auc"]["mean"] <= 1 and "fidelity_ratio_to_ceiling" in ge
+    low, high = ge["fidelity_auc"]["interval"]  # the gene bootstrap of the seed-mean AUC
+    assert -1 <= low < high <= 1
+    # The guidance sweep draws with each spot's own expression: without it, its tiles would be
+    # the null ablation's (no expression makes the GE scale irrelevant).
+    generated = tmp_path / "report" / "generated" / "xattn"
+    assert not np.array_equal(
+        np.load(generated / "ge@4" / "seed0.npy"), np.load(generated / "null" / "seed0.npy")
+    )
     assert set(metrics["models"]["xattn"]["ge_ablation"]) == {"null", "shuffled"}
     assert {"fid", "fidelity_auc"} <= set(metrics["models"]["xattn"]["ge_ablation"]["null"])
     assert metrics["ceiling"]["auc"] > 0  # the predictor reads real C4 tiles better than chance

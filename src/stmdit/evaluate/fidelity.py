@@ -117,9 +117,18 @@ class FidelityResult:
             "auc_raw": self.auc_raw,
             "bootstrap_mean": None if np.isnan(self.bootstrap_mean) else self.bootstrap_mean,
             "bootstrap_std": None if np.isnan(self.bootstrap_std) else self.bootstrap_std,
+            "bootstrap_interval": bootstrap_interval(self.bootstrap_aucs),
             "curve": {"n": self.n_values.tolist(), "median_r": self.median_r.tolist()},
             "protocol": self.protocol,
         }
+
+
+def bootstrap_interval(replicates: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """The central ``level`` percentile interval of bootstrap replicate AUCs (None without any)."""
+    if replicates.size == 0:
+        return None
+    tail = 100 * (1 - level) / 2
+    return [float(v) for v in np.percentile(replicates, [tail, 100 - tail])]
 
 
 def fidelity_auc_from_scores(

@@ -37,7 +37,11 @@ def _fmt(summary: dict, key: str, pattern: str) -> str:
     if not entry or entry.get("mean") is None:
         return "–"
     text = pattern.format(entry["mean"])
-    return text + (f" ± {pattern.format(entry['std'])}" if len(entry.get("per_seed", [])) > 1 else "")
+    if len(entry.get("per_seed", [])) > 1:
+        text += f" ± {pattern.format(entry['std'])}"
+    if entry.get("interval"):  # the fidelity AUC's 95% gene-bootstrap interval
+        text += " [{}, {}]".format(*(pattern.format(v) for v in entry["interval"]))
+    return text
 
 
 def _metric_rows(results: dict) -> list[list[str]]:
@@ -46,7 +50,12 @@ def _metric_rows(results: dict) -> list[list[str]]:
     skipped = results.get("skipped", {})
     rows = []
     if "ceiling" in results:
-        rows.append(["real tiles (ceiling)", "–", "–", "–", "–", f"{results['ceiling']['auc']:.3f}", "1.00"])
+        ceiling = _fmt(
+            {"auc": {"mean": results["ceiling"]["auc"], "interval": results["ceiling"].get("interval")}},
+            "auc",
+            "{:.3f}",
+        )
+        rows.append(["real tiles (ceiling)", "–", "–", "–", "–", ceiling, "1.00"])
     for name, model in results["models"].items():
         for setting, res in model["settings"].items():
             s = res["summary"]

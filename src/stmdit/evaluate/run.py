@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from stmdit import defaults
 from stmdit.config import ConfigModel, Count, NonNegativeInt, PathStr
-from stmdit.evaluate.fidelity import ceiling_ratio
+from stmdit.evaluate.fidelity import bootstrap_interval, ceiling_ratio, fidelity_auc
 from stmdit.io import atomic_path, safe_file_name, write_json
 from stmdit.model_card import update_model_card
 from stmdit.tiles import to_tensor, to_uint8
@@ -220,9 +220,17 @@ def generate_setting(
 
     from stmdit.generate import spot_generator
 
+    n = held.adata.n_obs
+    if setting in ("null", "none"):
+        order, expression = None, None  # the GE null embedding, or a model without GE
+    elif setting == "shuffled":
+        order, expression = np.random.default_rng(seed).permutation(n), "another spot's"
+    else:  # "ge" and the guidance sweep's "ge@<scale>"
+        order, expression = np.arange(n), "the spot's own"
     made_by = {
         "pipeline": str(Path(folder).resolve()),
         "setting": setting,
+        "expression": expression,
         "seed": seed,
         "inputs": cfg.inputs,
         "guidance_morph": cfg.guidance_morph,
@@ -235,10 +243,6 @@ def generate_setting(
     record = path.with_suffix(".json")
     if path.exists() and record.exists() and json.loads(record.read_text()) == made_by:
         return np.load(path)
-    n = held.adata.n_obs
-    order = np.arange(n)
-    if setting == "shuffled":
-        order = np.random.default_rng(seed).permutation(n)
     interval = None if cfg.guidance_ge_interval is None else tuple(cfg.guidance_ge_interval)
     out = []
     for start in tqdm(
@@ -246,7 +250,7 @@ def generate_setting(
     ):
         idx = np.arange(start, min(start + cfg.batch_size, n))
         kwargs = {}
-        if setting in ("ge", "shuffled"):
+        if order is not None:
             kwargs["expression"] = held.adata[order[idx]]
         if cfg.inputs == "both":
             kwargs["morphology"] = to_tensor(held.tiles[idx])
@@ -283,14 +287,13 @@ def _fidelity(
     predictor, encoder, tiles_u8: np.ndarray, held: HeldOut, measured: np.ndarray, n_bootstrap: int
 ) -> dict:
     """DeepSpot AUC per sample of the predictor on these tiles against the measured expression."""
-    from stmdit.evaluate.fidelity import fidelity_auc
     from stmdit.predictor import context_features
 
     feats = context_features(
         tiles_u8, held.adata.obs, held.tile_um, held.spot_diameter_um, encoder, progress=False
     )
     predicted = predictor.predict_features(feats)
-    per_sample = {}
+    per_sample, replicates = {}, []
     for sample in dict.fromkeys(held.samples):
         rows = held.samples == sample
         if rows.sum() < 3:
@@ -303,11 +306,17 @@ def _fidelity(
             gene_protocol=predictor.gene_protocol,
         )
         per_sample[sample] = res.to_dict()
+        replicates.append(res.bootstrap_aucs)
     if not per_sample:
         raise ValueError("fidelity needs at least 3 spots in some sample")
     aucs = [r["auc"] for r in per_sample.values()]
+    # Every sample's bootstrap draws the same gene ranks (one seed), so replicates pair up and
+    # their mean over samples is the bootstrap of the mean AUC.
+    boot = np.mean(replicates, axis=0)
     return {
         "auc": float(np.mean(aucs)),
+        "interval": bootstrap_interval(boot),
+        "bootstrap_aucs": boot,
         "per_sample": per_sample,
         "predicted": predicted,
         "protocol": next(iter(per_sample.values()))["protocol"],
@@ -383,7 +392,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             )
         measured = expression_targets(held.adata, predictor.genes, source=f"{cfg.dataset} spots")
         ceiling = _fidelity(predictor, encoder, held.tiles, held, measured, cfg.n_bootstrap)
-        results["ceiling"] = {k: v for k, v in ceiling.items() if k != "predicted"}
+        results["ceiling"] = {k: v for k, v in ceiling.items() if k not in ("predicted", "bootstrap_aucs")}
         results["predictor"] = {
             "path": str(cfg.predictor),
             "genes": len(predictor.genes),
@@ -408,6 +417,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         for setting, s_g in _settings(pipe, cfg):
             seeds = cfg.seeds if "@" not in setting else cfg.seeds[:1]
             per_seed = {"fid": [], "kid": [], "fd_morph": [], "fidelity_auc": []}
+            replicates = []  # per seed: the fidelity AUC's bootstrap replicates (same gene draws)
             details = {}
             for seed in seeds:
                 path = out / "generated" / name / setting / f"seed{seed}.npy"
@@ -434,12 +444,16 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
                 if predictor is not None:
                     fid_res = _fidelity(predictor, encoder, fake, held, measured, cfg.n_bootstrap)
                     per_seed["fidelity_auc"].append(fid_res["auc"])
+                    replicates.append(fid_res["bootstrap_aucs"])
                     details[f"seed{seed}"]["fidelity"] = {
-                        k: v for k, v in fid_res.items() if k != "predicted"
+                        k: v for k, v in fid_res.items() if k not in ("predicted", "bootstrap_aucs")
                     }
                     if seed == seeds[0]:
                         predictions[f"{name}/{setting}"] = fid_res["predicted"]
             summary = {k: _mean_std(v) for k, v in per_seed.items() if v}
+            if replicates:
+                # 95% gene-bootstrap interval of the seed-mean AUC (the seeds share the draws).
+                summary["fidelity_auc"]["interval"] = bootstrap_interval(np.mean(replicates, axis=0))
             # A ratio to a ceiling at or below zero means nothing; the report then shows none.
             if "fidelity_auc" in summary and predictor is not None and results["ceiling"]["auc"] > 0:
                 summary["fidelity_ratio_to_ceiling"] = ceiling_ratio(
