@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import sys
 
 import numpy as np
@@ -248,3 +249,38 @@ def test_unusable_images():
 def test_visium_black_placeholder_is_unusable(test_data):
     hires = open_image(test_data / "visium_spaceranger_1.0.0" / "spatial" / "tissue_hires_image.png")
     assert unusable_reason(hires.thumbnail(256)[0]) == "the image is all black"
+
+
+def test_pil_regions_are_resampled_from_the_decoded_image_like_a_patch(pyramid, tmp_path):
+    """A JPEG/PNG is resampled straight from its decoded image, a TIFF from a patch cut with a
+    margin: the same pixels give the same tiles (inside, at the edge, across it)."""
+    path, full = pyramid
+    png = open_image(_write_png(tmp_path / "full.png", full), mpp=MPP)
+    tiff = open_image(path)
+    for box in [(100.5, 200.25, 256, 256), (0, 0, 300, 300), (1400.5, 1000, 200, 200), (1500, 1100, 200, 200)]:
+        a = png.read_region(*box, out_size=256).astype(int)
+        b = tiff.read_region(*box, out_size=256).astype(int)
+        assert np.abs(a - b).max() <= 2 and np.mean(a != b) < 0.01, box  # float rounding in Pillow's weights
+
+
+def test_pil_thumbnail_is_a_block_mean_then_lanczos(tmp_path):
+    """Thumbnails reduce by whole blocks down to within 2x of their size: at an integer
+    factor that is exactly the block mean."""
+    full = smooth_rgb(1200, 1600)
+    thumb, scale = open_image(_write_png(tmp_path / "full.png", full), mpp=1.0).thumbnail(400)
+    assert thumb.shape == (300, 400, 3) and scale == 0.25
+    reference = full.reshape(300, 4, 400, 4, 3).astype(int).sum(axis=(1, 3))
+    np.testing.assert_array_equal(thumb, (reference + 8) // 16)  # Pillow rounds halves up
+
+
+def test_images_open_on_one_file_share_its_decode(tmp_path, monkeypatch):
+    path = _write_png(tmp_path / "a.png", smooth_rgb(40, 60))
+    decodes = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: decodes.append(a[0]) or real_open(*a, **k))
+    first, second = open_image(path, mpp=1.0), open_image(path, mpp=1.0)
+    np.testing.assert_array_equal(first.read_region(0, 0, 60, 40), second.read_region(0, 0, 60, 40))
+    assert len(decodes) == 3  # two headers, one decode
+    _write_png(path, 255 - smooth_rgb(40, 60))  # a changed file is decoded anew
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # coarse clocks
+    np.testing.assert_array_equal(open_image(path, mpp=1.0).read_region(0, 0, 60, 40), 255 - smooth_rgb(40, 60))
