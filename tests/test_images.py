@@ -220,6 +220,26 @@ def test_tissue_mask_on_a_synthetic_section():
     assert tissue_fraction(rgb[:20, :20], threshold) < 0.02  # glass
 
 
+def test_tissue_mask_thresholds_the_median_filtered_saturation():
+    """Reference: the 3 x 3 median of the saturation (scipy, reflected edges), thresholded,
+    then opening, closing and removal of small objects."""
+    from scipy import ndimage
+
+    rgb = synthetic_section(60, 80, seed=3)[0]
+    rgb[::7] = 255  # thin glass lines: the median and the morphology both have work to do
+    rgb = rgb.astype(float)
+    sat = (rgb.max(axis=-1) - rgb.min(axis=-1)) / rgb.max(axis=-1)
+    np.testing.assert_allclose(saturation(rgb.astype(np.uint8)), sat, rtol=1e-6)
+    for t in (0.1, 0.2, 0.35):
+        ref = np.pad(ndimage.median_filter(sat, size=3) > t, 1, mode="edge")
+        ref = ndimage.binary_closing(ndimage.binary_opening(ref, np.ones((3, 3))), np.ones((3, 3)))[
+            1:-1, 1:-1
+        ]
+        labels, _ = ndimage.label(ref)
+        ref &= np.bincount(labels.ravel())[labels] >= 4
+        np.testing.assert_array_equal(tissue_mask(rgb.astype(np.uint8), t), ref)
+
+
 def test_tissue_mask_on_real_he(test_data):
     """Real H&E: a tile cut from inside tissue is (nearly) all tissue; the Visium lowres image
     has tissue in the middle and glass with fiducial dots around it."""
@@ -257,7 +277,12 @@ def test_pil_regions_are_resampled_from_the_decoded_image_like_a_patch(pyramid, 
     path, full = pyramid
     png = open_image(_write_png(tmp_path / "full.png", full), mpp=MPP)
     tiff = open_image(path)
-    for box in [(100.5, 200.25, 256, 256), (0, 0, 300, 300), (1400.5, 1000, 200, 200), (1500, 1100, 200, 200)]:
+    for box in [
+        (100.5, 200.25, 256, 256),
+        (0, 0, 300, 300),
+        (1400.5, 1000, 200, 200),
+        (1500, 1100, 200, 200),
+    ]:
         a = png.read_region(*box, out_size=256).astype(int)
         b = tiff.read_region(*box, out_size=256).astype(int)
         assert np.abs(a - b).max() <= 2 and np.mean(a != b) < 0.01, box  # float rounding in Pillow's weights
@@ -283,4 +308,6 @@ def test_images_open_on_one_file_share_its_decode(tmp_path, monkeypatch):
     assert len(decodes) == 3  # two headers, one decode
     _write_png(path, 255 - smooth_rgb(40, 60))  # a changed file is decoded anew
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # coarse clocks
-    np.testing.assert_array_equal(open_image(path, mpp=1.0).read_region(0, 0, 60, 40), 255 - smooth_rgb(40, 60))
+    np.testing.assert_array_equal(
+        open_image(path, mpp=1.0).read_region(0, 0, 60, 40), 255 - smooth_rgb(40, 60)
+    )
