@@ -11,6 +11,7 @@ from stmdit.data.images import (
     open_image,
     saturation,
     tissue_fraction,
+    tissue_fractions,
     tissue_mask,
     tissue_threshold,
     unusable_reason,
@@ -238,6 +239,19 @@ def test_tissue_mask_thresholds_the_median_filtered_saturation():
         labels, _ = ndimage.label(ref)
         ref &= np.bincount(labels.ravel())[labels] >= 4
         np.testing.assert_array_equal(tissue_mask(rgb.astype(np.uint8), t), ref)
+
+
+def test_tissue_fractions_of_a_stack_are_those_of_each_image():
+    """Images in a stack do not touch: a section's edge in one tile must not leak into the
+    next one's mask (nor its small objects count with the neighbour's)."""
+    rgb = synthetic_section(300, 400, seed=1)[0]
+    stack = np.stack([rgb[y : y + 40, x : x + 40] for y in range(0, 260, 37) for x in range(0, 360, 53)])
+    t = tissue_threshold(rgb)
+    expected = [tissue_fraction(tile, t) for tile in stack]
+    # glass, the section's edge and tissue, in neighbouring tiles of the stack
+    assert min(expected) == 0 and max(expected) > 0.9 and any(0.2 < f < 0.8 for f in expected)
+    np.testing.assert_array_equal(tissue_fractions(stack, t), expected)
+    np.testing.assert_array_equal(tissue_fractions(stack[::-1], t), expected[::-1])
 
 
 def test_tissue_mask_on_real_he(test_data):

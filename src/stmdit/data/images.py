@@ -52,6 +52,7 @@ __all__ = [
     "open_image",
     "saturation",
     "tissue_fraction",
+    "tissue_fractions",
     "tissue_mask",
     "tissue_threshold",
     "unusable_reason",
@@ -489,9 +490,11 @@ def _pick_mpp(path: Path, file_mpp: float | None, given: float | None) -> float 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation in [0, 1]; black pixels count as unsaturated."""
-    rgb = np.asarray(rgb)[..., :3]
-    # Extremes first, in the pixels' own type: a third of the values to convert to float.
-    hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)
+    rgb = np.asarray(rgb)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    # Extremes first, in the pixels' own type (a third of the values to convert to float), and
+    # element-wise over the channels: numpy's max over a length-3 axis is 10x slower.
+    hi, lo = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
     hi, spread = hi.astype(np.float32), (hi - lo).astype(np.float32)
     return np.divide(spread, hi, out=np.zeros_like(hi), where=hi > 0)
 
@@ -538,31 +541,56 @@ def tissue_mask(
         raise ValueError(f"tissue_mask expects an (H, W, 3) RGB array; got shape {rgb.shape}")
     if threshold is None:
         threshold = tissue_threshold(rgb)
-    mask = saturation(rgb) > threshold
-    if min(mask.shape) >= 3:
-        # The 3 x 3 median is above the threshold where at least 5 of the 9 values are: the
-        # same mask as thresholding the median-filtered saturation (scipy's reflected edges
-        # alike), from an integer count, 3x faster.
-        above = ndimage.correlate(mask.astype(np.uint8), np.ones((3, 3), np.uint8), mode="reflect")
-        mask = above >= 5
-        # Edge padding, so that tissue running off the image edge is not eroded there.
-        struct = np.ones((3, 3), dtype=bool)
-        padded = np.pad(mask, 1, mode="edge")
-        mask = ndimage.binary_closing(ndimage.binary_opening(padded, struct), struct)[1:-1, 1:-1]
-        labels, n = ndimage.label(mask)
-        if n:
-            sizes = np.bincount(labels.ravel())
-            min_size = max(4, int(min_object_fraction * mask.size))
-            keep = sizes >= min_size
-            keep[0] = False
-            mask = keep[labels]
-    return mask
+    return _tissue_masks(rgb[None], threshold, min_object_fraction)[0]
 
 
 def tissue_fraction(rgb: np.ndarray, threshold: float | None = None) -> float:
     """Fraction of the image's pixels that are tissue (see :func:`tissue_mask`)."""
     mask = tissue_mask(rgb, threshold)
     return float(mask.mean()) if mask.size else 0.0
+
+
+def tissue_fractions(rgbs: np.ndarray, threshold: float) -> np.ndarray:
+    """:func:`tissue_fraction` of each image of an (N, H, W, 3) stack, against one threshold
+    (a slide's), computed for the whole stack at once (tiles are small: per-call overheads
+    would cost more than the pixels)."""
+    rgbs = np.asarray(rgbs)
+    if rgbs.ndim != 4 or rgbs.shape[-1] < 3:
+        raise ValueError(f"tissue_fractions expects an (N, H, W, 3) RGB stack; got shape {rgbs.shape}")
+    if rgbs[0, ..., 0].size == 0:
+        return np.zeros(len(rgbs))
+    return _tissue_masks(rgbs, threshold).mean(axis=(1, 2))
+
+
+def _per_image(element: np.ndarray) -> np.ndarray:
+    """A 2-D structuring element for a stack of images: flat along the stack's axis."""
+    return np.stack([np.zeros_like(element), element, np.zeros_like(element)])
+
+
+def _tissue_masks(rgbs: np.ndarray, threshold: float, min_object_fraction: float = 1e-4) -> np.ndarray:
+    """:func:`tissue_mask` of each image of an (N, H, W, 3) stack: every filter works within
+    one image (its structuring element is flat along the first axis)."""
+    mask = saturation(rgbs) > threshold
+    if min(mask.shape[1:]) < 3:
+        return mask
+    # The 3 x 3 median is above the threshold where at least 5 of the 9 values are: the same
+    # mask as thresholding the median-filtered saturation (scipy's reflected edges alike),
+    # from an integer count, 3x faster.
+    square = np.ones((3, 3), np.uint8)
+    mask = ndimage.correlate(mask.astype(np.uint8), _per_image(square), mode="reflect") >= 5
+    # Edge padding, so that tissue running off the image edge is not eroded there.
+    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    mask = ndimage.binary_closing(ndimage.binary_opening(padded, _per_image(square)), _per_image(square))[
+        :, 1:-1, 1:-1
+    ]
+    labels, n = ndimage.label(mask, _per_image(ndimage.generate_binary_structure(2, 1)))
+    if n:
+        sizes = np.bincount(labels.ravel())
+        min_size = max(4, int(min_object_fraction * mask[0].size))
+        keep = sizes >= min_size
+        keep[0] = False
+        mask = keep[labels]
+    return mask
 
 
 def unusable_reason(rgb: np.ndarray) -> str | None:

@@ -5,8 +5,9 @@ reader convention's ``image_scale`` and ``mpp``), resized to ``tile_px``, and it
 measured against one threshold per slide. Tiles crossing the image edge are padded with white
 and flagged. Only the needed region of a large slide is ever read.
 
-Crops of one chunk are cut and resized on a small thread pool: Pillow's resize and most of the
-tissue mask release the GIL, so two cores work on independent tiles at once.
+Crops of one chunk are cut and resized on a small thread pool (Pillow releases the GIL while it
+resamples, so two cores work on independent tiles at once); their tissue masks are then
+computed a share of the chunk per thread, many small tiles per call.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def tile_boxes(adata: ad.AnnData, tile_um: float) -> tuple[np.ndarray, np.ndarra
             boxes[rows] = np.stack([x0, y0, np.full_like(x0, side)], axis=1)
             at_edge[rows] = (x0 < 0) | (y0 < 0) | (x0 + side > image.width) | (y0 + side > image.height)
     return boxes, at_edge
+
+
+# Tissue fractions are measured on tiles reduced to at most this many pixels a side: enough
+# to see glass against tissue, and cheap.
+TISSUE_PX = 64
 
 
 def _shrink(tile: np.ndarray, side: int) -> np.ndarray:
@@ -120,18 +126,17 @@ class SpotTiler:
             self._images[sid] = (image, threshold)
         return self._images[sid]
 
-    def _cut(self, i: int) -> np.ndarray:
+    def _cut(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Spot ``i``'s tile, and the tile reduced for tissue detection."""
         image, _ = self._images[self.sample_ids[i]]
         x0, y0, side = self.boxes[i]
-        return image.read_region(x0, y0, side, side, out_size=self.tile_px)
-
-    def _fraction(self, i: int, tile: np.ndarray) -> float:
-        from stmdit.data.images import tissue_fraction
-
-        return tissue_fraction(_shrink(tile, 64), self._images[self.sample_ids[i]][1].result())
+        tile = image.read_region(x0, y0, side, side, out_size=self.tile_px)
+        return tile, _shrink(tile, TISSUE_PX)
 
     def read(self, rows) -> tuple[np.ndarray, np.ndarray]:
         """(tiles (n, px, px, 3) uint8, tissue fractions (n,) float32) for spot rows."""
+        from stmdit.data.images import tissue_fractions
+
         rows = np.asarray(rows, dtype=np.int64)
         for sid in dict.fromkeys(self.sample_ids[rows]):  # open (decode) slides before fanning out
             self._image(sid)
@@ -140,9 +145,22 @@ class SpotTiler:
         )
         run = self._pool.map if parallel else map
         tiles = np.empty((len(rows), self.tile_px, self.tile_px, 3), np.uint8)
-        for j, tile in enumerate(run(self._cut, rows)):
-            tiles[j] = tile
-        fractions = np.fromiter(run(self._fraction, rows, tiles), np.float32, count=len(rows))
+        small = np.empty((len(rows), min(self.tile_px, TISSUE_PX), min(self.tile_px, TISSUE_PX), 3), np.uint8)
+        for j, (tile, reduced) in enumerate(run(self._cut, rows)):
+            tiles[j], small[j] = tile, reduced
+        # Tissue masks of many small tiles at once (per-call overheads would outweigh the
+        # pixels), a share of the chunk per thread, each slide's tiles against its threshold.
+        sids = self.sample_ids[rows]
+        parts = [
+            (where, self._images[sid][1].result())
+            for sid in dict.fromkeys(sids)
+            for where in np.array_split(np.flatnonzero(sids == sid), TILING_THREADS)
+            if len(where)
+        ]
+        measured = run(lambda part: tissue_fractions(small[part[0]], part[1]), parts)
+        fractions = np.empty(len(rows), np.float32)
+        for (where, _), values in zip(parts, measured, strict=True):
+            fractions[where] = values
         return tiles, fractions
 
     def close(self) -> None:
