@@ -535,8 +535,9 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
     manifest["prepare"] = config.parameters()
 
     # Decoding a section's image is the floor of prepare's cost; it runs on a second thread
-    # (Pillow releases the GIL) while the counts are parsed, and the next chunk's tiles are cut
-    # while the previous chunk is compressed and written.
+    # (Pillow releases the GIL), followed by the slide's tissue threshold, while the counts are
+    # parsed (the reader's own thumbnail of the image waits for and reuses that decode), and the
+    # next chunk's tiles are cut while the previous chunk is compressed and written.
     background = ThreadPoolExecutor(2)
     images = (
         set()

@@ -15,9 +15,13 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import anndata as ad
 import numpy as np
+
+if TYPE_CHECKING:
+    from stmdit.data.images import SlideImage
 
 # Threads cutting tiles: the cores this process may use, at most 4 (the gain flattens there,
 # as every thread reads from the same decoded image in memory).
@@ -66,14 +70,25 @@ def _shrink(tile: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(tile).resize((side, side), Image.Resampling.BOX))
 
 
-def open_slide(path: str | os.PathLike):
-    """A slide with its pixels loaded (a JPEG/PNG is decoded on its first read): the floor of
-    tiling's cost, which prepare starts while it parses the counts."""
+class Slide(NamedTuple):
+    image: SlideImage
+    threshold: float
+
+
+def _loaded(path: str | os.PathLike) -> SlideImage:
+    """The image with its pixels loaded (a JPEG/PNG is decoded on its first read)."""
     from stmdit.data.images import open_image
 
     image = open_image(path)
     image.read_region(0, 0, 1, 1)
     return image
+
+
+def open_slide(path: str | os.PathLike) -> Slide:
+    """A slide with its pixels loaded and its tissue threshold: the floor of tiling's cost,
+    which prepare starts while it parses the counts."""
+    image = _loaded(path)
+    return Slide(image, slide_threshold(image))
 
 
 def slide_threshold(image) -> float:
@@ -91,7 +106,8 @@ class SpotTiler:
     """Reads the tiles of an AnnData's spots (reader convention), opening each slide once.
 
     ``opened`` may hold slides already opened (or being opened) by :func:`open_slide`,
-    keyed by :func:`slide_key`: prepare starts decoding images while it parses the counts.
+    keyed by :func:`slide_key`: prepare starts decoding images and measuring their tissue
+    thresholds while it parses the counts.
     On in-memory images, tiles are cut and measured on a thread pool.
     """
 
@@ -112,17 +128,21 @@ class SpotTiler:
         self._pool = ThreadPoolExecutor(TILING_THREADS) if TILING_THREADS > 1 else None
 
     def _image(self, sid: str):
-        """(image, Future of its tissue threshold); the threshold is computed on the pool while
-        the first tiles are cut, which needs no threshold."""
+        """(image, Future of its tissue threshold); unless the slide was opened beforehand, the
+        threshold is computed on the pool while the first tiles are cut, which needs none."""
         if sid not in self._images:
             path = self.samples[sid]["image_path"]
             pending = self._opened.pop(slide_key(path), None)
-            image = pending.result() if pending is not None else open_slide(path)
-            if self._pool is not None and image.concurrent_reads:
-                threshold = self._pool.submit(slide_threshold, image)
+            threshold = Future()
+            if pending is not None:
+                image, value = pending.result()
+                threshold.set_result(value)
             else:
-                threshold = Future()
-                threshold.set_result(slide_threshold(image))
+                image = _loaded(path)
+                if self._pool is not None and image.concurrent_reads:
+                    threshold = self._pool.submit(slide_threshold, image)
+                else:
+                    threshold.set_result(slide_threshold(image))
             self._images[sid] = (image, threshold)
         return self._images[sid]
 
@@ -167,7 +187,7 @@ class SpotTiler:
         if self._pool is not None:
             self._pool.shutdown()
         for pending in self._opened.values():
-            pending.result().close()
+            pending.result().image.close()
         self._opened.clear()
         for image, _ in self._images.values():
             image.close()
