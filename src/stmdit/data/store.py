@@ -538,17 +538,15 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
     # (Pillow releases the GIL), followed by the slide's tissue threshold, while the counts are
     # parsed (the reader's own thumbnail of the image waits for and reuses that decode), and the
     # next chunk's tiles are cut while the previous chunk is compressed and written.
+    # Only the first sample's slide: the tiler opens each next one while it cuts the tiles of
+    # the one before, and releases each when done, so that at most two are held in memory.
     background = ThreadPoolExecutor(2)
-    images = (
-        set()
-        if manifest["stages"].get("tiles")
-        else {
-            str(s["image"])
-            for s in config.samples
-            if isinstance(s.get("image"), str) and Path(s["image"]).is_file()
-        }
+    first = config.samples[0].get("image")
+    opened = (
+        {slide_key(first): background.submit(open_slide, first)}
+        if not manifest["stages"].get("spots") and isinstance(first, str) and Path(first).is_file()
+        else {}
     )
-    opened = {slide_key(p): background.submit(open_slide, p) for p in sorted(images)}
     spots_path = store.root / "spots.h5ad"
     if manifest["stages"].get("spots") and spots_path.exists():
         adata = read_h5ad(spots_path)

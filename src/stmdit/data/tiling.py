@@ -12,6 +12,7 @@ computed a share of the chunk per thread, many small tiles per call.
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -106,9 +107,12 @@ class SpotTiler:
     """Reads the tiles of an AnnData's spots (reader convention), opening each slide once.
 
     ``opened`` may hold slides already opened (or being opened) by :func:`open_slide`,
-    keyed by :func:`slide_key`: prepare starts decoding images and measuring their tissue
-    thresholds while it parses the counts.
-    On in-memory images, tiles are cut and measured on a thread pool.
+    keyed by :func:`slide_key` (the tiler takes the dict over and empties it as it uses them):
+    prepare starts decoding an image and measuring its tissue threshold while it parses the
+    counts. On in-memory images, tiles are cut and measured on
+    a thread pool, which also opens the next sample's slide while this one's tiles are cut.
+    A slide is released once its sample's last row has been read (rows are read in order;
+    a row of a released slide opens it again), so memory holds at most two decoded images.
     """
 
     def __init__(
@@ -123,9 +127,11 @@ class SpotTiler:
         self.samples = adata.uns["stmdit"]["samples"]
         self.sample_ids = adata.obs["sample_id"].astype(str).to_numpy()
         self.boxes = tile_boxes(adata, tile_um)[0] if boxes is None else np.asarray(boxes)
-        self._opened = dict(opened or {})
+        self._opened = opened if opened is not None else {}
         self._images: dict[str, tuple] = {}
         self._pool = ThreadPoolExecutor(TILING_THREADS) if TILING_THREADS > 1 else None
+        self._last_row = {sid: row for row, sid in enumerate(self.sample_ids)}
+        self._next = dict(itertools.pairwise(self._last_row))  # sample -> the one after it
 
     def _image(self, sid: str):
         """(image, Future of its tissue threshold); unless the slide was opened beforehand, the
@@ -144,6 +150,10 @@ class SpotTiler:
                 else:
                     threshold.set_result(slide_threshold(image))
             self._images[sid] = (image, threshold)
+            following = self._next.get(sid)
+            if self._pool is not None and following is not None and following not in self._images:
+                path = self.samples[following]["image_path"]
+                self._opened.setdefault(slide_key(path), self._pool.submit(open_slide, path))
         return self._images[sid]
 
     def _cut(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,13 +191,16 @@ class SpotTiler:
         fractions = np.empty(len(rows), np.float32)
         for (where, _), values in zip(parts, measured, strict=True):
             fractions[where] = values
+        for sid in [sid for sid in self._images if self._last_row[sid] <= rows.max(initial=-1)]:
+            self._images.pop(sid)[0].close()
         return tiles, fractions
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
         for pending in self._opened.values():
-            pending.result().image.close()
+            if pending.exception() is None:  # a slide that failed to open was never used
+                pending.result().image.close()
         self._opened.clear()
         for image, _ in self._images.values():
             image.close()
