@@ -16,6 +16,8 @@ all alike; ratios are medians of the per-round ratios.
 Two ratios: wall time, and CPU time (all threads of the process). On a machine whose cores
 are busy with other jobs, threads cannot run side by side and the wall ratio approaches the
 CPU ratio; on an idle machine prepare's threads overlap and the wall ratio is the lower one.
+(Linux's autogroup scheduling gives each session an equal share of the CPU: beside another
+session's busy job, this one gets one core of two, whatever its threads or nice value.)
 """
 
 from __future__ import annotations
