@@ -109,10 +109,10 @@ class SpotTiler:
     ``opened`` may hold slides already opened (or being opened) by :func:`open_slide`,
     keyed by :func:`slide_key` (the tiler takes the dict over and empties it as it uses them):
     prepare starts decoding an image and measuring its tissue threshold while it parses the
-    counts. On in-memory images, tiles are cut and measured on
-    a thread pool, which also opens the next sample's slide while this one's tiles are cut.
-    A slide is released once its sample's last row has been read (rows are read in order;
-    a row of a released slide opens it again), so memory holds at most two decoded images.
+    counts. On in-memory images, tiles are cut and measured on a thread pool, which also opens
+    the next sample's slide while this one's tiles are cut. A slide is released once its
+    sample's last row has been read (rows are read in order; a row of a released slide opens
+    it again), so memory holds at most two decoded images.
     """
 
     def __init__(
@@ -153,7 +153,8 @@ class SpotTiler:
             following = self._next.get(sid)
             if self._pool is not None and following is not None and following not in self._images:
                 path = self.samples[following]["image_path"]
-                self._opened.setdefault(slide_key(path), self._pool.submit(open_slide, path))
+                if slide_key(path) not in self._opened:
+                    self._opened[slide_key(path)] = self._pool.submit(open_slide, path)
         return self._images[sid]
 
     def _cut(self, i: int) -> tuple[np.ndarray, np.ndarray]:
