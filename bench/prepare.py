@@ -1,20 +1,34 @@
-"""Tiling throughput of ``stmdit prepare`` on her2st C2, against decoding its image once.
+"""Cost of ``stmdit prepare`` for one section (her2st C2), against decoding its image once.
 
     STMDIT_TEST_DATA=../shared/data python bench/prepare.py [--tile-px 256 64] [--repeats 3]
+        [--baseline-src DIR]
 
 The full-resolution JPEG (about 9300 x 9900 px) must be decoded to crop anything from it, so
-one decode is the floor for a section; the ratio says what the rest of prepare costs
-(spot geometry, crops, resizing, tissue fraction, chunked zarr writes). Decode and prepare
-alternate (decode, prepare, decode, prepare, ...) so that load from other jobs hits both alike;
-the ratio is the median of the per-round ratios.
+one decode (``Image.open``, RGB, to an array) is the floor for a section; the ratio says what
+the rest of prepare costs (counts, spot geometry, thumbnails, crops, tissue fractions, zarr
+and h5ad writes). Each prepare runs in a fresh worker process on this checkout's ``src`` (or,
+with ``--baseline-src``, also on another checkout's, e.g. ``git archive main src | tar -x -C
+/tmp/before`` then ``--baseline-src /tmp/before/src``), after one untimed warm-up prepare in
+that process, so imports and first-call costs are not counted. Decode and the prepares
+alternate (decode, prepare, [baseline prepare,] decode, ...) so that load from other jobs hits
+all alike; ratios are medians of the per-round ratios.
+
+Two ratios: wall time, and CPU time (all threads of the process). On a machine whose cores
+are busy with other jobs, threads cannot run side by side and the wall ratio approaches the
+CPU ratio; on an idle machine prepare's threads overlap and the wall ratio is the lower one.
+(Linux's autogroup scheduling gives each session an equal share of the CPU: beside another
+session's busy job, this one gets one core of two, whatever its threads or nice value.)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +36,40 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import machine
-from stmdit.data.store import PrepareConfig, prepare
+
+def _sample(data: Path) -> dict:
+    return {"format": "legacy_st", "counts": str(data / "counts.tsv.gz"), "spots": str(data / "spots.tsv"),
+            "image": str(data / "he.jpg"), "sample_id": "C2", "patient_id": "C"}  # fmt: skip
+
+
+def worker(data: Path, px: int) -> None:
+    """One warm-up prepare, then one timed; prints {"wall", "cpu", "spots"} as JSON."""
+    from stmdit.data.store import PrepareConfig, prepare
+
+    timed = {}
+    for _ in range(2):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = PrepareConfig(out=f"{tmp}/c2", samples=[_sample(data)], tile_um=128.0, tile_px=px,
+                                split_fractions=(1.0, 0.0, 0.0))  # fmt: skip
+            wall, cpu = time.perf_counter(), time.process_time()
+            store = prepare(cfg, progress=False)
+            timed = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+            timed["spots"] = store.manifest()["stages"]["spots"]["n_spots"]
+    print(json.dumps(timed))
+
+
+def decode(data: Path) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    with Image.open(data / "he.jpg") as im:
+        np.asarray(im.convert("RGB"))
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_worker(src: Path, data: Path, px: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, __file__, "--worker", "--tile-px", str(px), "--data", str(data)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -32,43 +78,44 @@ def main() -> None:
     )
     parser.add_argument("--tile-px", type=int, nargs="+", default=[256, 64])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline-src", type=Path, help="another checkout's src/ to time alongside")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    data = Path(os.environ.get("STMDIT_TEST_DATA", "../shared/data")) / "her2st" / "C2"
+    data = args.data or Path(os.environ.get("STMDIT_TEST_DATA", "../shared/data")) / "her2st" / "C2"
     if not data.is_dir():
         raise SystemExit(f"her2st C2 not found under {data.parent}; set STMDIT_TEST_DATA")
-
     Image.MAX_IMAGE_PIXELS = None
+    if args.worker:
+        worker(data, args.tile_px[0])
+        return
 
-    def decode() -> float:
-        start = time.perf_counter()
-        with Image.open(data / "he.jpg") as im:
-            np.asarray(im.convert("RGB"))
-        return time.perf_counter() - start
+    from common import machine
 
-    sample = {"format": "legacy_st", "counts": str(data / "counts.tsv.gz"), "spots": str(data / "spots.tsv"),
-              "image": str(data / "he.jpg"), "sample_id": "C2", "patient_id": "C"}  # fmt: skip
+    here = Path(__file__).resolve().parents[1] / "src"
+    codes = {"this checkout": here}
+    if args.baseline_src is not None:
+        codes["baseline"] = args.baseline_src.resolve()
     print(f"# {datetime.date.today()} | {machine()} | load {os.getloadavg()}")
-    print("| tile_px | spots | decode (s) | prepare (s) | tiles/s | prepare / one decode |")
-    print("|---|---|---|---|---|---|")
+    print(f"# {', '.join(f'{k}: {v}' for k, v in codes.items())}")
+    print("| code | tile_px | spots | decode (s) | prepare (s) | prepare / one decode "
+          "| CPU: decode (s) | CPU: prepare (s) | CPU: prepare / one decode |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for px in args.tile_px:
-        rounds = []
+        rounds: dict[str, list] = {name: [] for name in codes}
         for _ in range(args.repeats):
-            with tempfile.TemporaryDirectory() as tmp:
-                cfg = PrepareConfig(
-                    out=f"{tmp}/c2",
-                    samples=[sample],
-                    tile_um=128.0,
-                    tile_px=px,
-                    split_fractions=(1.0, 0.0, 0.0),
-                )
-                one_decode = decode()
-                start = time.perf_counter()
-                store = prepare(cfg, progress=False)
-                rounds.append((one_decode, time.perf_counter() - start))
-                n = store.manifest()["stages"]["spots"]["n_spots"]
-        d, p = (statistics.median(v) for v in zip(*rounds, strict=True))
-        ratio = statistics.median(b / a for a, b in rounds)
-        print(f"| {px} | {n} | {d:.2f} | {p:.2f} | {n / p:.0f} | {ratio:.2f} |")
+            for name, src in codes.items():
+                one = decode(data)
+                rounds[name].append((one, run_worker(src, data, px)))
+        for name, runs in rounds.items():
+            med = lambda values: statistics.median(values)  # noqa: E731
+            wall = med(r["wall"] / d[0] for d, r in runs)
+            cpu = med(r["cpu"] / d[1] for d, r in runs)
+            print(
+                f"| {name} | {px} | {runs[0][1]['spots']} | {med(d[0] for d, _ in runs):.2f} "
+                f"| {med(r['wall'] for _, r in runs):.2f} | {wall:.2f} | {med(d[1] for d, _ in runs):.2f} "
+                f"| {med(r['cpu'] for _, r in runs):.2f} | {cpu:.2f} |"
+            )
     print(f"load after: {os.getloadavg()}")
 
 

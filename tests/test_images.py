@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import sys
 
 import numpy as np
@@ -10,6 +11,7 @@ from stmdit.data.images import (
     open_image,
     saturation,
     tissue_fraction,
+    tissue_fractions,
     tissue_mask,
     tissue_threshold,
     unusable_reason,
@@ -219,6 +221,39 @@ def test_tissue_mask_on_a_synthetic_section():
     assert tissue_fraction(rgb[:20, :20], threshold) < 0.02  # glass
 
 
+def test_tissue_mask_thresholds_the_median_filtered_saturation():
+    """Reference: the 3 x 3 median of the saturation (scipy, reflected edges), thresholded,
+    then opening, closing and removal of small objects."""
+    from scipy import ndimage
+
+    rgb = synthetic_section(60, 80, seed=3)[0]
+    rgb[::7] = 255  # thin glass lines: the median and the morphology both have work to do
+    rgb = rgb.astype(float)
+    sat = (rgb.max(axis=-1) - rgb.min(axis=-1)) / rgb.max(axis=-1)
+    np.testing.assert_allclose(saturation(rgb.astype(np.uint8)), sat, rtol=1e-6)
+    for t in (0.1, 0.2, 0.35):
+        ref = np.pad(ndimage.median_filter(sat, size=3) > t, 1, mode="edge")
+        ref = ndimage.binary_closing(ndimage.binary_opening(ref, np.ones((3, 3))), np.ones((3, 3)))[
+            1:-1, 1:-1
+        ]
+        labels, _ = ndimage.label(ref)
+        ref &= np.bincount(labels.ravel())[labels] >= 4
+        np.testing.assert_array_equal(tissue_mask(rgb.astype(np.uint8), t), ref)
+
+
+def test_tissue_fractions_of_a_stack_are_those_of_each_image():
+    """Images in a stack do not touch: a section's edge in one tile must not leak into the
+    next one's mask (nor its small objects count with the neighbour's)."""
+    rgb = synthetic_section(300, 400, seed=1)[0]
+    stack = np.stack([rgb[y : y + 40, x : x + 40] for y in range(0, 260, 37) for x in range(0, 360, 53)])
+    t = tissue_threshold(rgb)
+    expected = [tissue_fraction(tile, t) for tile in stack]
+    # glass, the section's edge and tissue, in neighbouring tiles of the stack
+    assert min(expected) == 0 and max(expected) > 0.9 and any(0.2 < f < 0.8 for f in expected)
+    np.testing.assert_array_equal(tissue_fractions(stack, t), expected)
+    np.testing.assert_array_equal(tissue_fractions(stack[::-1], t), expected[::-1])
+
+
 def test_tissue_mask_on_real_he(test_data):
     """Real H&E: a tile cut from inside tissue is (nearly) all tissue; the Visium lowres image
     has tissue in the middle and glass with fiducial dots around it."""
@@ -248,3 +283,45 @@ def test_unusable_images():
 def test_visium_black_placeholder_is_unusable(test_data):
     hires = open_image(test_data / "visium_spaceranger_1.0.0" / "spatial" / "tissue_hires_image.png")
     assert unusable_reason(hires.thumbnail(256)[0]) == "the image is all black"
+
+
+def test_pil_regions_are_resampled_from_the_decoded_image_like_a_patch(pyramid, tmp_path):
+    """A JPEG/PNG is resampled straight from its decoded image, a TIFF from a patch cut with a
+    margin: the same pixels give the same tiles (inside, at the edge, across it)."""
+    path, full = pyramid
+    png = open_image(_write_png(tmp_path / "full.png", full), mpp=MPP)
+    tiff = open_image(path)
+    for box in [
+        (100.5, 200.25, 256, 256),
+        (0, 0, 300, 300),
+        (1400.5, 1000, 200, 200),
+        (1500, 1100, 200, 200),
+    ]:
+        a = png.read_region(*box, out_size=256).astype(int)
+        b = tiff.read_region(*box, out_size=256).astype(int)
+        assert np.abs(a - b).max() <= 2 and np.mean(a != b) < 0.01, box  # float rounding in Pillow's weights
+
+
+def test_pil_thumbnail_is_a_block_mean_then_lanczos(tmp_path):
+    """Thumbnails reduce by whole blocks down to within 2x of their size: at an integer
+    factor that is exactly the block mean."""
+    full = smooth_rgb(1200, 1600)
+    thumb, scale = open_image(_write_png(tmp_path / "full.png", full), mpp=1.0).thumbnail(400)
+    assert thumb.shape == (300, 400, 3) and scale == 0.25
+    reference = full.reshape(300, 4, 400, 4, 3).astype(int).sum(axis=(1, 3))
+    np.testing.assert_array_equal(thumb, (reference + 8) // 16)  # Pillow rounds halves up
+
+
+def test_images_open_on_one_file_share_its_decode(tmp_path, monkeypatch):
+    path = _write_png(tmp_path / "a.png", smooth_rgb(40, 60))
+    decodes = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: decodes.append(a[0]) or real_open(*a, **k))
+    first, second = open_image(path, mpp=1.0), open_image(path, mpp=1.0)
+    np.testing.assert_array_equal(first.read_region(0, 0, 60, 40), second.read_region(0, 0, 60, 40))
+    assert len(decodes) == 3  # two headers, one decode
+    _write_png(path, 255 - smooth_rgb(40, 60))  # a changed file is decoded anew
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # coarse clocks
+    np.testing.assert_array_equal(
+        open_image(path, mpp=1.0).read_region(0, 0, 60, 40), 255 - smooth_rgb(40, 60)
+    )

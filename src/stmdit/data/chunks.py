@@ -28,9 +28,12 @@ class ChunkedArray:
 
     ``path`` is the array folder (``*.zarr``); markers live beside it in ``<path>.done/``.
     Opening an existing array checks that it was made with the same shape, dtype and chunking.
+    ``compressors`` (zarr's argument) applies to a new array; by default zarr's own choice.
     """
 
-    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], dtype, chunk_rows: int):
+    def __init__(
+        self, path: str | os.PathLike, shape: tuple[int, ...], dtype, chunk_rows: int, compressors="auto"
+    ):
         self.path = Path(path)
         self.shape, self.dtype, self.chunk_rows = (
             tuple(int(s) for s in shape),
@@ -55,7 +58,14 @@ class ChunkedArray:
             # and renamed into place, so a kill mid-creation leaves no half-written metadata.
             shutil.rmtree(self.markers, ignore_errors=True)
             with atomic_path(self.path) as tmp:
-                zarr.create_array(store=tmp, shape=self.shape, chunks=chunks, dtype=self.dtype, fill_value=0)
+                zarr.create_array(
+                    store=tmp,
+                    shape=self.shape,
+                    chunks=chunks,
+                    dtype=self.dtype,
+                    fill_value=0,
+                    compressors=compressors,
+                )
             self.array = zarr.open_array(self.path, mode="r+")
         self.markers.mkdir(parents=True, exist_ok=True)
 

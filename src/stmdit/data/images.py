@@ -9,8 +9,10 @@ takes level-0 coordinates and reads only what it needs:
 * TIFF (pyramidal or not) goes through tifffile's zarr store, which decodes only the tiles
   or strips a region touches, from the coarsest pyramid level that still gives the requested
   output resolution, so a whole-slide image is never loaded into memory;
-* JPEG / PNG are decoded once with Pillow and the array is kept (these formats cannot be read
-  by region, and the files users bring in them are small enough).
+* JPEG / PNG are decoded once with Pillow and the decoded image is kept (these formats cannot
+  be read by region, and the files users bring in them are small enough); regions are
+  resampled straight from it, and images open on the same unchanged file at the same time
+  share that one decode.
 
 Microns per pixel come from the file when it states them credibly (OpenSlide's mpp
 properties, TIFF resolution tags, OME or Aperio descriptions), else from the caller. JPEG and
@@ -31,7 +33,9 @@ import abc
 import contextlib
 import math
 import re
+import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +52,7 @@ __all__ = [
     "open_image",
     "saturation",
     "tissue_fraction",
+    "tissue_fractions",
     "tissue_mask",
     "tissue_threshold",
     "unusable_reason",
@@ -67,6 +72,13 @@ _MIN_TISSUE_SATURATION = 0.07
 # When the lower Otsu class is itself this saturated, the image holds no glass at all (a
 # tile cut from inside tissue), and Otsu would only split stained tissue into two halves.
 _NO_GLASS_CLASS_MEAN = 0.1
+
+# Pillow's reducing_gap: large reductions first average whole pixel blocks (fast), then Lanczos
+# over the remaining factor. A tile (the model's input) keeps a factor of at least 3 for
+# Lanczos, indistinguishable from a fair Lanczos; a thumbnail (an overview, the slide's tissue
+# threshold) reduces by blocks down to within 2x of its size, 5x faster on a 10,000 px slide.
+_TILE_REDUCING_GAP = 3.0
+_THUMBNAIL_REDUCING_GAP = 1.0
 
 
 class SlideImage(abc.ABC):
@@ -139,7 +151,8 @@ class SlideImage(abc.ABC):
         (thumbnail pixels per level-0 pixel, at most 1)."""
         scale = min(1.0, max_side / max(self.width, self.height))
         out_w, out_h = max(1, round(self.width * scale)), max(1, round(self.height * scale))
-        return self._read(0, 0, self.width, self.height, out_w, out_h), out_w / self.width
+        whole = self._read(0, 0, self.width, self.height, out_w, out_h, _THUMBNAIL_REDUCING_GAP)
+        return whole, out_w / self.width
 
     def choose_level(self, downsample: float) -> int:
         """The coarsest level with at most ``downsample`` level-0 pixels per pixel (1 % slack,
@@ -148,7 +161,21 @@ class SlideImage(abc.ABC):
         usable = [level for level, f in enumerate(factors) if f <= downsample * 1.01]
         return max(usable, key=lambda level: factors[level], default=0)
 
-    def _read(self, x: float, y: float, w: float, h: float, out_w: int, out_h: int) -> np.ndarray:
+    def _level_image(self, level: int) -> Image.Image | None:
+        """The whole of ``level`` as a Pillow image when the backend holds it in memory (regions
+        are then resampled from it in place, without first copying them out), else None."""
+        return None
+
+    def _read(
+        self,
+        x: float,
+        y: float,
+        w: float,
+        h: float,
+        out_w: int,
+        out_h: int,
+        reducing_gap: float = _TILE_REDUCING_GAP,
+    ) -> np.ndarray:
         level = self.choose_level(min(w / out_w, h / out_h))
         dx, dy = self.level_downsample(level)
         lx0, ly0, lx1, ly1 = x / dx, y / dy, (x + w) / dx, (y + h) / dy
@@ -159,19 +186,25 @@ class SlideImage(abc.ABC):
         )
         if exact:  # a copy: the backend may hand out a view of its cached pixels
             return np.array(self._read_padded(level, int(x), int(y), int(x + w), int(y + h)))
+        lw, lh = self.level_sizes[level]
+        whole = self._level_image(level)
+        if whole is not None and lx0 >= 0 and ly0 >= 0 and lx1 <= lw and ly1 <= lh:
+            # Pillow's filters stop at the image's edges, as they do at a patch cut below.
+            resized = whole.resize(
+                (out_w, out_h), Image.Resampling.LANCZOS, box=(lx0, ly0, lx1, ly1), reducing_gap=reducing_gap
+            )
+            return np.array(resized)
         # Resampling filters reach a few source pixels past the box: read a margin of real
         # pixels (never of padding) so that edges are computed from their true neighbours.
         margin = math.ceil(3 * max(1.0, (lx1 - lx0) / out_w, (ly1 - ly0) / out_h)) + 1
-        lw, lh = self.level_sizes[level]
         ix0 = min(math.floor(lx0), max(math.floor(lx0) - margin, 0))
         iy0 = min(math.floor(ly0), max(math.floor(ly0) - margin, 0))
         ix1 = max(math.ceil(lx1), min(math.ceil(lx1) + margin, lw))
         iy1 = max(math.ceil(ly1), min(math.ceil(ly1) + margin, lh))
         patch = self._read_padded(level, ix0, iy0, ix1, iy1)
         box = (lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0)
-        # reducing_gap: large reductions first average whole pixel blocks (fast), then Lanczos.
         resized = Image.fromarray(patch).resize(
-            (out_w, out_h), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0
+            (out_w, out_h), Image.Resampling.LANCZOS, box=box, reducing_gap=reducing_gap
         )
         return np.array(resized)
 
@@ -186,24 +219,55 @@ class SlideImage(abc.ABC):
         return out
 
 
+class _Decoded:
+    """The decoded pixels of one image file (RGB), shared by every image open on it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.image: Image.Image | None = None
+
+
+# Decodes in use, by (file, modification time, size): while one image of a file is open (say
+# prepare's tiler), another opened on it (the reader's scanpy thumbnail) waits for and reuses
+# its decode instead of decoding the file again. Entries go when their last image does.
+_DECODED: weakref.WeakValueDictionary[tuple, _Decoded] = weakref.WeakValueDictionary()
+_DECODED_LOCK = threading.Lock()
+
+
+def _shared_decode(path: Path) -> _Decoded:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    with _DECODED_LOCK:
+        decoded = _DECODED.get(key)
+        if decoded is None:
+            decoded = _DECODED[key] = _Decoded()
+    return decoded
+
+
 class _ArrayImage(SlideImage):
-    """JPEG / PNG: decoded on the first read, then kept as an array (opening only reads the
-    header, so a reader that just checks sizes does not pay for a 100-megapixel decode)."""
+    """JPEG / PNG: decoded on the first read, then kept in memory (opening only reads the
+    header, so a reader that just checks sizes does not pay for a 100-megapixel decode).
+    The decoded Pillow image is kept as it is: converting it to an array would copy it whole,
+    while Pillow crops and resamples regions of it directly (and releases the GIL doing so)."""
 
     concurrent_reads = True
 
     def __init__(self, path: Path, mpp: float | None):
         with _decode_errors_name(path), _allow_large_images(), Image.open(path) as im:
             w, h = im.size
-        self._array: np.ndarray | None = None
+        self._decoded = _shared_decode(path)
         super().__init__(path, (w, h), [(w, h)], mpp)
 
+    def _level_image(self, level: int) -> Image.Image:
+        decoded = self._decoded
+        with decoded.lock:
+            if decoded.image is None:
+                with _decode_errors_name(self.path), _allow_large_images(), Image.open(self.path) as im:
+                    decoded.image = _rgb_image(im)
+        return decoded.image
+
     def _read_level(self, level, x0, y0, x1, y1):
-        if self._array is None:
-            with _decode_errors_name(self.path), _allow_large_images(), Image.open(self.path) as im:
-                self._array = _to_rgb(im)
-            self._array.flags.writeable = False
-        return self._array[y0:y1, x0:x1]
+        return np.asarray(self._level_image(level).crop((x0, y0, x1, y1)))
 
 
 class _TiffImage(SlideImage):
@@ -345,13 +409,19 @@ def _allow_large_images() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = old
 
 
-def _to_rgb(im: Image.Image) -> np.ndarray:
-    """RGB uint8 array; transparency is composited onto white (transparent = no tissue)."""
+def _rgb_image(im: Image.Image) -> Image.Image:
+    """The image decoded, in RGB; transparency is composited onto white (transparent = no tissue)."""
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
         alpha = rgba[..., 3:] / 255.0
-        return (rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
-    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # convert() would copy an RGB image
+        return Image.fromarray((rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8))
+    im.load()
+    return im if im.mode == "RGB" else im.convert("RGB")  # convert() would copy an RGB image
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """RGB uint8 array (see :func:`_rgb_image`)."""
+    return np.asarray(_rgb_image(im))
 
 
 def _samples_to_rgb(block: np.ndarray, path: Path) -> np.ndarray:
@@ -420,9 +490,13 @@ def _pick_mpp(path: Path, file_mpp: float | None, given: float | None) -> float 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation in [0, 1]; black pixels count as unsaturated."""
-    rgb = np.asarray(rgb, dtype=np.float32)[..., :3]
-    hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)
-    return np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
+    rgb = np.asarray(rgb)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    # Extremes first, in the pixels' own type (a third of the values to convert to float), and
+    # element-wise over the channels: numpy's max over a length-3 axis is 10x slower.
+    hi, lo = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    hi, spread = hi.astype(np.float32), (hi - lo).astype(np.float32)
+    return np.divide(spread, hi, out=np.zeros_like(hi), where=hi > 0)
 
 
 def _otsu(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
@@ -467,29 +541,56 @@ def tissue_mask(
         raise ValueError(f"tissue_mask expects an (H, W, 3) RGB array; got shape {rgb.shape}")
     if threshold is None:
         threshold = tissue_threshold(rgb)
-    s = saturation(rgb)
-    if min(s.shape) >= 3:
-        s = ndimage.median_filter(s, size=3)
-    mask = s > threshold
-    if min(mask.shape) >= 3:
-        # Edge padding, so that tissue running off the image edge is not eroded there.
-        struct = np.ones((3, 3), dtype=bool)
-        padded = np.pad(mask, 1, mode="edge")
-        mask = ndimage.binary_closing(ndimage.binary_opening(padded, struct), struct)[1:-1, 1:-1]
-        labels, n = ndimage.label(mask)
-        if n:
-            sizes = np.bincount(labels.ravel())
-            min_size = max(4, int(min_object_fraction * mask.size))
-            keep = sizes >= min_size
-            keep[0] = False
-            mask = keep[labels]
-    return mask
+    return _tissue_masks(rgb[None], threshold, min_object_fraction)[0]
 
 
 def tissue_fraction(rgb: np.ndarray, threshold: float | None = None) -> float:
     """Fraction of the image's pixels that are tissue (see :func:`tissue_mask`)."""
     mask = tissue_mask(rgb, threshold)
     return float(mask.mean()) if mask.size else 0.0
+
+
+def tissue_fractions(rgbs: np.ndarray, threshold: float) -> np.ndarray:
+    """:func:`tissue_fraction` of each image of an (N, H, W, 3) stack, against one threshold
+    (a slide's), computed for the whole stack at once (tiles are small: per-call overheads
+    would cost more than the pixels)."""
+    rgbs = np.asarray(rgbs)
+    if rgbs.ndim != 4 or rgbs.shape[-1] < 3:
+        raise ValueError(f"tissue_fractions expects an (N, H, W, 3) RGB stack; got shape {rgbs.shape}")
+    if rgbs[0, ..., 0].size == 0:
+        return np.zeros(len(rgbs))
+    return _tissue_masks(rgbs, threshold).mean(axis=(1, 2))
+
+
+def _per_image(element: np.ndarray) -> np.ndarray:
+    """A 2-D structuring element for a stack of images: flat along the stack's axis."""
+    return np.stack([np.zeros_like(element), element, np.zeros_like(element)])
+
+
+def _tissue_masks(rgbs: np.ndarray, threshold: float, min_object_fraction: float = 1e-4) -> np.ndarray:
+    """:func:`tissue_mask` of each image of an (N, H, W, 3) stack: every filter works within
+    one image (its structuring element is flat along the first axis)."""
+    mask = saturation(rgbs) > threshold
+    if min(mask.shape[1:]) < 3:
+        return mask
+    # The 3 x 3 median is above the threshold where at least 5 of the 9 values are: the same
+    # mask as thresholding the median-filtered saturation (scipy's reflected edges alike),
+    # from an integer count, 3x faster.
+    square = np.ones((3, 3), np.uint8)
+    mask = ndimage.correlate(mask.astype(np.uint8), _per_image(square), mode="reflect") >= 5
+    # Edge padding, so that tissue running off the image edge is not eroded there.
+    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    mask = ndimage.binary_closing(ndimage.binary_opening(padded, _per_image(square)), _per_image(square))[
+        :, 1:-1, 1:-1
+    ]
+    labels, n = ndimage.label(mask, _per_image(ndimage.generate_binary_structure(2, 1)))
+    if n:
+        sizes = np.bincount(labels.ravel())
+        min_size = max(4, int(min_object_fraction * mask[0].size))
+        keep = sizes >= min_size
+        keep[0] = False
+        mask = keep[labels]
+    return mask
 
 
 def unusable_reason(rgb: np.ndarray) -> str | None:

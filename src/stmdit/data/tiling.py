@@ -5,18 +5,24 @@ reader convention's ``image_scale`` and ``mpp``), resized to ``tile_px``, and it
 measured against one threshold per slide. Tiles crossing the image edge are padded with white
 and flagged. Only the needed region of a large slide is ever read.
 
-Crops of one chunk are cut and resized on a small thread pool: Pillow's resize and most of the
-tissue mask release the GIL, so two cores work on independent tiles at once.
+Crops of one chunk are cut and resized on a small thread pool (Pillow releases the GIL while it
+resamples, so two cores work on independent tiles at once); their tissue masks are then
+computed a share of the chunk per thread, many small tiles per call.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import anndata as ad
 import numpy as np
+
+if TYPE_CHECKING:
+    from stmdit.data.images import SlideImage
 
 # Threads cutting tiles: the cores this process may use, at most 4 (the gain flattens there,
 # as every thread reads from the same decoded image in memory).
@@ -51,6 +57,11 @@ def tile_boxes(adata: ad.AnnData, tile_um: float) -> tuple[np.ndarray, np.ndarra
     return boxes, at_edge
 
 
+# Tissue fractions are measured on tiles reduced to at most this many pixels a side: enough
+# to see glass against tissue, and cheap.
+TISSUE_PX = 64
+
+
 def _shrink(tile: np.ndarray, side: int) -> np.ndarray:
     """Box-downsample a tile for tissue detection, which needs no more than ``side`` px."""
     if tile.shape[0] <= side:
@@ -60,14 +71,25 @@ def _shrink(tile: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(tile).resize((side, side), Image.Resampling.BOX))
 
 
-def open_slide(path: str | os.PathLike):
-    """A slide with its pixels loaded (a JPEG/PNG is decoded on its first read): the floor of
-    tiling's cost, which prepare starts while it parses the counts."""
+class Slide(NamedTuple):
+    image: SlideImage
+    threshold: float
+
+
+def _loaded(path: str | os.PathLike) -> SlideImage:
+    """The image with its pixels loaded (a JPEG/PNG is decoded on its first read)."""
     from stmdit.data.images import open_image
 
     image = open_image(path)
     image.read_region(0, 0, 1, 1)
     return image
+
+
+def open_slide(path: str | os.PathLike) -> Slide:
+    """A slide with its pixels loaded and its tissue threshold: the floor of tiling's cost,
+    which prepare starts while it parses the counts."""
+    image = _loaded(path)
+    return Slide(image, slide_threshold(image))
 
 
 def slide_threshold(image) -> float:
@@ -85,8 +107,12 @@ class SpotTiler:
     """Reads the tiles of an AnnData's spots (reader convention), opening each slide once.
 
     ``opened`` may hold slides already opened (or being opened) by :func:`open_slide`,
-    keyed by :func:`slide_key`: prepare starts decoding images while it parses the counts.
-    On in-memory images, tiles are cut and measured on a thread pool.
+    keyed by :func:`slide_key` (the tiler takes the dict over and empties it as it uses them):
+    prepare starts decoding an image and measuring its tissue threshold while it parses the
+    counts. On in-memory images, tiles are cut and measured on a thread pool, which also opens
+    the next sample's slide while this one's tiles are cut. A slide is released once its
+    sample's last row has been read (rows are read in order; a row of a released slide opens
+    it again), so memory holds at most two decoded images.
     """
 
     def __init__(
@@ -101,37 +127,47 @@ class SpotTiler:
         self.samples = adata.uns["stmdit"]["samples"]
         self.sample_ids = adata.obs["sample_id"].astype(str).to_numpy()
         self.boxes = tile_boxes(adata, tile_um)[0] if boxes is None else np.asarray(boxes)
-        self._opened = dict(opened or {})
+        self._opened = opened if opened is not None else {}
         self._images: dict[str, tuple] = {}
         self._pool = ThreadPoolExecutor(TILING_THREADS) if TILING_THREADS > 1 else None
+        self._last_row = {sid: row for row, sid in enumerate(self.sample_ids)}
+        self._next = dict(itertools.pairwise(self._last_row))  # sample -> the one after it
 
     def _image(self, sid: str):
-        """(image, Future of its tissue threshold); the threshold is computed on the pool while
-        the first tiles are cut, which needs no threshold."""
+        """(image, Future of its tissue threshold); unless the slide was opened beforehand, the
+        threshold is computed on the pool while the first tiles are cut, which needs none."""
         if sid not in self._images:
             path = self.samples[sid]["image_path"]
             pending = self._opened.pop(slide_key(path), None)
-            image = pending.result() if pending is not None else open_slide(path)
-            if self._pool is not None and image.concurrent_reads:
-                threshold = self._pool.submit(slide_threshold, image)
+            threshold = Future()
+            if pending is not None:
+                image, value = pending.result()
+                threshold.set_result(value)
             else:
-                threshold = Future()
-                threshold.set_result(slide_threshold(image))
+                image = _loaded(path)
+                if self._pool is not None and image.concurrent_reads:
+                    threshold = self._pool.submit(slide_threshold, image)
+                else:
+                    threshold.set_result(slide_threshold(image))
             self._images[sid] = (image, threshold)
+            following = self._next.get(sid)
+            if self._pool is not None and following is not None and following not in self._images:
+                path = self.samples[following]["image_path"]
+                if slide_key(path) not in self._opened:
+                    self._opened[slide_key(path)] = self._pool.submit(open_slide, path)
         return self._images[sid]
 
-    def _cut(self, i: int) -> np.ndarray:
+    def _cut(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Spot ``i``'s tile, and the tile reduced for tissue detection."""
         image, _ = self._images[self.sample_ids[i]]
         x0, y0, side = self.boxes[i]
-        return image.read_region(x0, y0, side, side, out_size=self.tile_px)
-
-    def _fraction(self, i: int, tile: np.ndarray) -> float:
-        from stmdit.data.images import tissue_fraction
-
-        return tissue_fraction(_shrink(tile, 64), self._images[self.sample_ids[i]][1].result())
+        tile = image.read_region(x0, y0, side, side, out_size=self.tile_px)
+        return tile, _shrink(tile, TISSUE_PX)
 
     def read(self, rows) -> tuple[np.ndarray, np.ndarray]:
         """(tiles (n, px, px, 3) uint8, tissue fractions (n,) float32) for spot rows."""
+        from stmdit.data.images import tissue_fractions
+
         rows = np.asarray(rows, dtype=np.int64)
         for sid in dict.fromkeys(self.sample_ids[rows]):  # open (decode) slides before fanning out
             self._image(sid)
@@ -140,16 +176,32 @@ class SpotTiler:
         )
         run = self._pool.map if parallel else map
         tiles = np.empty((len(rows), self.tile_px, self.tile_px, 3), np.uint8)
-        for j, tile in enumerate(run(self._cut, rows)):
-            tiles[j] = tile
-        fractions = np.fromiter(run(self._fraction, rows, tiles), np.float32, count=len(rows))
+        small = np.empty((len(rows), min(self.tile_px, TISSUE_PX), min(self.tile_px, TISSUE_PX), 3), np.uint8)
+        for j, (tile, reduced) in enumerate(run(self._cut, rows)):
+            tiles[j], small[j] = tile, reduced
+        # Tissue masks of many small tiles at once (per-call overheads would outweigh the
+        # pixels), a share of the chunk per thread, each slide's tiles against its threshold.
+        sids = self.sample_ids[rows]
+        parts = [
+            (where, self._images[sid][1].result())
+            for sid in dict.fromkeys(sids)
+            for where in np.array_split(np.flatnonzero(sids == sid), TILING_THREADS)
+            if len(where)
+        ]
+        measured = run(lambda part: tissue_fractions(small[part[0]], part[1]), parts)
+        fractions = np.empty(len(rows), np.float32)
+        for (where, _), values in zip(parts, measured, strict=True):
+            fractions[where] = values
+        for sid in [sid for sid in self._images if self._last_row[sid] <= rows.max(initial=-1)]:
+            self._images.pop(sid)[0].close()
         return tiles, fractions
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
         for pending in self._opened.values():
-            pending.result().close()
+            if pending.exception() is None:  # a slide that failed to open was never used
+                pending.result().image.close()
         self._opened.clear()
         for image, _ in self._images.values():
             image.close()
