@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers import DPMSolverMultistepScheduler
 
 from stmdit import STMDiT
 from stmdit.diffusion import (
@@ -111,6 +112,38 @@ def test_training_loss_drops_conditions_at_the_configured_rates():
     assert abs(drop_g.float().mean().item() - 0.5) < 0.03
 
 
+def test_pixel_space_steps_drop_what_the_threshold_clipped():
+    """DDIM's next sample is alpha_s clip(x0) + sigma_s eps, by hand; DPM-Solver++ with the same
+    threshold would keep (alpha_t sigma_s / sigma_t) (x0 - clip(x0)) of the excess, the
+    saturated-pixel source that made pixel space switch to DDIM."""
+    x0 = torch.tensor([1.8, -1.5, 0.3, -0.2, 1.2, 0.0]).repeat(40).view(4, 3, 4, 5)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    clipped = x0.clamp(-1, 1)  # the 99.5% quantile of |x0| is above 1, so the threshold is 1
+
+    ddim = make_sampling_scheduler(pixel_space=True)
+    ddim.set_timesteps(20)
+    t, s = int(ddim.timesteps[10]), int(ddim.timesteps[11])
+    ac = ddim.alphas_cumprod.double()
+    x_t = (ac[t].sqrt() * x0 + (1 - ac[t]).sqrt() * eps).float()
+    expected = ac[s].sqrt() * clipped + (1 - ac[s]).sqrt() * eps
+    torch.testing.assert_close(ddim.step(eps, t, x_t).prev_sample, expected.float(), atol=1e-5, rtol=1e-5)
+
+    dpm = DPMSolverMultistepScheduler.from_config(
+        make_training_scheduler().config,
+        algorithm_type="dpmsolver++",
+        solver_order=1,
+        thresholding=True,
+        sample_max_value=1.0,
+    )
+    dpm.set_timesteps(20)
+    t, s = int(dpm.timesteps[0]), int(dpm.timesteps[1])
+    x_t = (ac[t].sqrt() * x0 + (1 - ac[t]).sqrt() * eps).float()
+    kept = ac[t].sqrt() * (1 - ac[s]).sqrt() / (1 - ac[t]).sqrt() * (x0 - clipped)
+    dpm_expected = ac[s].sqrt() * clipped + (1 - ac[s]).sqrt() * eps + kept
+    torch.testing.assert_close(dpm.step(eps, t, x_t).prev_sample, dpm_expected.float(), atol=1e-4, rtol=1e-4)
+    assert kept.abs().max() > 0.1 * ac[s].sqrt()  # a real share of the excess survives the step
+
+
 def test_schedulers_follow_pixart():
     train = make_training_scheduler()
     assert train.config.num_train_timesteps == 1000
@@ -123,7 +156,10 @@ def test_schedulers_follow_pixart():
     assert torch.allclose(sampler.betas, train.betas)
     assert not sampler.config.thresholding
     pixel = make_sampling_scheduler(train, pixel_space=True)
+    assert type(pixel).__name__ == "DDIMScheduler" and torch.allclose(pixel.betas, train.betas)
     assert pixel.config.thresholding and pixel.config.sample_max_value == 1.0
+    pixel.set_timesteps(20)
+    assert pixel.timesteps.tolist() == list(range(999, 0, -50))  # the strides its step assumes
     learned = make_sampling_scheduler(make_training_scheduler(learned_variance=True))
     assert learned.config.variance_type is None
 

@@ -73,8 +73,10 @@ def test_bf16_sampling_runs_the_transformer_in_bf16_and_stays_close_to_fp32():
     eps = {p: guided_prediction(model, x, t, cond, 2.5, 2.5, p) for p in ("fp32", "bf16")}
     relative = ((eps["bf16"] - eps["fp32"]).norm() / eps["fp32"].norm()).item()
     assert 1e-4 < relative < 0.02
+    # Over the sampler's steps the per-step differences add up; on a random model the tiles
+    # still differ by a few percent of their magnitude only.
     diff = (out["bf16"] - out["fp32"]).abs()
-    assert 0 < diff.mean() < 0.01
+    assert 0 < diff.mean() < 0.05 * out["fp32"].abs().mean()
 
 
 def test_bf16_training_computes_in_bf16_keeps_fp32_master_weights_and_learns(tmp_path):

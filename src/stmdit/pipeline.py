@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.utils import BaseOutput
 from PIL import Image
 
@@ -47,7 +47,7 @@ class STMDiTPipelineOutput(BaseOutput):
 class STMDiTPipeline(DiffusionPipeline):
     """Tile synthesis from gene expression and morphology with dual classifier-free guidance.
 
-    Components: ``transformer`` (:class:`~stmdit.STMDiT`), ``scheduler`` (DPM-Solver++),
+    Components: ``transformer`` (:class:`~stmdit.STMDiT`), ``scheduler`` (DPM-Solver++ for latents, DDIM in pixel space),
     ``ge_encoder`` (frozen; owns the gene panel), ``morphology_encoder`` (frozen), and
     ``vae`` (``AutoencoderKL``, or None for pixel space).
     """
@@ -58,7 +58,7 @@ class STMDiTPipeline(DiffusionPipeline):
     def __init__(
         self,
         transformer: STMDiT,
-        scheduler: DPMSolverMultistepScheduler,
+        scheduler: DPMSolverMultistepScheduler | DDIMScheduler,
         ge_encoder=None,
         morphology_encoder=None,
         vae=None,

@@ -229,6 +229,10 @@ def generate_setting(
         order, expression = np.arange(n), "the spot's own"
     made_by = {
         "pipeline": str(Path(folder).resolve()),
+        "scheduler": {
+            "class": type(pipe.scheduler).__name__,
+            **{k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
+        },
         "setting": setting,
         "expression": expression,
         "seed": seed,
