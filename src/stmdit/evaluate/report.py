@@ -173,7 +173,15 @@ def _plot_ablation(results: dict, path: Path) -> bool:
     return True
 
 
+def _first_seed(summary: dict, key: str) -> float | None:
+    """A metric on the first seed: the guidance sweep draws only that one, so curves over the
+    sweep compare every scale on the same noise (the default scale's mean has more seeds)."""
+    per_seed = summary.get(key, {}).get("per_seed") or [None]
+    return per_seed[0]
+
+
 def _plot_sweep(results: dict, path: Path) -> bool:
+    """Each metric against the GE guidance scale, on the first seed (see :func:`_first_seed`)."""
     series = {}
     for name, model in results["models"].items():
         pts = [
@@ -193,8 +201,9 @@ def _plot_sweep(results: dict, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(keys), figsize=(3.5 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         for name, pts in series.items():
-            ax.plot([p[0] for p in pts], [p[1][key]["mean"] for p in pts], marker="o", label=name)
-        ax.set_xlabel("GE guidance scale")
+            values = [_first_seed(p[1], key) for p in pts]
+            ax.plot([p[0] for p in pts], [np.nan if v is None else v for v in values], marker="o", label=name)
+        ax.set_xlabel("GE guidance scale (first seed)")
         ax.set_title(dict((k, lbl) for k, lbl, _ in METRICS)[key], fontsize=8)
         ax.legend(fontsize=7)
     save_figure(fig, path)
@@ -203,7 +212,8 @@ def _plot_sweep(results: dict, path: Path) -> bool:
 
 def _plot_tradeoff(results: dict, path: Path) -> bool:
     """Fidelity AUC against FD-morph for each model, one point per GE guidance scale (the sweep),
-    a no-GE model as a single point: where realism and fidelity hold together."""
+    a no-GE model as a single point: where realism and fidelity hold together. First seed
+    throughout (see :func:`_first_seed`)."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     drawn = False
     for name, model in results["models"].items():
@@ -212,12 +222,8 @@ def _plot_tradeoff(results: dict, path: Path) -> bool:
             for key, s in model["settings"].items()
             if key in ("ge", "none") or key.startswith("ge@")
         )
-        pts = [
-            (g, s["fd_morph"]["mean"], s["fidelity_auc"]["mean"])
-            for g, s in pts
-            if s.get("fd_morph", {}).get("mean") is not None
-            and s.get("fidelity_auc", {}).get("mean") is not None
-        ]
+        pts = [(g, _first_seed(s, "fd_morph"), _first_seed(s, "fidelity_auc")) for g, s in pts]
+        pts = [p for p in pts if None not in p]
         if not pts:
             continue
         drawn = True
@@ -241,6 +247,7 @@ def _plot_tradeoff(results: dict, path: Path) -> bool:
         ax.axhline(results["ceiling"]["auc"], color="grey", linestyle="--", linewidth=0.8, label="real tiles")
     ax.set_xlabel("FD-morph to the real tiles (lower: more realistic)")
     ax.set_ylabel("fidelity AUC (higher: follows expression)")
+    ax.set_title("GE guidance scales, first seed", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     save_figure(fig, path)
