@@ -5,14 +5,18 @@ import json
 import re
 import shutil
 from html.parser import HTMLParser
+from types import SimpleNamespace
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from stmdit.cli import app
-from stmdit.evaluate.run import EvaluateConfig, caveat_lines, evaluate
+from stmdit.diffusion import make_sampling_scheduler
+from stmdit.evaluate.run import EvaluateConfig, HeldOut, caveat_lines, evaluate, generate_setting
 
 runner = CliRunner()
 
@@ -66,12 +70,6 @@ def test_predictor_training_evaluation_and_report_end_to_end(
     assert -1 <= ge["fidelity_auc"]["mean"] <= 1 and "fidelity_ratio_to_ceiling" in ge
     low, high = ge["fidelity_auc"]["interval"]  # the gene bootstrap of the seed-mean AUC
     assert -1 <= low < high <= 1
-    # The guidance sweep draws with each spot's own expression: without it, its tiles would be
-    # the null ablation's (no expression makes the GE scale irrelevant).
-    generated = tmp_path / "report" / "generated" / "xattn"
-    assert not np.array_equal(
-        np.load(generated / "ge@4" / "seed0.npy"), np.load(generated / "null" / "seed0.npy")
-    )
     assert set(metrics["models"]["xattn"]["ge_ablation"]) == {"null", "shuffled"}
     assert {"fid", "fidelity_auc"} <= set(metrics["models"]["xattn"]["ge_ablation"]["null"])
     assert metrics["ceiling"]["auc"] > 0  # the predictor reads real C4 tiles better than chance
@@ -144,6 +142,40 @@ def test_predictor_training_evaluation_and_report_end_to_end(
         "fidelity_vs_fd.png" in parser.sources
         and (tmp_path / "offline" / "fidelity_vs_fd.png").stat().st_size > 1000
     )
+
+
+class RecordingPipe:
+    """Stands in for a pipeline: records what each call was given, returns grey tiles."""
+
+    def __init__(self):
+        self.scheduler = make_sampling_scheduler(pixel_space=True)
+        self.calls = []
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        n = len(kwargs["expression"]) if "expression" in kwargs else kwargs.get("num_images", 0)
+        n = n or len(kwargs["morphology"])
+        return SimpleNamespace(images=np.full((n, 8, 8, 3), 0.5, np.float32))
+
+
+@pytest.mark.parametrize(
+    ("setting", "expression"),
+    [("ge", "own"), ("ge@4", "own"), ("shuffled", "permuted"), ("null", None), ("none", None)],
+)
+def test_each_setting_draws_with_the_expression_it_names(tmp_path, setting, expression):
+    spots = [f"s{i}" for i in range(6)]
+    adata = ad.AnnData(np.arange(18, dtype=np.float32).reshape(6, 3), obs=pd.DataFrame(index=spots))
+    held = HeldOut(adata, np.zeros((6, 8, 8, 3), np.uint8), 128.0, np.full(6, 100.0), np.array(["A"] * 6))
+    cfg = EvaluateConfig(out=str(tmp_path), dataset="d", models={"m": "p"}, batch_size=4)
+    pipe = RecordingPipe()
+    tiles = generate_setting(pipe, tmp_path, held, setting, 3, cfg, 4.0, tmp_path / setting / "seed3.npy")
+    assert tiles.shape == (6, 8, 8, 3)
+    given = [name for call in pipe.calls for name in call["expression"].obs_names] if expression else []
+    assert all(("expression" in call) == (expression is not None) for call in pipe.calls)
+    if expression == "own":
+        assert given == spots  # the guidance sweep too: without expression its scale would do nothing
+    elif expression == "permuted":
+        assert sorted(given) == spots and given != spots
 
 
 def test_evaluate_config_errors(tmp_path):
