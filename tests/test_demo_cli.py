@@ -23,6 +23,7 @@ def test_quick_demo_writes_every_promised_file(tmp_path):
         assert -1 <= metrics[setting]["composition_corr"] <= 1
     assert "protocol" in metrics and metrics["protocol"]["eval_spots"].startswith("16:")
     assert metrics["tile_size"] == metrics["settings"]["tile_size"]
+    assert metrics["protocol"]["sampler"].startswith("DDIMScheduler ")  # what sampled (pixel space)
     assert metrics["precision"] in ("fp32", "bf16")
     for setting in ("real_tiles", "ge_only", "unconditional"):
         assert 0 <= metrics[setting]["saturated_fraction"] <= 1

@@ -5,6 +5,10 @@
 set -euo pipefail
 STMDIT=${STMDIT:-.venv/bin/stmdit}
 HER2ST=${HER2ST:-${STMDIT_TEST_DATA:-../shared/data}/her2st}
+if [ ! -f "$HER2ST/C2/counts.tsv.gz" ]; then
+  echo "error: no her2st sections at $HER2ST (expected C2/, C3/, C4/ with counts.tsv.gz, spots.tsv, he.jpg); set HER2ST or STMDIT_TEST_DATA" >&2
+  exit 1
+fi
 mkdir -p outputs/her2st
 ln -sfn "$(cd "$HER2ST" && pwd)" outputs/her2st/data       # the configs read the sections from here
 

@@ -29,7 +29,7 @@ app = typer.Typer(
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress; show tracebacks of errors")]
 # Options that feed sampling or batching: a zero, a negative or a NaN is a usage error (exit 2).
-Steps = typer.Option(min=1, help="Sampling steps (DPM-Solver++)")
+Steps = typer.Option(min=1, help="Sampling steps (DPM-Solver++ for latent models, DDIM in pixel space)")
 BatchSize = typer.Option(min=1)
 
 

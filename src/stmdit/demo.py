@@ -227,7 +227,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
         "held_out_section": str(adata.obs["sample_id"].iloc[data.held_out_index[0]]),
         "eval_spots": f"{len(eval_idx)}: the central {s.eval_block} x {s.eval_block} spots of the held-out section",
         "train_spots": len(train_idx),
-        "sampler": f"DPM-Solver++ {s.sample_steps} steps, dual guidance s_m={s.guidance_morph}, s_g={s.guidance_ge}",
+        "sampler": f"{type(pipes['ge'].scheduler).__name__} {s.sample_steps} steps, "
+        f"dual guidance s_m={s.guidance_morph}, s_g={s.guidance_ge}",
         "saturated_fraction": "fraction of pixels with any channel at 0 or 255 in the 8-bit tile (out of gamut)",
         "noise_seed": s.seed + 1,
         "ge_encoder": describe(data.ge_encoder) + ": highly variable genes, log1p CP10k, standardised",
