@@ -168,9 +168,10 @@ def tiny_model(**kw):
     return STMDiT.from_preset("tiny", in_channels=3, sample_size=8, patch_size=2, morph_dim=6, ge_dim=5, **kw)
 
 
-def test_loss_falls_when_overfitting_a_tiny_batch():
+@pytest.mark.parametrize("head", [{}, {"conv_head_channels": 8}])
+def test_loss_falls_when_overfitting_a_tiny_batch(head):
     torch.manual_seed(0)
-    model = tiny_model()
+    model = tiny_model(**head)
     sched = make_training_scheduler()
     x0 = torch.rand(8, 3, 8, 8) * 2 - 1
     cond = Condition(morphology=torch.randn(8, 6), ge=torch.randn(8, 5))
@@ -184,6 +185,34 @@ def test_loss_falls_when_overfitting_a_tiny_batch():
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+
+
+def test_min_snr_weighting_matches_the_formula_by_hand():
+    class Zero(StubDenoiser):
+        def forward(self, x, t, **kw):
+            return torch.zeros_like(x) + self.anchor
+
+    sched = make_training_scheduler()
+    x0 = torch.rand(64, 2, 4, 4) * 2 - 1
+    cond = Condition()
+    weighted = training_loss(Zero(has_ge=False), sched, x0, cond, ModalityDropout(0.0, 0.0),
+                             torch.Generator().manual_seed(3), min_snr_gamma=5.0)  # fmt: skip
+    plain = training_loss(Zero(has_ge=False), sched, x0, cond, ModalityDropout(0.0, 0.0),
+                          torch.Generator().manual_seed(3))  # fmt: skip
+
+    # The same draws by hand: timesteps, then noise; a zero prediction's error is the noise.
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (64,), generator=g).numpy()
+    noise = torch.randn(x0.shape, generator=g).numpy()
+    per_sample = (noise**2).reshape(64, -1).mean(1)
+    alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    assert weighted["loss"].item() == pytest.approx(np.mean(per_sample * np.minimum(snr, 5.0) / snr), rel=1e-4)
+    assert weighted["mse"].item() == pytest.approx(per_sample.mean(), rel=1e-5)
+    assert plain["loss"].item() == pytest.approx(per_sample.mean(), rel=1e-5)
+    # Nearly clean steps (SNR > 5) are down-weighted, noisy ones kept: the weighted loss is smaller.
+    assert (snr > 5).any() and (snr < 5).any()
+    assert weighted["loss"].item() < plain["loss"].item()
 
 
 def test_vlb_term_matches_a_hand_computed_gaussian_kl():

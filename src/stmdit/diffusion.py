@@ -216,8 +216,14 @@ def training_loss(
     dropout: ModalityDropout,
     generator: torch.Generator | None = None,
     vlb_weight: float = 0.0,
+    min_snr_gamma: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Epsilon-MSE (plus ``vlb_weight`` * L_vlb for learned-variance models) on one batch.
+
+    ``min_snr_gamma`` weights each sample's epsilon-MSE by min(SNR_t, gamma) / SNR_t (Min-SNR,
+    Hang et al. 2023): the nearly clean timesteps, whose denoising is easy and whose gradients
+    conflict with the noisy ones, count less, so the global content the noisy steps decide is
+    learned in fewer steps. ``None`` is PixArt's unweighted MSE. ``"mse"`` is always unweighted.
 
     All randomness (timesteps, noise, dropout masks) comes from ``generator`` (a CPU
     generator), so a step is reproducible from its seed alone: this is what makes resume exact.
@@ -242,9 +248,14 @@ def training_loss(
     )
     c = x0.shape[1]
     eps = out[:, :c]
-    mse = torch.mean((eps.float() - noise.float()) ** 2)
+    per_sample = ((eps.float() - noise.float()) ** 2).flatten(1).mean(1)
+    mse = per_sample.mean()
     losses = {"mse": mse}
     loss = mse
+    if min_snr_gamma is not None:
+        alpha_bar = scheduler.alphas_cumprod.to(x0.device)[t]
+        snr = alpha_bar / (1 - alpha_bar)
+        loss = (per_sample * snr.clamp(max=min_snr_gamma) / snr).mean()
     if model_learns_variance(model) and vlb_weight > 0:
         vlb = variational_bound_term(scheduler, x0.float(), xt.float(), t, eps.float(), out[:, c:]).mean()
         losses["vlb"] = vlb

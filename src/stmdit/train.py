@@ -205,6 +205,8 @@ class TrainConfig(ConfigModel):
     p_drop_morphology: Probability = 0.1
     p_drop_ge: Probability = 0.1
     vlb_weight: NonNegativeFloat = 0.0
+    # Min-SNR loss weighting (stmdit.diffusion.training_loss); None: PixArt's plain epsilon-MSE.
+    min_snr_gamma: PositiveFloat | None = None
     checkpoint_every: Count = 500
     keep_checkpoints: Count = 3
     sample_every: NonNegativeInt = 0
@@ -581,6 +583,7 @@ class Trainer:
                             dropout,
                             gen,
                             cfg.vlb_weight,
+                            cfg.min_snr_gamma,
                         )
                     accelerator.backward(out["loss"])
                     if cfg.grad_clip > 0:
