@@ -34,6 +34,16 @@ def test_quick_demo_writes_every_promised_file(tmp_path):
     with Image.open(tmp_path / "samples_grid.png") as grid:
         assert grid.size[0] > 400
 
+    # --train-seed retrains and redraws on the same data with the same judges.
+    other = tmp_path / "train_seed_1"
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(other), "--train-seed", "1"])
+    assert result.exit_code == 0, result.output
+    again = json.loads((other / "metrics.json").read_text())
+    assert again["real_tiles"] == metrics["real_tiles"]
+    assert again["settings"]["train_seed"] == 1 and again["protocol"]["noise_seed"] == 2
+    assert metrics["settings"]["train_seed"] is None and metrics["protocol"]["noise_seed"] == 1
+    assert again["ge_only"]["composition_mae"] != metrics["ge_only"]["composition_mae"]
+
 
 def test_saturated_fraction_counts_pixels_with_any_channel_at_the_gamut_edge():
     from stmdit.demo import saturated_fraction

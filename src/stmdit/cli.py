@@ -135,10 +135,11 @@ def demo(
         Path, typer.Option("--out", help="Folder for grids, curves, checkpoints and metrics.json")
     ] = Path("outputs/demo"),
     quick: Annotated[bool, typer.Option(help="Seconds-long smoke run of the same code path")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for simulation, training and sampling")] = 0,
-    # The demo's tiny model is overhead-bound: bf16 does not speed its training on a bf16 CPU
-    # (bench/cpu_precision.py), so the demo stays in fp32, which reproduces the README's table.
-    precision: PrecisionOption = "fp32",
+    seed: Annotated[int, typer.Option(help="Seed for the simulated data and the evaluators")] = 0,
+    train_seed: Annotated[
+        int | None, typer.Option(help="Seed for training and sampling noise (default: --seed)")
+    ] = None,
+    precision: PrecisionOption = "auto",
     verbose: Verbose = False,
 ) -> None:
     """Simulate tissue, train a GE-conditioned STMDiT and a no-GE baseline, and compare them."""
@@ -147,6 +148,7 @@ def demo(
     _setup_logging(verbose)
     settings = DemoSettings.quick() if quick else DemoSettings()
     settings.seed = seed
+    settings.train_seed = train_seed
     _use_precision(ctx, precision)
     settings.precision = precision
     metrics = run_demo(out, settings)

@@ -43,31 +43,36 @@ class DemoSettings:
 
     n_sections: int = 6
     grid: int = 24
-    # 16 px tiles with 2 px patches (64 tokens): what a DiT learns in two CPU minutes. At 32 px
-    # the same budget needs 4 px patches and leaves visible patch seams and speckle.
-    tile_size: int = 16
+    # 32 px tiles (the same tissue width as ever, so nuclei are a few pixels across) with 4 px
+    # patches: 64 tokens, as few as a DiT learns in a few CPU minutes.
+    tile_size: int = 32
     n_genes: int = 128
     # The central eval_block x eval_block spots of the held-out section: a contiguous patch, so
     # evaluated spots have their neighbours, which the expression predictor reads too.
     eval_block: int = 12
-    train_steps: int = 700
+    train_steps: int = 400
     batch_size: int = 64
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant_with_warmup"
+    # Width 256 in bf16 learns more per CPU minute than width 128 in fp32 (bench/RESULTS.md).
     model: dict = dataclasses.field(
         default_factory=lambda: {
             "preset": "tiny",
-            "hidden_size": 128,
+            "hidden_size": 256,
             "depth": 4,
             "num_heads": 4,
-            "patch_size": 2,
+            "patch_size": 4,
         }
     )
+    # Min-SNR weighting: the noisy timesteps, where what a tile shows is decided, count fully.
+    min_snr_gamma: float | None = 5.0
     # GE-only generation is the demo's headline, so morphology is dropped more often than
     # PixCell's 0.1 to give the (no morphology, GE) conditional enough training signal.
     p_drop_morphology: float = 0.5
     p_drop_ge: float = 0.1
     guidance_morph: float = 2.5
-    guidance_ge: float = 2.5
+    # Chosen from a sweep of GE-only composition against guidance (bench/RESULTS.md).
+    guidance_ge: float = 8.0
     sample_steps: int = 20
     estimator_epochs: int = 8
     # UNI-2h when its weights are on this machine and a GPU is present, else stain features.
@@ -79,11 +84,15 @@ class DemoSettings:
     predictor_model: dict = dataclasses.field(
         default_factory=lambda: {"hidden_dim": 256, "n_phi": 3, "n_rho": 3}
     )
-    # Transformer compute precision for training and sampling (stmdit.precision). fp32: the
-    # tiny demo model gains nothing from bf16 on a CPU (it is overhead-bound, bench/RESULTS.md);
-    # "auto" or "bf16" opt in (weights, EMA, losses and schedulers stay fp32 either way).
-    precision: str = "fp32"
+    # Transformer compute precision for training and sampling (stmdit.precision): "auto" is
+    # bf16 on a CPU or GPU with bf16 units, else fp32 (weights, EMA, losses and schedulers stay
+    # fp32 either way).
+    precision: str = "auto"
+    # seed: the simulated data and the judges (composition estimator, expression predictor).
+    # train_seed (None: seed): the two models' training and the sampling noise, so runs that
+    # differ only in it measure the spread of training on the same data with the same judges.
     seed: int = 0
+    train_seed: int | None = None
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -91,6 +100,7 @@ class DemoSettings:
         return cls(
             n_sections=2,
             grid=8,
+            tile_size=16,
             n_genes=32,
             eval_block=4,
             train_steps=6,
@@ -110,6 +120,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     torch.manual_seed(s.seed)
+    train_seed = s.seed if s.train_seed is None else s.train_seed
 
     data = prepare_synthetic(
         n_sections=s.n_sections,
@@ -122,12 +133,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     adata, tiles = data.adata, data.tiles
     composition = np.asarray(adata.obsm["composition"])
     train_idx = data.train_index
-    held = adata.obs.iloc[data.held_out_index]
-    lo = max(0, (s.grid - s.eval_block) // 2)
-    in_block = held["array_row"].between(lo, lo + s.eval_block - 1) & held["array_col"].between(
-        lo, lo + s.eval_block - 1
-    )
-    eval_idx = data.held_out_index[in_block.to_numpy()]
+    eval_idx = eval_block_index(data, s)
     eval_set = data.val.subset(np.searchsorted(data.held_out_index, eval_idx))
 
     runs = {}
@@ -147,8 +153,10 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
             max_steps=s.train_steps,
             batch_size=s.batch_size,
             learning_rate=s.learning_rate,
+            lr_schedule=s.lr_schedule,
             warmup_steps=max(1, s.train_steps // 14),
             ema_decay=0.99,
+            min_snr_gamma=s.min_snr_gamma,
             p_drop_morphology=s.p_drop_morphology,
             p_drop_ge=s.p_drop_ge,
             checkpoint_every=max(1, s.train_steps // 2),
@@ -157,7 +165,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
             guidance_ge=s.guidance_ge,
             sample_steps=s.sample_steps,
             mixed_precision=mixed_precision_setting(s.precision),
-            seed=s.seed,
+            seed=train_seed,
         )
         trainer = Trainer(
             cfg,
@@ -193,7 +201,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
             guidance_morph=s.guidance_morph,
             guidance_ge=s.guidance_ge,
             num_inference_steps=s.sample_steps,
-            generator=torch.Generator().manual_seed(s.seed + 1),
+            generator=torch.Generator().manual_seed(train_seed + 1),
             output_type="pt",
             progress=progress,
             precision=s.precision,
@@ -230,7 +238,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
         "sampler": f"{type(pipes['ge'].scheduler).__name__} {s.sample_steps} steps, "
         f"dual guidance s_m={s.guidance_morph}, s_g={s.guidance_ge}",
         "saturated_fraction": "fraction of pixels with any channel at 0 or 255 in the 8-bit tile (out of gamut)",
-        "noise_seed": s.seed + 1,
+        "noise_seed": train_seed + 1,
         "ge_encoder": describe(data.ge_encoder) + ": highly variable genes, log1p CP10k, standardised",
         "morphology_encoder": describe(data.morphology_encoder),
         "models": {
@@ -272,6 +280,15 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     with atomic_path(out / "data" / "simulated_held_out.h5ad") as tmp:
         held_out.write_h5ad(tmp)
     return metrics
+
+
+def eval_block_index(data, s: DemoSettings) -> np.ndarray:
+    """Rows of the central ``eval_block`` x ``eval_block`` spots of the held-out section."""
+    held = data.adata.obs.iloc[data.held_out_index]
+    lo = max(0, (s.grid - s.eval_block) // 2)
+    rows, cols = held["array_row"], held["array_col"]
+    in_block = rows.between(lo, lo + s.eval_block - 1) & cols.between(lo, lo + s.eval_block - 1)
+    return data.held_out_index[in_block.to_numpy()]
 
 
 def saturated_fraction(images) -> float:
