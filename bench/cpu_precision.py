@@ -150,7 +150,7 @@ def loss_curves(s: DemoSettings, steps: int, out: Path) -> dict[str, list[float]
                               batch_size=s.batch_size, learning_rate=s.learning_rate,
                               warmup_steps=max(1, s.train_steps // 14), ema_decay=0.99,
                               p_drop_morphology=s.p_drop_morphology, p_drop_ge=s.p_drop_ge,
-                              checkpoint_every=steps, keep_checkpoints=1, mixed_precision=mp, seed=s.seed)  # fmt: skip
+                              min_snr_gamma=s.min_snr_gamma, checkpoint_every=steps, keep_checkpoints=1, mixed_precision=mp, seed=s.seed)  # fmt: skip
             start = time.perf_counter()
             result = Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
                              resume=False, progress=False).run()  # fmt: skip

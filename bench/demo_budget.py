@@ -1,0 +1,153 @@
+"""What the demo's GE model learns per CPU minute: training variants side by side at 32 px.
+
+    python bench/demo_budget.py [--variants base minsnr ...] [--guidance 2.5 4 6 8]
+                                [--out bench/out/demo_budget]
+
+Each variant trains the demo's GE model (``stmdit.demo.DemoSettings`` with the variant's
+overrides) on the demo's simulated data, then draws the central held-out block from
+expression alone at each guidance scale, and from nothing, and scores each with the demo's
+composition estimator (per cell type Pearson r between the conditioning composition and the
+one estimated from the tile, mean over types). The real tiles' score is the ceiling. Prints one
+table row per variant with the training time, and writes a grid of tiles per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import machine
+from stmdit.data.sources import prepare_synthetic
+from stmdit.demo import DemoSettings, eval_block_index, saturated_fraction
+from stmdit.evaluate.composition import composition_agreement, fit_composition_estimator
+from stmdit.pipeline import STMDiTPipeline
+from stmdit.plotting import save_tile_grid
+from stmdit.precision import mixed_precision_setting
+from stmdit.train import TrainConfig, Trainer
+
+_W128 = {"preset": "tiny", "hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 4}
+# The variants measured for the demo's choice (bench/RESULTS.md); "demo" is today's default.
+VARIANTS: dict[str, dict] = {
+    "base": {"model": _W128, "train_steps": 700, "min_snr_gamma": None, "precision": "fp32"},
+    "batch32": {
+        "model": _W128,
+        "train_steps": 1400,
+        "batch_size": 32,
+        "min_snr_gamma": 5.0,
+        "precision": "fp32",
+    },
+    "minsnr": {"model": _W128, "train_steps": 700, "min_snr_gamma": 5.0, "precision": "fp32"},
+    "minsnr_lr2e-3": {
+        "model": _W128,
+        "train_steps": 700,
+        "min_snr_gamma": 5.0,
+        "learning_rate": 2e-3,
+        "precision": "fp32",
+    },  # fmt: skip
+    "demo": {},
+    "demo_500_steps": {"train_steps": 500},
+    "demo_p_drop_ge_0.2": {"p_drop_ge": 0.2},
+    "demo_sample_50_steps": {"sample_steps": 50},
+    "demo_train_seed_1": {"train_seed": 1},
+    "demo_cosine": {"lr_schedule": "cosine"},
+    "demo_cosine_train_seed_1": {"lr_schedule": "cosine", "train_seed": 1},
+}
+
+
+def _train_seed(s: DemoSettings) -> int:
+    return s.seed if s.train_seed is None else s.train_seed
+
+
+def train_variant(s: DemoSettings, data, out: Path) -> tuple[STMDiTPipeline, float]:
+    cfg = TrainConfig(
+        output_dir=str(out),
+        data={"source": "synthetic"},
+        model={**s.model, "ge_injection": "adaln+xattn"},
+        max_steps=s.train_steps,
+        batch_size=s.batch_size,
+        learning_rate=s.learning_rate,
+        lr_schedule=s.lr_schedule,
+        warmup_steps=max(1, s.train_steps // 14),
+        ema_decay=0.99,
+        p_drop_morphology=s.p_drop_morphology,
+        p_drop_ge=s.p_drop_ge,
+        min_snr_gamma=s.min_snr_gamma,
+        checkpoint_every=s.train_steps,
+        keep_checkpoints=1,
+        mixed_precision=mixed_precision_setting(s.precision),
+        seed=_train_seed(s),
+    )
+    start = time.perf_counter()
+    run = Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
+                  resume=False, progress=False).run()  # fmt: skip
+    return STMDiTPipeline.from_pretrained(run.pipeline_dir), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--guidance", nargs="*", type=float, default=[2.5, 4.0, 6.0, 8.0])
+    parser.add_argument("--out", type=Path, default=Path("bench/out/demo_budget"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = DemoSettings()
+    print(f"# {datetime.date.today()} | {machine()} | load {os.getloadavg()}")
+    data = prepare_synthetic(n_sections=base.n_sections, grid=base.grid, tile_size=base.tile_size,
+                             n_genes=base.n_genes, seed=base.seed, morphology_encoder=base.morphology_encoder)  # fmt: skip
+    eval_idx = eval_block_index(data, base)
+    composition = np.asarray(data.adata.obsm["composition"])
+    estimator = fit_composition_estimator(data.tiles[data.train_index], composition[data.train_index],
+                                          epochs=base.estimator_epochs, seed=base.seed, progress=False)  # fmt: skip
+    true, real = composition[eval_idx], data.tiles[eval_idx]
+
+    def score(images) -> float:
+        return composition_agreement(true, estimator.predict(images))["composition_corr"]
+
+    ceiling = score(real)
+    print(f"real tiles (ceiling): {ceiling:.3f}; saturated fraction {saturated_fraction(real):.4f}")
+    header = (
+        ["variant", "train (s)"]
+        + [f"GE-only @ {g:g}" for g in args.guidance]
+        + ["unconditional", "saturated @ max"]
+    )
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    rows = []
+    for name in args.variants:
+        s = dataclasses.replace(base, **VARIANTS[name])
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe, seconds = train_variant(s, data, Path(tmp))
+            draws = {}
+            for g in args.guidance:
+                draws[g] = pipe(expression=data.adata[eval_idx], guidance_ge=g, num_inference_steps=s.sample_steps,
+                                generator=torch.Generator().manual_seed(_train_seed(s) + 1), output_type="pt",
+                                progress=False, precision=s.precision).images  # fmt: skip
+            nothing = pipe(num_images=len(eval_idx), num_inference_steps=s.sample_steps,
+                           generator=torch.Generator().manual_seed(_train_seed(s) + 1), output_type="pt",
+                           progress=False, precision=s.precision).images  # fmt: skip
+        row = {"variant": name, "train_seconds": round(seconds, 1), "settings": VARIANTS[name],
+               **{f"ge_only@{g:g}": round(score(im), 3) for g, im in draws.items()},
+               "unconditional": round(score(nothing), 3), "ceiling": round(ceiling, 3),
+               "saturated_at_max": round(saturated_fraction(draws[max(draws)]), 4)}  # fmt: skip
+        rows.append(row)
+        cells = [name, f"{seconds:.0f}"] + [f"{row[f'ge_only@{g:g}']:.3f}" for g in args.guidance]
+        print("| " + " | ".join(cells + [f"{row['unconditional']:.3f}", f"{row['saturated_at_max']:.4f}"]) + " |",
+              flush=True)  # fmt: skip
+        show = np.concatenate([np.flatnonzero(true.argmax(1) == k)[:2] for k in range(true.shape[1])])
+        save_tile_grid([("real", real[show])] + [(f"ge {g:g}", im[show]) for g, im in draws.items()],
+                       args.out / f"{name}.png")  # fmt: skip
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
