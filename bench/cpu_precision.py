@@ -138,19 +138,16 @@ def loss_curves(s: DemoSettings, steps: int, out: Path) -> dict[str, list[float]
     """The demo's GE model trained ``steps`` steps on the demo's data, once per precision."""
     from stmdit.data.sources import prepare_synthetic
     from stmdit.plotting import save_loss_curves
-    from stmdit.train import TrainConfig, Trainer
+    from stmdit.train import Trainer
 
     data = prepare_synthetic(n_sections=s.n_sections, grid=s.grid, tile_size=s.tile_size, n_genes=s.n_genes,
                              seed=s.seed, morphology_encoder=s.morphology_encoder)  # fmt: skip
     curves, seconds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for mp in ("no", "bf16"):
-            cfg = TrainConfig(output_dir=f"{tmp}/{mp}", data={"source": "synthetic"},
-                              model={**s.model, "ge_injection": "adaln+xattn"}, max_steps=steps,
-                              batch_size=s.batch_size, learning_rate=s.learning_rate,
-                              warmup_steps=max(1, s.train_steps // 14), ema_decay=0.99,
-                              p_drop_morphology=s.p_drop_morphology, p_drop_ge=s.p_drop_ge,
-                              min_snr_gamma=s.min_snr_gamma, checkpoint_every=steps, keep_checkpoints=1, mixed_precision=mp, seed=s.seed)  # fmt: skip
+            cfg = s.train_config(f"{tmp}/{mp}").model_copy(
+                update={"max_steps": steps, "checkpoint_every": steps, "mixed_precision": mp}
+            )
             start = time.perf_counter()
             result = Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
                              resume=False, progress=False).run()  # fmt: skip

@@ -31,8 +31,7 @@ from stmdit.demo import DemoSettings, eval_block_index, saturated_fraction
 from stmdit.evaluate.composition import composition_agreement, fit_composition_estimator
 from stmdit.pipeline import STMDiTPipeline
 from stmdit.plotting import save_tile_grid
-from stmdit.precision import mixed_precision_setting
-from stmdit.train import TrainConfig, Trainer
+from stmdit.train import Trainer
 
 _W128 = {"preset": "tiny", "hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 4}
 # The variants measured for the demo's choice (bench/RESULTS.md); "demo" is today's default.
@@ -63,29 +62,8 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def _train_seed(s: DemoSettings) -> int:
-    return s.seed if s.train_seed is None else s.train_seed
-
-
 def train_variant(s: DemoSettings, data, out: Path) -> tuple[STMDiTPipeline, float]:
-    cfg = TrainConfig(
-        output_dir=str(out),
-        data={"source": "synthetic"},
-        model={**s.model, "ge_injection": "adaln+xattn"},
-        max_steps=s.train_steps,
-        batch_size=s.batch_size,
-        learning_rate=s.learning_rate,
-        lr_schedule=s.lr_schedule,
-        warmup_steps=max(1, s.train_steps // 14),
-        ema_decay=0.99,
-        p_drop_morphology=s.p_drop_morphology,
-        p_drop_ge=s.p_drop_ge,
-        min_snr_gamma=s.min_snr_gamma,
-        checkpoint_every=s.train_steps,
-        keep_checkpoints=1,
-        mixed_precision=mixed_precision_setting(s.precision),
-        seed=_train_seed(s),
-    )
+    cfg = s.train_config(out)
     start = time.perf_counter()
     run = Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
                   resume=False, progress=False).run()  # fmt: skip
@@ -130,10 +108,10 @@ def main() -> None:
             draws = {}
             for g in args.guidance:
                 draws[g] = pipe(expression=data.adata[eval_idx], guidance_ge=g, num_inference_steps=s.sample_steps,
-                                generator=torch.Generator().manual_seed(_train_seed(s) + 1), output_type="pt",
+                                generator=torch.Generator().manual_seed(s.training_seed + 1), output_type="pt",
                                 progress=False, precision=s.precision).images  # fmt: skip
             nothing = pipe(num_images=len(eval_idx), num_inference_steps=s.sample_steps,
-                           generator=torch.Generator().manual_seed(_train_seed(s) + 1), output_type="pt",
+                           generator=torch.Generator().manual_seed(s.training_seed + 1), output_type="pt",
                            progress=False, precision=s.precision).images  # fmt: skip
         row = {"variant": name, "train_seconds": round(seconds, 1), "settings": VARIANTS[name],
                **{f"ge_only@{g:g}": round(score(im), 3) for g, im in draws.items()},

@@ -94,6 +94,42 @@ class DemoSettings:
     seed: int = 0
     train_seed: int | None = None
 
+    @property
+    def training_seed(self) -> int:
+        return self.seed if self.train_seed is None else self.train_seed
+
+    def train_config(self, output_dir: str | Path, ge_injection: str = "adaln+xattn") -> TrainConfig:
+        """The training config of the GE model (or, with ``ge_injection="none"``, the baseline)."""
+        return TrainConfig(
+            output_dir=str(output_dir),
+            data={
+                "source": "synthetic",
+                "n_sections": self.n_sections,
+                "grid": self.grid,
+                "tile_size": self.tile_size,
+                "n_genes": self.n_genes,
+                "seed": self.seed,
+                "morphology_encoder": self.morphology_encoder,
+            },
+            model={**self.model, "ge_injection": ge_injection},
+            max_steps=self.train_steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            lr_schedule=self.lr_schedule,
+            warmup_steps=max(1, self.train_steps // 14),
+            ema_decay=0.99,
+            min_snr_gamma=self.min_snr_gamma,
+            p_drop_morphology=self.p_drop_morphology,
+            p_drop_ge=self.p_drop_ge,
+            checkpoint_every=max(1, self.train_steps // 2),
+            keep_checkpoints=1,
+            guidance_morph=self.guidance_morph,
+            guidance_ge=self.guidance_ge,
+            sample_steps=self.sample_steps,
+            mixed_precision=mixed_precision_setting(self.precision),
+            seed=self.training_seed,
+        )
+
     @classmethod
     def quick(cls) -> DemoSettings:
         """A seconds-long version for tests: the same code path, nothing learned to speak of."""
@@ -120,7 +156,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     torch.manual_seed(s.seed)
-    train_seed = s.seed if s.train_seed is None else s.train_seed
+    train_seed = s.training_seed
 
     data = prepare_synthetic(
         n_sections=s.n_sections,
@@ -138,35 +174,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
 
     runs = {}
     for name, injection in (("ge", "adaln+xattn"), ("no_ge", "none")):
-        cfg = TrainConfig(
-            output_dir=str(out / "runs" / name),
-            data={
-                "source": "synthetic",
-                "n_sections": s.n_sections,
-                "grid": s.grid,
-                "tile_size": s.tile_size,
-                "n_genes": s.n_genes,
-                "seed": s.seed,
-                "morphology_encoder": s.morphology_encoder,
-            },
-            model={**s.model, "ge_injection": injection},
-            max_steps=s.train_steps,
-            batch_size=s.batch_size,
-            learning_rate=s.learning_rate,
-            lr_schedule=s.lr_schedule,
-            warmup_steps=max(1, s.train_steps // 14),
-            ema_decay=0.99,
-            min_snr_gamma=s.min_snr_gamma,
-            p_drop_morphology=s.p_drop_morphology,
-            p_drop_ge=s.p_drop_ge,
-            checkpoint_every=max(1, s.train_steps // 2),
-            keep_checkpoints=1,
-            guidance_morph=s.guidance_morph,
-            guidance_ge=s.guidance_ge,
-            sample_steps=s.sample_steps,
-            mixed_precision=mixed_precision_setting(s.precision),
-            seed=train_seed,
-        )
+        cfg = s.train_config(out / "runs" / name, injection)
         trainer = Trainer(
             cfg,
             data.train,
