@@ -35,6 +35,7 @@ from stmdit.diffusion import (
     Condition,
     ModalityDropout,
     guided_prediction,
+    loss_name,
     make_training_scheduler,
     training_loss,
 )
@@ -153,7 +154,8 @@ def loss_curves(s: DemoSettings, steps: int, out: Path) -> dict[str, list[float]
                              resume=False, progress=False).run()  # fmt: skip
             seconds[mp] = time.perf_counter() - start
             curves["fp32" if mp == "no" else "bf16"] = [loss for _, loss in result.losses]
-    save_loss_curves({k: list(enumerate(v)) for k, v in curves.items()}, out / "loss_curves.png")
+    save_loss_curves({k: list(enumerate(v)) for k, v in curves.items()}, out / "loss_curves.png",
+                     ylabel=loss_name(s.min_snr_gamma))  # fmt: skip
     (out / "loss_curves.json").write_text(json.dumps({"losses": curves, "train_seconds": seconds}))
     return {"curves": curves, "seconds": seconds}
 

@@ -11,6 +11,7 @@ from stmdit.diffusion import (
     ModalityDropout,
     guidance_branches,
     guided_prediction,
+    loss_name,
     make_sampling_scheduler,
     make_training_scheduler,
     sample,
@@ -206,12 +207,15 @@ def test_min_snr_weighting_matches_the_formula_by_hand():
     per_sample = (noise**2).reshape(64, -1).mean(1)
     alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t]
     snr = alpha_bar / (1 - alpha_bar)
-    assert weighted["loss"].item() == pytest.approx(np.mean(per_sample * np.minimum(snr, 5.0) / snr), rel=1e-4)
+    assert weighted["loss"].item() == pytest.approx(
+        np.mean(per_sample * np.minimum(snr, 5.0) / snr), rel=1e-4
+    )
     assert weighted["mse"].item() == pytest.approx(per_sample.mean(), rel=1e-5)
     assert plain["loss"].item() == pytest.approx(per_sample.mean(), rel=1e-5)
     # Nearly clean steps (SNR > 5) are down-weighted, noisy ones kept: the weighted loss is smaller.
     assert (snr > 5).any() and (snr < 5).any()
     assert weighted["loss"].item() < plain["loss"].item()
+    assert "Min-SNR" in loss_name(5.0) and "Min-SNR" not in loss_name(None)  # what the plots call it
 
 
 def test_vlb_term_matches_a_hand_computed_gaussian_kl():

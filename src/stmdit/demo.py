@@ -25,6 +25,7 @@ import torch
 
 from stmdit.data.sources import prepare_synthetic
 from stmdit.data.synthetic import CELL_TYPES
+from stmdit.diffusion import loss_name
 from stmdit.encoders.factory import describe
 from stmdit.evaluate.composition import composition_agreement, fit_composition_estimator
 from stmdit.io import atomic_path, write_json
@@ -278,6 +279,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     save_loss_curves(
         {"GE (adaLN + xattn)": runs["ge"].losses, "no-GE baseline": runs["no_ge"].losses},
         out / "loss_curves.png",
+        ylabel=loss_name(s.min_snr_gamma),
     )
     _save_composition_scatter(
         true, {k: estimator.predict(v) for k, v in generated.items()}, out / "composition_scatter.png"

@@ -264,6 +264,13 @@ def training_loss(
     return losses
 
 
+def loss_name(min_snr_gamma: float | None = None) -> str:
+    """What :func:`training_loss` returns as ``"loss"`` (for plot axes)."""
+    if min_snr_gamma is None:
+        return "training loss (epsilon MSE)"
+    return f"training loss (Min-SNR-weighted epsilon MSE, gamma {min_snr_gamma:g})"
+
+
 def _config(model) -> dict:
     # Works on a bare STMDiT and on one wrapped by DDP / accelerate.
     return getattr(model, "module", model).config

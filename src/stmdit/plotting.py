@@ -58,7 +58,10 @@ def save_tile_grid(
 
 
 def save_loss_curves(
-    curves: dict[str, Sequence[tuple[int, float]]], path: str | os.PathLike, smooth: int = 20
+    curves: dict[str, Sequence[tuple[int, float]]],
+    path: str | os.PathLike,
+    smooth: int = 20,
+    ylabel: str = "training loss (epsilon MSE)",
 ) -> None:
     """Training loss against step for each named run, raw (faint) and moving average."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -79,7 +82,7 @@ def save_loss_curves(
             line.set_alpha(1.0)
             line.set_label(name)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (epsilon MSE)")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
