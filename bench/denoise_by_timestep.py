@@ -3,9 +3,10 @@
     python bench/denoise_by_timestep.py outputs/demo/runs/ge/pipeline [--spots 64]
 
 Noises held-out tiles of the demo's simulated data to timestep t, asks the transformer for the
-noise given each spot's expression (morphology dropped), and prints per t: the epsilon-MSE,
-the noise a perfect prediction would remove (std of the x0 error if the prediction were 0,
-in 8-bit grey levels) and the x0 error left, and the fraction removed. The last row of a
+noise (or v, as it was trained) given each spot's expression (morphology dropped), and prints
+per t: the epsilon-MSE of the noise that prediction implies, the noise a perfect prediction
+would remove (std of the x0 error if the implied noise were 0, in 8-bit grey levels) and the
+x0 error left, and the fraction removed. The last row of a
 sampler's schedule shows how much noise its final step leaves in the tile.
 """
 
@@ -19,7 +20,7 @@ import torch
 from common import machine
 from stmdit.data.sources import prepare_synthetic
 from stmdit.demo import DemoSettings
-from stmdit.diffusion import make_training_scheduler
+from stmdit.diffusion import epsilon_from_prediction, make_training_scheduler
 from stmdit.pipeline import STMDiTPipeline
 
 TIMESTEPS = (10, 30, 50, 100, 200, 400, 600, 800, 950)
@@ -32,7 +33,8 @@ def main() -> None:
     parser.add_argument("pipeline")
     parser.add_argument("--spots", type=int, default=64)
     args = parser.parse_args()
-    model = STMDiTPipeline.from_pretrained(args.pipeline).transformer.eval()
+    pipe = STMDiTPipeline.from_pretrained(args.pipeline)
+    model = pipe.transformer.eval()
     s = DemoSettings()
     data = prepare_synthetic(n_sections=s.n_sections, grid=s.grid, tile_size=model.config.sample_size,
                              n_genes=s.n_genes, seed=s.seed, morphology_encoder=s.morphology_encoder)  # fmt: skip
@@ -40,7 +42,7 @@ def main() -> None:
     x0 = torch.stack([torch.as_tensor(it["latents"]) for it in items]).float()
     ge = torch.stack([torch.as_tensor(it["ge"]) for it in items]).float()
     keep = torch.zeros(args.spots, dtype=torch.bool)
-    scheduler = make_training_scheduler()
+    scheduler = make_training_scheduler(prediction_type=pipe.scheduler.config.prediction_type)
     generator = torch.Generator().manual_seed(0)
     print(f"# {datetime.date.today()} | {machine()} | {args.pipeline}")
     print(
@@ -51,7 +53,8 @@ def main() -> None:
         noise = torch.randn(x0.shape, generator=generator)
         noisy = scheduler.add_noise(x0, noise, steps)
         with torch.no_grad():
-            eps = model(noisy, steps, ge=ge, drop_ge=keep, drop_morphology=~keep)[:, : x0.shape[1]]
+            pred = model(noisy, steps, ge=ge, drop_ge=keep, drop_morphology=~keep)[:, : x0.shape[1]]
+        eps = epsilon_from_prediction(scheduler, pred, noisy, steps)
         alpha_bar = scheduler.alphas_cumprod[t]
         x0_hat = (noisy - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
         left = float(((x0_hat.clamp(-1, 1) - x0) ** 2).mean().sqrt()) * 127.5

@@ -9,6 +9,7 @@ from stmdit import STMDiT
 from stmdit.diffusion import (
     Condition,
     ModalityDropout,
+    epsilon_from_prediction,
     guidance_branches,
     guided_prediction,
     loss_name,
@@ -216,6 +217,57 @@ def test_min_snr_weighting_matches_the_formula_by_hand():
     assert (snr > 5).any() and (snr < 5).any()
     assert weighted["loss"].item() < plain["loss"].item()
     assert "Min-SNR" in loss_name(5.0) and "Min-SNR" not in loss_name(None)  # what the plots call it
+
+
+def test_v_prediction_target_and_min_snr_weight_match_the_formulas_by_hand():
+    class Zero(StubDenoiser):
+        def forward(self, x, t, **kw):
+            return torch.zeros_like(x) + self.anchor
+
+    sched = make_training_scheduler(prediction_type="v_prediction")
+    x0 = torch.rand(64, 2, 4, 4) * 2 - 1
+    out = training_loss(Zero(has_ge=False), sched, x0, Condition(), ModalityDropout(0.0, 0.0),
+                        torch.Generator().manual_seed(3), min_snr_gamma=5.0)  # fmt: skip
+
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (64,), generator=g).numpy()
+    noise = torch.randn(x0.shape, generator=g).numpy()
+    alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t].reshape(-1, 1, 1, 1)
+    v = np.sqrt(alpha_bar) * noise - np.sqrt(1 - alpha_bar) * x0.numpy()  # a zero prediction's error
+    per_sample = (v**2).reshape(64, -1).mean(1)
+    snr = (alpha_bar / (1 - alpha_bar)).ravel()
+    assert out["mse"].item() == pytest.approx(per_sample.mean(), rel=1e-4)
+    assert out["loss"].item() == pytest.approx(
+        np.mean(per_sample * np.minimum(snr, 5.0) / (snr + 1)), rel=1e-4
+    )
+    # The weight is Min-SNR's epsilon weight carried over: v error = epsilon error / sqrt(abar).
+    xt = np.sqrt(alpha_bar) * x0.numpy() + np.sqrt(1 - alpha_bar) * noise
+    eps = epsilon_from_prediction(sched, torch.from_numpy(v).float(), torch.from_numpy(xt).float(),
+                                  torch.from_numpy(t))  # fmt: skip
+    assert torch.allclose(eps, torch.from_numpy(noise).float(), atol=1e-5)
+    assert "v MSE" in loss_name(5.0, "v_prediction")
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        make_training_scheduler(prediction_type="sample")
+
+
+def test_v_prediction_model_learns_and_its_samplers_read_v():
+    torch.manual_seed(0)
+    model = tiny_model()
+    sched = make_training_scheduler(prediction_type="v_prediction")
+    x0 = torch.rand(8, 3, 8, 8) * 2 - 1
+    cond = Condition(morphology=torch.randn(8, 6), ge=torch.randn(8, 5))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(150):
+        g = torch.Generator().manual_seed(step % 4)
+        loss = training_loss(model, sched, x0, cond, ModalityDropout(0.1, 0.1), g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    for pixel_space in (False, True):
+        assert make_sampling_scheduler(sched, pixel_space).config.prediction_type == "v_prediction"
 
 
 def test_vlb_term_matches_a_hand_computed_gaussian_kl():

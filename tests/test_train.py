@@ -15,6 +15,7 @@ from stmdit.train import (
     Trainer,
     TrainingInterrupted,
     find_checkpoints,
+    make_ema,
 )
 
 
@@ -151,6 +152,26 @@ def test_stop_request_writes_a_checkpoint_and_resumes(tmp_path):
 def test_bf16_mixed_precision_trains(tmp_path):
     result = Trainer(config(tmp_path, max_steps=3, mixed_precision="bf16"), dataset(), progress=False).run()
     assert result.final_step == 3 and all(0 < v < 10 for _, v in result.losses)
+
+
+def test_v_prediction_and_ema_power_reach_the_saved_pipeline(tmp_path):
+    cfg = config(tmp_path, max_steps=2, prediction_type="v_prediction", ema_power=0.75)
+    Trainer(cfg, dataset(), progress=False).run()
+    saved = json.loads(
+        (Path(cfg.output_dir) / "pipeline" / "scheduler" / "scheduler_config.json").read_text()
+    )
+    assert saved["prediction_type"] == "v_prediction"  # so the pipeline samples with v
+
+    # The EMA decay after n optimisation steps (diffusers counts the first update as step 0).
+    def decays(ema):
+        return [ema.get_decay(n + 1) for n in (1, 10, 400, 100_000)]
+
+    weights = [torch.nn.Parameter(torch.zeros(1))]
+    powered = decays(make_ema(weights, cfg))
+    assert powered == pytest.approx([min(0.999, 1 - (1 + n) ** -0.75) for n in (1, 10, 400, 100_000)])
+    default = decays(make_ema(weights, config(tmp_path)))
+    assert default == pytest.approx([min(0.999, (1 + n) / (10 + n)) for n in (1, 10, 400, 100_000)])
+    assert powered[2] > default[2]  # a longer average at the demo's length
 
 
 def test_config_rejects_bad_values_and_unknown_keys(tmp_path):

@@ -1,9 +1,10 @@
 """Training objective and dual-guidance sampling.
 
 Training follows PixArt / PixCell: diffusers' ``DDPMScheduler`` with a linear beta schedule
-over 1000 steps and epsilon prediction. Morphology and gene expression are dropped
-independently (each replaced by its null embedding with its own probability), so one model
-learns the four conditionals needed for dual classifier-free guidance:
+over 1000 steps and epsilon prediction (v prediction, Salimans & Ho 2022, is an option).
+Morphology and gene expression are dropped independently (each replaced by its null embedding
+with its own probability), so one model learns the four conditionals needed for dual
+classifier-free guidance:
 
     eps = eps(0, 0) + s_m * (eps(m, 0) - eps(0, 0)) + s_g * (eps(m, g) - eps(m, 0))
 
@@ -25,6 +26,9 @@ from tqdm.auto import tqdm
 from stmdit import defaults
 from stmdit.model import STMDiT
 from stmdit.precision import autocast
+
+# What the transformer predicts: PixArt's epsilon, or v = sqrt(abar) eps - sqrt(1 - abar) x0.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # PixCell drops its UNI condition with probability 0.1; GE gets the same default.
 DEFAULT_P_DROP_MORPHOLOGY = 0.1
@@ -88,14 +92,19 @@ class Condition:
         return sizes.pop() if sizes else None
 
 
-def make_training_scheduler(num_train_timesteps: int = 1000, learned_variance: bool = False) -> DDPMScheduler:
-    """PixArt's forward process: linear betas 1e-4..0.02, epsilon prediction."""
+def make_training_scheduler(
+    num_train_timesteps: int = 1000, learned_variance: bool = False, prediction_type: str = "epsilon"
+) -> DDPMScheduler:
+    """PixArt's forward process: linear betas 1e-4..0.02, epsilon prediction by default. The
+    samplers built from it (:func:`make_sampling_scheduler`) inherit ``prediction_type``."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule="linear",
         beta_start=1e-4,
         beta_end=0.02,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         variance_type="learned_range" if learned_variance else "fixed_small",
         clip_sample=False,
     )
@@ -108,8 +117,8 @@ def make_sampling_scheduler(
     samples; DDIM with thresholded x0 predictions in pixel space.
 
     Learned-variance channels are split off before the scheduler sees the prediction, so the
-    scheduler is configured for plain epsilon. Pixel-space data live in [-1, 1], so there the
-    x0 predictions are dynamically thresholded to that range (Imagen), and the step must then
+    scheduler is configured for the plain prediction (epsilon or v). Pixel-space data live in
+    [-1, 1], so there the x0 predictions are dynamically thresholded to that range (Imagen), and the step must then
     drop what the threshold clipped. DDIM does: it rebuilds the next sample from the clipped
     x0 and the model's own noise estimate. DPM-Solver++ does not: its data-prediction update
     ``x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^-h) x0`` carries ``x_t``, and with it a
@@ -165,6 +174,18 @@ def _gaussian_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     )
 
 
+def epsilon_from_prediction(
+    scheduler: DDPMScheduler, prediction: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """The epsilon a model's output implies: the output itself under epsilon prediction; under
+    v prediction, from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and v = sqrt(abar) eps -
+    sqrt(1 - abar) x0, eps = sqrt(abar) v + sqrt(1 - abar) x_t."""
+    if scheduler.config.prediction_type == "epsilon":
+        return prediction
+    alpha_bar = scheduler.alphas_cumprod.to(xt.device)[t].float().view(-1, *([1] * (xt.ndim - 1)))
+    return alpha_bar.sqrt() * prediction + (1 - alpha_bar).sqrt() * xt
+
+
 def variational_bound_term(
     scheduler: DDPMScheduler,
     x0: torch.Tensor,
@@ -218,12 +239,15 @@ def training_loss(
     vlb_weight: float = 0.0,
     min_snr_gamma: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Epsilon-MSE (plus ``vlb_weight`` * L_vlb for learned-variance models) on one batch.
+    """The MSE of the scheduler's prediction target, epsilon or v (plus ``vlb_weight`` * L_vlb
+    for learned-variance models), on one batch.
 
     ``min_snr_gamma`` weights each sample's epsilon-MSE by min(SNR_t, gamma) / SNR_t (Min-SNR,
     Hang et al. 2023): the nearly clean timesteps, whose denoising is easy and whose gradients
     conflict with the noisy ones, count less, so the global content the noisy steps decide is
-    learned in fewer steps. ``None`` is PixArt's unweighted MSE. ``"mse"`` is always unweighted.
+    learned in fewer steps. The v error is the epsilon error over sqrt(abar), so on the v-MSE the
+    same weighting is min(SNR_t, gamma) / (SNR_t + 1). ``None`` is PixArt's unweighted MSE.
+    ``"mse"`` is always unweighted.
 
     All randomness (timesteps, noise, dropout masks) comes from ``generator`` (a CPU
     generator), so a step is reproducible from its seed alone: this is what makes resume exact.
@@ -247,28 +271,32 @@ def training_loss(
         **kwargs,
     )
     c = x0.shape[1]
-    eps = out[:, :c]
-    per_sample = ((eps.float() - noise.float()) ** 2).flatten(1).mean(1)
+    pred = out[:, :c]
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(x0, noise, t) if v_prediction else noise
+    per_sample = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
     mse = per_sample.mean()
     losses = {"mse": mse}
     loss = mse
     if min_snr_gamma is not None:
         alpha_bar = scheduler.alphas_cumprod.to(x0.device)[t]
         snr = alpha_bar / (1 - alpha_bar)
-        loss = (per_sample * snr.clamp(max=min_snr_gamma) / snr).mean()
+        loss = (per_sample * snr.clamp(max=min_snr_gamma) / (snr + 1 if v_prediction else snr)).mean()
     if model_learns_variance(model) and vlb_weight > 0:
-        vlb = variational_bound_term(scheduler, x0.float(), xt.float(), t, eps.float(), out[:, c:]).mean()
+        eps = epsilon_from_prediction(scheduler, pred.float(), xt.float(), t)
+        vlb = variational_bound_term(scheduler, x0.float(), xt.float(), t, eps, out[:, c:]).mean()
         losses["vlb"] = vlb
         loss = loss + vlb_weight * vlb
     losses["loss"] = loss
     return losses
 
 
-def loss_name(min_snr_gamma: float | None = None) -> str:
+def loss_name(min_snr_gamma: float | None = None, prediction_type: str = "epsilon") -> str:
     """What :func:`training_loss` returns as ``"loss"`` (for plot axes)."""
+    target = "v" if prediction_type == "v_prediction" else "epsilon"
     if min_snr_gamma is None:
-        return "training loss (epsilon MSE)"
-    return f"training loss (Min-SNR-weighted epsilon MSE, gamma {min_snr_gamma:g})"
+        return f"training loss ({target} MSE)"
+    return f"training loss (Min-SNR-weighted {target} MSE, gamma {min_snr_gamma:g})"
 
 
 def _config(model) -> dict:
@@ -328,7 +356,8 @@ def guided_prediction(
     guidance_ge: float = defaults.GUIDANCE_GE,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """Guided epsilon for a batch of latents, all branches in one forward (in ``precision``)."""
+    """The guided prediction (epsilon or v, as the model was trained) for a batch of latents,
+    all branches in one forward (in ``precision``); guidance is linear, so it applies to either."""
     has_ge_pathway = model_has_ge(model)
     if cond.has_ge and not has_ge_pathway:
         raise ValueError("gene expression was given but the model has ge_injection='none'")
@@ -343,8 +372,8 @@ def guided_prediction(
             drop_ge=drops[:, 1] if has_ge_pathway else None,
             **cond.repeat(n).model_kwargs(),
         )
-    eps = out[:, : x.shape[1]].to(x.dtype)
-    return combine_guidance(list(eps.chunk(n)), branches, guidance_morph, guidance_ge)
+    pred = out[:, : x.shape[1]].to(x.dtype)
+    return combine_guidance(list(pred.chunk(n)), branches, guidance_morph, guidance_ge)
 
 
 def initial_noise(
@@ -446,8 +475,8 @@ def sample(
             and not guidance_ge_interval[0] < noise_level(scheduler, t) <= guidance_ge_interval[1]
         ):
             s_g = 1.0
-        eps = guided_prediction(model, x_in, t, cond, guidance_morph, s_g, precision)
-        x = scheduler.step(eps, t, x).prev_sample
+        pred = guided_prediction(model, x_in, t, cond, guidance_morph, s_g, precision)
+        x = scheduler.step(pred, t, x).prev_sample
     return x
 
 

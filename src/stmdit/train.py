@@ -50,6 +50,7 @@ from stmdit.config import (
 )
 from stmdit.data.features import FeatureDataset, StepBatchSampler, batch_condition, collate_batch
 from stmdit.diffusion import (
+    PREDICTION_TYPES,
     ModalityDropout,
     make_sampling_scheduler,
     make_training_scheduler,
@@ -200,13 +201,21 @@ class TrainConfig(ConfigModel):
     lr_schedule: Literal[tuple(s.value for s in SchedulerType)] = "constant_with_warmup"
     grad_clip: NonNegativeFloat = 1.0
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    # None: diffusers' EMA warm-up, decay min(ema_decay, (1 + step) / (10 + step)), an average
+    # over about the last 10% of the steps. A power p: min(ema_decay, 1 - (1 + step)^-p), a
+    # longer average (p = 3/4, diffusers' advice for short runs: about the last quarter at 400
+    # steps; p = 1 is the plain mean of all steps).
+    ema_power: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     p_drop_morphology: Probability = 0.1
     p_drop_ge: Probability = 0.1
     vlb_weight: NonNegativeFloat = 0.0
-    # Min-SNR loss weighting (stmdit.diffusion.training_loss); None: PixArt's plain epsilon-MSE.
+    # Min-SNR loss weighting (stmdit.diffusion.training_loss); None: PixArt's plain MSE.
     min_snr_gamma: PositiveFloat | None = None
+    # What the transformer predicts: PixArt's epsilon, or v (stmdit.diffusion); saved with the
+    # pipeline's scheduler, so sampling follows it.
+    prediction_type: Literal[PREDICTION_TYPES] = "epsilon"
     checkpoint_every: Count = 500
     keep_checkpoints: Count = 3
     sample_every: NonNegativeInt = 0
@@ -251,6 +260,15 @@ def build_model(config: TrainConfig, dataset: FeatureDataset) -> STMDiT:
 
     model, _ = load_initial_weights(config.init_from, **spec)
     return model
+
+
+def make_ema(parameters, config: TrainConfig) -> EMAModel:
+    """The EMA of the weights that the pipeline is saved with (``ema_decay``, ``ema_power``)."""
+    if config.ema_power is None:
+        return EMAModel(parameters, decay=config.ema_decay)
+    return EMAModel(
+        parameters, decay=config.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=config.ema_power
+    )
 
 
 def _step_seed(seed: int, step: int, process: int) -> int:
@@ -430,7 +448,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(self.config.seed)
             latents = sample(
                 model,
-                make_sampling_scheduler(make_training_scheduler(), pixel_space=self.vae is None),
+                make_sampling_scheduler(self._noise_scheduler(model), pixel_space=self.vae is None),
                 cond,
                 guidance_morph=self.config.guidance_morph,
                 guidance_ge=self.config.guidance_ge,
@@ -448,6 +466,11 @@ class Trainer:
             [("real", real), (f"step {step}", fake)], self.run_dir / "samples" / f"step_{step:08d}.png"
         )
 
+    def _noise_scheduler(self, model: STMDiT):
+        return make_training_scheduler(
+            learned_variance=model.learns_variance, prediction_type=self.config.prediction_type
+        )
+
     def _save_pipeline(self, model, ema: EMAModel) -> Path:
         from stmdit.pipeline import STMDiTPipeline
 
@@ -456,9 +479,7 @@ class Trainer:
         ema.copy_to(final.parameters())
         pipe = STMDiTPipeline(
             transformer=final,
-            scheduler=make_sampling_scheduler(
-                make_training_scheduler(learned_variance=final.learns_variance), pixel_space=self.vae is None
-            ),
+            scheduler=make_sampling_scheduler(self._noise_scheduler(final), pixel_space=self.vae is None),
             ge_encoder=self.ge_encoder,
             morphology_encoder=self.morphology_encoder,
             vae=self.vae,
@@ -503,14 +524,14 @@ class Trainer:
         model = build_model(cfg, self.dataset)
         if cfg.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        noise_scheduler = make_training_scheduler(learned_variance=model.learns_variance)
+        noise_scheduler = self._noise_scheduler(model)
         dropout = ModalityDropout(cfg.p_drop_morphology, cfg.p_drop_ge)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         # Stepped once per optimisation step by us (accelerate would step it once per process).
         lr_scheduler = get_scheduler(
             cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
         )
-        ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
+        ema = make_ema(model.parameters(), cfg)
         model, optimizer = accelerator.prepare(model, optimizer)
         ema.to(device)
 
