@@ -155,7 +155,7 @@ def loss_curves(s: DemoSettings, steps: int, out: Path) -> dict[str, list[float]
             seconds[mp] = time.perf_counter() - start
             curves["fp32" if mp == "no" else "bf16"] = [loss for _, loss in result.losses]
     save_loss_curves({k: list(enumerate(v)) for k, v in curves.items()}, out / "loss_curves.png",
-                     ylabel=loss_name(s.min_snr_gamma))  # fmt: skip
+                     ylabel=loss_name(s.min_snr_gamma, s.prediction_type))  # fmt: skip
     (out / "loss_curves.json").write_text(json.dumps({"losses": curves, "train_seconds": seconds}))
     return {"curves": curves, "seconds": seconds}
 

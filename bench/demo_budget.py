@@ -1,14 +1,18 @@
 """What the demo's GE model learns per CPU minute: training variants side by side at 32 px.
 
-    python bench/demo_budget.py [--variants base minsnr ...] [--guidance 2.5 4 6 8]
+    python bench/demo_budget.py [--variants eps demo ...] [--guidance 4 6 8]
+                                [--train-seeds 0 1 2] [--sample-seeds 1 2 3]
                                 [--out bench/out/demo_budget]
 
 Each variant trains the demo's GE model (``stmdit.demo.DemoSettings`` with the variant's
-overrides) on the demo's simulated data, then draws the central held-out block from
-expression alone at each guidance scale, and from nothing, and scores each with the demo's
-composition estimator (per cell type Pearson r between the conditioning composition and the
-one estimated from the tile, mean over types). The real tiles' score is the ceiling. Prints one
-table row per variant with the training time, and writes a grid of tiles per variant.
+overrides) once per training seed on the demo's simulated data, then draws the central
+held-out block from expression alone at each guidance scale (once per sampling seed), and
+from nothing, and scores each with the demo's composition estimator (per cell type Pearson r
+between the conditioning composition and the one estimated from the tile, mean over types).
+The real tiles' score is the ceiling. Prints one table row per variant and training seed
+(the mean over sampling seeds) and, with several training seeds, their mean and standard
+deviation; writes a grid of tiles per run. Without ``--train-seeds`` a variant trains with its
+own seed, and without ``--sample-seeds`` it samples with training seed + 1, as the demo does.
 """
 
 from __future__ import annotations
@@ -34,31 +38,37 @@ from stmdit.plotting import save_tile_grid
 from stmdit.train import Trainer
 
 _W128 = {"preset": "tiny", "hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 4}
+# The 32 px demo before v prediction (which sampled with GE guidance 8).
+_EPS = {"prediction_type": "epsilon"}
+_EMA_POWER = {"ema_power": 0.75, "ema_decay": 0.999}
 # The variants measured for the demo's choice (bench/RESULTS.md); "demo" is today's default.
 VARIANTS: dict[str, dict] = {
-    "base": {"model": _W128, "train_steps": 700, "min_snr_gamma": None, "precision": "fp32"},
+    "base": {**_EPS, "model": _W128, "train_steps": 700, "min_snr_gamma": None, "precision": "fp32"},
     "batch32": {
+        **_EPS,
         "model": _W128,
         "train_steps": 1400,
         "batch_size": 32,
         "min_snr_gamma": 5.0,
         "precision": "fp32",
     },
-    "minsnr": {"model": _W128, "train_steps": 700, "min_snr_gamma": 5.0, "precision": "fp32"},
+    "minsnr": {**_EPS, "model": _W128, "train_steps": 700, "min_snr_gamma": 5.0, "precision": "fp32"},
     "minsnr_lr2e-3": {
+        **_EPS,
         "model": _W128,
         "train_steps": 700,
         "min_snr_gamma": 5.0,
         "learning_rate": 2e-3,
         "precision": "fp32",
     },  # fmt: skip
+    "eps": _EPS,
+    "eps_500_steps": {**_EPS, "train_steps": 500},
+    "eps_p_drop_ge_0.2": {**_EPS, "p_drop_ge": 0.2},
+    "eps_sample_50_steps": {**_EPS, "sample_steps": 50},
+    "eps_cosine": {**_EPS, "lr_schedule": "cosine"},
+    "eps_ema_power_0.75": {**_EPS, **_EMA_POWER},
+    "demo_ema_power_0.75": _EMA_POWER,
     "demo": {},
-    "demo_500_steps": {"train_steps": 500},
-    "demo_p_drop_ge_0.2": {"p_drop_ge": 0.2},
-    "demo_sample_50_steps": {"sample_steps": 50},
-    "demo_train_seed_1": {"train_seed": 1},
-    "demo_cosine": {"lr_schedule": "cosine"},
-    "demo_cosine_train_seed_1": {"lr_schedule": "cosine", "train_seed": 1},
 }
 
 
@@ -76,6 +86,8 @@ def main() -> None:
     )
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--guidance", nargs="*", type=float, default=[2.5, 4.0, 6.0, 8.0])
+    parser.add_argument("--train-seeds", nargs="*", type=int, default=[None])
+    parser.add_argument("--sample-seeds", nargs="*", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench/out/demo_budget"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -95,35 +107,53 @@ def main() -> None:
     ceiling = score(real)
     print(f"real tiles (ceiling): {ceiling:.3f}; saturated fraction {saturated_fraction(real):.4f}")
     header = (
-        ["variant", "train (s)"]
+        ["variant", "training seed", "train (s)"]
         + [f"GE-only @ {g:g}" for g in args.guidance]
         + ["unconditional", "saturated @ max"]
     )
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     rows = []
     for name in args.variants:
-        s = dataclasses.replace(base, **VARIANTS[name])
-        with tempfile.TemporaryDirectory() as tmp:
-            pipe, seconds = train_variant(s, data, Path(tmp))
-            draws = {}
-            for g in args.guidance:
-                draws[g] = pipe(expression=data.adata[eval_idx], guidance_ge=g, num_inference_steps=s.sample_steps,
-                                generator=torch.Generator().manual_seed(s.training_seed + 1), output_type="pt",
-                                progress=False, precision=s.precision).images  # fmt: skip
-            nothing = pipe(num_images=len(eval_idx), num_inference_steps=s.sample_steps,
-                           generator=torch.Generator().manual_seed(s.training_seed + 1), output_type="pt",
-                           progress=False, precision=s.precision).images  # fmt: skip
-        row = {"variant": name, "train_seconds": round(seconds, 1), "settings": VARIANTS[name],
-               **{f"ge_only@{g:g}": round(score(im), 3) for g, im in draws.items()},
-               "unconditional": round(score(nothing), 3), "ceiling": round(ceiling, 3),
-               "saturated_at_max": round(saturated_fraction(draws[max(draws)]), 4)}  # fmt: skip
-        rows.append(row)
-        cells = [name, f"{seconds:.0f}"] + [f"{row[f'ge_only@{g:g}']:.3f}" for g in args.guidance]
-        print("| " + " | ".join(cells + [f"{row['unconditional']:.3f}", f"{row['saturated_at_max']:.4f}"]) + " |",
-              flush=True)  # fmt: skip
-        show = np.concatenate([np.flatnonzero(true.argmax(1) == k)[:2] for k in range(true.shape[1])])
-        save_tile_grid([("real", real[show])] + [(f"ge {g:g}", im[show]) for g, im in draws.items()],
-                       args.out / f"{name}.png")  # fmt: skip
+        runs = []
+        for train_seed in args.train_seeds:
+            s = dataclasses.replace(base, **VARIANTS[name], train_seed=train_seed)
+            sample_seeds = args.sample_seeds or [s.training_seed + 1]
+            with tempfile.TemporaryDirectory() as tmp:
+                pipe, seconds = train_variant(s, data, Path(tmp))
+                scores, draws = {}, {}
+                for g in args.guidance:
+                    per_seed = []
+                    for sample_seed in sample_seeds:
+                        draws[g] = pipe(expression=data.adata[eval_idx], guidance_ge=g,
+                                        num_inference_steps=s.sample_steps,
+                                        generator=torch.Generator().manual_seed(sample_seed), output_type="pt",
+                                        progress=False, precision=s.precision).images  # fmt: skip
+                        per_seed.append(score(draws[g]))
+                    scores[g] = float(np.mean(per_seed))
+                nothing = pipe(num_images=len(eval_idx), num_inference_steps=s.sample_steps,
+                               generator=torch.Generator().manual_seed(sample_seeds[0]), output_type="pt",
+                               progress=False, precision=s.precision).images  # fmt: skip
+            row = {"variant": name, "training_seed": s.training_seed, "sample_seeds": sample_seeds,
+                   "train_seconds": round(seconds, 1), "settings": VARIANTS[name],
+                   **{f"ge_only@{g:g}": round(v, 3) for g, v in scores.items()},
+                   "unconditional": round(score(nothing), 3), "ceiling": round(ceiling, 3),
+                   "saturated_at_max": round(saturated_fraction(draws[max(draws)]), 4)}  # fmt: skip
+            rows.append(row)
+            runs.append(row)
+            cells = [name, str(s.training_seed), f"{seconds:.0f}"] + [
+                f"{scores[g]:.3f}" for g in args.guidance
+            ]
+            print("| " + " | ".join(cells + [f"{row['unconditional']:.3f}", f"{row['saturated_at_max']:.4f}"]) + " |",
+                  flush=True)  # fmt: skip
+            show = np.concatenate([np.flatnonzero(true.argmax(1) == k)[:2] for k in range(true.shape[1])])
+            save_tile_grid([("real", real[show])] + [(f"ge {g:g}", im[show]) for g, im in draws.items()],
+                           args.out / f"{name}_train_seed_{s.training_seed}.png")  # fmt: skip
+        if len(runs) > 1:
+            cells = [f"{name}, mean +- sd", "", ""] + [
+                f"{np.mean([r[f'ge_only@{g:g}'] for r in runs]):.3f} +- {np.std([r[f'ge_only@{g:g}'] for r in runs], ddof=1):.3f}"
+                for g in args.guidance
+            ]
+            print("| " + " | ".join(cells + ["", ""]) + " |", flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
 
 

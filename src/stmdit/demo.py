@@ -67,13 +67,20 @@ class DemoSettings:
     )
     # Min-SNR weighting: the noisy timesteps, where what a tile shows is decided, count fully.
     min_snr_gamma: float | None = 5.0
+    # v prediction, a departure from PixArt's epsilon: at this budget an epsilon model needs GE
+    # guidance 8, which darkens and speckles the tiles, to show composition; a v model shows
+    # more of it at guidance 2.5, with the real tiles' white background (bench/RESULTS.md).
+    prediction_type: str = "v_prediction"
+    # diffusers' EMA warm-up; ema_power 0.75 (a longer average) did not help a v model here.
+    ema_decay: float = 0.99
+    ema_power: float | None = None
     # GE-only generation is the demo's headline, so morphology is dropped more often than
     # PixCell's 0.1 to give the (no morphology, GE) conditional enough training signal.
     p_drop_morphology: float = 0.5
     p_drop_ge: float = 0.1
     guidance_morph: float = 2.5
     # Chosen from a sweep of GE-only composition against guidance (bench/RESULTS.md).
-    guidance_ge: float = 8.0
+    guidance_ge: float = 2.5
     sample_steps: int = 20
     estimator_epochs: int = 8
     # UNI-2h when its weights are on this machine and a GPU is present, else stain features.
@@ -118,8 +125,10 @@ class DemoSettings:
             learning_rate=self.learning_rate,
             lr_schedule=self.lr_schedule,
             warmup_steps=max(1, self.train_steps // 14),
-            ema_decay=0.99,
+            ema_decay=self.ema_decay,
+            ema_power=self.ema_power,
             min_snr_gamma=self.min_snr_gamma,
+            prediction_type=self.prediction_type,
             p_drop_morphology=self.p_drop_morphology,
             p_drop_ge=self.p_drop_ge,
             checkpoint_every=max(1, self.train_steps // 2),
@@ -251,7 +260,14 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
         "ge_encoder": describe(data.ge_encoder) + ": highly variable genes, log1p CP10k, standardised",
         "morphology_encoder": describe(data.morphology_encoder),
         "models": {
-            name: {"ge_injection": r_cfg, "train_steps": s.train_steps, "batch_size": s.batch_size}
+            name: {
+                "ge_injection": r_cfg,
+                "train_steps": s.train_steps,
+                "batch_size": s.batch_size,
+                # Both departures from PixArt's plain epsilon-MSE, named here.
+                "prediction_type": s.prediction_type,
+                "min_snr_gamma": s.min_snr_gamma,
+            }
             for name, r_cfg in (("ge", "adaln+xattn"), ("no_ge", "none"))
         },
         "settings": {
@@ -279,7 +295,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
     save_loss_curves(
         {"GE (adaLN + xattn)": runs["ge"].losses, "no-GE baseline": runs["no_ge"].losses},
         out / "loss_curves.png",
-        ylabel=loss_name(s.min_snr_gamma),
+        ylabel=loss_name(s.min_snr_gamma, s.prediction_type),
     )
     _save_composition_scatter(
         true, {k: estimator.predict(v) for k, v in generated.items()}, out / "composition_scatter.png"
