@@ -10,8 +10,8 @@ held-out block from expression alone at each guidance scale (once per sampling s
 from nothing, and scores each with the demo's composition estimator (per cell type Pearson r
 between the conditioning composition and the one estimated from the tile, mean over types).
 The real tiles' score is the ceiling. Prints one table row per variant and training seed
-(the mean over sampling seeds) and, with several training seeds, their mean and standard
-deviation; writes a grid of tiles per run. Without ``--train-seeds`` a variant trains with its
+(the mean over sampling seeds; "saturated @ max" is the last sampling seed's draw at the
+largest scale) and, with several training seeds, their mean and standard deviation; writes a grid of tiles per run. Without ``--train-seeds`` a variant trains with its
 own seed, and without ``--sample-seeds`` it samples with training seed + 1, as the demo does.
 """
 

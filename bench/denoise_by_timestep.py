@@ -6,8 +6,8 @@ Noises held-out tiles of the demo's simulated data to timestep t, asks the trans
 noise (or v, as it was trained) given each spot's expression (morphology dropped), and prints
 per t: the epsilon-MSE of the noise that prediction implies, the noise a perfect prediction
 would remove (std of the x0 error if the implied noise were 0, in 8-bit grey levels) and the
-x0 error left, and the fraction removed. The last row of a
-sampler's schedule shows how much noise its final step leaves in the tile.
+x0 error left, and the fraction removed. The last row of a sampler's schedule shows how much
+noise its final step leaves in the tile.
 """
 
 from __future__ import annotations

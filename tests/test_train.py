@@ -266,6 +266,19 @@ def test_a_no_ge_model_warm_starts_a_ge_model(tmp_path):
         start_from("missing", init_from=str(tmp_path / "nowhere"))
 
 
+def test_a_warm_start_that_changes_the_prediction_target_warns(tmp_path, caplog):
+    import logging
+
+    base = Trainer(config(tmp_path, "eps", max_steps=1), dataset(), progress=False).run()
+    with caplog.at_level(logging.WARNING, logger="stmdit.train"):
+        Trainer(config(tmp_path, "same", max_steps=1, init_from=str(base.pipeline_dir)), dataset(),
+                progress=False).run()  # fmt: skip
+        assert "trained to predict" not in caplog.text
+        Trainer(config(tmp_path, "v", max_steps=1, init_from=str(base.pipeline_dir), prediction_type="v_prediction"),
+                dataset(), progress=False).run()  # fmt: skip
+    assert "trained to predict epsilon; prediction_type v_prediction" in caplog.text
+
+
 def test_init_from_must_fit_the_data(tmp_path):
     base = Trainer(config(tmp_path, "base", max_steps=1), dataset(), progress=False).run()
     wider = FeatureDataset(

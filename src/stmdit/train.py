@@ -256,9 +256,20 @@ def build_model(config: TrainConfig, dataset: FeatureDataset) -> STMDiT:
             )
     if config.init_from is None:
         return STMDiT.from_preset(preset, **spec)
-    from stmdit.warmstart import load_initial_weights
+    from stmdit.warmstart import load_initial_weights, source_prediction_type
 
     model, _ = load_initial_weights(config.init_from, **spec)
+    source = source_prediction_type(config.init_from)
+    if source is not None and source != config.prediction_type:
+        # Allowed (a fine-tune can change the target), but step 0 no longer computes what the
+        # checkpoint computed, which a user warm-starting to keep PixCell's output would expect.
+        logger.warning(
+            "init_from %s was trained to predict %s; prediction_type %s retrains it for another "
+            "target, so it starts from outputs that mean something else",
+            config.init_from,
+            source,
+            config.prediction_type,
+        )
     return model
 
 

@@ -219,6 +219,18 @@ def load_pixcell(
     return model, report
 
 
+def source_prediction_type(init_from: str | os.PathLike) -> str | None:
+    """What the ``init_from`` weights were trained to predict: epsilon for PixCell, the saved
+    scheduler's ``prediction_type`` for an STMDiT pipeline folder, None when nothing says."""
+    spec = str(init_from)
+    if spec.startswith("pixcell:"):
+        return "epsilon"
+    scheduler = Path(spec).expanduser() / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        return json.loads(scheduler.read_text()).get("prediction_type", "epsilon")
+    return None
+
+
 def load_initial_weights(init_from: str | os.PathLike, **model_args) -> tuple[STMDiT, LoadReport]:
     """The model a training run starts from.
 
