@@ -333,6 +333,62 @@ def test_panel_is_cancerfoundations_cell_ranger_selection_on_her2st(test_data, v
     assert set(select_variable_genes(in_vocab, 1199, layer=None)) != set(panel)
 
 
+@pytest.fixture(scope="module")
+def her2st_sections(test_data):
+    """The three her2st sections of patient C, read as legacy ST and concatenated (obs sample_id)."""
+    from conftest import HER2ST_SECTIONS
+    from stmdit.data.readers import read_legacy_st
+
+    root = test_data / "her2st"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # C3 and C4 list spot positions without counts
+        sections = [read_legacy_st(root / s / "counts.tsv.gz", root / s / "spots.tsv", root / s / "he.jpg", sample_id=s)
+                    for s in HER2ST_SECTIONS]  # fmt: skip
+    return ad.concat(sections, index_unique="-")
+
+
+def test_panel_is_chosen_per_sample_as_cancerfoundations_tutorial_on_three_her2st_sections(
+    her2st_sections, vocab_json, folder, tmp_path
+):
+    """CancerFoundation's tutorial calls embed(batch_key="sample"): scanpy's cell_ranger with the
+    sample as batch on the vocabulary genes. The default panel is exactly that, and differs from
+    the panel chosen without batches."""
+    import scanpy as sc
+
+    adata = her2st_sections
+    assert sorted(adata.obs["sample_id"].unique()) == ["C2", "C3", "C4"]
+    vocab = read_vocabulary(vocab_json)
+    panel, mapping = choose_panel(adata, vocab, n_hvg=1199)
+    in_vocab = adata[:, [g in mapping.symbols for g in adata.var_names]].copy()
+    in_vocab.var_names = [mapping.symbols[g] for g in in_vocab.var_names]
+    in_vocab.X = in_vocab.layers["counts"]
+    table = sc.pp.highly_variable_genes(
+        in_vocab, n_top_genes=1199, flavor="cell_ranger", batch_key="sample_id", inplace=False
+    )
+    assert panel == list(in_vocab.var_names[table["highly_variable"].to_numpy()]) and len(panel) == 1199
+    unbatched, _ = choose_panel(adata, vocab, n_hvg=1199, batch_key=None)
+    print(
+        f"her2st C2-C4: {len(set(panel) - set(unbatched))} of 1199 panel genes change with the sample as batch"
+    )
+    assert len(set(panel) - set(unbatched)) > 50
+    # The encoder records how its panel was chosen, and keeps the record through save/load.
+    encoder = load(folder, genes=None, adata=adata, n_hvg=1199, binning_seed=0)
+    assert encoder.genes == panel
+    assert encoder.config.panel_selection["batch_key"] == "sample_id"
+    assert encoder.config.panel_selection["flavor"] == "cell_ranger"
+    encoder.save_pretrained(tmp_path / "saved")
+    restored = CancerFoundationEncoder.from_pretrained(tmp_path / "saved")
+    assert restored.config.panel_selection == encoder.config.panel_selection and restored.genes == panel
+    assert load(folder).config.panel_selection is None  # a given panel
+    # `stmdit encode` builds it through the factory, which chooses the panel per sample too.
+    from stmdit.encoders.factory import build_ge_encoder
+
+    assert build_ge_encoder(f"cancerfoundation:{folder}", adata, n_genes=1199).genes == panel
+    single = adata[adata.obs["sample_id"] == "C2"].copy()
+    del single.obs["sample_id"]
+    assert load(folder, genes=None, adata=single, n_hvg=300).config.panel_selection["batch_key"] is None
+
+
 def test_panel_from_training_data_maps_symbols_and_drops_genes_outside_the_vocabulary(
     test_data, folder, vocab_json
 ):

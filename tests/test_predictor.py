@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import anndata as ad
@@ -16,15 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import save_file
-from torch import nn
 
 from conftest import median_r_with_shuffled_controls
 from stmdit.data.synthetic import simulate_tissue
 from stmdit.encoders.morphology import StainFeatureEncoder
 from stmdit.evaluate.fidelity import DEEPSPOT_N_GRID, fidelity_auc
 from stmdit.genesets import MARKER_GENES
-from stmdit.io import UntrustedPickleError
 from stmdit.predictor import (
     PREDICTION_KEY,
     ContextFeatures,
@@ -212,24 +207,28 @@ def hex_layout(n_rows=6, n_cols=8, samples=("s1", "s2")) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def test_hexagonal_neighbours_are_the_six_spots_one_pitch_away():
+def test_hexagonal_grid_neighbours_by_deepspots_box_or_the_ring_of_six():
     obs = hex_layout()
-    index = neighbour_index(obs)
-    assert index.shape == (len(obs), 6)
-    counts = (index >= 0).sum(1)
     rows, cols = obs["array_row"].to_numpy(), obs["array_col"].to_numpy()
+    # Default, DeepSpot's rule: the box |d row|, |d col| <= 1, which on doubled columns holds the
+    # 4 diagonal neighbours only (same sample only, though s1 and s2 share positions).
+    index = neighbour_index(obs)
+    assert index.shape == (len(obs), 4)
+    assert as_sets(index) == brute_force_neighbours(obs, lambda dr, dc: max(abs(dr), abs(dc)) == 1)
+    assert as_sets(index) == brute_force_neighbours(obs, lambda dr, dc: abs(dr) == 1 and abs(dc) == 1)
+    # The explicit hex_ring rule: the 6 spots one pitch away.
+    ring = neighbour_index(obs, rule="hex_ring")
+    assert ring.shape == (len(obs), 6)
+    counts = (ring >= 0).sum(1)
     interior = (rows > 0) & (rows < 5) & (cols > 1) & (cols < 14)
     assert (counts[interior] == 6).all() and (counts[~interior] < 6).all()
     assert counts[0] == 2  # row 0, col 0: (0, 2) and (1, 1)
     expected = brute_force_neighbours(
         obs, lambda dr, dc: (dr == 0 and abs(dc) == 2) or (abs(dr) == 1 and abs(dc) == 1)
     )
-    assert as_sets(index) == expected  # same sample only, though s1 and s2 share positions
-    # Without array coordinates the pixel fallback (1.5 pitches) finds the same neighbours.
+    assert as_sets(ring) == expected
+    # Without array coordinates the pixel fallback (1.5 pitches) finds the ring under either rule.
     assert as_sets(neighbour_index(obs.drop(columns=["array_row", "array_col"]))) == expected
-    # Forcing a square grid reads the same numbers as DeepSpot's box query would.
-    square = neighbour_index(obs, grid="square")
-    assert as_sets(square) == brute_force_neighbours(obs, lambda dr, dc: max(abs(dr), abs(dc)) == 1)
 
 
 def test_square_grid_neighbours_on_her2st(her2st_store):
@@ -383,9 +382,10 @@ def test_real_her2st_predictions_beat_a_shuffled_control(her2st_store):
     assert r > max(shuffled) + 0.1
 
 
-def test_default_genes_are_deepspots_seurat_v3_hvgs_on_her2st(her2st_store):
-    """The paper's protocol: scanpy's seurat_v3 top 5,000 HVGs with the sample as batch key on
-    the training spots' raw counts, in scanpy's rank order; the fidelity curve then reaches 5,000."""
+def test_default_genes_are_deepspots_seurat_v3_paper_hvgs_on_her2st(her2st_store):
+    """The paper's protocol (DeepSpot's preprocessing notebook): scanpy's seurat_v3_paper top
+    5,000 HVGs, here with the sample as batch key, on the training spots' raw counts, in
+    scanpy's selection order; the fidelity curve then reaches 5,000."""
     import scanpy as sc
 
     spots = her2st_store.spots()
@@ -394,26 +394,117 @@ def test_default_genes_are_deepspots_seurat_v3_hvgs_on_her2st(her2st_store):
     reference = ad.AnnData(X=train.layers["counts"].copy(), obs=train.obs[["sample_id"]].astype(str),
                            var=pd.DataFrame(index=train.var_names))  # fmt: skip
     table = sc.pp.highly_variable_genes(
-        reference, flavor="seurat_v3", n_top_genes=5000, batch_key="sample_id", inplace=False
+        reference, flavor="seurat_v3_paper", n_top_genes=5000, batch_key="sample_id", inplace=False
     )
     assert len(genes) == 5000 and set(genes) == set(table.index[table["highly_variable"].to_numpy()])
-    ranked = table.sort_values(["highly_variable_rank", "highly_variable_nbatches"], ascending=[True, False])
-    assert genes == list(ranked.index[:5000])  # scanpy's own selection order
+    # scanpy's own selection order for this flavour: batches in which a gene is variable, then rank.
+    ranked = table.sort_values(["highly_variable_nbatches", "highly_variable_rank"], ascending=[False, True])
+    assert genes == list(ranked.index[:5000])
     assert protocol["paper"] and protocol["batch_key"] == "sample_id" and protocol["departures"] == []
+    assert (
+        protocol["flavor"] == "seurat_v3_paper"
+        and "GettingStartedWithDeepSpot_1_preprocessing.ipynb" in (protocol["reference"])
+    )
     # The predictor's order drives the top-N curve over DeepSpot's whole grid.
     c4 = spots[spots.obs["sample_id"] == "C4"]
     measured = expression_targets(c4, genes)
     predicted = measured + np.random.default_rng(0).normal(0, 1, measured.shape)
     result = fidelity_auc(measured, predicted, np.arange(5000), n_bootstrap=0, gene_protocol=protocol)
     assert result.n_values.tolist() == list(DEEPSPOT_N_GRID) and result.n_values[-1] == 5000
-    assert result.protocol["paper_protocol"] and result.protocol["gene_protocol"]["method"] == "seurat_v3"
+    assert (
+        result.protocol["paper_protocol"] and result.protocol["gene_protocol"]["method"] == "seurat_v3_paper"
+    )
     # The variance ranking is an explicit option, recorded as a departure.
     fewer, variance = select_predictor_genes(train, 300, method="variance")
     assert len(fewer) == 300 and not variance["paper"] and len(variance["departures"]) == 2
 
 
+def test_seurat_v3_picks_other_genes_than_deepspots_flavour_and_is_a_departure(her2st_store):
+    """On two her2st sections the two flavours disagree (seurat_v3 promotes genes variable in
+    one section only), so following DeepSpot's flavour matters; seurat_v3 stays as an option,
+    matching scanpy's, and a predictor saved with it shows the departure when loaded."""
+    import scanpy as sc
+
+    spots = her2st_store.spots()
+    train = spots[spots.obs["sample_id"].isin(["C2", "C3"])]
+    paper, _ = select_predictor_genes(train)
+    v3, protocol = select_predictor_genes(train, method="seurat_v3")
+    reference = ad.AnnData(X=train.layers["counts"].copy(), obs=train.obs[["sample_id"]].astype(str),
+                           var=pd.DataFrame(index=train.var_names))  # fmt: skip
+    table = sc.pp.highly_variable_genes(
+        reference, flavor="seurat_v3", n_top_genes=5000, batch_key="sample_id", inplace=False
+    )
+    ranked = table.sort_values(["highly_variable_rank", "highly_variable_nbatches"], ascending=[True, False])
+    assert v3 == list(ranked.index[:5000])
+    only_v3 = set(v3) - set(paper)
+    print(f"her2st C2+C3: {len(only_v3)} of 5000 seurat_v3 genes are not among seurat_v3_paper's")
+    assert len(only_v3) > 100
+    # seurat_v3's extra genes are variable in one section only; seurat_v3_paper's top genes in both.
+    assert (table.loc[sorted(only_v3), "highly_variable_nbatches"] <= 1).all()
+    assert protocol["flavor"] == "seurat_v3" and not protocol["paper"]
+    assert "seurat_v3_paper" in protocol["departures"][0]
+    # A predictor saved under the former default (method seurat_v3, recorded without departures).
+    old = {**protocol, "departures": [], "paper": True}
+    model = tiny_model(genes=v3[:3])
+    model.register_to_config(provenance={"trained_by": "stmdit train_predictor", "gene_selection": old})
+    assert not model.gene_protocol["paper"] and "seurat_v3_paper" in model.gene_protocol["departures"][0]
+    with pytest.raises(
+        ValueError, match="gene selection must be one of seurat_v3_paper, seurat_v3, variance"
+    ):
+        select_predictor_genes(train, method="cell_ranger")
+
+
+def test_predictors_saved_before_the_reference_options_load_with_their_own_rules(tmp_path):
+    """A predictor folder from before output_dropout, neighbour_padding and neighbour_rule were
+    recorded loads, predicts as before, reads neighbours with the hexagonal ring it was trained
+    with, and lists that as a departure; one saved now records DeepSpot's rule."""
+    model = tiny_model()
+    model.register_to_config(provenance={"trained_by": "stmdit train_predictor", "neighbour_radius": 1})
+    model.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("output_dropout", "neighbour_padding"):
+        del config[key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    old = ExpressionPredictor.from_pretrained(tmp_path / "old").eval()
+    assert old.config.output_dropout == 0.1 and old.config.neighbour_padding == "zeros"
+    inputs = tiny_inputs()
+    torch.testing.assert_close(old.predict(*inputs), model.predict(*inputs), rtol=0, atol=0)
+    assert old.neighbour_rule == "hex_ring" and old.neighbour_radius == 1
+    assert any("'hex_ring'" in d for d in old.protocol_departures)
+    assert any("records no gene selection" in d for d in old.protocol_departures)
+    now = tiny_model()
+    now.register_to_config(
+        provenance={"trained_by": "stmdit train_predictor", "neighbour_rule": "deepspot_box"}
+    )
+    assert now.neighbour_rule == "deepspot_box" and not any("hex_ring" in d for d in now.protocol_departures)
+    assert tiny_model().neighbour_rule == "deepspot_box"  # hand-built: DeepSpot's rule
+    masked = tiny_model(neighbour_padding="masked", output_dropout=0.2)
+    assert sum("masked" in d or "output dropout" in d for d in masked.protocol_departures) == 2
+    with pytest.raises(ValueError, match="neighbour_padding must be one of zeros, masked"):
+        tiny_model(neighbour_padding="max")
+
+
+def test_read_expression_finds_neighbours_with_the_predictors_rule():
+    """Tiles of a Visium-like grid read through read_expression: a predictor recording DeepSpot's
+    box pools the 4 diagonal neighbours, one trained with the ring (an older predictor) the 6,
+    each exactly as its own features give."""
+    from stmdit.predictor.readback import read_expression
+
+    obs = hex_layout(n_rows=4, n_cols=5, samples=("s1",))
+    tiles = np.random.default_rng(0).integers(0, 256, (len(obs), 40, 40, 3), dtype=np.uint8)
+    outputs = {}
+    for rule in ("deepspot_box", "hex_ring"):
+        model = tiny_model(input_dim=4)
+        model.register_to_config(provenance={"trained_by": "test", "neighbour_rule": rule, "tile_um": 40.0})
+        features = context_features(tiles, obs, 40.0, 30.0, MeanColour(), progress=False,
+                                    neighbours=neighbour_index(obs, rule=rule))  # fmt: skip
+        outputs[rule] = read_expression(tiles, obs, 40.0, 30.0, model, MeanColour())
+        np.testing.assert_allclose(outputs[rule], model.predict_features(features), rtol=1e-6)
+    assert not np.allclose(outputs["deepspot_box"], outputs["hex_ring"])
+
+
 def test_command_writes_a_loadable_predictor_folder(her2st_store, tmp_path):
-    with pytest.warns(UserWarning, match="does not follow DeepSpot's gene protocol.*20 genes instead of"):
+    with pytest.warns(UserWarning, match="does not follow DeepSpot's protocol.*20 genes instead of"):
         out = train_predictor_command(
             her2st_store.root, tmp_path / "predictor", n_genes=20, epochs=2, progress=False
         )
@@ -432,9 +523,13 @@ def test_command_writes_a_loadable_predictor_folder(her2st_store, tmp_path):
     train = her2st_store.spots()[her2st_store.rows("train")]
     assert predictor.genes == select_predictor_genes(train, 20)[0]
     assert (
-        predictor.gene_protocol["method"] == "seurat_v3"
+        predictor.gene_protocol["method"] == "seurat_v3_paper"
         and predictor.gene_protocol["batch_key"] == "sample_id"
     )
+    # DeepSpot's neighbour rule, recorded; the only departure is the short gene list.
+    assert provenance["neighbour_rule"] == "deepspot_box" and predictor.neighbour_rule == "deepspot_box"
+    assert predictor.protocol_departures == provenance["protocol_departures"]
+    assert len(provenance["protocol_departures"]) == 1 and "20 genes" in provenance["protocol_departures"][0]
     np.testing.assert_array_equal(predictor.hvg_order, np.arange(20))
     test = SpotSet.from_store(her2st_store, "test")
     feats = context_features(
@@ -445,147 +540,6 @@ def test_command_writes_a_loadable_predictor_folder(her2st_store, tmp_path):
         train_predictor_command(her2st_store.root, tmp_path / "lopo", n_genes=20, epochs=1, leave_one_patient_out=True,
                                 progress=False)  # fmt: skip
     assert not (tmp_path / "lopo").exists()
-
-
-# -- DeepSpot's weights ------------------------------------------------------------------------
-
-
-class Phi(nn.Module):
-    """DeepSpot's Phi: its Sequential is called ``model``: Linear, Dropout, ReLU."""
-
-    def __init__(self, n_in: int, n_out: int, p: float):
-        super().__init__()
-        self.model = nn.Sequential(nn.Linear(n_in, n_out), nn.Dropout(p), nn.ReLU(inplace=True))
-
-    def forward(self, x):
-        return self.model(x)
-
-
-class Rho(nn.Module):
-    """DeepSpot's Rho: Dropout, ReLU, Linear, and a Dropout(0.1) on the output."""
-
-    def __init__(self, n_in: int, n_out: int, p: float):
-        super().__init__()
-        self.model = nn.Sequential(
-            nn.Dropout(p), nn.ReLU(inplace=True), nn.Linear(n_in, n_out), nn.Dropout(0.1)
-        )
-
-    def forward(self, x):
-        return self.model(x)
-
-
-class StandardScalerStandIn:
-    """What DeepSpot's module keeps in ``scaler``: an sklearn StandardScaler's fitted arrays."""
-
-    def __init__(self, mean, scale):
-        self.mean_, self.scale_ = np.asarray(mean), np.asarray(scale)
-
-    def inverse_transform(self, x):
-        return x * self.scale_ + self.mean_
-
-
-class DeepSpotStandIn(nn.Module):
-    """DeepSpot's spot model as its pickles hold it (``phi_spot``, ``rho``, ``scaler``,
-    ``hparams``), with its forward for the 'spot_subspot_neighbors' context: inputs (spot
-    (B, 1, D), sub-spots (B, 9, D), neighbours (B, K, D)); per tile the median over phi copies,
-    then none / sum / max over the tiles; rho copies averaged."""
-
-    def __init__(
-        self, input_size: int, output_size: int, n_ensemble: int = 4, phi2rho_size: int = 8, p: float = 0.3
-    ):
-        super().__init__()
-        self.hparams = {"input_size": input_size, "output_size": output_size, "p": p, "p_phi": None, "p_rho": None,
-                        "n_ensemble": n_ensemble, "phi2rho_size": phi2rho_size, "spot_context": "spot_subspot_neighbors"}  # fmt: skip
-        self.scaler = None
-        self.phi_spot = nn.ModuleList(Phi(input_size, phi2rho_size, p) for _ in range(n_ensemble))
-        self.rho = nn.ModuleList(Rho(3 * phi2rho_size, output_size, p) for _ in range(n_ensemble))
-
-    def _phi(self, x, how: str):
-        b, s, d = x.shape
-        h = (
-            torch.stack([phi(x.reshape(-1, d)) for phi in self.phi_spot], dim=1)
-            .median(dim=1)
-            .values.view(b, s, -1)
-        )
-        return {"none": h.reshape(b, -1), "sum": h.sum(1), "max": h.max(1).values}[how]
-
-    def forward(self, x):
-        spot, subspots, neighbours = x
-        h = torch.cat(
-            [self._phi(spot, "none"), self._phi(subspots, "sum"), self._phi(neighbours, "max")], dim=1
-        )
-        return torch.stack([rho(h) for rho in self.rho], dim=1).mean(dim=1)
-
-
-@pytest.fixture
-def deepspot_file(tmp_path):
-    torch.manual_seed(7)
-    model = DeepSpotStandIn(input_size=6, output_size=5).eval()
-    model.scaler = StandardScalerStandIn(np.arange(5.0), np.linspace(0.5, 2.5, 5))
-    torch.save(model, tmp_path / "final_model.pkl")
-    genes = pd.DataFrame({"gene_name": ["G0", "X1", "G1", "G2", "X2", "G3", "G4"],
-                          "isPredicted": [True, False, True, True, False, True, True]})  # fmt: skip
-    genes.to_csv(tmp_path / "info_highly_variable_genes.csv", index=False)
-    (tmp_path / "top_param_overall.yaml").write_text("image_feature_model: uni\n")
-    return tmp_path / "final_model.pkl", model
-
-
-def test_deepspot_pickle_needs_trust_and_then_maps_onto_the_predictor(deepspot_file):
-    path, reference = deepspot_file
-    with pytest.raises(UntrustedPickleError, match="--trust-pickle"):
-        ExpressionPredictor.from_deepspot(path)
-    model = ExpressionPredictor.from_deepspot(path, trust_pickle=True)
-    assert model.genes == ["G0", "G1", "G2", "G3", "G4"]
-    assert (model.config.input_dim, model.config.hidden_dim, model.config.n_phi, model.config.n_rho) == (
-        6,
-        8,
-        4,
-        4,
-    )
-    assert model.config.dropout == 0.3 and model.config.provenance["image_feature_model"] == "uni"
-    g = torch.Generator().manual_seed(0)
-    spot, subspots, neighbours = (
-        torch.randn(4, 6, generator=g),
-        torch.randn(4, 9, 6, generator=g),
-        torch.randn(4, 3, 6, generator=g),
-    )
-    mask = torch.ones(4, 3, dtype=torch.bool)
-    with torch.no_grad():
-        expected = reference([spot[:, None], subspots, neighbours])
-    torch.testing.assert_close(model(spot, subspots, neighbours, mask), expected, rtol=1e-5, atol=1e-6)
-    predicted = model.predict(spot, subspots, neighbours, mask).numpy()
-    np.testing.assert_allclose(
-        predicted, reference.scaler.inverse_transform(expected.numpy()), rtol=1e-5, atol=1e-5
-    )
-
-
-def test_deepspot_genes_can_be_given_and_a_state_dict_needs_no_trust(deepspot_file, tmp_path):
-    path, reference = deepspot_file
-    with pytest.raises(ValueError, match="predicts 5 genes but 2"):
-        ExpressionPredictor.from_deepspot(path, genes=["A", "B"], trust_pickle=True)
-    save_file(reference.state_dict(), tmp_path / "weights.safetensors")
-    with pytest.warns(UserWarning, match="no target scaler"):
-        model = ExpressionPredictor.from_deepspot(tmp_path / "weights.safetensors", genes=list("ABCDE"))
-    assert model.genes == list("ABCDE") and (model.target_std == 1).all() and (model.target_mean == 0).all()
-    torch.testing.assert_close(model.phi_weight[2], reference.phi_spot[2].model[0].weight)
-    torch.testing.assert_close(model.rho_bias[3], reference.rho[3].model[2].bias)
-
-
-def test_deepspot_pickle_without_its_package_says_what_to_install(tmp_path):
-    fake = types.ModuleType("deepspot")
-
-    class DeepSpot(nn.Module):
-        pass
-
-    DeepSpot.__module__, DeepSpot.__qualname__ = "deepspot", "DeepSpot"
-    fake.DeepSpot = DeepSpot
-    sys.modules["deepspot"] = fake
-    try:
-        torch.save(DeepSpot(), tmp_path / "final_model.pkl")
-    finally:
-        del sys.modules["deepspot"]
-    with pytest.raises(ImportError, match=r"Install DeepSpot .*lightning and scikit-learn"):
-        ExpressionPredictor.from_deepspot(tmp_path / "final_model.pkl", genes=["A"], trust_pickle=True)
 
 
 # -- bad input --------------------------------------------------------------------------------------

@@ -307,7 +307,11 @@ def train_predictor(
         typer.Option(min=1, help="Top highly variable genes to predict [default: 5000, DeepSpot's]"),
     ] = None,
     gene_selection: Annotated[
-        str | None, typer.Option(help="seurat_v3 (DeepSpot's, default) | variance")
+        str | None,
+        typer.Option(
+            help="seurat_v3_paper (DeepSpot's, default; the sample as batch) | seurat_v3 | variance "
+            "(the last two are departures, recorded)"
+        ),
     ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 100,
     batch_size: Annotated[int, BatchSize] = 256,

@@ -98,8 +98,13 @@ def _build_encoders(store: DatasetStore, cfg: EncodeConfig) -> dict:
         raise ValueError(f"{store.root}: the training split has no kept spots; encoders are fitted on it")
     encoders = {}
     if "counts" in adata.layers:
+        # CancerFoundation's panel is chosen per sample, as its tutorial's embed(batch_key="sample").
         encoders["ge_encoder"] = build_ge_encoder(
-            cfg.ge_encoder, adata[train], n_genes=cfg.n_genes, trust_pickle=cfg.trust_pickle
+            cfg.ge_encoder,
+            adata[train],
+            n_genes=cfg.n_genes,
+            trust_pickle=cfg.trust_pickle,
+            panel_batch_key="sample_id",
         )
     else:
         logger.warning("%s has no raw counts: no GE features (H&E-only data)", store.root)

@@ -12,8 +12,10 @@ Preprocessing follows the original embedding code (``model/embedding.py``, ``dat
 
 * Genes absent from the vocabulary are dropped; at training time the panel is the dataset's
   1199 (= ``max_seq_len - 1``) highly variable vocabulary genes of scanpy's ``cell_ranger``
-  flavour, as the original's ``embed`` selects them (:func:`choose_panel`). The panel is stored
-  in the config so that sampling later sees the same genes.
+  flavour with the sample as batch key, as the original's ``embed`` selects them and its
+  tutorial calls it (``embed(batch_key="sample")``; :func:`choose_panel`). The panel, and how
+  it was chosen (``panel_selection``), are stored in the config so that sampling later sees the
+  same genes.
 * **Every panel gene enters the sequence, zero counts included** (value 0). This is where
   CancerFoundation differs from scGPT, whose cell-embedding dataset keeps only non-zero genes;
   ``include_zero_genes=False`` selects the scGPT convention, in which case shorter sequences are
@@ -184,17 +186,30 @@ def map_to_vocabulary(data, vocab: Mapping[str, int], gene_column: str | None = 
     return report
 
 
+PANEL_BATCH_KEY = "sample_id"
+
+
 def choose_panel(
-    adata, vocab: Mapping[str, int], n_hvg: int, gene_column: str | None = None, layer: str | None = "counts"
+    adata,
+    vocab: Mapping[str, int],
+    n_hvg: int,
+    gene_column: str | None = None,
+    layer: str | None = "counts",
+    batch_key: str | None = PANEL_BATCH_KEY,
 ) -> tuple[list[str], VocabularyMapping]:
     """The training-time panel, chosen as CancerFoundation's ``embed`` chooses it.
 
     As the original (``model/embedding.py``): genes outside the vocabulary are dropped, then
-    ``scanpy.pp.highly_variable_genes(flavor="cell_ranger", n_top_genes=n_hvg)`` (no batch key,
-    the original's default) runs on the remaining genes' counts as given, and the panel is the
+    ``scanpy.pp.highly_variable_genes(flavor="cell_ranger", n_top_genes=n_hvg,
+    batch_key=batch_key)`` runs on the remaining genes' counts as given, and the panel is the
     genes it flags, in the data's gene order (the model has no positional encoding, so order
-    carries no meaning). Genes are capped at the vocabulary genes present, as scanpy does.
-    Returns the panel as vocabulary symbols and the mapping report.
+    carries no meaning). ``batch_key``: by default the sample (``sample_id``), as the
+    original's tutorial passes its sample column (``embed(batch_key="sample")``): scanpy then
+    ranks genes by the number of samples in which they are highly variable, ties broken by the
+    mean normalised dispersion; it is used only when ``adata`` is an AnnData whose obs has that
+    column, and ``None`` selects without batches (the original's default argument). Genes are
+    capped at the vocabulary genes present, as scanpy does. Returns the panel as vocabulary
+    symbols and the mapping report.
     """
     mapping = map_to_vocabulary(adata, vocab, gene_column)
     if mapping.found == 0:
@@ -210,17 +225,29 @@ def choose_panel(
     x = x.tocsr().astype(np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
     if not (np.asarray(x.sum(axis=0)).ravel() > 0).any():
         raise ValueError("no vocabulary gene is expressed in any spot of the training data")
-    subset = ad.AnnData(X=x, var=pd.DataFrame(index=[mapping.symbols[names[i]] for i in keep]))
+    key = panel_batch_key(adata, batch_key)
+    obs = pd.DataFrame(index=np.arange(x.shape[0]).astype(str))
+    if key is not None:
+        obs[key] = pd.Categorical(adata.obs[key].astype(str).to_numpy())
+    subset = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[mapping.symbols[names[i]] for i in keep]))
     try:
         table = sc.pp.highly_variable_genes(
-            subset, flavor="cell_ranger", n_top_genes=int(n_hvg), inplace=False
+            subset, flavor="cell_ranger", n_top_genes=int(n_hvg), batch_key=key, inplace=False
         )
     except ValueError as err:  # pandas cannot bin genes whose means share percentiles
         raise ValueError(
-            f"scanpy's cell_ranger selection failed on the {subset.n_vars} vocabulary genes ({err}); it bins genes "
-            "by mean expression and needs many genes with distinct means; give the panel as genes=[...] instead"
+            f"scanpy's cell_ranger selection failed on the {subset.n_vars} vocabulary genes"
+            f"{'' if key is None else f' per {key}'} ({err}); it bins genes by mean expression and needs many "
+            "genes with distinct means (in every batch); give the panel as genes=[...] instead"
         ) from err
     return [str(g) for g in subset.var_names[table["highly_variable"].to_numpy()]], mapping
+
+
+def panel_batch_key(adata, batch_key: str | None = PANEL_BATCH_KEY) -> str | None:
+    """The batch key :func:`choose_panel` uses on ``adata``: ``batch_key`` when ``adata`` is an
+    AnnData whose obs has that column, else None (no batches)."""
+    has = batch_key is not None and isinstance(adata, ad.AnnData) and batch_key in adata.obs.columns
+    return batch_key if has else None
 
 
 # -- tokenisation -------------------------------------------------------------------------
@@ -351,7 +378,8 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
     The state dict uses CancerFoundation's names, so ``model.pth`` loads without translation.
     ``binning_seed=None`` breaks bin ties and draws gene subsets at random on every call, as the
     original; an integer makes both a function of the seed and the spot's counts alone, so a
-    spot encodes the same in any batch and after a save/load.
+    spot encodes the same in any batch and after a save/load. ``panel_selection``: how the panel
+    was chosen on training data (flavour, size, batch key; None when it was given), a record only.
     """
 
     @register_to_config
@@ -372,6 +400,7 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
         gene_ids: Sequence[int] = (),
         binning_seed: int | None = None,
         include_zero_genes: bool = True,
+        panel_selection: dict | None = None,
     ):
         super().__init__()
         if len(genes) == 0:
@@ -433,13 +462,16 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
         trust_pickle: bool = False,
         binning_seed: int | None = None,
         include_zero_genes: bool = True,
+        batch_key: str | None = PANEL_BATCH_KEY,
     ) -> CancerFoundationEncoder:
         """Build the encoder from an unzipped CancerFoundation folder and fix its gene panel.
 
         The panel is either ``genes`` (symbols; those not in the vocabulary are dropped with a
         warning) or chosen on training data ``adata``: its ``n_hvg`` highly variable vocabulary
-        genes by scanpy's ``cell_ranger`` flavour (default ``max_seq_len - 1`` = 1199), as the
-        original (:func:`choose_panel`). ``model.pth`` is read as
+        genes by scanpy's ``cell_ranger`` flavour (default ``max_seq_len - 1`` = 1199) with
+        ``batch_key`` (default the sample, ``sample_id``, when ``adata.obs`` has it), as the
+        original (:func:`choose_panel`); the config's ``panel_selection`` records how (None for
+        a given panel). ``model.pth`` is read as
         plain tensors; a file with pickled objects is refused unless ``trust_pickle``. Only
         weights whose name (or training-checkpoint alias) and shape match are copied, as the
         original loader; everything else is listed in ``encoder.load_report`` and warned about,
@@ -458,8 +490,17 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
             raise ValueError(
                 "give either the gene panel (genes=[...]) or training data to choose it from (adata=...)"
             )
+        selection = None
         if adata is not None:
-            panel, mapping = choose_panel(adata, vocab, n_hvg or args["max_seq_len"] - 1, gene_column, layer)
+            n_top = n_hvg or args["max_seq_len"] - 1
+            panel, mapping = choose_panel(adata, vocab, n_top, gene_column, layer, batch_key)
+            selection = {
+                "flavor": "cell_ranger",
+                "n_top_genes": int(n_top),
+                "batch_key": panel_batch_key(adata, batch_key),
+                "reference": "BoevaLab/CancerFoundation model/embedding.py (embed) and "
+                "tutorial/embeddings_tutorial.ipynb (batch_key='sample')",
+            }
         else:
             mapping = map_to_vocabulary(list(genes), vocab)
             if mapping.found == 0:
@@ -483,6 +524,7 @@ class CancerFoundationEncoder(ModelMixin, ConfigMixin):
             gene_ids=[vocab[g] for g in panel],
             binning_seed=binning_seed,
             include_zero_genes=include_zero_genes,
+            panel_selection=selection,
         )
         encoder.load_report = encoder._load_checkpoint(read_state_dict(weights, trust_pickle), str(weights))
         encoder.vocabulary_mapping = mapping

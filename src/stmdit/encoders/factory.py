@@ -47,11 +47,14 @@ def build_ge_encoder(
     n_genes: int | None = None,
     trust_pickle: bool = False,
     binning_seed: int | None = 0,
+    panel_batch_key: str | None = "sample_id",
 ):
     """A GE encoder whose panel is chosen on ``train_adata``.
 
     ``n_genes``: panel size (``panel`` default 256; CancerFoundation default 1199). CancerFoundation
-    bins ties at random; ``binning_seed`` (default 0) makes encoding reproducible."""
+    chooses its panel with ``panel_batch_key`` as batch (default the sample, as its tutorial;
+    unused when ``train_adata.obs`` lacks the column) and bins ties at random; ``binning_seed``
+    (default 0) makes encoding reproducible."""
     kind, arg = _split(spec)
     if kind == "panel":
         return PanelExpressionEncoder.fit(train_adata, n_genes=n_genes or 256)
@@ -65,7 +68,12 @@ def build_ge_encoder(
                 "STMDIT_CANCERFOUNDATION=/path/to/folder (see `stmdit weights`)"
             )
         return CancerFoundationEncoder.from_cancerfoundation(
-            folder, adata=train_adata, n_hvg=n_genes, trust_pickle=trust_pickle, binning_seed=binning_seed
+            folder,
+            adata=train_adata,
+            n_hvg=n_genes,
+            trust_pickle=trust_pickle,
+            binning_seed=binning_seed,
+            batch_key=panel_batch_key,
         )
     raise ValueError(f"unknown GE encoder {spec!r}; use panel, cancerfoundation or cancerfoundation:FOLDER")
 

@@ -11,36 +11,48 @@ model over three views of a spot:
 * its **sub-spots**: that square cut into 3 x 3 non-overlapping crops (row-major; like
   DeepSpot, a remainder of fewer than 3 pixels on the right and bottom is left out), whose
   phi outputs are **summed**;
-* its **neighbours**: the spot crops of the spots of the same sample within array radius 1,
-  whose phi outputs are **max-pooled** over the neighbours present.
+* its **neighbours**: the spot crops of the spots of the same sample within radius 1 of DeepSpot's
+  box on the array coordinates (|d row|, |d col| <= 1; :func:`neighbour_index`), whose phi
+  outputs are **max-pooled**.
 
 Every crop goes through the frozen morphology encoder (which resizes it to its input size);
 phi = Linear -> Dropout -> ReLU in ``n_phi`` independent copies combined by their median, rho =
-Dropout -> ReLU -> Linear on the concatenated 3 x hidden vector in ``n_rho`` copies averaged.
-Targets are log1p CP10k of highly variable genes, standardised with the training spots' mean
-and standard deviation, which travel with the model as buffers.
+Dropout -> ReLU -> Linear -> Dropout(0.1) on the concatenated 3 x hidden vector in ``n_rho``
+copies averaged. In training, the neighbour slots a spot does not fill hold zero features whose
+phi output enters the max, as DeepSpot's dataloader pads them. Targets are log1p CP10k of
+highly variable genes (scanpy's ``seurat_v3_paper``, as DeepSpot's preprocessing notebook,
+with the sample as batch key when there are several), standardised with the training spots' mean and standard deviation,
+which travel with the model as buffers.
 
 For GENERATED tiles, :func:`context_features` is called on the generated tiles with the obs of
 the spots they were generated for: the sub-spots then come from the generated tile itself and
 the neighbours from the generated tiles of the neighbouring spots, exactly as for real tiles.
+Whoever reads tiles with a trained predictor goes through
+:func:`~stmdit.predictor.readback.read_expression`, which finds neighbours with the rule the
+predictor records.
 
-Where this differs from DeepSpot (``deepspot/spot/model.py``, ``spot/dataloader.py`` and
-``utils/utils_image.py`` of its repository):
+Checked against DeepSpot's code (``deepspot/spot/model.py``, ``spot/dataloader.py``,
+``utils/utils_dataloader.py`` and ``utils/utils_image.py``; ``tests/test_deepspot_equivalence.py``
+builds DeepSpot's architecture from that code): the forward pass, the checkpoint layout, the
+neighbour query and the training-time padding and dropout are DeepSpot's. Where it still differs:
 
-* neighbours: DeepSpot zero-pads neighbour *features* to the largest neighbour count and
-  max-pools over the padding too during training, and at inference encodes a black image for a
-  spot without neighbours; here padding is masked out and a spot without neighbours gets a
-  zero neighbour vector, in training and inference alike;
-* Visium's hexagonal grid: DeepSpot's radius is a box on the array coordinates
-  (|dx|, |dy| <= radius), right for square grids (8 neighbours); on Visium's array_row /
-  array_col (a row's spots 2 columns apart) that box reaches the 4 diagonal neighbours but not
-  the 2 in the same row. Here radius 1 on a hexagonal grid is the ring of the 6 spots one pitch
-  away (see :func:`neighbour_index`);
-* rho: DeepSpot's rho ends in a Dropout(0.1) on the output, which only acts in training; it is
-  left out;
-* genes: as DeepSpot, by default the top 5,000 highly variable genes of scanpy's ``seurat_v3``
-  with the sample as batch key, on the training spots' raw counts, in scanpy's rank order (see
-  :mod:`stmdit.predictor.genes`); a variance ranking of fewer genes is an explicit option.
+* a spot without any neighbour: at inference DeepSpot encodes a black tile as its only
+  neighbour; here its neighbour vector is zero (the features of a black tile belong to the
+  morphology encoder, not to this model). In training both pool phi(0) over the padding;
+* neighbours without array coordinates: DeepSpot's box needs ``array_row``/``array_col``; a
+  sample without them falls back to its pixel centres (spots within 1.5 pitches), which is
+  DeepSpot's box on a square grid and the ring of 6 on a hexagonal one;
+* dropout: one ``dropout`` for phi and rho's input (DeepSpot's ``p``, 0.3); DeepSpot can set
+  ``p_phi`` and ``p_rho`` apart;
+* validation: DeepSpot's notebooks early-stop on the training loss; here a validation split,
+  when given, early-stops on its loss in eval mode (present neighbours only);
+* options that depart from DeepSpot, each recorded in the provenance and listed by
+  :attr:`ExpressionPredictor.protocol_departures`: ``gene_selection="seurat_v3"`` or
+  ``"variance"`` or fewer than 5,000 genes (:mod:`stmdit.predictor.genes`);
+  ``neighbours="hex_ring"`` (the 6 spots one pitch away on hexagonal grids, the rule of
+  predictors trained before the rule was recorded, which still read with it);
+  ``neighbour_padding="masked"`` (unfilled slots left out of the max in training) and another
+  ``output_dropout``.
 """
 
 from stmdit.predictor.features import ContextFeatures, context_features, spot_crops

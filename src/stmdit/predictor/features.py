@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stmdit.encoders.morphology import images_to_tensor
-from stmdit.predictor.graph import neighbour_index
+from stmdit.predictor.graph import DEEPSPOT_RULE, neighbour_index
 
 SUBSPOT_GRID = 3  # DeepSpot's n_mini_tiles = 9
 
@@ -122,11 +122,24 @@ class ContextFeatures:
         return self.spot.shape[1]
 
     def subset(self, rows) -> ContextFeatures:
-        """The features of ``rows``; neighbours outside ``rows`` are dropped (become padding)."""
+        """The features of ``rows``; neighbours outside ``rows`` are dropped, and the neighbour
+        index is narrowed to the most neighbours a spot of ``rows`` keeps (see :meth:`compact`)."""
         rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
         remap = torch.full((len(self) + 1,), -1, dtype=torch.long)  # last entry: padding stays padding
         remap[rows] = torch.arange(len(rows))
-        return ContextFeatures(self.spot[rows], self.subspots[rows], remap[self.neighbours[rows]])
+        index = remap[self.neighbours[rows]]
+        return ContextFeatures(self.spot[rows], self.subspots[rows], index).compact()
+
+    def compact(self) -> ContextFeatures:
+        """The same features (tensors shared) with each spot's neighbours first, in their order,
+        and the index as wide as the most neighbours of any spot: the width is the number of
+        neighbour slots, which DeepSpot's zero padding in training fills (its ``max_n_neighbors``)."""
+        present = self.neighbours >= 0
+        width = int(present.sum(dim=1).max()) if self.neighbours.numel() else 0
+        # A stable sort on "absent" moves present neighbours to the front, keeping their order.
+        order = torch.sort((~present).to(torch.int8), dim=1, stable=True).indices
+        index = torch.gather(self.neighbours, 1, order)[:, :width]
+        return ContextFeatures(self.spot, self.subspots, index.contiguous())
 
     def batch(self, rows, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Model inputs (spot, subspots, neighbours (B, K, D), neighbour_mask (B, K)) of ``rows``."""
@@ -148,6 +161,8 @@ def context_features(
     batch_size: int = 64,
     neighbours: np.ndarray | None = None,
     progress: bool = True,
+    neighbour_rule: str = DEEPSPOT_RULE,
+    neighbour_radius: int = 1,
 ) -> ContextFeatures:
     """Encode every spot's crop and sub-spot crops and link its neighbours.
 
@@ -160,7 +175,9 @@ def context_features(
     number, or one per spot); the spot crop is the central square of that side.
     ``encoder``: a frozen morphology encoder, ``encoder(images (B, 3, H, W) in [0, 1]) -> (B, D)``;
     it resizes crops to its input size. ``neighbours``: a precomputed :func:`neighbour_index`
-    (default: computed from ``obs``). Encoding runs in batches of ``batch_size`` spots
+    (default: computed from ``obs`` with ``neighbour_rule`` and ``neighbour_radius``; to read
+    tiles with a trained predictor, use :func:`~stmdit.predictor.readback.read_expression`,
+    which takes both from the predictor). Encoding runs in batches of ``batch_size`` spots
     (10 crops each).
     """
     n = len(tiles)
@@ -170,7 +187,11 @@ def context_features(
         )
     if n == 0:
         raise ValueError("no tiles given")
-    index = neighbour_index(obs) if neighbours is None else np.asarray(neighbours, dtype=np.int64)
+    index = (
+        neighbour_index(obs, neighbour_radius, neighbour_rule)
+        if neighbours is None
+        else np.asarray(neighbours, dtype=np.int64)
+    )
     if index.ndim != 2 or index.shape[0] != n:
         raise ValueError(f"neighbours must be (n_spots, K) = ({n}, K); got shape {index.shape}")
     diameters = _diameters(spot_diameter_um, n)

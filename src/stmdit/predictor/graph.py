@@ -1,8 +1,20 @@
-"""The neighbour graph of spots: which spots of the same sample lie within array radius 1.
+"""The neighbour graph of spots: which spots of the same sample count as a spot's neighbours.
 
-DeepSpot max-pools the features of a spot's neighbours; this module finds them, on square
-grids (legacy ST), Visium's hexagonal grid (doubled columns) or, without array coordinates,
-from the pixel centres.
+DeepSpot max-pools the features of a spot's neighbours; this module finds them. Two rules:
+
+* ``"deepspot_box"`` (default, DeepSpot's): every spot of the same sample with
+  |Δ array_row| <= radius and |Δ array_col| <= radius, on every grid, as DeepSpot's
+  ``compute_neighbors`` (``deepspot/utils/utils_dataloader.py``) queries its array
+  coordinates. On a square grid (legacy ST) that is the 8 spots around; on Visium's hexagonal
+  grid, whose rows hold their spots 2 columns apart (doubled columns), it is the 4 diagonal
+  neighbours only: the 2 spots of the same row are 2 columns away and outside the box.
+* ``"hex_ring"`` (an explicit departure, the rule STMDiT used before it recorded one): the
+  same box on square grids, but on doubled-column hexagonal grids the spots at most ``radius``
+  hexagonal steps away (the ring of 6 at radius 1).
+
+Without array coordinates, a sample's neighbours come from its pixel centres under either
+rule (spots within ``radius + 0.5`` pitches): DeepSpot's box on a square grid, the 6-ring on a
+hexagonal one, where the box on array coordinates is not defined without them.
 """
 
 from __future__ import annotations
@@ -11,15 +23,23 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
+DEEPSPOT_RULE = "deepspot_box"
+NEIGHBOUR_RULES = (DEEPSPOT_RULE, "hex_ring")
+
+
+def check_rule(rule: str) -> str:
+    if rule not in NEIGHBOUR_RULES:
+        raise ValueError(f"neighbour rule must be one of {', '.join(NEIGHBOUR_RULES)}; got {rule!r}")
+    return rule
+
 
 def _grid_offsets(radius: int, hexagonal: bool) -> list[tuple[int, int]]:
     """(row, col) steps to the neighbours within ``radius``.
 
-    Square grids (legacy ST, square pseudo-spot grids): the box |drow|, |dcol| <= radius, as
-    DeepSpot queries its array coordinates (8 neighbours at radius 1). Hexagonal grids with
-    doubled columns (Visium, and the readers' ``hex`` grids, where a row's spots are 2 columns
-    apart and odd rows are shifted by 1): spots at most ``radius`` hexagonal steps away, i.e.
-    |drow| + max(0, (|dcol| - |drow|) / 2) <= radius with drow + dcol even (6 at radius 1).
+    Not ``hexagonal``: the box |drow|, |dcol| <= radius (DeepSpot's query). ``hexagonal``, for
+    doubled-column grids (a row's spots 2 columns apart, odd rows shifted by 1): spots at most
+    ``radius`` hexagonal steps away, |drow| + max(0, (|dcol| - |drow|) / 2) <= radius with
+    drow + dcol even (6 at radius 1).
     """
     steps = []
     for dr in range(-radius, radius + 1):
@@ -39,8 +59,8 @@ def _is_hexagonal(rows: np.ndarray, cols: np.ndarray) -> bool:
     return len(rows) > 1 and bool((parity == parity[0]).all())
 
 
-def _array_neighbours(rows: np.ndarray, cols: np.ndarray, radius: int, grid: str | None) -> list[list[int]]:
-    hexagonal = _is_hexagonal(rows, cols) if grid is None else grid == "hex"
+def _array_neighbours(rows: np.ndarray, cols: np.ndarray, radius: int, rule: str) -> list[list[int]]:
+    hexagonal = rule == "hex_ring" and _is_hexagonal(rows, cols)
     where = {(r, c): i for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True))}
     offsets = _grid_offsets(radius, hexagonal)
     return [
@@ -74,25 +94,24 @@ def _numeric(obs: pd.DataFrame, column: str, rows: np.ndarray) -> np.ndarray | N
     return values if np.isfinite(values).all() else None
 
 
-def neighbour_index(obs: pd.DataFrame, radius: int = 1, grid: str | None = None) -> np.ndarray:
+def neighbour_index(obs: pd.DataFrame, radius: int = 1, rule: str = DEEPSPOT_RULE) -> np.ndarray:
     """For each spot, the row numbers (into ``obs``) of its neighbours: spots of the same
-    ``sample_id`` within array radius ``radius``.
+    ``sample_id`` within ``radius`` under ``rule`` (see the module docstring).
 
     Returns an int64 array (n_spots, K), K the largest neighbour count, padded with -1.
 
     Array coordinates (``array_row``, ``array_col``) define the neighbourhood when a sample has
-    them for every spot; see :func:`_grid_offsets` for square and hexagonal grids. ``grid``
-    forces ``"square"`` or ``"hex"``; by default it is detected per sample (Visium-style
-    hexagonal grids have a constant row + col parity). A sample without array coordinates
-    falls back to its pixel centres (``x_px``, ``y_px``): spots within 1.5 x the spot pitch (at
-    radius 1), which on a regular grid gives the same neighbours. Interior spots have 8
-    neighbours on a square grid and 6 on a hexagonal one; edge spots fewer.
+    them for every spot. ``rule="deepspot_box"`` (DeepSpot's): the box |Δrow|, |Δcol| <= radius
+    on any grid (8 interior neighbours on a square grid, 4 on Visium's doubled columns);
+    ``rule="hex_ring"``: the box on square grids and the ring of 6 on grids detected as
+    doubled-column hexagonal (a constant row + col parity). A sample without array coordinates
+    falls back to its pixel centres (``x_px``, ``y_px``) under either rule: spots within 1.5 x
+    the spot pitch (at radius 1).
 
     The evaluation passes the obs of generated tiles here, so a generated spot's neighbours are
     the generated tiles of its neighbouring spots.
     """
-    if grid not in (None, "square", "hex"):
-        raise ValueError(f"grid must be 'square', 'hex' or None (detect); got {grid!r}")
+    check_rule(rule)
     if int(radius) != radius or radius < 1:
         raise ValueError(f"radius must be a positive integer; got {radius!r}")
     n = len(obs)
@@ -105,7 +124,7 @@ def neighbour_index(obs: pd.DataFrame, radius: int = 1, grid: str | None = None)
         arow, acol = _numeric(obs, "array_row", rows), _numeric(obs, "array_col", rows)
         if arow is not None and acol is not None:
             local = _array_neighbours(
-                np.round(arow).astype(np.int64), np.round(acol).astype(np.int64), int(radius), grid
+                np.round(arow).astype(np.int64), np.round(acol).astype(np.int64), int(radius), rule
             )
         else:
             x, y = _numeric(obs, "x_px", rows), _numeric(obs, "y_px", rows)

@@ -1,10 +1,11 @@
 """The expression predictor's network: DeepSpot's deep sets over context features.
 
 phi = Linear -> Dropout -> ReLU in ``n_phi`` independent copies combined by their median, rho =
-Dropout -> ReLU -> Linear on the concatenated 3 x hidden vector (spot, summed sub-spots,
-max-pooled neighbours) in ``n_rho`` copies averaged. Outputs are standardised log1p CP10k; the
-training targets' mean and standard deviation travel with the model as buffers. Official
-DeepSpot weights map onto it (:meth:`ExpressionPredictor.from_deepspot`).
+Dropout -> ReLU -> Linear -> Dropout(0.1) on the concatenated 3 x hidden vector (spot, summed
+sub-spots, max-pooled neighbours) in ``n_rho`` copies averaged, as ``deepspot/spot/model.py``.
+Outputs are standardised log1p CP10k; the training targets' mean and standard deviation travel
+with the model as buffers. Official DeepSpot weights map onto it
+(:meth:`ExpressionPredictor.from_deepspot`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,13 @@ from torch import nn
 
 from stmdit.io import load_state_dict_file
 from stmdit.predictor.features import ContextFeatures
+from stmdit.predictor.genes import gene_protocol_departures
+from stmdit.predictor.graph import DEEPSPOT_RULE, check_rule
 
 PREDICTION_KEY = "stmdit_prediction"
+NEIGHBOUR_PADDINGS = ("zeros", "masked")
+DEEPSPOT_DROPOUT = 0.3
+DEEPSPOT_OUTPUT_DROPOUT = 0.1
 
 
 def _linear_init(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
@@ -44,8 +50,14 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
     ``genes``: the predicted genes, in output order; ``input_dim``: the morphology feature size;
     ``hidden_dim``: phi's output size (DeepSpot: 512); ``n_phi``/``n_rho``: independent copies of
     phi (combined by the median) and rho (averaged), DeepSpot: 10 each; ``dropout``: DeepSpot's
-    p = 0.3; ``provenance``: how the model was made (training data, encoder, source), carried
-    into every prediction. Buffers ``target_mean``/``target_std`` undo the standardisation.
+    p = 0.3 in phi and before rho's Linear; ``output_dropout``: the Dropout after rho's Linear
+    (DeepSpot's 0.1); ``neighbour_padding``: how training treats the neighbour slots a spot
+    does not fill, ``"zeros"`` (DeepSpot's: zero features, whose phi output enters the max) or
+    ``"masked"`` (left out of the max); both only act in training (see :meth:`forward`).
+    ``provenance``: how the model was made (training data, encoder, source), carried into every
+    prediction. Buffers ``target_mean``/``target_std`` undo the standardisation. Configs saved
+    before ``output_dropout`` and ``neighbour_padding`` existed load with DeepSpot's values;
+    they change nothing in eval mode.
     """
 
     @register_to_config
@@ -56,8 +68,10 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
         hidden_dim: int = 512,
         n_phi: int = 10,
         n_rho: int = 10,
-        dropout: float = 0.3,
+        dropout: float = DEEPSPOT_DROPOUT,
         provenance: dict | None = None,
+        output_dropout: float = DEEPSPOT_OUTPUT_DROPOUT,
+        neighbour_padding: str = "zeros",
     ):
         super().__init__()
         genes = [str(g) for g in genes]
@@ -74,6 +88,13 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
         ):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        for name, value in (("dropout", dropout), ("output_dropout", output_dropout)):
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must lie in [0, 1); got {value!r}")
+        if neighbour_padding not in NEIGHBOUR_PADDINGS:
+            raise ValueError(
+                f"neighbour_padding must be one of {', '.join(NEIGHBOUR_PADDINGS)}; got {neighbour_padding!r}"
+            )
         # The copies' Linear layers stacked along dim 0, so all copies run as one batched matmul.
         self.phi_weight = nn.Parameter(_linear_init((n_phi, hidden_dim, input_dim), input_dim))
         self.phi_bias = nn.Parameter(_linear_init((n_phi, hidden_dim), input_dim))
@@ -93,9 +114,53 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
     @property
     def gene_protocol(self) -> dict | None:
         """How the genes were chosen (provenance ``gene_selection``; see
-        :func:`~stmdit.predictor.genes.select_predictor_genes`), None when not recorded."""
+        :func:`~stmdit.predictor.genes.select_predictor_genes`), None when not recorded. Its
+        ``departures`` and ``paper`` are judged again against today's reference protocol, so a
+        predictor saved under an older one (e.g. ``seurat_v3``) shows its departure."""
         protocol = (self.config.provenance or {}).get("gene_selection")
-        return protocol if isinstance(protocol, dict) else None
+        if not isinstance(protocol, dict):
+            return None
+        departures = gene_protocol_departures(protocol)
+        return {**protocol, "departures": departures, "paper": not departures}
+
+    @property
+    def neighbour_rule(self) -> str:
+        """The neighbour rule (:func:`~stmdit.predictor.graph.neighbour_index`) to read tiles
+        with: the one recorded in the provenance; DeepSpot's box for imported DeepSpot weights
+        and hand-built models; ``"hex_ring"`` for a predictor trained by STMDiT before the rule
+        was recorded, since that was then its only rule (on square grids the same as the box)."""
+        provenance = self.config.provenance or {}
+        if "neighbour_rule" in provenance:
+            return check_rule(provenance["neighbour_rule"])
+        return "hex_ring" if "trained_by" in provenance else DEEPSPOT_RULE
+
+    @property
+    def neighbour_radius(self) -> int:
+        """The neighbour radius in array steps the predictor was trained with (DeepSpot's 1)."""
+        return int((self.config.provenance or {}).get("neighbour_radius", 1))
+
+    @property
+    def protocol_departures(self) -> list[str]:
+        """Every way this predictor departs from DeepSpot's protocol: its genes (empty list:
+        none), its neighbour rule, and training options other than DeepSpot's."""
+        out = list((self.gene_protocol or {}).get("departures", gene_protocol_departures(None)))
+        if self.neighbour_rule != DEEPSPOT_RULE:
+            out.append(
+                f"neighbours by the {self.neighbour_rule!r} rule (on hexagonal grids the ring of 6), not "
+                "DeepSpot's box |d row|, |d col| <= radius on the array coordinates"
+            )
+        if self.neighbour_radius != 1:
+            out.append(f"neighbour radius {self.neighbour_radius} instead of DeepSpot's 1")
+        if self.config.neighbour_padding != "zeros":
+            out.append(
+                "trained with unfilled neighbour slots masked out of the max; DeepSpot pads them with "
+                "zero features whose phi output enters the max"
+            )
+        if self.config.output_dropout != DEEPSPOT_OUTPUT_DROPOUT:
+            out.append(
+                f"rho's output dropout {self.config.output_dropout} instead of DeepSpot's {DEEPSPOT_OUTPUT_DROPOUT}"
+            )
+        return out
 
     @property
     def hvg_order(self) -> np.ndarray | None:
@@ -128,11 +193,13 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
         return h.median(dim=-2).values
 
     def _rho(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, 3 * hidden) -> (B, n_genes): every copy's Dropout (its own mask) -> ReLU -> Linear,
-        averaged over copies."""
+        """(B, 3 * hidden) -> (B, n_genes): every copy's Dropout (its own mask) -> ReLU -> Linear
+        -> Dropout(``output_dropout``), averaged over copies."""
         h = h.unsqueeze(1).expand(-1, self.config.n_rho, -1)
         h = nn.functional.relu(nn.functional.dropout(h, self.config.dropout, self.training))
-        return (torch.einsum("bci,cgi->bcg", h, self.rho_weight) + self.rho_bias).mean(dim=1)
+        out = torch.einsum("bci,cgi->bcg", h, self.rho_weight) + self.rho_bias
+        out = nn.functional.dropout(out, self.config.output_dropout, self.training)
+        return out.mean(dim=1)
 
     def _check(self, spot, subspots, neighbours, neighbour_mask) -> None:
         d = self.config.input_dim
@@ -162,18 +229,29 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
         """``spot`` (B, D), ``subspots`` (B, 9, D), ``neighbours`` (B, K, D) with
         ``neighbour_mask`` (B, K) True where a neighbour is present -> (B, n_genes) standardised.
 
-        Neighbours are max-pooled over those present; a spot with none gets zeros (phi's outputs
-        are >= 0 after its ReLU, so zero is also the smallest value a present neighbour gives).
+        In eval mode neighbours are max-pooled over those present, as DeepSpot's inference passes
+        exactly a spot's neighbours; a spot with none gets zeros (phi's outputs are >= 0 after
+        its ReLU; DeepSpot encodes a black tile instead, which needs the morphology encoder).
+        In training with ``neighbour_padding="zeros"`` (DeepSpot's dataloader), the K slots are
+        K zero-padded feature rows: an unfilled slot holds zero features, goes through phi, and
+        its phi(0) enters the max, so a spot with fewer than K neighbours pools phi(0) too
+        (K = the most neighbours of a training spot, at least 1, as DeepSpot pads to its
+        ``max_n_neighbors``); with ``"masked"`` training pools as eval does.
         """
         self._check(spot, subspots, neighbours, neighbour_mask)
         spot, subspots, neighbours = (t.to(self.phi_weight) for t in (spot, subspots, neighbours))
         neighbour_mask = neighbour_mask.to(spot.device)
         h_spot = self._phi(spot)
         h_sub = self._phi(subspots).sum(dim=1)
-        if neighbours.shape[1] == 0:
+        present = neighbour_mask.unsqueeze(-1)
+        if self.training and self.config.neighbour_padding == "zeros":
+            padded = neighbours.masked_fill(~present, 0.0)
+            if padded.shape[1] == 0:
+                padded = torch.zeros_like(spot).unsqueeze(1)
+            h_nb = self._phi(padded).amax(dim=1)
+        elif neighbours.shape[1] == 0:
             h_nb = torch.zeros_like(h_spot)
         else:
-            present = neighbour_mask.unsqueeze(-1)
             h_nb = self._phi(neighbours).masked_fill(~present, float("-inf")).amax(dim=1)
             h_nb = torch.where(present.any(dim=1), h_nb, torch.zeros_like(h_nb))
         h = torch.cat([h_spot, h_sub, h_nb], dim=-1)
@@ -237,7 +315,8 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
         (``model.state_dict()``, e.g. re-saved to avoid pickles) is accepted too, without a scaler.
 
         Mapped: ``phi_spot.<i>.model.0`` (Linear of Phi = Linear, Dropout, ReLU) -> phi copy i;
-        ``rho.<i>.model.2`` (Linear of Rho = Dropout, ReLU, Linear, Dropout(0.1)) -> rho copy i;
+        ``rho.<i>.model.2`` (Linear of Rho = Dropout, ReLU, Linear, Dropout(0.1)) -> rho copy i
+        (the final Dropout(0.1) is ``output_dropout``);
         the module's ``scaler`` (sklearn StandardScaler ``mean_``/``scale_``, or RobustScaler
         ``center_``/``scale_``) -> the target scaler. Only the ``spot_subspot_neighbors`` context
         (DeepSpot's default) has this architecture.
@@ -247,8 +326,10 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
         weight folders ship them. Features must come from the morphology model DeepSpot was
         trained with (``image_feature_model`` in ``top_param_overall.yaml``, recorded in the
         provenance when that file is present). Outputs equal DeepSpot's inference
-        (``predict_spot_spatial_transcriptomics_from_image_path``) for spots with neighbours; for
-        a spot without any, DeepSpot encodes a black tile where this model uses zeros.
+        (``predict_spot_spatial_transcriptomics_from_image_path``) for spots with neighbours,
+        read with DeepSpot's neighbour rule (recorded in the provenance: the box on the array
+        coordinates, radius 1, its inference default); for a spot without any, DeepSpot encodes
+        a black tile where this model uses zeros.
         """
         path = Path(path)
         try:
@@ -298,6 +379,8 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
             "path": str(path.resolve()),
             "spot_context": context,
             "image_feature_model": _deepspot_feature_model(path),
+            "neighbour_rule": DEEPSPOT_RULE,
+            "neighbour_radius": 1,
         }
         model = cls(
             genes=genes,
@@ -305,8 +388,10 @@ class ExpressionPredictor(ModelMixin, ConfigMixin):
             hidden_dim=int(hidden),
             n_phi=len(phi_ids),
             n_rho=len(rho_ids),
-            dropout=float(hparams.get("p_phi") or hparams.get("p") or 0.3),
+            dropout=float(hparams.get("p_phi") or hparams.get("p") or DEEPSPOT_DROPOUT),
             provenance=provenance,
+            output_dropout=DEEPSPOT_OUTPUT_DROPOUT,
+            neighbour_padding="zeros",
         )
         with torch.no_grad():
             for c, i in enumerate(phi_ids):

@@ -21,12 +21,15 @@ from stmdit.data.store import DatasetStore
 from stmdit.encoders.factory import build_morphology_encoder, describe
 from stmdit.predictor.features import ContextFeatures, context_features, spot_crops, take_rows
 from stmdit.predictor.genes import PAPER_GENE_SELECTION, PAPER_N_GENES, select_predictor_genes
+from stmdit.predictor.graph import DEEPSPOT_RULE, check_rule, neighbour_index
 from stmdit.predictor.model import PREDICTION_KEY, ExpressionPredictor, PredictorFit
 from stmdit.predictor.pseudocounts import fit_zero_calibration
 from stmdit.predictor.spots import SpotSet, expression_targets, per_gene_pearson, require_counts
 from stmdit.predictor.storage import save_predictor
 
 logger = logging.getLogger(__name__)
+
+NEIGHBOUR_RADIUS = 1  # DeepSpot's radius_neighbors in its examples and its inference default
 
 
 def _default_device(device) -> torch.device:
@@ -56,7 +59,10 @@ def fit_predictor(
     """Train an :class:`ExpressionPredictor` on precomputed features and log1p CP10k targets.
 
     Targets are standardised with their own mean and std (kept in the model). MSE loss, AdamW
-    (DeepSpot: lr 1e-4, weight decay 1e-6). With ``val`` = (features, targets), training stops
+    (DeepSpot: lr 1e-4, weight decay 1e-6). The neighbour slots of a training batch are as many
+    as the most neighbours of a training spot (DeepSpot's ``max_n_neighbors``), which the
+    model's default ``neighbour_padding="zeros"`` fills with zero features as DeepSpot's
+    dataloader does. With ``val`` = (features, targets), training stops
     after ``patience`` epochs without a lower validation loss and the best epoch's weights are
     kept; without it all ``epochs`` run. Deterministic for a given ``seed`` on one device
     (weights, shuffling and dropout draw from a private seeded RNG state).
@@ -76,6 +82,7 @@ def fit_predictor(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1; got {epochs}, {batch_size}")
     device = _default_device(device)
+    features = features.compact()
     mean, std = targets.mean(0), np.maximum(targets.std(0), 1e-3)
     z = torch.from_numpy((targets - mean) / std)
     z_val = (
@@ -151,16 +158,22 @@ def train_predictor(
     progress: bool = True,
     device=None,
     gene_selection: str = PAPER_GENE_SELECTION,
+    neighbours: str = DEEPSPOT_RULE,
 ) -> PredictorFit:
     """Encode ``train`` (and ``val``) in context, choose genes, and fit.
 
     Genes: by default DeepSpot's, the top ``n_genes`` = 5,000 highly variable genes of scanpy's
-    ``seurat_v3`` with the sample as batch key on the training spots' raw counts, kept in
-    scanpy's rank order; ``gene_selection="variance"`` ranks by the variance of log1p CP10k
-    instead (see :func:`~stmdit.predictor.genes.select_predictor_genes`). Anything but the paper's
-    protocol is warned about and recorded in the provenance (``gene_selection``), as are the
-    training tiles' size (``tile_um``, ``tile_px``), which pseudo-labelling reads slides at.
-    ``val`` early-stops training (see :func:`fit_predictor`).
+    ``seurat_v3_paper`` with the sample as batch key on the training spots' raw counts, kept in
+    scanpy's selection order; ``gene_selection="seurat_v3"`` (scanpy's other ranking) and
+    ``"variance"`` (variance of log1p CP10k) are departures (see
+    :func:`~stmdit.predictor.genes.select_predictor_genes`). ``neighbours``: the neighbour rule
+    of :func:`~stmdit.predictor.graph.neighbour_index`, by default DeepSpot's box on the array
+    coordinates (radius 1); ``"hex_ring"`` is a departure. ``model_kwargs`` may set
+    ``neighbour_padding="masked"`` or another ``output_dropout`` (departures too). Every
+    departure is warned about and recorded in the provenance (``gene_selection``,
+    ``neighbour_rule``, ``protocol_departures``), as are the training tiles' size (``tile_um``,
+    ``tile_px``), which pseudo-labelling reads slides at. ``val`` early-stops training (see
+    :func:`fit_predictor`).
 
     ``leave_one_patient_out``: additionally, for every patient of ``train`` (``obs['patient_id']``,
     at least two), a model trained without that patient (genes chosen again on its training
@@ -169,18 +182,19 @@ def train_predictor(
     new patient, as DeepSpot evaluates. Morphology features are computed once and shared.
     """
     require_counts(train.adata, "training spots")
+    check_rule(neighbours)
     if leave_one_patient_out:
         patients = _patients(train.adata)
-    features = context_features(
-        train.tiles, train.adata.obs, train.tile_um, train.spot_diameter_um, encoder, progress=progress
-    )
-    val_features = (
-        context_features(
-            val.tiles, val.adata.obs, val.tile_um, val.spot_diameter_um, encoder, progress=progress
-        )
-        if val is not None and len(val)
-        else None
-    )
+
+    def encode(spots: SpotSet) -> ContextFeatures:
+        index = neighbour_index(spots.adata.obs, NEIGHBOUR_RADIUS, neighbours)
+        return context_features(
+            spots.tiles, spots.adata.obs, spots.tile_um, spots.spot_diameter_um, encoder,
+            neighbours=index, progress=progress,
+        )  # fmt: skip
+
+    features = encode(train)
+    val_features = encode(val) if val is not None and len(val) else None
     d = np.unique(np.asarray(train.spot_diameter_um, dtype=np.float64))
     base = {
         "trained_by": "stmdit train_predictor",
@@ -188,7 +202,8 @@ def train_predictor(
         "tile_um": float(train.tile_um),
         "tile_px": train.tile_px,
         "spot_diameter_um": d.tolist(),
-        "neighbour_radius": 1,
+        "neighbour_radius": NEIGHBOUR_RADIUS,
+        "neighbour_rule": neighbours,
         "seed": int(seed),
     }
     settings = {
@@ -205,12 +220,6 @@ def train_predictor(
     def fit(rows: np.ndarray, extra: dict) -> PredictorFit:
         adata = train.adata[rows]
         genes, protocol = select_predictor_genes(adata, n_genes, gene_selection)
-        if protocol["departures"] and not extra:
-            warnings.warn(
-                "the predictor does not follow DeepSpot's gene protocol: "
-                + "; ".join(protocol["departures"]),
-                stacklevel=3,
-            )
         targets = expression_targets(adata, genes, source="training spots")
         val_pair = None
         if val_features is not None:
@@ -226,6 +235,13 @@ def train_predictor(
         result = fit_predictor(
             features.subset(rows), targets, genes, val=val_pair, provenance=provenance, **settings
         )
+        departures = result.predictor.protocol_departures
+        provenance["protocol_departures"] = departures
+        if departures and not extra:
+            warnings.warn(
+                "the predictor does not follow DeepSpot's protocol: " + "; ".join(departures),
+                stacklevel=3,
+            )
         # How often a gene predicted at each level is measured as 0, for pseudo-label counts.
         known, measured, source = (
             (*val_pair, "validation spots")
@@ -291,13 +307,15 @@ def train_predictor_command(
     batch_size: int = 256,
     progress: bool = True,
     gene_selection: str | None = None,
+    neighbours: str = DEEPSPOT_RULE,
 ) -> Path:
     """``stmdit train-predictor``: fit the expression predictor on a prepared store.
 
     Trains on the kept spots of the ``train`` split, early-stops on the ``val`` split when it has
     kept spots, and writes the predictor folder (:func:`save_predictor`) atomically to ``out_dir``.
-    ``n_genes`` and ``gene_selection`` default (None) to DeepSpot's protocol (5,000 seurat_v3
-    HVGs, see :func:`train_predictor`). Returns ``out_dir``.
+    ``n_genes`` and ``gene_selection`` default (None) to DeepSpot's protocol (5,000
+    seurat_v3_paper HVGs, see :func:`train_predictor`), ``neighbours`` to DeepSpot's box rule.
+    Returns ``out_dir``.
     """
     store = DatasetStore(dataset_dir)
     train = SpotSet.from_store(store, "train")
@@ -318,6 +336,7 @@ def train_predictor_command(
         seed=seed,
         leave_one_patient_out=leave_one_patient_out,
         progress=progress,
+        neighbours=neighbours,
         **{k: v for k, v in genes.items() if v is not None},
     )
     extra = {"morphology_spec": str(morphology_encoder), "dataset": str(store.root.resolve())}
