@@ -11,6 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -76,6 +77,11 @@ def test_predictor_training_evaluation_and_report_end_to_end(
     ratio = ge["fidelity_auc"]["mean"] / metrics["ceiling"]["auc"]
     assert ge["fidelity_ratio_to_ceiling"] == pytest.approx(ratio)
     assert any("2048" in w or "images" in w for w in metrics["warnings"])
+    # KID from 24 images: subsets of all of them (torch-fidelity's 1000 are too many), said once.
+    few = "kid: KID from few images: subsets of 24 images instead of 1000"
+    assert sum(w.startswith(few) for w in metrics["warnings"]) == 1
+    # Models at the store's 32 px: one ceiling, the store's, and every ratio divides by it.
+    assert set(metrics["ceilings"]) == {"32"} and metrics["models"]["xattn"]["ceiling"]["detail_px"] == 32
     seed0 = metrics["models"]["xattn"]["settings"]["ge"]["details"]["seed0"]
     assert seed0["image_metrics"]["overall"]["fid"]["protocol"]["n_real"] == metrics["n_spots"] == 24
 
@@ -248,3 +254,128 @@ def test_report_page_escapes_names_and_marks_skipped_metrics(tmp_path):
     assert "S&lt;1&gt;" in page and "few images &amp; more" in page
     assert page.count('class="skipped">skipped</td>') == 2 and "<td>12.50</td>" in page
     assert page.count("<li>") == 2 and "FID: FID and KID skipped: no weights." in page
+
+
+@pytest.fixture(scope="module")
+def store_64px(test_data, tmp_path_factory):
+    """The her2st sections prepared at 64 px per 128 µm tile (one held out), with a predictor
+    trained on its training spots, so the predictor's own grid is 64 px."""
+    import warnings
+
+    from conftest import her2st_prepare_config
+    from stmdit.data.store import PrepareConfig, prepare
+    from stmdit.predictor import SpotSet, build_predictor_encoder, save_predictor, train_predictor
+
+    root = tmp_path_factory.mktemp("her2st_64px")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # C3 and C4 list spot positions without counts
+        store = prepare(
+            PrepareConfig(**her2st_prepare_config(test_data, root / "store", tile_px=64)), progress=False
+        )
+    train = SpotSet.from_store(store, split="train")
+    encoder = build_predictor_encoder("stain", train)
+    small = {"hidden_dim": 64, "n_phi": 2, "n_rho": 2}
+    fit = train_predictor(
+        train, encoder, n_genes=256, epochs=20, lr=3e-3, seed=0, model_kwargs=small, progress=False
+    )
+    return store, save_predictor(fit, encoder, root / "predictor")
+
+
+def _no_ge_pipeline(path, px: int):
+    """An untrained pixel-space pipeline drawing px x px tiles (random weights: what its tiles
+    show does not matter here, only their resolution)."""
+    from stmdit import STMDiT
+    from stmdit.encoders.morphology import StainFeatureEncoder
+    from stmdit.pipeline import STMDiTPipeline
+
+    morph = StainFeatureEncoder(image_size=px)
+    model = STMDiT.from_preset(
+        "tiny", in_channels=3, sample_size=px, patch_size=8, morph_dim=morph.output_dim, ge_injection="none"
+    )
+    generator = torch.Generator().manual_seed(px)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    STMDiTPipeline(model, make_sampling_scheduler(pixel_space=True), None, morph, None).save_pretrained(path)
+    return path
+
+
+class ChannelStatistics:
+    """Each tile's channel means and stds: a cheap stand-in for the FID Inception network, whose
+    features serve evaluate's KID protocol as any would (the network itself is tested in
+    test_image_metrics and end to end above)."""
+
+    protocol = {"extractor": "channel means and stds", "weights_sha256": "none: no weights"}
+
+    def __call__(self, images):
+        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
+
+
+@pytest.mark.slow
+def test_the_ceiling_is_taken_at_the_generated_tiles_resolution_and_kid_follows_torch_fidelity(
+    store_64px, tmp_path, monkeypatch
+):
+    from stmdit.evaluate.fidelity import fidelity_auc
+    from stmdit.evaluate.run import held_out_spots
+    from stmdit.predictor import context_features, expression_targets, load_predictor
+    from stmdit.tiles import resize
+
+    store, predictor_dir = store_64px
+    cfg = EvaluateConfig(
+        out=str(tmp_path / "report"), dataset=str(store.root), predictor=str(predictor_dir),
+        models={"m32": str(_no_ge_pipeline(tmp_path / "m32", 32)), "m64": str(_no_ge_pipeline(tmp_path / "m64", 64))},
+        max_spots_per_sample=48, steps=2, n_bootstrap=20, fd_encoder="stain",
+    )  # fmt: skip
+    assert cfg.kid_subsets == 100 and cfg.kid_subset_size == 1000  # torch-fidelity's defaults
+    monkeypatch.setattr("stmdit.evaluate.run.inception_extractor", lambda cfg: (ChannelStatistics(), None))
+    results = evaluate(cfg, progress=False)
+
+    # The reference: the predictor reading tiles as they are given, as fidelity did before the rule.
+    held = held_out_spots(cfg)
+    predictor, encoder = load_predictor(predictor_dir)
+    measured = expression_targets(held.adata, predictor.genes)
+    assert held.tiles.shape[1] == 64 and len(set(held.samples)) == 1  # one AUC: the mean over samples
+
+    def auc_read_as_given(tiles):
+        features = context_features(
+            tiles, held.adata.obs, held.tile_um, held.spot_diameter_um, encoder, progress=False
+        )
+        return fidelity_auc(measured, predictor.predict_features(features), predictor.hvg_order, n_bootstrap=20,
+                            gene_protocol=predictor.gene_protocol).auc  # fmt: skip
+
+    at_64 = auc_read_as_given(held.tiles)
+    at_32 = auc_read_as_given(resize(resize(held.tiles, 32), 64))
+    m32, m64 = results["models"]["m32"], results["models"]["m64"]
+    assert (m32["resolution"], m64["resolution"]) == (32, 64)
+    # A 64 px model on a 64 px store: the ceiling is what it always was.
+    assert results["ceiling"]["detail_px"] == m64["ceiling"]["detail_px"] == 64
+    assert results["ceiling"]["auc"] == m64["ceiling"]["auc"] == pytest.approx(at_64, rel=1e-12)
+    # A 32 px model: the real tiles reduced to its 32 px, then put on the predictor's 64 px grid.
+    assert m32["ceiling"]["detail_px"] == 32 and m32["ceiling"]["auc"] == pytest.approx(at_32, rel=1e-12)
+    assert abs(at_32 - at_64) > 0.005 and set(results["ceilings"]) == {"32", "64"}
+    assert results["ceilings"]["32"]["auc"] == m32["ceiling"]["auc"]
+    # The 32 px model's own tiles go on the same grid (read as given, at 32 px, they score otherwise),
+    # and its ratio divides by the ceiling at its resolution.
+    fake = np.load(tmp_path / "report" / "generated" / "m32" / "none" / "seed0.npy")
+    fidelity = m32["settings"]["none"]["summary"]["fidelity_auc"]["mean"]
+    assert fake.shape[1] == 32 and fidelity == pytest.approx(auc_read_as_given(resize(fake, 64)), rel=1e-12)
+    assert abs(fidelity - auc_read_as_given(fake)) > 1e-4
+    assert at_32 > 0 and m32["settings"]["none"]["summary"]["fidelity_ratio_to_ceiling"] == pytest.approx(
+        fidelity / at_32
+    )
+    assert "first reduced to the generated tiles' resolution" in results["protocol"]["ceiling"]
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert f"<td>{at_32:.3f} (32 px)</td>" in page and f"<td>{at_64:.3f} (64 px)</td>" in page
+    assert "<td>real tiles (ceiling)</td><td>reduced to 32 px</td>" in page
+
+    # KID: 100 subsets by default, of all 48 images (fewer than 1000), with the caveat that says so.
+    kid = m32["settings"]["none"]["details"]["seed0"]["image_metrics"]["overall"]["kid"]
+    assert (kid["protocol"]["kid_subsets"], kid["protocol"]["kid_subset_size"]) == (100, 48)
+    few = [
+        w
+        for w in results["warnings"]
+        if w.startswith("kid: KID from few images: subsets of 48 images instead of 1000")
+    ]
+    assert len(few) == 1 and "rounding only" in few[0]
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert few[0] in saved["warnings"] and few[0] in page

@@ -190,3 +190,37 @@ def test_protocol_lists_every_departure_from_deepspot():
                           gene_protocol=paper)  # fmt: skip
     assert result.protocol["paper_protocol"] and result.protocol["departures"] == []
     assert result.protocol["grid_used"][-1] == 5000
+
+
+def test_the_demo_reads_tiles_on_the_predictors_grid_and_its_numbers_stay_at_equal_resolution():
+    from stmdit.data.sources import prepare_synthetic
+    from stmdit.demo import DemoSettings, _fidelity, _fit_predictor
+    from stmdit.predictor import context_features, expression_targets
+    from stmdit.predictor.readback import training_grid
+    from stmdit.tiles import resize, to_tensor, to_uint8
+
+    settings = DemoSettings.quick()
+    data = prepare_synthetic(n_sections=2, grid=8, tile_size=settings.tile_size, n_genes=32, seed=0)
+    predictor_fit = _fit_predictor(data, settings, progress=False)
+    fit, encoder = predictor_fit
+    tile_um = float(data.adata.uns["simulator"]["tile_um"])
+    assert training_grid(fit.predictor) == (tile_um, settings.tile_size)
+    held = data.held_out_index
+    adata, tiles = data.adata[held], data.tiles[held]
+
+    # Before the shared rule, the demo read its tiles as they came; at the tile size the predictor
+    # learnt from, the shared rule gives the same numbers.
+    features = context_features(to_uint8(tiles), adata.obs, tile_um, tile_um, encoder, progress=False)
+    before = fidelity_auc(expression_targets(adata, fit.predictor.genes), fit.predictor.predict_features(features),
+                          n_bootstrap=200, seed=0)  # fmt: skip
+    now = _fidelity(predictor_fit, tiles, adata, tile_um)
+    assert now.auc == before.auc and np.array_equal(now.bootstrap_aucs, before.bootstrap_aucs)
+    # Tiles of another size are put on the predictor's grid first (read as given, they score otherwise).
+    coarse = resize(to_uint8(tiles), settings.tile_size // 2)
+    on_grid = _fidelity(predictor_fit, to_tensor(resize(coarse, settings.tile_size)), adata, tile_um)
+    assert _fidelity(predictor_fit, to_tensor(coarse), adata, tile_um).auc == on_grid.auc
+    features = context_features(coarse, adata.obs, tile_um, tile_um, encoder, progress=False)
+    as_given = fidelity_auc(
+        expression_targets(adata, fit.predictor.genes), fit.predictor.predict_features(features)
+    )
+    assert abs(as_given.auc - on_grid.auc) > 1e-4

@@ -140,17 +140,55 @@ def test_kid_is_about_zero_for_identical_sets_and_grows_with_a_shift():
     assert 0 < small < large
 
 
-def test_kid_draws_subsets_as_torch_fidelity_does():
+@pytest.mark.parametrize(
+    ("n_a", "n_b", "subset_size"), [(50, 40, 20), (50, 40, 40), (60, 60, 60), (30, 30, 2)]
+)
+def test_kid_is_torch_fidelitys_kid_on_the_same_features(n_a, n_b, subset_size):
     rng = np.random.default_rng(6)
-    a, b = rng.normal(size=(50, 8)), rng.normal(size=(40, 8)) + 0.2
-    ours = kid(a, b, subsets=7, subset_size=20, seed=3)
+    a, b = rng.normal(size=(n_a, 16)), rng.normal(size=(n_b, 16)) + 0.2
+    ours = kid(a, b, subsets=100, subset_size=subset_size, seed=3)
     theirs = torch_fidelity.metric_kid.kid_features_to_metric(
-        torch.from_numpy(a), torch.from_numpy(b), kid_subsets=7, kid_subset_size=20, rng_seed=3, verbose=False
+        torch.from_numpy(a),
+        torch.from_numpy(b),
+        kid_subsets=100,
+        kid_subset_size=subset_size,
+        rng_seed=3,
+        kid_degree=3,
+        kid_gamma=None,
+        kid_coef0=1,
+        verbose=False,
     )
-    assert ours[0] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-10)
-    assert ours[1] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-10)
+    # Same draws and the same order of summation: equal down to the rounding. Where every
+    # subset is the whole of both sets, the std is that rounding alone, and still torch-fidelity's.
+    assert ours[0] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-12)
+    assert ours[1] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-9)
+    if n_a == n_b == subset_size:
+        assert 0 < ours[1] < 1e-12 * abs(ours[0])
+
+
+def test_kid_refuses_subsets_it_cannot_draw():
+    a, b = np.zeros((50, 8)), np.zeros((40, 8))
     with pytest.raises(ValueError, match="subset_size"):
         kid(a, b, subset_size=41)
+    with pytest.raises(ValueError, match="subsets"):
+        kid(a, b, subsets=0, subset_size=10)
+
+
+def test_kid_from_fewer_images_than_the_subset_size_shrinks_its_subsets_with_a_caveat():
+    generator = torch.Generator().manual_seed(7)
+    real, fake = torch.rand(30, 3, 8, 8, generator=generator), torch.rand(24, 3, 8, 8, generator=generator)
+
+    def pixels(images):  # KID reads the "inception" entry; any features serve its protocol here
+        return images.flatten(1)
+
+    result = compute_image_metrics(real, fake, {"inception": pixels}, reference="random", seed=5)
+    entry = result["overall"]["kid"]
+    assert entry["protocol"]["kid_subsets"] == 100 and entry["protocol"]["kid_subset_size"] == 24
+    assert entry["protocol"]["kid_subset_size_requested"] == 1000
+    caveat = next(c for c in result["caveats"] if c["kind"] == "small_kid_subsets" and c["group"] is None)
+    assert caveat["text"].startswith("KID from few images: subsets of 24 images instead of 1000")
+    assert "each the whole of the smaller set" in caveat["text"]
+    assert any(w.startswith("overall kid: KID from few images") for w in result["warnings"])
 
 
 # --- Inception features without the real weights -----------------------------------------------
@@ -275,7 +313,8 @@ def test_every_number_carries_its_protocol_and_few_images_are_flagged(inception,
     warnings = "\n".join(result["warnings"])
     assert "overall fid: FID from 4 real and 4 generated images in a 2048-d feature space" in warnings
     assert "rank-deficient" in warnings and "not the standard FID file" in warnings
-    assert "KID subsets of 4 images instead of 1000" in warnings
+    assert "KID from few images: subsets of 4 images instead of 1000" in warnings
+    assert "each the whole of both sets, so its std is rounding only" in warnings
     assert len(result["overall"]["fd_stain"]["protocol"]["feature_extractor"]["state_dict_sha256"]) == 64
     assert any("rank-deficient" in w for w in fid["warnings"])
 

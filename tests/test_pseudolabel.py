@@ -31,6 +31,7 @@ from stmdit.predictor import (
     save_predictor,
     train_predictor,
 )
+from stmdit.predictor.readback import training_grid
 
 HER2ST_MPP = 0.6853  # from the 200 µm pitch of C4's spot grid (read_legacy_st)
 XENIUM_MPP = 0.5  # assumed: the sample's files state no pixel size
@@ -122,6 +123,8 @@ def test_slides_are_read_at_the_predictors_resolution_and_a_mismatch_is_refused(
     assert not any(out.iterdir())  # refused before any slide was read
     predictor, _ = load_predictor(predictor_dir)
     assert predictor_resolution(predictor, 32) == (128.0, 32)
+    # The grid every reader of the predictor puts tiles on (stmdit evaluate's ceiling included).
+    assert predictor_resolution(predictor) == training_grid(predictor) == (128.0, 32)
     # A predictor that does not record its pixel size (older or imported) needs tile_px.
     predictor.register_to_config(provenance={**predictor.config.provenance, "tile_px": None})
     with pytest.raises(ValueError, match="set tile_px to the pixels of its 128 µm training tiles"):

@@ -384,8 +384,9 @@ def evaluate(
                 for v, w in zip(cells, (10, 11, 10), strict=True)
             )
             typer.echo(f"{name:<16}{setting:<12}{text}")
-    if "ceiling" in results:
-        typer.echo(f"{'real tiles':<28}{'':>21}{results['ceiling']['auc']:>10.3f}")
+    # The real tiles' ceiling at each resolution a model was read at (stmdit.predictor.readback).
+    for px, ceiling in results.get("ceilings", {}).items():
+        typer.echo(f"{'real tiles':<16}{f'{px} px':<12}{'':>21}{ceiling['auc']:>10.3f}")
     for warning in results["warnings"]:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW)
     typer.echo(f"report: {Path(cfg.out) / 'report.html'} (numbers and protocol in metrics.json)")

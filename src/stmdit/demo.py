@@ -351,13 +351,14 @@ def _fit_predictor(data, s: DemoSettings, progress: bool):
 
 
 def _fidelity(predictor_fit, images: torch.Tensor, adata, tile_um: float):
+    """The predictor's fidelity AUC on these tiles, read as ``stmdit evaluate`` reads them (on its
+    training grid; the demo's real and generated tiles share the tile size, so none is resized)."""
     from stmdit.evaluate.fidelity import fidelity_auc
-    from stmdit.predictor import context_features, expression_targets
+    from stmdit.predictor import expression_targets
+    from stmdit.predictor.readback import read_expression
 
     fit, encoder = predictor_fit
-    tiles = to_uint8(images)
-    feats = context_features(tiles, adata.obs, tile_um, tile_um, encoder, progress=False)
-    predicted = fit.predictor.predict_features(feats)
+    predicted = read_expression(to_uint8(images), adata.obs, tile_um, tile_um, fit.predictor, encoder)
     return fidelity_auc(expression_targets(adata, fit.predictor.genes), predicted, n_bootstrap=200, seed=0)
 
 

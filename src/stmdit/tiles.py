@@ -29,3 +29,15 @@ def to_tensor(tiles: np.ndarray | torch.Tensor, device: torch.device | str | Non
     if x.ndim == 3:
         x = x[None]
     return x.to(device).permute(0, 3, 1, 2).float() / 255.0
+
+
+def resize(tiles: np.ndarray, size: int) -> np.ndarray:
+    """``uint8`` tiles (N, H, W, 3) resized to (N, size, size, 3): bilinear with antialiasing,
+    so a downsized tile averages its pixels instead of skipping some. Tiles already at ``size``
+    come back as they are."""
+    if tiles.shape[1] == size and tiles.shape[2] == size:
+        return tiles
+    x = torch.nn.functional.interpolate(
+        to_tensor(tiles), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return to_uint8(x)

@@ -147,11 +147,11 @@ def kid(
 ) -> tuple[float, float]:
     """Kernel Inception Distance: mean and (population) std over ``subsets`` of the unbiased MMD^2
     with kernel ``k(x, y) = (gamma x.y + coef0)^degree`` (gamma = 1/d by default) between random
-    subsets of ``subset_size`` from each set, drawn without replacement.
-
-    Subsets are drawn as torch-fidelity draws them (``numpy.random.RandomState(seed)``, set a then
-    set b per subset), so the same features and seed give torch-fidelity's value. The unbiased
-    estimator can be slightly negative when the distributions match.
+    subsets of ``subset_size`` from each set, drawn without replacement: torch-fidelity's
+    ``kid_features_to_metric`` to the letter (its draws, ``numpy.random.RandomState(seed).choice``
+    for set a then set b, and its order of summation), so the same features and seed give its
+    mean and std, even the rounding-only std of subsets that are the whole set (in float64 here;
+    torch-fidelity keeps Inception's float32). It can be slightly negative when the sets match.
     """
     a, b = _as_features(features_a), _as_features(features_b)
     if a.shape[1] != b.shape[1]:
@@ -167,11 +167,12 @@ def kid(
     for i in range(subsets):
         x = a[rng.choice(len(a), m, replace=False)]
         y = b[rng.choice(len(b), m, replace=False)]
-        k_xx = (g * (x @ x.T) + coef0) ** degree
-        k_yy = (g * (y @ y.T) + coef0) ** degree
-        k_xy = (g * (x @ y.T) + coef0) ** degree
-        within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-        mmds[i] = within - 2 * k_xy.sum() / (m * m)
+        k_xx = (np.matmul(x, x.T) * g + coef0) ** degree
+        k_yy = (np.matmul(y, y.T) * g + coef0) ** degree
+        k_xy = (np.matmul(x, y.T) * g + coef0) ** degree
+        within_x = (k_xx.sum(axis=1) - np.diagonal(k_xx)).sum()
+        within_y = (k_yy.sum(axis=1) - np.diagonal(k_yy)).sum()
+        mmds[i] = (within_x + within_y) / (m * (m - 1)) - 2 * k_xy.sum(axis=0).sum() / (m * m)
     return float(mmds.mean()), float(mmds.std())
 
 
@@ -500,13 +501,14 @@ def _with_caveats(entry: dict, notes) -> dict:
 def _kid_entry(
     fa: np.ndarray, fb: np.ndarray, subsets: int, subset_size: int, seed: int, protocol: dict
 ) -> dict:
-    m = min(subset_size, len(fa), len(fb))
+    m = min(subset_size, len(fa), len(fb))  # torch-fidelity refuses fewer images than subset_size
     kid_protocol = {
         **protocol,
         "kid_kernel": "(x.y / d + 1)^3",
-        "kid_estimator": "unbiased MMD^2",
+        "kid_estimator": "unbiased MMD^2, torch-fidelity's subset sampling and summation",
         "kid_subsets": subsets,
         "kid_subset_size": m,
+        "kid_subset_size_requested": subset_size,
         "kid_seed": seed,
         "kid_std": "population std (ddof = 0) over subsets",
     }
@@ -515,15 +517,13 @@ def _kid_entry(
             {"mean": None, "std": None, "protocol": kid_protocol},
             [("too_few_images", "KID needs at least 2 images per set")],
         )
-    notes = []
-    if m < subset_size:
-        notes.append(
-            (
-                "small_kid_subsets",
-                f"KID subsets of {m} images instead of {subset_size} (fewer images available): the mean is still "
-                "unbiased but noisier, and the std is not comparable with values from other subset sizes",
-            )
-        )
+    whole = "both sets, so its std is rounding only" if len(fa) == len(fb) == m else "the smaller set"
+    few = (
+        f"KID from few images: subsets of {m} images instead of {subset_size} (torch-fidelity refuses this), "
+        f"each the whole of {whole}; the mean is still unbiased but noisier, and the std is not comparable "
+        "with values from other subset sizes"
+    )
+    notes = [("small_kid_subsets", few)] if m < subset_size else []
     mean, std = kid(fa, fb, subsets=subsets, subset_size=m, seed=seed)
     return _with_caveats({"mean": mean, "std": std, "protocol": kid_protocol}, notes)
 

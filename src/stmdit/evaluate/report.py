@@ -6,6 +6,7 @@ FID, non-standard Inception weights, ...) are shown above the table, not hidden.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -44,24 +45,33 @@ def _fmt(summary: dict, key: str, pattern: str) -> str:
     return text
 
 
+def _ceilings(results: dict) -> list[dict]:
+    """The real-tile ceilings, the store's resolution first, then coarser ones (one per
+    resolution of the models: a model's ratio uses the ceiling at its own resolution)."""
+    return sorted(results.get("ceilings", {}).values(), key=lambda c: -c["detail_px"])
+
+
+def _ceiling_auc(ceiling: dict) -> str:
+    return _fmt({"auc": {"mean": ceiling["auc"], "interval": ceiling.get("interval")}}, "auc", "{:.3f}")
+
+
 def _metric_rows(results: dict) -> list[list[str]]:
     """The metrics table's rows: model, setting, one cell per metric ("skipped" where the metric
-    could not be computed at all), the ratio to the ceiling."""
+    could not be computed at all), the ratio to the ceiling, and the ceiling that ratio uses."""
     skipped = results.get("skipped", {})
     rows = []
-    if "ceiling" in results:
-        ceiling = _fmt(
-            {"auc": {"mean": results["ceiling"]["auc"], "interval": results["ceiling"].get("interval")}},
-            "auc",
-            "{:.3f}",
-        )
-        rows.append(["real tiles (ceiling)", "–", "–", "–", "–", ceiling, "1.00"])
+    for ceiling in _ceilings(results):
+        px = ceiling["detail_px"]
+        detail = f"at the store's {px} px" if px == results["ceiling"]["detail_px"] else f"reduced to {px} px"
+        rows.append(["real tiles (ceiling)", detail, "–", "–", "–", "–", _ceiling_auc(ceiling), "1.00", "–"])
     for name, model in results["models"].items():
+        ceiling = model.get("ceiling")
+        used = "–" if ceiling is None else f"{ceiling['auc']:.3f} ({ceiling['detail_px']} px)"
         for setting, res in model["settings"].items():
             s = res["summary"]
             cells = ["skipped" if key in skipped else _fmt(s, key, pat) for key, _, pat in METRICS]
             ratio = s.get("fidelity_ratio_to_ceiling")
-            rows.append([name, setting, *cells, "–" if ratio is None else f"{ratio:.2f}"])
+            rows.append([name, setting, *cells, "–" if ratio is None else f"{ratio:.2f}", used])
     return rows
 
 
@@ -101,8 +111,8 @@ def _first_protocol(results: dict) -> dict:
 
 def _plot_fidelity_curves(results: dict, path: Path) -> bool:
     curves = {}
-    if "ceiling" in results:
-        curves["real tiles (ceiling)"] = results["ceiling"]["per_sample"]
+    for ceiling in _ceilings(results):
+        curves[f"real tiles at {ceiling['detail_px']} px (ceiling)"] = ceiling["per_sample"]
     for name, model in results["models"].items():
         for setting in ("ge", "none"):
             res = model["settings"].get(setting)
@@ -243,8 +253,9 @@ def _plot_tradeoff(results: dict, path: Path) -> bool:
     if not drawn:
         plt.close(fig)
         return False
-    if "ceiling" in results:
-        ax.axhline(results["ceiling"]["auc"], color="grey", linestyle="--", linewidth=0.8, label="real tiles")
+    for ceiling, style in zip(_ceilings(results), itertools.cycle(("--", ":", "-.")), strict=False):
+        label = f"real tiles at {ceiling['detail_px']} px"
+        ax.axhline(ceiling["auc"], color="grey", linestyle=style, linewidth=0.8, label=label)
     ax.set_xlabel("FD-morph to the real tiles (lower: more realistic)")
     ax.set_ylabel("fidelity AUC (higher: follows expression)")
     ax.set_title("GE guidance scales, first seed", fontsize=8)
@@ -332,6 +343,7 @@ def write_report(
         warnings=results.get("warnings", []),
         metric_labels=[label for _, label, _ in METRICS],
         metric_rows=_metric_rows(results),
+        ceiling_rule=results["protocol"].get("ceiling") if "ceiling" in results else None,
         skipped=results.get("skipped", {}),
         ablation_rows=_ablation_rows(results),
         ood=_ood(results),

@@ -16,7 +16,10 @@ Numbers, each with its protocol:
   predictor on the real tiles gives the ceiling. Sub-spots come from the generated tile itself
   and neighbours from the generated tiles of the neighbouring spots (every held-out spot of a
   sample is generated). In the ``shuffled`` setting the comparison is still with the spot's own
-  measured expression, so a model that follows its GE loses fidelity there.
+  measured expression, so a model that follows its GE loses fidelity there. One rule reads
+  every tile (:mod:`stmdit.predictor.readback`): on the predictor's training pixel grid, and for
+  the ceiling of a model the real tiles are first reduced to the model's resolution, so its
+  ratio to the ceiling compares tiles of equal detail (one ceiling per resolution).
 * the GE-ablation deltas: metric(ablated) - metric(ge), per metric and ablation.
 
 Generated tiles are saved (``generated/<model>/<setting>/seed<k>.npy``) and reused, so an
@@ -32,7 +35,6 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import numpy as np
-import torch.nn.functional as F
 from pydantic import AfterValidator, BeforeValidator, Field
 from tqdm.auto import tqdm
 
@@ -41,7 +43,7 @@ from stmdit.config import ConfigModel, Count, NonNegativeInt, PathStr
 from stmdit.evaluate.fidelity import bootstrap_interval, ceiling_ratio, fidelity_auc
 from stmdit.io import atomic_path, safe_file_name, write_json
 from stmdit.model_card import update_model_card
-from stmdit.tiles import to_tensor, to_uint8
+from stmdit.tiles import resize, to_tensor, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +96,8 @@ class EvaluateConfig(ConfigModel):
     # FID/KID weights are never fetched unless asked: without them those two metrics are skipped.
     download_weights: bool = False
     fd_encoder: str = "store"
-    kid_subsets: Count = 50
+    # torch-fidelity's defaults; a set smaller than the subset size gives smaller subsets, warned about.
+    kid_subsets: Count = 100
     kid_subset_size: Count = 1000
     n_bootstrap: NonNegativeInt = 1000
     batch_size: Count = 16
@@ -195,15 +198,6 @@ def _model_resolution(pipe) -> int:
     return size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
-def _resize_u8(tiles_u8: np.ndarray, size: int) -> np.ndarray:
-    if tiles_u8.shape[1] == size:
-        return tiles_u8
-    x = F.interpolate(
-        to_tensor(tiles_u8), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-    )
-    return to_uint8(x)
-
-
 def generate_setting(
     pipe,
     folder: str,
@@ -288,15 +282,29 @@ def _settings(pipe, cfg: EvaluateConfig) -> list[tuple[str, float]]:
 
 
 def _fidelity(
-    predictor, encoder, tiles_u8: np.ndarray, held: HeldOut, measured: np.ndarray, n_bootstrap: int
+    predictor,
+    encoder,
+    tiles_u8: np.ndarray,
+    held: HeldOut,
+    measured: np.ndarray,
+    n_bootstrap: int,
+    detail_px: int | None = None,
 ) -> dict:
-    """DeepSpot AUC per sample of the predictor on these tiles against the measured expression."""
-    from stmdit.predictor import context_features
+    """DeepSpot AUC per sample of the predictor reading these tiles against the measured
+    expression. The tiles are read as :func:`stmdit.predictor.readback.read_expression` reads
+    every tile: on the predictor's training grid, after reducing them to ``detail_px`` pixels
+    (real tiles for the ceiling of generated tiles of that resolution)."""
+    from stmdit.predictor.readback import read_expression
 
-    feats = context_features(
-        tiles_u8, held.adata.obs, held.tile_um, held.spot_diameter_um, encoder, progress=False
+    predicted = read_expression(
+        tiles_u8,
+        held.adata.obs,
+        held.tile_um,
+        held.spot_diameter_um,
+        predictor,
+        encoder,
+        detail_px=detail_px,
     )
-    predicted = predictor.predict_features(feats)
     per_sample, replicates = {}, []
     for sample in dict.fromkeys(held.samples):
         rows = held.samples == sample
@@ -325,6 +333,17 @@ def _fidelity(
         "predicted": predicted,
         "protocol": next(iter(per_sample.values()))["protocol"],
     }
+
+
+def _ceiling_record(fidelity: dict, detail_px: int, store_px: int) -> dict:
+    """A ceiling as ``metrics.json`` keeps it: the fidelity on the real tiles at ``detail_px``."""
+    tiles = (
+        f"real tiles at the store's {store_px} px"
+        if detail_px == store_px
+        else f"real tiles reduced from {store_px} to {detail_px} px (the generated tiles' resolution)"
+    )
+    kept = {k: v for k, v in fidelity.items() if k not in ("predicted", "bootstrap_aucs")}
+    return {"detail_px": detail_px, "tiles": tiles, **kept}
 
 
 def _mean_std(values: list[float | None]) -> dict:
@@ -379,6 +398,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     )
 
     predictor = encoder = measured = None
+    store_px = int(held.tiles.shape[1])
     results: dict = {
         "models": {},
         "config": cfg.to_dict(),
@@ -396,7 +416,10 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             )
         measured = expression_targets(held.adata, predictor.genes, source=f"{cfg.dataset} spots")
         ceiling = _fidelity(predictor, encoder, held.tiles, held, measured, cfg.n_bootstrap)
-        results["ceiling"] = {k: v for k, v in ceiling.items() if k not in ("predicted", "bootstrap_aucs")}
+        # The ceiling at the store's resolution; a model at a coarser one is compared with the
+        # real tiles reduced to its resolution (``ceilings``, by detail in px).
+        results["ceiling"] = _ceiling_record(ceiling, store_px, store_px)
+        results["ceilings"] = {str(store_px): results["ceiling"]}
         results["predictor"] = {
             "path": str(cfg.predictor),
             "genes": len(predictor.genes),
@@ -410,7 +433,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         pipe = STMDiTPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
         size = _model_resolution(pipe)
-        real = _resize_u8(held.tiles, size)
+        real = resize(held.tiles, size)
         real_cache = real_caches.setdefault(size, {})
         model_res = {
             "pipeline": str(folder),
@@ -418,6 +441,16 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             "has_ge": bool(pipe.transformer.has_ge),
             "settings": {},
         }
+        ceiling = None
+        if predictor is not None:
+            detail = min(size, store_px)  # generated tiles carry no more detail than their pixels
+            if str(detail) not in results["ceilings"]:
+                real_fidelity = _fidelity(
+                    predictor, encoder, held.tiles, held, measured, cfg.n_bootstrap, detail_px=detail
+                )
+                results["ceilings"][str(detail)] = _ceiling_record(real_fidelity, detail, store_px)
+            ceiling = results["ceilings"][str(detail)]
+            model_res["ceiling"] = {k: ceiling[k] for k in ("detail_px", "tiles", "auc", "interval")}
         for setting, s_g in _settings(pipe, cfg):
             seeds = cfg.seeds if "@" not in setting else cfg.seeds[:1]
             per_seed = {"fid": [], "kid": [], "fd_morph": [], "fidelity_auc": []}
@@ -433,7 +466,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
                     fake,
                     extractors,
                     kid_subsets=cfg.kid_subsets,
-                    kid_subset_size=min(cfg.kid_subset_size, len(fake)),
+                    kid_subset_size=cfg.kid_subset_size,
                     per_group=held.samples,
                     reference=reference,
                     seed=seed,
@@ -458,10 +491,11 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             if replicates:
                 # 95% gene-bootstrap interval of the seed-mean AUC (the seeds share the draws).
                 summary["fidelity_auc"]["interval"] = bootstrap_interval(np.mean(replicates, axis=0))
-            # A ratio to a ceiling at or below zero means nothing; the report then shows none.
-            if "fidelity_auc" in summary and predictor is not None and results["ceiling"]["auc"] > 0:
+            # The ratio to the ceiling at the model's own resolution; a ceiling at or below zero
+            # means nothing, and the report then shows no ratio.
+            if "fidelity_auc" in summary and ceiling is not None and ceiling["auc"] > 0:
                 summary["fidelity_ratio_to_ceiling"] = ceiling_ratio(
-                    summary["fidelity_auc"]["mean"], results["ceiling"]["auc"]
+                    summary["fidelity_auc"]["mean"], ceiling["auc"]
                 )
             model_res["settings"][setting] = {"guidance_ge": s_g, "summary": summary, "details": details}
         settings = model_res["settings"]
@@ -499,11 +533,13 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             for c in d["image_metrics"]["caveats"]
         ]
     )
-    if "ceiling" in results and not results["ceiling"]["auc"] > 0:
-        results["warnings"].append(
-            f"the real-tile fidelity ceiling is {results['ceiling']['auc']:.3f}: the predictor does not read "
-            "expression from these tiles, so fidelity AUCs and their ratios to it are not informative"
-        )
+    for ceiling in results.get("ceilings", {}).values():
+        if not ceiling["auc"] > 0:
+            results["warnings"].append(
+                f"the real-tile fidelity ceiling is {ceiling['auc']:.3f} on the {ceiling['tiles']}: the predictor "
+                "does not read expression from these tiles, so fidelity AUCs and their ratios to it are not "
+                "informative"
+            )
     if "ceiling" in results and results["ceiling"]["protocol"]["departures"]:
         results["warnings"].append(
             "fidelity AUC departs from DeepSpot's protocol: "
@@ -527,7 +563,13 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         },
         "ge_ablation": "metric(ablated) - metric(ge); positive for FID/KID/FD and negative for fidelity mean GE helps",
         "fidelity": "predictor on generated tiles (sub-spots from the tile, neighbours from the generated tiles of "
-        "neighbouring spots) against the spot's measured log1p CP10k; DeepSpot AUC per sample, mean over samples",
+        "neighbouring spots) against the spot's measured log1p CP10k; DeepSpot AUC per sample, mean over samples. "
+        "Every tile, real or generated, is read on the predictor's training pixel grid (its provenance tile_px; "
+        "stmdit.predictor.readback)",
+        "ceiling": "the predictor on the real tiles of the same spots, first reduced to the generated tiles' "
+        "resolution (a model's, at most the store's), then put on its training grid as generated tiles are: a "
+        "model's fidelity / ceiling divides by the ceiling at its own resolution (models.<name>.ceiling, "
+        "ceilings.<px>); the top-level ceiling is the one at the store's resolution",
     }
     write_json(out / "metrics.json", results)
     real_grid = held.tiles[: cfg.grid_spots]

@@ -41,6 +41,7 @@ from stmdit.errors import ConfigError
 from stmdit.io import path_inside
 from stmdit.predictor import context_features, load_predictor
 from stmdit.predictor.pseudocounts import CP10K, pseudo_counts
+from stmdit.predictor.readback import training_grid
 
 logger = logging.getLogger(__name__)
 
@@ -99,28 +100,29 @@ class PseudolabelConfig(SlideGeometry):
 
 
 def predictor_resolution(predictor, tile_px: int | None = None) -> tuple[float, int]:
-    """(tile_um, tile_px) at which slides are read: the predictor's training tiles.
+    """(tile_um, tile_px) at which slides are read: the predictor's training grid.
 
-    The predictor saw ``tile_px`` pixels per ``tile_um`` µm in training; reading slides at another
-    pixel size changes what its morphology encoder sees (a 4x coarser crop at 64 px for a
-    predictor trained on 256 px tiles), so a different ``tile_px`` is refused."""
-    provenance = predictor.config.provenance or {}
-    tile_um = provenance.get("tile_um")
+    The rule every reader of the predictor follows (:mod:`stmdit.predictor.readback`): tiles are
+    read on the grid the predictor was trained on, ``tile_px`` pixels per ``tile_um`` µm
+    (:func:`~stmdit.predictor.readback.training_grid`). ``stmdit evaluate`` resizes real and
+    generated tiles onto that grid; a slide is read on it directly, so a different ``tile_px`` is
+    refused: read at another pixel size and then put on the grid, it could only lose detail (a
+    4x coarser crop at 64 px for a predictor trained on 256 px tiles)."""
+    tile_um, trained_px = training_grid(predictor)
     if tile_um is None:
         raise ValueError("the predictor does not record the tile size it was trained on (provenance tile_um)")
-    trained_px = provenance.get("tile_px")
     if trained_px is None and tile_px is None:
         raise ValueError(
             f"the predictor does not record the tile size in pixels it was trained on (provenance tile_px); "
             f"set tile_px to the pixels of its {tile_um:g} µm training tiles"
         )
-    if trained_px is not None and tile_px is not None and int(tile_px) != int(trained_px):
+    if trained_px is not None and tile_px is not None and int(tile_px) != trained_px:
         raise ValueError(
             f"tile_px {tile_px} does not match the predictor's training tiles: it was trained on {trained_px} px per "
             f"{tile_um:g} µm tile ({tile_um / trained_px:.3g} µm/px), and tile_px {tile_px} would read slides at "
             f"{tile_um / tile_px:.3g} µm/px; leave tile_px unset to read at the predictor's resolution"
         )
-    return float(tile_um), int(trained_px if trained_px is not None else tile_px)
+    return tile_um, int(trained_px if trained_px is not None else tile_px)
 
 
 def pseudolabel_slide(spec: dict, predictor, encoder, cfg: PseudolabelConfig, progress: bool = True):
@@ -156,8 +158,17 @@ def pseudolabel_slide(spec: dict, predictor, encoder, cfg: PseudolabelConfig, pr
     tiler.close()
     # The crop the predictor reads is the spot size it was trained on, whatever the grid's pitch.
     crop_um = float(diameters[0]) if len(diameters) == 1 and diameters[0] else float(tile_um)
+    # Neighbours by the rule and radius the predictor was trained with.
     feats = context_features(
-        tiles, slide.obs, float(tile_um), crop_um, encoder, batch_size=cfg.batch_size, progress=progress
+        tiles,
+        slide.obs,
+        float(tile_um),
+        crop_um,
+        encoder,
+        batch_size=cfg.batch_size,
+        progress=progress,
+        neighbour_rule=predictor.neighbour_rule,
+        neighbour_radius=predictor.neighbour_radius,
     )
     # log1p CP10k is never negative; a regressor's small excursions below 0 are clipped.
     predicted = np.clip(predictor.predict_features(feats), 0.0, None)
