@@ -25,6 +25,7 @@ from stmdit import (
     make_sampling_scheduler,
 )
 from stmdit.data.synthetic import simulate_tissue
+from stmdit.experiments.statistics import paired_change
 from stmdit.genesets import load_gene_sets
 from stmdit.web.api import MAX_CHANGES
 from stmdit.web.app import create_app
@@ -200,8 +201,11 @@ def test_pairs_share_their_noise(client, tissue):
     # 16 px tiles are too small for a count of nuclei per area: the page says so instead.
     assert "too small" in measured.pop("nuclei")["note"]
     for m in measured.values():
-        assert m["mean_change"] == 0 and len(m["control"]) == 2 and m["ci_low"] <= m["ci_high"]
-        assert m["control_seed_sd"] >= 0
+        assert m["mean_change"] == 0 and len(m["control"]) == 2 and m["ci_low"] == m["ci_high"] == 0
+        assert m["control_sd"] == pytest.approx(np.std(m["control"], ddof=1)) and m["p_value"] == 1.0
+        assert not m["survives_holm"]
+    assert result["replicates"]["description"] == "over 2 seeds: the model's change for this exact expression"
+    assert result["multiplicity"]["method"] == "Holm" and result["multiplicity"]["n_tests"] == 3
 
     sets = client.get("/api/gene-sets", params={"dataset": "tissue.h5ad"}).json()["gene_sets"]
     changes = [{"gene_set": sets[0]["name"], "log2_fold_change": 5.0}, {"gene": "mki67", "knockout": True}]
@@ -212,11 +216,21 @@ def test_pairs_share_their_noise(client, tissue):
             pixels(before["control"]), pixels(after["control"])
         )  # same noise per seed
     assert any(not np.array_equal(pixels(p["control"]), pixels(p["perturbed"])) for p in changed["pairs"])
+    # The t interval over the seeds' paired differences, as simulate gives it.
+    for m in changed["measurements"]:
+        if "note" not in m:
+            expected = paired_change(m["perturbed"], m["control"])
+            assert (m["ci_low"], m["ci_high"]) == pytest.approx((expected["ci_low"], expected["ci_high"]))
 
 
 def test_sample_mean_and_real_morphology(client, tissue):
     mean = client.post("/api/generate", json=request(tissue, start="sample", spot=None, n_seeds=1)).json()
     assert mean["n_spots_averaged"] == 36 and len(mean["pairs"]) == 1
+    # One seed: no interval and no test, and the page is told what to say instead.
+    assert mean["replicates"]["no_interval"] == "no interval with one seed"
+    assert mean["multiplicity"]["n_tests"] == 0
+    for m in mean["measurements"]:
+        assert "note" in m or (m["ci_low"] is None and m["p_value"] is None and m["control_sd"] is None)
     spot = tissue.adata.obs_names[3]
     with_tile = client.post(
         "/api/generate", json=request(tissue, dataset="store", spot=spot, use_morphology=True)

@@ -477,19 +477,13 @@ def simulate(
     verbose: Verbose = False,
 ) -> None:
     """Virtual tissue experiment: perturb genes, generate paired counterfactuals over seeds, measure the change."""
-    from stmdit.experiments.simulate import SimulateConfig, run_simulation
+    from stmdit.experiments.simulate import SimulateConfig, run_simulation, summary_lines
 
     _setup_logging(verbose)
     _use_precision(ctx, precision)
     result = run_simulation(SimulateConfig.from_yaml(config, out=out))
-    typer.echo(f"start: {result['start_state']}; {len(result['config']['seeds'])} seeds")
-    for variant, change in result["changes"].items():
-        parts = [
-            f"{k} {c['mean_change']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
-            for k, c in change.items()
-            if isinstance(c, dict) and "mean_change" in c
-        ]
-        typer.echo(f"{variant}: " + "; ".join(parts))
+    for line in summary_lines(result):
+        typer.echo(line)
     typer.echo(
         f"wrote {Path(result['config']['out'])}/report.html, counterfactuals.png, changes.png, simulation.json"
     )

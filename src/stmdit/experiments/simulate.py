@@ -4,14 +4,21 @@ A starting expression state (a spot, the mean of a cluster, or of a sample) is p
 (fold change, knock-out, set to a quantile of the data, or interpolated towards another state)
 and tiles are generated for the control and every variant with identical noise: the same seed
 gives the same noise whatever the expression, so each (control, variant) pair differs only
-by what the expression changed. Repeating over seeds gives a paired estimate of the change
-with a confidence interval, against the seed-to-seed spread of the control.
+by what the expression changed. Changes are paired differences with a t interval, the tests of
+all variants x measures adjusted together (Holm), beside the control's seed-to-seed spread, over
+a named unit of replication (:mod:`stmdit.experiments.statistics`): ``replicates: seeds`` repeats
+one expression over seeds (the model's change for that exact expression); ``replicates: spots``
+perturbs up to ``max_spots`` spots of a cluster or sample, each its own control, over the seeds
+(the region's change; each spot draws noise of its own).
 
 Measured per tile: haematoxylin and eosin (and brown pigment) density by colour deconvolution,
 nuclei per area (counted on the haematoxylin channel with a watershed that separates touching
 nuclei, on tiles large enough for it: :func:`stmdit.stain.nuclei_unavailable`), the
 morphology-feature vector (distance to the control), and, with an expression predictor, the
-expression read back from the tile. The report is the template ``templates/simulate_report.html.j2``.
+expression read back as the predictor reads any tile (:func:`~stmdit.predictor.readback.read_expression`:
+its training grid, the spot crop at its training spot diameter, 3 x 3 sub-spots), each tile
+alone: a generated tile has no generated neighbourhood, so it has no neighbours (never tiles of
+other seeds or states). The report is the template ``templates/simulate_report.html.j2``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import anndata as ad
 import numpy as np
@@ -29,23 +36,38 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from jinja2 import Environment, PackageLoader
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from stmdit import defaults
 from stmdit.config import ConfigModel, Count, PathStr, Probability
 from stmdit.data.store import DatasetStore
+from stmdit.experiments.statistics import (
+    ALPHA,
+    adjust_changes,
+    describe_replicates,
+    replicate_change,
+)
 from stmdit.generate import spot_generator
 from stmdit.genesets import marker_programmes
 from stmdit.io import save_figure, write_json, write_text
 from stmdit.pipeline import STMDiTPipeline
 from stmdit.plotting import plt, save_tile_grid
-from stmdit.predictor import context_features, load_predictor
+from stmdit.predictor import load_predictor
+from stmdit.predictor.readback import read_expression
 from stmdit.stain import count_nuclei, deconvolve, nuclei_unavailable
 from stmdit.tiles import to_tensor, to_uint8
 
 logger = logging.getLogger(__name__)
 
 MODES = ("fold_change", "knockout", "quantile", "set")
+# The spots of a region drawn as replicates (``replicates: spots``) are a fixed seeded choice,
+# so that a rerun, or another variant list, compares the same spots.
+SPOT_CHOICE_SEED = 0
+NO_NEIGHBOURS = (
+    "read without neighbours: a virtual experiment generates each tile alone, with no generated "
+    "neighbourhood, so the predictor gets its zero neighbour vector and never pools tiles of other "
+    "seeds or states"
+)
 
 
 # -- expression states ---------------------------------------------------------------------
@@ -56,14 +78,14 @@ def _counts(adata: ad.AnnData) -> np.ndarray:
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
-def start_state(
+def start_rows(
     adata: ad.AnnData,
     spot: str | None = None,
     cluster: tuple[str, str] | None = None,
     sample: str | None = None,
-) -> ad.AnnData:
-    """One expression state to perturb: a spot (obs name), the mean counts of a cluster
-    (``(obs column, value)``) or of a sample; exactly one must be given."""
+) -> tuple[np.ndarray, str]:
+    """The rows of a start state's spots and its label: a spot (obs name), a cluster
+    (``(obs column, value)``) or a sample; exactly one must be given."""
     given = [x is not None for x in (spot, cluster, sample)]
     if sum(given) != 1:
         raise ValueError("give exactly one of spot, cluster (column, value) or sample")
@@ -86,6 +108,18 @@ def start_state(
         )
     if len(rows) == 0:
         raise ValueError(f"no spots match {label}")
+    return rows, label
+
+
+def start_state(
+    adata: ad.AnnData,
+    spot: str | None = None,
+    cluster: tuple[str, str] | None = None,
+    sample: str | None = None,
+) -> ad.AnnData:
+    """One expression state to perturb: a spot (obs name), the mean counts of a cluster
+    (``(obs column, value)``) or of a sample; exactly one must be given."""
+    rows, label = start_rows(adata, spot, cluster, sample)
     mean = _counts(adata[rows]).mean(axis=0, keepdims=True)
     state = ad.AnnData(
         mean.astype(np.float32),
@@ -207,15 +241,22 @@ def paired_generate(
     guidance_morph: float = defaults.GUIDANCE_MORPH,
     guidance_ge: float = defaults.GUIDANCE_GE,
     steps: int = defaults.STEPS,
+    noise_streams=None,
     progress: bool = False,
 ) -> np.ndarray:
     """Tiles (n_states, n_seeds, H, W, 3) float in [0, 1]; state i and j share the noise of
-    each seed (and, with ``init_images``, the same partially noised tile). ``progress`` shows
-    the sampler's progress bar over the denoising steps of the whole batch."""
+    each seed (and, with ``init_images``, the same partially noised tile). ``noise_streams``
+    (one integer per state, default all 0) splits the states into groups with noise of their
+    own: states of one stream share each seed's noise, other streams draw other noise (the
+    spots of ``replicates: spots``). ``progress`` shows the sampler's progress bar over the
+    denoising steps of the whole batch."""
     # One call for all (seed, state) pairs: rows are seed-major, every row has its own generator,
     # so row (seed, state) gets exactly the noise of that seed whatever else is in the batch.
     seeds = [int(s) for s in seeds]
     n = states.n_obs
+    streams = np.zeros(n, dtype=np.int64) if noise_streams is None else np.asarray(noise_streams)
+    if streams.shape != (n,):
+        raise ValueError(f"noise_streams needs one integer per state ({n}); got shape {streams.shape}")
     batch = ad.concat(
         [states] * len(seeds), join="inner", keys=[str(i) for i in range(len(seeds))], index_unique=":"
     )
@@ -224,7 +265,7 @@ def paired_generate(
         "guidance_morph": guidance_morph,
         "guidance_ge": guidance_ge,
         "num_inference_steps": steps,
-        "generator": [spot_generator(s, 0) for s in seeds for _ in range(n)],
+        "generator": [spot_generator(s, int(stream)) for s in seeds for stream in streams],
         "output_type": "np",
         "progress": progress,
     }
@@ -273,23 +314,56 @@ def tile_statistics(images: np.ndarray, um_per_px: float | None = None) -> dict[
     return stats
 
 
-def paired_change(
-    values: np.ndarray, control: np.ndarray, confidence: float = 0.95, n_bootstrap: int = 2000, seed: int = 0
-) -> dict:
-    """Mean paired difference (variant - control over seeds) with a bootstrap confidence
-    interval, and the control's own seed-to-seed spread (its standard deviation)."""
-    diff = np.asarray(values, float) - np.asarray(control, float)
-    rng = np.random.default_rng(seed)
-    boots = diff[rng.integers(0, len(diff), size=(n_bootstrap, len(diff)))].mean(axis=1)
-    lo, hi = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
+def read_back(tiles: np.ndarray, predictor, encoder, tile_um: float, spot_diameter_um: float) -> np.ndarray:
+    """The expression (N, n_genes; log1p CP10k) ``predictor`` reads off generated tiles (N, H, W, 3)
+    in [0, 1]: each tile as the predictor reads any tile
+    (:func:`~stmdit.predictor.readback.read_expression`) and alone (:data:`NO_NEIGHBOURS`)."""
+    n = len(tiles)
+    return read_expression(
+        to_uint8(tiles),
+        pd.DataFrame(index=pd.RangeIndex(n).astype(str)),
+        tile_um,
+        spot_diameter_um,
+        predictor,
+        encoder,
+        neighbours=np.full((n, 0), -1, dtype=np.int64),
+    )
+
+
+def readback_geometry(predictor, adata: ad.AnnData, rows: np.ndarray, tile_um: float | None) -> dict:
+    """How ``predictor`` reads the generated tiles of a start state (``rows`` of ``adata``): the
+    tiles' width (the dataset's ``tile_um``: a generated tile spans what the dataset's tiles
+    span) and the spot diameter of the crop, the one the predictor was trained on (its
+    provenance) or, when it was trained on several, the start state's spots'."""
+    if tile_um is None:
+        raise ValueError(
+            "reading expression back needs the generated tiles' width in µm: give as data a prepared "
+            "dataset (its manifest records tile_um), not an .h5ad"
+        )
+    trained = [float(d) for d in ((predictor.config.provenance or {}).get("spot_diameter_um") or [])]
+    if len(trained) == 1:
+        diameter, source = trained[0], "the diameter of the predictor's training spots, from its provenance"
+    else:  # the diameters the prepared dataset records for the start state's samples
+        info = adata.uns.get("stmdit", {}).get("samples", {})
+        samples = (
+            set(adata.obs["sample_id"].astype(str).to_numpy()[rows]) if "sample_id" in adata.obs else set()
+        )
+        recorded = {float(info.get(s, {}).get("spot_diameter_um", np.nan)) for s in samples}
+        data = sorted(d for d in recorded if np.isfinite(d))
+        if len(data) != 1:
+            raise ValueError(
+                f"the predictor's provenance records spot diameters {trained or 'none'} (µm) and the start "
+                f"state's spots have {data or 'no recorded'} (uns['stmdit']['samples'][...]['spot_diameter_um']): "
+                "cannot tell the spot crop to read; start from spots of one diameter, in a prepared dataset"
+            )
+        diameter, source = data[0], "the start state's spot diameter; the predictor was trained on several"
+    if diameter > tile_um:
+        raise ValueError(f"the spot ({diameter:g} µm) is larger than the generated tile ({tile_um:g} µm)")
     return {
-        "mean_change": float(diff.mean()),
-        "ci_low": float(lo),
-        "ci_high": float(hi),
-        "control_mean": float(np.mean(control)),
-        "control_seed_sd": float(np.std(control, ddof=1)) if len(control) > 1 else 0.0,
-        "n_seeds": int(len(diff)),
-        "confidence": confidence,
+        "tile_um": float(tile_um),
+        "spot_diameter_um": diameter,
+        "spot_diameter_from": source,
+        "neighbours": NO_NEIGHBOURS,
     }
 
 
@@ -300,51 +374,65 @@ def measure(
     predictor=None,
     predictor_encoder=None,
     tile_um: float | None = None,
+    spot_diameter_um: float | None = None,
+    replicates: str = "seeds",
 ) -> dict:
-    """Per state (row 0 = control) and seed, the tile statistics; paired changes against the
-    control for every variant; the morphology-feature distance to the control's tile of the
-    same seed; and, with a predictor, the predicted expression shift of its top genes.
-    ``tile_um``, the tiles' width in micrometres when known, sets the scale of nuclei counts;
-    ``result["nuclei"]`` says why nuclei were not counted, or is None when they were."""
-    n_states, n_seeds = tiles.shape[:2]
-    flat = tiles.reshape(n_states * n_seeds, *tiles.shape[2:])
+    """Measure tiles (n_states, n_spots, n_seeds, H, W, 3), state 0 the control, n_spots 1 unless
+    ``replicates`` is ``spots``: the tile statistics; per variant and measure the paired change
+    (:func:`replicate_change`), all tests adjusted together (Holm, Benjamini-Hochberg beside);
+    the morphology-feature distance to the control's tile of the same spot and seed; with a
+    predictor, the mean shift of its top genes (:func:`read_back`). ``tile_um`` (the tiles'
+    width, when known) also sets the scale of nuclei counts; ``result["nuclei"]`` says why
+    nuclei were not counted, or is None when they were."""
+    if replicates not in ("seeds", "spots"):
+        raise ValueError(f"replicates must be 'seeds' or 'spots'; got {replicates!r}")
+    n_states, n_spots, n_seeds = tiles.shape[:3]
+    if replicates == "seeds" and n_spots != 1:
+        raise ValueError(f"replicates: seeds repeats one expression; got tiles of {n_spots} spots")
+    flat = tiles.reshape(-1, *tiles.shape[3:])
     um_per_px = tile_um / flat.shape[2] if tile_um else None
-    stats = {k: v.reshape(n_states, n_seeds) for k, v in tile_statistics(flat, um_per_px).items()}
+    stats = {k: v.reshape(n_states, n_spots, n_seeds) for k, v in tile_statistics(flat, um_per_px).items()}
     result = {
         "states": names,
         "statistics": {k: v.tolist() for k, v in stats.items()},
+        "statistics_axes": ["state", "spot", "seed"],
         "nuclei": nuclei_unavailable(min(flat.shape[1:3]), um_per_px),
+        "replicates": describe_replicates(replicates, n_spots, n_seeds),
         "changes": {},
     }
     feats = None
     if morphology_encoder is not None:
         with torch.no_grad():
             feats = morphology_encoder(torch.from_numpy(flat).permute(0, 3, 1, 2).float()).reshape(
-                n_states, n_seeds, -1
+                n_states, n_spots, n_seeds, -1
             )
     predicted = None
     if predictor is not None and predictor_encoder is not None:
-        obs = pd.DataFrame({"sample_id": "virtual", "x_px": np.arange(len(flat)) * 1e6, "y_px": 0.0})
-        u8 = to_uint8(flat)
-        cf = context_features(u8, obs, tile_um, tile_um, predictor_encoder, progress=False)
-        predicted = predictor.predict_features(cf).reshape(n_states, n_seeds, -1)
+        if tile_um is None or spot_diameter_um is None:
+            raise ValueError("reading expression back needs tile_um and spot_diameter_um (readback_geometry)")
+        predicted = read_back(flat, predictor, predictor_encoder, tile_um, spot_diameter_um)
+        predicted = predicted.reshape(n_states, n_spots, n_seeds, -1)
+    tested = []
     for i in range(1, n_states):
-        change = {k: paired_change(stats[k][i], stats[k][0]) for k in stats}
+        change = {k: replicate_change(stats[k][i], stats[k][0], replicates) for k in stats}
+        tested += list(change.values())
         if feats is not None:
             dist = (feats[i] - feats[0]).norm(dim=-1).numpy()
-            seed_spread = torch.cdist(feats[0], feats[0]).numpy()
+            between_seeds = None  # the control's tiles of one spot, seed against seed
+            if n_seeds > 1:
+                pairs = np.triu_indices(n_seeds, 1)
+                between_seeds = float(np.mean([torch.cdist(f, f).numpy()[pairs].mean() for f in feats[0]]))
             change["morphology_distance"] = {
                 "mean": float(dist.mean()),
-                "per_seed": dist.tolist(),
-                "control_between_seeds": float(seed_spread[np.triu_indices(n_seeds, 1)].mean())
-                if n_seeds > 1
-                else None,
+                "per_tile": dist.tolist(),
+                "control_between_seeds": between_seeds,
             }
         if predicted is not None:
-            shift = (predicted[i] - predicted[0]).mean(axis=0)
+            shift = (predicted[i] - predicted[0]).mean(axis=(0, 1))
             order = np.argsort(-np.abs(shift))[:10]
             change["predicted_expression_shift"] = {predictor.genes[j]: float(shift[j]) for j in order}
         result["changes"][names[i]] = change
+    result["multiplicity"] = adjust_changes(tested, alpha=ALPHA)
     return result
 
 
@@ -398,6 +486,19 @@ class SimulateConfig(ConfigModel):
     steps: Count = defaults.STEPS
     gene_sets: dict[str, list[str]] = {}
     predictor: PathStr | None = None
+    # The unit of replication: "seeds" (one expression, the model's change for it) or, for a
+    # cluster or a sample, "spots" (up to max_spots of its spots, each perturbed: the region's change).
+    replicates: Literal["seeds", "spots"] = "seeds"
+    max_spots: Count = 16
+
+    @model_validator(mode="after")
+    def _spots_need_a_region(self) -> SimulateConfig:
+        if self.replicates == "spots" and self.spot is not None:
+            raise ValueError(
+                "replicates: spots draws spots of a cluster or a sample; a start spot is one "
+                "expression: use replicates: seeds, or give cluster or sample"
+            )
+        return self
 
 
 def load_expression_data(path: str | os.PathLike):
@@ -411,45 +512,75 @@ def load_expression_data(path: str | os.PathLike):
     raise FileNotFoundError(f"{path} is neither a prepared dataset folder nor an .h5ad file")
 
 
+def _state_keys(spec: SimulateConfig | StateSpec) -> dict:
+    """The spot, cluster and sample of a config's start state or of ``interpolate_to``."""
+    return {
+        "spot": spec.spot,
+        "cluster": tuple(spec.cluster) if spec.cluster else None,
+        "sample": spec.sample,
+    }
+
+
+def _variant_states(
+    control: ad.AnnData, cfg: SimulateConfig, reference: ad.AnnData, gene_sets: dict, target
+) -> dict[str, ad.AnnData]:
+    """The control and its variants (the config's perturbations, then the path to ``target``)."""
+    variants = {"control": control}
+    for name, spec in cfg.variants.items():
+        variants[name] = perturb(
+            control, [Perturbation(**p) for p in spec], reference=reference, gene_sets=gene_sets
+        )
+    if target is not None:
+        path = interpolate(control, target, cfg.alphas)
+        for i, name in enumerate(path.obs_names):
+            variants[f"towards {target.obs['state'].iloc[0]} {name}"] = path[i : i + 1]
+    return variants
+
+
 def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
-    """Generate the control and every variant over the seeds, measure, and write a report.
-    ``progress`` shows a progress bar over the sampling, the bulk of the work."""
+    """Generate the control and every variant over the seeds (and, with ``replicates: spots``,
+    over spots of the region), measure, and write a report. ``progress`` shows a progress bar
+    over the sampling, the bulk of the work."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     adata, tiles, tile_um = load_expression_data(cfg.data)
     # The named marker programmes ("lymphocyte markers", ...) beside the config's own sets.
     gene_sets = {**marker_programmes(), **cfg.gene_sets}
-    control = start_state(
-        adata, spot=cfg.spot, cluster=tuple(cfg.cluster) if cfg.cluster else None, sample=cfg.sample
+    start = _state_keys(cfg)
+    rows, label = start_rows(adata, **start)
+    target = start_state(adata, **_state_keys(cfg.interpolate_to)) if cfg.interpolate_to else None
+    if cfg.replicates == "spots":
+        chosen = np.random.default_rng(SPOT_CHOICE_SEED).choice(
+            rows, size=min(cfg.max_spots, len(rows)), replace=False
+        )
+        controls = [start_state(adata, spot=str(adata.obs_names[r])) for r in np.sort(chosen)]
+    else:
+        controls = [start_state(adata, **start)]
+    per_spot = [_variant_states(c, cfg, adata, gene_sets, target) for c in controls]
+    names = list(per_spot[0])
+    n_spots, n_states = len(controls), len(names)
+    keys = [f"{k}:{name}" for k in range(n_spots) for name in names]
+    states = ad.concat(
+        [variants[name] for variants in per_spot for name in names], join="inner", keys=keys, index_unique=":"
     )
-    variants = {"control": control}
-    for name, spec in cfg.variants.items():
-        variants[name] = perturb(
-            control, [Perturbation(**p) for p in spec], reference=adata, gene_sets=gene_sets
-        )
-    if cfg.interpolate_to:
-        target = start_state(
-            adata,
-            **{
-                k: (tuple(v) if k == "cluster" else v)
-                for k, v in cfg.interpolate_to.model_dump(exclude_none=True).items()
-            },
-        )
-        path = interpolate(control, target, cfg.alphas)
-        for i, name in enumerate(path.obs_names):
-            variants[f"towards {target.obs['state'].iloc[0]} {name}"] = path[i : i + 1]
-    names = list(variants)
-    states = ad.concat([variants[n] for n in names], join="inner", keys=names, index_unique=":")
-    states.obs_names = names
+    states.obs_names = keys
 
+    predictor = predictor_encoder = readback = None
+    if cfg.predictor:  # before the sampling, so that a predictor that cannot read the tiles fails first
+        predictor, predictor_encoder = load_predictor(cfg.predictor)
+        if predictor_encoder is None:
+            raise ValueError(
+                f"predictor {cfg.predictor}: no morphology encoder (saved or named) to read tiles"
+            )
+        readback = readback_geometry(predictor, adata, rows, tile_um)
     pipe = STMDiTPipeline.from_pretrained(cfg.pipeline)
-    morphology = init = None
+    morphology = init = real = None
     if (cfg.use_morphology or cfg.edit_strength) and cfg.spot is None:
         raise ValueError("morphology conditioning and tile editing start from a real spot: give spot")
     if cfg.use_morphology or cfg.edit_strength:
         if tiles is None:
             raise ValueError(f"{cfg.data} has no tiles; morphology and editing need a prepared dataset")
-        real = np.asarray(tiles[int(np.flatnonzero(adata.obs_names == cfg.spot)[0])])
+        real = np.asarray(tiles[int(rows[0])])
         real_t = to_tensor(real)
         morphology = real_t if cfg.use_morphology else None
         init = real_t if cfg.edit_strength else None
@@ -463,11 +594,11 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
         guidance_morph=cfg.guidance_morph,
         guidance_ge=cfg.guidance_ge,
         steps=cfg.steps,
+        noise_streams=np.repeat(np.arange(n_spots), n_states),
         progress=progress,
     )
-    predictor = predictor_encoder = None
-    if cfg.predictor:
-        predictor, predictor_encoder = load_predictor(cfg.predictor)
+    # (n_spots * n_states, n_seeds, ...) spot-major -> (n_states, n_spots, n_seeds, ...)
+    generated = generated.reshape(n_spots, n_states, *generated.shape[1:]).swapaxes(0, 1)
     result = measure(
         generated,
         names,
@@ -475,41 +606,72 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
         predictor=predictor,
         predictor_encoder=predictor_encoder,
         tile_um=tile_um,
+        spot_diameter_um=readback["spot_diameter_um"] if readback else None,
+        replicates=cfg.replicates,
     )
     result["config"] = cfg.to_dict()
-    result["start_state"] = str(control.obs["state"].iloc[0])
-    rows = [(name, generated[i]) for i, name in enumerate(names)]
-    if init is not None:
-        # Editing: the control is the tile re-drawn under its own expression (the reconstruction),
-        # each variant the same partial re-draw under the perturbed expression (the edit).
-        rows = [
-            ("original", np.repeat(real[None] / 255.0, len(cfg.seeds), axis=0)),
-            ("reconstruction", generated[0]),
-        ]
-        rows += [(f"edit: {name}", generated[i]) for i, name in enumerate(names) if i > 0]
-    save_tile_grid(rows, out / "counterfactuals.png", column_titles=[f"seed {s}" for s in cfg.seeds])
+    if cfg.replicates == "spots":
+        result["start_state"] = f"{label}: {n_spots} of its {len(rows)} spots, each its own control"
+        result["replicates"]["spots"] = [str(adata.obs_names[r]) for r in np.sort(chosen)]
+    elif len(rows) > 1:
+        result["start_state"] = f"{label} (mean of {len(rows)} spots)"
+        result["replicates"]["region"] = (
+            "replicates: spots gives the region's change, over its spots and seeds"
+        )
+    else:
+        result["start_state"] = label
+    if readback:
+        result["readback"] = readback
+    _save_grid(generated, names, cfg, result, real if init is not None else None, out / "counterfactuals.png")
     _plot_changes(result, out / "changes.png")
     write_json(out / "simulation.json", result)
     write_text(out / "report.html", render_report(result))
     return result
 
 
+def _save_grid(generated, names, cfg, result, real, path: Path) -> None:
+    """One row per state: its tiles over the seeds (``replicates: spots``: over the spots, first
+    seed). Editing: the original, its reconstruction (the control re-drawn under its own
+    expression) and each edit (the same partial re-draw under the perturbed expression)."""
+    if cfg.replicates == "spots":
+        rows = [(name, generated[i, :, 0]) for i, name in enumerate(names)]
+        titles = [f"{spot}, seed {cfg.seeds[0]}" for spot in result["replicates"]["spots"]]
+    else:
+        rows = [(name, generated[i, 0]) for i, name in enumerate(names)]
+        titles = [f"seed {s}" for s in cfg.seeds]
+    if real is not None:
+        rows = [
+            ("original", np.repeat(real[None] / 255.0, len(cfg.seeds), axis=0)),
+            ("reconstruction", generated[0, 0]),
+        ]
+        rows += [(f"edit: {name}", generated[i, 0]) for i, name in enumerate(names) if i > 0]
+    save_tile_grid(rows, path, column_titles=titles)
+
+
+def change_rows(result: dict) -> list[dict]:
+    """One row per variant and measure with an interval: the variant, the measure's name and its
+    change (:func:`replicate_change`, with the multiplicity adjustment when there was a test)."""
+    return [
+        {"variant": variant, "key": key, "measure": MEASUREMENTS.get(key, key), **c}
+        for variant, change in result["changes"].items()
+        for key, c in change.items()
+        if isinstance(c, dict) and "mean_change" in c
+    ]
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The measured changes as lines of text: per variant, each measure's change and interval."""
+    lines = [f"start: {result['start_state']}; changes {result['replicates']['description']}"]
+    parts = {variant: [] for variant in result["changes"]}
+    for row in change_rows(result):
+        ci = "(no interval)" if row["ci_low"] is None else f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+        parts[row["variant"]].append(f"{row['key']} {row['mean_change']:+.3f} {ci}")
+    return lines + [f"{variant}: " + "; ".join(shown) for variant, shown in parts.items()]
+
+
 def render_report(result: dict) -> str:
     """report.html (templates/simulate_report.html.j2): the experiment, its image grids and the
-    measured changes with their intervals."""
-    rows = []
-    for variant, change in result["changes"].items():
-        for key, c in change.items():
-            if isinstance(c, dict) and "mean_change" in c:
-                sd = c["control_seed_sd"]
-                rows.append(
-                    {
-                        "variant": variant,
-                        "measure": MEASUREMENTS.get(key, key),
-                        **c,
-                        "beyond_spread": c["ci_low"] > sd or c["ci_high"] < -sd,
-                    }
-                )
+    measured changes with their intervals, what they are over, and which survive Holm."""
     environment = Environment(
         loader=PackageLoader("stmdit.experiments", "templates"),
         autoescape=True,
@@ -517,7 +679,7 @@ def render_report(result: dict) -> str:
         lstrip_blocks=True,
     )
     return environment.get_template("simulate_report.html.j2").render(
-        result=result, config=result["config"], rows=rows
+        result=result, config=result["config"], rows=change_rows(result)
     )
 
 
@@ -528,14 +690,20 @@ def _plot_changes(result: dict, path: Path) -> None:
     keys = [k for k in MEASUREMENTS if k in result["changes"][variants[0]]]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        mean = [result["changes"][v][key]["mean_change"] for v in variants]
-        lo = [m - result["changes"][v][key]["ci_low"] for m, v in zip(mean, variants, strict=True)]
-        hi = [result["changes"][v][key]["ci_high"] - m for m, v in zip(mean, variants, strict=True)]
-        ax.bar(range(len(variants)), mean, yerr=[lo, hi], capsize=3)
-        spread = result["changes"][variants[0]][key]["control_seed_sd"]
-        ax.axhspan(-spread, spread, color="grey", alpha=0.2, label="control seed-to-seed sd")
+        changes = [result["changes"][v][key] for v in variants]
+        mean = [c["mean_change"] for c in changes]
+        errors = None  # no interval with one replicate
+        if changes[0]["ci_low"] is not None:
+            errors = np.abs(
+                [[c["ci_low"] for c in changes], [c["ci_high"] for c in changes]] - np.array(mean)
+            )
+        ax.bar(range(len(variants)), mean, yerr=errors, capsize=3)
+        spread = changes[0]["control_seed_sd"]
+        if spread is not None:
+            ax.axhspan(-spread, spread, color="grey", alpha=0.2, label="control seed-to-seed sd")
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_xticks(range(len(variants)), [v[:18] for v in variants], rotation=30, ha="right", fontsize=7)
         ax.set_title(f"change in {MEASUREMENTS[key]}", fontsize=8)
-    axes[0, 0].legend(fontsize=6)
+    if changes[0]["control_seed_sd"] is not None:
+        axes[0, 0].legend(fontsize=6)
     save_figure(fig, path)

@@ -22,11 +22,17 @@ from stmdit import defaults
 from stmdit.experiments.simulate import (
     MEASUREMENTS,
     Perturbation,
-    paired_change,
     paired_generate,
     perturb,
     start_state,
     tile_statistics,
+)
+from stmdit.experiments.statistics import (
+    ALPHA,
+    CONFIDENCE,
+    adjust_changes,
+    describe_replicates,
+    paired_change,
 )
 from stmdit.stain import nuclei_unavailable
 from stmdit.tiles import to_tensor, to_uint8
@@ -139,15 +145,15 @@ def perturbations(changes: list[GeneChange], dataset: Dataset, dataset_name: str
     return result
 
 
-def measurements(tiles: np.ndarray, n_seeds: int, um_per_px: float | None) -> list[dict]:
+def measurements(tiles: np.ndarray, n_seeds: int, um_per_px: float | None) -> tuple[list[dict], dict]:
     """The measured tile statistics of the (control, perturbed) x seeds tiles, with their paired
-    changes; nuclei per area as a row that says why it was not measured, when it was not."""
+    changes over the seeds (t interval, paired t test, Holm over the measures); nuclei per area
+    as a row that says why it was not measured, when it was not."""
     flat = tiles.reshape(-1, *tiles.shape[2:])
     stats = tile_statistics(flat, um_per_px)
     rows = []
     for key, values in stats.items():
         values = values.reshape(2, n_seeds)
-        perturbed_sd = float(np.std(values[1], ddof=1)) if n_seeds > 1 else 0.0
         rows.append(
             {
                 "key": key,
@@ -155,14 +161,15 @@ def measurements(tiles: np.ndarray, n_seeds: int, um_per_px: float | None) -> li
                 "control": values[0].tolist(),
                 "perturbed": values[1].tolist(),
                 "perturbed_mean": float(values[1].mean()),
-                "perturbed_seed_sd": perturbed_sd,
-                **paired_change(values[1], values[0]),
+                "perturbed_sd": float(np.std(values[1], ddof=1)) if n_seeds > 1 else None,
+                **paired_change(values[1], values[0], CONFIDENCE),
             }
         )
+    multiplicity = adjust_changes(rows, alpha=ALPHA)
     note = nuclei_unavailable(min(flat.shape[1:3]), um_per_px)
     if note is not None:
         rows.append({"key": "nuclei", "label": "Nuclei per area", "note": f"not measured: {note}"})
-    return rows
+    return rows, multiplicity
 
 
 class Generator:
@@ -217,6 +224,7 @@ class Generator:
             seconds = time.perf_counter() - began
         # The generated tiles show what the model was trained on: the dataset's tile width, when known.
         um_per_px = dataset.tile_um / tiles.shape[3] if dataset.tile_um else None
+        rows, multiplicity = measurements(tiles, len(seeds), um_per_px)
         return {
             "start_state": str(control.obs["state"].iloc[0]),
             "n_spots_averaged": int(control.obs["n_spots"].iloc[0]),
@@ -236,7 +244,9 @@ class Generator:
                 "note": note,
             },
             "panel": {"found": dataset.panel_found, "size": len(datasets.panel)},
-            "measurements": measurements(tiles, len(seeds), um_per_px),
+            "measurements": rows,
+            "replicates": describe_replicates("seeds", 1, len(seeds)),
+            "multiplicity": multiplicity,
             "seconds": round(seconds, 2),
         }
 

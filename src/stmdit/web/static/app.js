@@ -254,27 +254,33 @@ function renderResult(r) {
   const table = el("table", { id: "measurements" },
                    el("thead", {}, el("tr", {}, ...headings.map((t) => el("th", { text: t })))));
   const tbody = el("tbody");
-  const spread = (mean, sd) => (n > 1 ? `${number(mean)} ± ${number(sd)}` : number(mean));
+  const spread = (mean, sd) => (sd === null ? number(mean) : `${number(mean)} ± ${number(sd)}`);
   for (const m of r.measurements) {
     if (m.note) {  // not measurable on these tiles: say why instead of showing noise
       tbody.append(el("tr", { class: "note" }, el("td", { text: m.label }),
                       el("td", { class: "muted", colspan: 4, text: m.note })));
       continue;
     }
-    const sure = n > 1 && (m.ci_low > 0 || m.ci_high < 0);
-    const direction = sure ? (m.mean_change > 0 ? " up" : " down") : "";
-    const interval = n > 1 ? `${signed(m.ci_low)} … ${signed(m.ci_high)}` : "n/a (1 seed)";
+    // Coloured only when the change survives Holm's correction over the measures shown.
+    const direction = m.survives_holm ? (m.mean_change > 0 ? " up" : " down") : "";
+    const interval = m.ci_low === null ? r.replicates.no_interval
+      : `${signed(m.ci_low)} … ${signed(m.ci_high)}`;
     tbody.append(el("tr", {},
       el("td", { text: m.label }),
-      el("td", { class: "num", text: spread(m.control_mean, m.control_seed_sd) }),
-      el("td", { class: "num", text: spread(m.perturbed_mean, m.perturbed_seed_sd) }),
+      el("td", { class: "num", text: spread(m.control_mean, m.control_sd) }),
+      el("td", { class: "num", text: spread(m.perturbed_mean, m.perturbed_sd) }),
       el("td", { class: "num" + direction, text: signed(m.mean_change) }),
       el("td", { class: "num", text: interval })));
   }
   table.append(tbody);
+  const { method, n_tests, alpha } = r.multiplicity;
+  const tested = n_tests
+    ? `, with a ${r.replicates.interval}, coloured when the change survives ${method}'s correction ` +
+      `over the ${n_tests} measures (at ${alpha}).`
+    : ". With one seed there is no interval: choose at least 2 seeds for one.";
   const note = `Control and perturbed: mean ± standard deviation over the ${plural(n, "seed")} (the ` +
-    "seed-to-seed spread). Change: mean of the paired differences (perturbed − control) with a bootstrap " +
-    "95% interval over seeds, coloured when the interval excludes zero. More seeds give a surer answer.";
+    "seed-to-seed spread). Change: mean of the paired differences (perturbed − control, same seed) " +
+    `${r.replicates.description}${tested} More seeds give a surer answer.`;
   parts.push(table, el("p", { class: "muted", text: note }));
   $("results").replaceChildren(...parts);
 }
