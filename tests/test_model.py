@@ -77,6 +77,23 @@ def test_multi_token_morphology():
         model(torch.randn(2, 3, 8, 8), 10, morphology=torch.randn(2, MORPH))
 
 
+def test_multi_token_null_replaces_the_embeddings_with_their_position_table():
+    """As PixCell's training code: the table is added to the given embeddings and a dropped row
+    gets the bare null buffer (the null its weights learned), whether dropped or absent."""
+    embedder = tiny(morph_tokens=4).y_embedder
+    morphology = torch.randn(2, 4, MORPH, generator=torch.Generator().manual_seed(0))
+    null = embedder.y_embedding[None].expand(2, -1, -1)
+    with torch.no_grad():
+        kept = embedder(morphology, torch.tensor([False, False]), 2)
+        mixed = embedder(morphology, torch.tensor([True, False]), 2)
+        absent = embedder(None, None, 2)
+        torch.testing.assert_close(kept, embedder.y_proj(morphology + embedder.pos_embed))
+        torch.testing.assert_close(mixed[0], embedder.y_proj(null)[0])
+        torch.testing.assert_close(mixed[1], kept[1])
+        torch.testing.assert_close(absent, embedder.y_proj(null))
+        assert not torch.allclose(absent, embedder.y_proj(null + embedder.pos_embed))
+
+
 @pytest.mark.parametrize("injection", ["adaln", "xattn", "adaln+xattn"])
 @pytest.mark.parametrize("pooling", ["cls", "pma"])
 def test_zero_initialised_ge_layers_reproduce_the_no_ge_model_exactly(injection, pooling):

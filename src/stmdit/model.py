@@ -156,7 +156,10 @@ class MorphologyEmbedder(nn.Module):
 
     The null condition is PixArt's fixed random buffer ``randn(tokens, dim) / sqrt(dim)``.
     With several tokens (a grid of tile embeddings, as PixCell-1024) PixCell's sin-cos grid
-    table is added to the embeddings (or the null) before the projection.
+    table is added to the embeddings before the projection, and a dropped row's null replaces
+    the embeddings with the table: PixCell's training code (``PixArt.forward``, then
+    ``CaptionEmbedder.token_drop``) drops after adding it, so that is the null its weights
+    learned, while its diffusers inference adds the table to the null it is given as well.
     """
 
     def __init__(
@@ -173,18 +176,15 @@ class MorphologyEmbedder(nn.Module):
             self.pos_embed = None
 
     def forward(self, morphology: torch.Tensor | None, drop: torch.Tensor | None, batch: int) -> torch.Tensor:
-        null = self.y_embedding[None].expand(batch, -1, -1)
+        dtype = self.y_proj.fc1.weight.dtype
+        null = self.y_embedding[None].expand(batch, -1, -1).to(dtype)
         if morphology is None:
-            y = null
-        else:
-            y = (
-                morphology
-                if drop is None
-                else torch.where(drop[:, None, None], null.to(morphology.dtype), morphology)
-            )
-        y = y.to(self.y_proj.fc1.weight.dtype)
+            return self.y_proj(null)
+        y = morphology.to(dtype)
         if self.pos_embed is not None:
-            y = y + self.pos_embed.to(y.dtype)
+            y = y + self.pos_embed.to(dtype)
+        if drop is not None:
+            y = torch.where(drop[:, None, None], null, y)
         return self.y_proj(y)
 
 
