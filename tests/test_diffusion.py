@@ -7,6 +7,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 from stmdit import STMDiT
 from stmdit.diffusion import (
+    DYNAMIC_THRESHOLD_MAX,
     Condition,
     ModalityDropout,
     epsilon_from_prediction,
@@ -18,6 +19,7 @@ from stmdit.diffusion import (
     sample,
     training_loss,
     variational_bound_term,
+    x0_threshold_of,
 )
 
 
@@ -98,6 +100,22 @@ def test_modality_dropout_rates_and_independence():
         ModalityDropout(p_ge=1.5)
 
 
+def test_joint_dropout_trains_the_unconditional_branch_and_keeps_old_draws_without_it():
+    n = 200_000
+    drop_m, drop_g = ModalityDropout(0.3, 0.1, p_both=0.1).sample(n, torch.Generator().manual_seed(0))
+    # P(m) = p_both + (1 - p_both) p_m; P(both) = p_both + (1 - p_both) p_m p_g.
+    assert abs(drop_m.float().mean().item() - (0.1 + 0.9 * 0.3)) < 0.005
+    assert abs(drop_g.float().mean().item() - (0.1 + 0.9 * 0.1)) < 0.005
+    assert abs((drop_m & drop_g).float().mean().item() - (0.1 + 0.9 * 0.03)) < 0.004
+    # p_both = 0 draws exactly the masks that independent dropout drew before it existed.
+    u = torch.rand(2, 1000, generator=torch.Generator().manual_seed(3))
+    old = (u[0] < 0.3, u[1] < 0.1)
+    new = ModalityDropout(0.3, 0.1, p_both=0.0).sample(1000, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(old, new, strict=True))
+    with pytest.raises(ValueError, match="p_both must be a probability"):
+        ModalityDropout(p_both=-0.1)
+
+
 def test_training_loss_drops_conditions_at_the_configured_rates():
     seen = []
 
@@ -144,6 +162,39 @@ def test_pixel_space_steps_drop_what_the_threshold_clipped():
     dpm_expected = ac[s].sqrt() * clipped + (1 - ac[s]).sqrt() * eps + kept
     torch.testing.assert_close(dpm.step(eps, t, x_t).prev_sample, dpm_expected.float(), atol=1e-4, rtol=1e-4)
     assert kept.abs().max() > 0.1 * ac[s].sqrt()  # a real share of the excess survives the step
+
+
+def test_dynamic_thresholding_is_imagens_and_clipping_is_clipping():
+    """With "clip" the bound is [-1, 1] whatever x0 is; with "dynamic" x0 is clipped at s, the
+    99.5th percentile of |x0| per image (kept in [1, 1.5]), and divided by s, by hand."""
+    ddim_clip = make_sampling_scheduler(pixel_space=True, x0_threshold="clip")
+    ddim_dyn = make_sampling_scheduler(pixel_space=True, x0_threshold="dynamic")
+    assert (x0_threshold_of(ddim_clip), x0_threshold_of(ddim_dyn)) == ("clip", "dynamic")
+    assert x0_threshold_of(make_sampling_scheduler()) is None  # latents: no bound
+    gen = torch.Generator().manual_seed(0)
+    # Image 0 overshoots moderately (s = its 99.5% quantile, about 1.2), image 1 wildly (s = 1.5),
+    # image 2 stays inside (s = 1: plain clipping, nothing changes).
+    x0 = torch.stack([1.2 * torch.rand(3, 8, 8, generator=gen) * 2 - 1.2, 3.0 * torch.randn(3, 8, 8, generator=gen),
+                      0.5 * torch.rand(3, 8, 8, generator=gen)])  # fmt: skip
+    eps = torch.randn(x0.shape, generator=gen)
+    s = torch.quantile(x0.abs().flatten(1), 0.995, dim=1).clamp(1.0, DYNAMIC_THRESHOLD_MAX)
+    assert 1.0 < s[0] < DYNAMIC_THRESHOLD_MAX and s[1] == DYNAMIC_THRESHOLD_MAX and s[2] == 1.0
+    bounded = {
+        "clip": x0.clamp(-1, 1),
+        "dynamic": torch.maximum(torch.minimum(x0, s.view(-1, 1, 1, 1)), -s.view(-1, 1, 1, 1))
+        / s.view(-1, 1, 1, 1),
+    }
+    for name, ddim in (("clip", ddim_clip), ("dynamic", ddim_dyn)):
+        ddim.set_timesteps(20)
+        t, prev = int(ddim.timesteps[10]), int(ddim.timesteps[11])
+        ac = ddim.alphas_cumprod.double()
+        x_t = (ac[t].sqrt() * x0 + (1 - ac[t]).sqrt() * eps).float()
+        expected = ac[prev].sqrt() * bounded[name] + (1 - ac[prev]).sqrt() * eps
+        torch.testing.assert_close(ddim.step(eps, t, x_t).prev_sample, expected.float(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(bounded["clip"][0], bounded["dynamic"][0])  # the two rules differ
+    torch.testing.assert_close(bounded["clip"][2], bounded["dynamic"][2])
+    with pytest.raises(ValueError, match="x0_threshold must be one of"):
+        make_sampling_scheduler(pixel_space=True, x0_threshold="percentile")
 
 
 def test_schedulers_follow_pixart():

@@ -10,3 +10,6 @@ both. Twenty steps are PixCell's default (DPM-Solver++ for latents; DDIM in pixe
 GUIDANCE_MORPH = 1.5
 GUIDANCE_GE = 2.0
 STEPS = 20
+# How pixel-space DDIM bounds its x0 predictions to the data range [-1, 1] at each step
+# (stmdit.diffusion.make_sampling_scheduler): "clip", or Imagen's "dynamic" thresholding.
+X0_THRESHOLD = "clip"

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stmdit import defaults
 from stmdit.data.sources import prepare_synthetic
 from stmdit.data.synthetic import CELL_TYPES
-from stmdit.diffusion import loss_name
+from stmdit.diffusion import DEFAULT_P_DROP_BOTH, loss_name
 from stmdit.encoders.factory import describe
 from stmdit.evaluate.composition import composition_agreement, fit_composition_estimator
 from stmdit.io import atomic_path, write_json
@@ -78,10 +79,12 @@ class DemoSettings:
     # PixCell's 0.1 to give the (no morphology, GE) conditional enough training signal.
     p_drop_morphology: float = 0.5
     p_drop_ge: float = 0.1
+    p_drop_both: float = DEFAULT_P_DROP_BOTH
     guidance_morph: float = 2.5
     # Chosen from a sweep of GE-only composition against guidance (bench/RESULTS.md).
     guidance_ge: float = 2.5
     sample_steps: int = 20
+    x0_threshold: str = defaults.X0_THRESHOLD
     estimator_epochs: int = 8
     # UNI-2h when its weights are on this machine and a GPU is present, else stain features.
     morphology_encoder: str = "auto"
@@ -131,11 +134,13 @@ class DemoSettings:
             prediction_type=self.prediction_type,
             p_drop_morphology=self.p_drop_morphology,
             p_drop_ge=self.p_drop_ge,
+            p_drop_both=self.p_drop_both,
             checkpoint_every=max(1, self.train_steps // 2),
             keep_checkpoints=1,
             guidance_morph=self.guidance_morph,
             guidance_ge=self.guidance_ge,
             sample_steps=self.sample_steps,
+            x0_threshold=self.x0_threshold,
             mixed_precision=mixed_precision_setting(self.precision),
             seed=self.training_seed,
         )
@@ -254,7 +259,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
         "eval_spots": f"{len(eval_idx)}: the central {s.eval_block} x {s.eval_block} spots of the held-out section",
         "train_spots": len(train_idx),
         "sampler": f"{type(pipes['ge'].scheduler).__name__} {s.sample_steps} steps, "
-        f"dual guidance s_m={s.guidance_morph}, s_g={s.guidance_ge}",
+        f"dual guidance s_m={s.guidance_morph}, s_g={s.guidance_ge}, x0 bound {s.x0_threshold}",
         "saturated_fraction": "fraction of pixels with any channel at 0 or 255 in the 8-bit tile (out of gamut)",
         "noise_seed": train_seed + 1,
         "ge_encoder": describe(data.ge_encoder) + ": highly variable genes, log1p CP10k, standardised",
@@ -267,6 +272,11 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, progress
                 # Both departures from PixArt's plain epsilon-MSE, named here.
                 "prediction_type": s.prediction_type,
                 "min_snr_gamma": s.min_snr_gamma,
+                "condition_dropout": {
+                    "morphology": s.p_drop_morphology,
+                    "ge": s.p_drop_ge,
+                    "both_together": s.p_drop_both,
+                },
             }
             for name, r_cfg in (("ge", "adaln+xattn"), ("no_ge", "none"))
         },

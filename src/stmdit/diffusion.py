@@ -3,13 +3,13 @@
 Training follows PixArt / PixCell: diffusers' ``DDPMScheduler`` with a linear beta schedule
 over 1000 steps and epsilon prediction (v prediction, Salimans & Ho 2022, is an option).
 Morphology and gene expression are dropped independently (each replaced by its null embedding
-with its own probability), so one model learns the four conditionals needed for dual
-classifier-free guidance:
+with its own probability), and optionally both together (``p_both``), so one model learns the
+four conditionals needed for dual classifier-free guidance:
 
     eps = eps(0, 0) + s_m * (eps(m, 0) - eps(0, 0)) + s_g * (eps(m, g) - eps(m, 0))
 
 Sampling uses ``DPMSolverMultistepScheduler`` (DPM-Solver++, order 2, 20 steps) for latents,
-as PixCell, and DDIM with thresholded x0 in pixel space (see :func:`make_sampling_scheduler`);
+as PixCell, and DDIM with x0 bounded to the data range in pixel space (see :func:`make_sampling_scheduler`);
 all guidance branches of a step are computed in one batched forward. With ``precision="bf16"`` that forward
 runs under bf16 autocast; the guidance combination and the scheduler stay fp32.
 """
@@ -33,6 +33,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 # PixCell drops its UNI condition with probability 0.1; GE gets the same default.
 DEFAULT_P_DROP_MORPHOLOGY = 0.1
 DEFAULT_P_DROP_GE = 0.1
+# Both together, on top of the independent drops (ModalityDropout).
+DEFAULT_P_DROP_BOTH = 0.0
 
 
 @dataclass
@@ -110,22 +112,41 @@ def make_training_scheduler(
     )
 
 
+# Pixel-space x0 bounds: plain clipping, or Imagen's dynamic thresholding (Saharia et al. 2022):
+# s = the 99.5th percentile of |x0| per image, at least 1 and at most the cap, and x0 becomes
+# clip(x0, -s, s) / s. The cap of 1.5 is DeepFloyd IF's (diffusers' pixel-space cascade).
+X0_THRESHOLDS = ("clip", "dynamic")
+DYNAMIC_THRESHOLD_PERCENTILE = 0.995
+DYNAMIC_THRESHOLD_MAX = 1.5
+
+
 def make_sampling_scheduler(
-    training_scheduler: DDPMScheduler | None = None, pixel_space: bool = False
+    training_scheduler: DDPMScheduler | None = None,
+    pixel_space: bool = False,
+    x0_threshold: str = defaults.X0_THRESHOLD,
 ) -> DPMSolverMultistepScheduler | DDIMScheduler:
     """The sampler over the same noise schedule: DPM-Solver++ (order 2) for latents, as PixCell
-    samples; DDIM with thresholded x0 predictions in pixel space.
+    samples; DDIM with bounded x0 predictions in pixel space.
 
     Learned-variance channels are split off before the scheduler sees the prediction, so the
     scheduler is configured for the plain prediction (epsilon or v). Pixel-space data live in
-    [-1, 1], so there the x0 predictions are dynamically thresholded to that range (Imagen),
-    and the step must then drop what the threshold clipped. DDIM does: it rebuilds the next
-    sample from the clipped x0 and the model's own noise estimate. DPM-Solver++ does not: its data-prediction update
-    ``x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^-h) x0`` carries ``x_t``, and with it a
-    fraction ``e^-h`` of every clipped excess, which then ends as saturated pixels (her2st C4,
+    [-1, 1], so there every step bounds its x0 prediction to that range, ``x0_threshold``:
+
+    * ``"clip"``: clip x0 to [-1, 1] (diffusers' thresholding with ``sample_max_value`` 1,
+      which clamps the dynamic scale to exactly 1);
+    * ``"dynamic"``: Imagen's dynamic thresholding, x0 clipped to [-s, s] and divided by s,
+      s the 99.5th percentile of |x0| per image, kept in [1, 1.5], so a prediction that
+      overshoots is pulled in as a whole rather than flattened at the bound.
+
+    The step must then drop what the bound removed. DDIM does: it rebuilds the next sample from
+    the bounded x0 and the model's own noise estimate. DPM-Solver++ does not: its data-prediction
+    update ``x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^-h) x0`` carries ``x_t``, and with it
+    a fraction ``e^-h`` of every clipped excess, which then ends as saturated pixels (her2st C4,
     tiny model: 5.4% of pixels at 0 or 255 against 1.1% with DDIM; FD to the real tiles 15x
     lower). Latents have no such bound, so PixCell's solver stays there.
     """
+    if x0_threshold not in X0_THRESHOLDS:
+        raise ValueError(f"x0_threshold must be one of {X0_THRESHOLDS}; got {x0_threshold!r}")
     # Overrides go in as keyword arguments: from_config drops config keys that the source
     # scheduler left at their defaults (its "_use_default_values"), so a value written into
     # the dict itself could be silently ignored.
@@ -135,8 +156,8 @@ def make_sampling_scheduler(
             config,
             clip_sample=False,
             thresholding=True,
-            sample_max_value=1.0,
-            dynamic_thresholding_ratio=0.995,
+            sample_max_value=1.0 if x0_threshold == "clip" else DYNAMIC_THRESHOLD_MAX,
+            dynamic_thresholding_ratio=DYNAMIC_THRESHOLD_PERCENTILE,
             # From t = 999 in strides DDIM's step also uses ("leading" starts at 950; "linspace"
             # steps 999 -> 949 but then evaluates the model at 946).
             timestep_spacing="trailing",
@@ -147,15 +168,30 @@ def make_sampling_scheduler(
     )
 
 
+def x0_threshold_of(scheduler) -> str | None:
+    """How a sampler bounds its x0 predictions: "clip", "dynamic", or None (no bound)."""
+    if not getattr(scheduler.config, "thresholding", False):
+        return None
+    return "clip" if scheduler.config.sample_max_value <= 1.0 else "dynamic"
+
+
 @dataclass
 class ModalityDropout:
-    """Independent per-sample condition dropout for classifier-free guidance."""
+    """Condition dropout for classifier-free guidance: with probability ``p_both`` a sample loses
+    both modalities together; otherwise each is dropped independently with its own probability.
+
+    Dual guidance needs the unconditional prediction as much as the single-modality ones (it
+    enters with weight 1 - s_m), and independent dropout alone trains it on only p_m * p_g of the
+    samples (1% at PixCell's 0.1 each), so ``p_both`` trains it directly, as PixCell's 10% drop of
+    its one condition does. Overall, P(morphology dropped) = p_both + (1 - p_both) p_m.
+    """
 
     p_morphology: float = DEFAULT_P_DROP_MORPHOLOGY
     p_ge: float = DEFAULT_P_DROP_GE
+    p_both: float = DEFAULT_P_DROP_BOTH
 
     def __post_init__(self):
-        for name in ("p_morphology", "p_ge"):
+        for name in ("p_morphology", "p_ge", "p_both"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1]; got {p}")
@@ -163,9 +199,14 @@ class ModalityDropout:
     def sample(
         self, batch: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boolean masks (drop_morphology, drop_ge), drawn independently."""
+        """Boolean masks (drop_morphology, drop_ge)."""
         u = torch.rand(2, batch, generator=generator)
-        return u[0] < self.p_morphology, u[1] < self.p_ge
+        drop_m, drop_g = u[0] < self.p_morphology, u[1] < self.p_ge
+        if self.p_both > 0:
+            # Drawn after the independent masks, so p_both = 0 repeats earlier runs draw for draw.
+            both = torch.rand(batch, generator=generator) < self.p_both
+            drop_m, drop_g = drop_m | both, drop_g | both
+        return drop_m, drop_g
 
 
 def _gaussian_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:

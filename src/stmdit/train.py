@@ -50,7 +50,11 @@ from stmdit.config import (
 )
 from stmdit.data.features import FeatureDataset, StepBatchSampler, batch_condition, collate_batch
 from stmdit.diffusion import (
+    DEFAULT_P_DROP_BOTH,
+    DEFAULT_P_DROP_GE,
+    DEFAULT_P_DROP_MORPHOLOGY,
     PREDICTION_TYPES,
+    X0_THRESHOLDS,
     ModalityDropout,
     make_sampling_scheduler,
     make_training_scheduler,
@@ -208,8 +212,10 @@ class TrainConfig(ConfigModel):
     ema_power: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    p_drop_morphology: Probability = 0.1
-    p_drop_ge: Probability = 0.1
+    p_drop_morphology: Probability = DEFAULT_P_DROP_MORPHOLOGY
+    p_drop_ge: Probability = DEFAULT_P_DROP_GE
+    # Both modalities dropped together, on top of the independent drops (ModalityDropout).
+    p_drop_both: Probability = DEFAULT_P_DROP_BOTH
     vlb_weight: NonNegativeFloat = 0.0
     # Min-SNR loss weighting (stmdit.diffusion.training_loss); None: PixArt's plain MSE.
     min_snr_gamma: PositiveFloat | None = None
@@ -221,6 +227,9 @@ class TrainConfig(ConfigModel):
     sample_every: NonNegativeInt = 0
     sample_spots: Count = 8
     sample_steps: Count = defaults.STEPS
+    # Pixel space: how the DDIM sampler of the sample grids and the saved pipeline bounds its x0
+    # predictions (stmdit.diffusion.make_sampling_scheduler).
+    x0_threshold: Literal[X0_THRESHOLDS] = defaults.X0_THRESHOLD
     guidance_morph: float = defaults.GUIDANCE_MORPH
     guidance_ge: float = defaults.GUIDANCE_GE
     log_every: Count = 10
@@ -459,7 +468,11 @@ class Trainer:
             gen = torch.Generator().manual_seed(self.config.seed)
             latents = sample(
                 model,
-                make_sampling_scheduler(self._noise_scheduler(model), pixel_space=self.vae is None),
+                make_sampling_scheduler(
+                    self._noise_scheduler(model),
+                    pixel_space=self.vae is None,
+                    x0_threshold=self.config.x0_threshold,
+                ),
                 cond,
                 guidance_morph=self.config.guidance_morph,
                 guidance_ge=self.config.guidance_ge,
@@ -490,7 +503,11 @@ class Trainer:
         ema.copy_to(final.parameters())
         pipe = STMDiTPipeline(
             transformer=final,
-            scheduler=make_sampling_scheduler(self._noise_scheduler(final), pixel_space=self.vae is None),
+            scheduler=make_sampling_scheduler(
+                self._noise_scheduler(final),
+                pixel_space=self.vae is None,
+                x0_threshold=self.config.x0_threshold,
+            ),
             ge_encoder=self.ge_encoder,
             morphology_encoder=self.morphology_encoder,
             vae=self.vae,
@@ -536,7 +553,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         noise_scheduler = self._noise_scheduler(model)
-        dropout = ModalityDropout(cfg.p_drop_morphology, cfg.p_drop_ge)
+        dropout = ModalityDropout(cfg.p_drop_morphology, cfg.p_drop_ge, cfg.p_drop_both)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         # Stepped once per optimisation step by us (accelerate would step it once per process).
         lr_scheduler = get_scheduler(
