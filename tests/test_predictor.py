@@ -377,7 +377,7 @@ def test_real_her2st_predictions_beat_a_shuffled_control(her2st_store):
     print(
         f"her2st C2+C3 -> C4, top 100 genes: median Pearson {r:.3f}; shuffled spots {np.round(shuffled, 3).tolist()}"
     )
-    # seurat_v3's top genes include sparse, high-dispersion ones (immunoglobulins, secreted
+    # DeepSpot's HVGs (seurat_v3_paper) include sparse, high-dispersion ones (immunoglobulins, secreted
     # markers), harder to read from H&E than the top-variance genes this test once used.
     assert r > max(shuffled) + 0.1
 

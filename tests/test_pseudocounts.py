@@ -92,7 +92,7 @@ def own_spot_fraction(pseudo: np.ndarray, measured: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def c4(her2st_store):
-    """A predictor trained on C2 and C3 (the paper's 5,000 seurat_v3 HVGs, a small network, 20
+    """A predictor trained on C2 and C3 (DeepSpot's 5,000 seurat_v3_paper HVGs, a small network, 20
     short epochs), its predictions for the unseen C4 as pseudo-labels, and C4's measured spots."""
     torch.set_num_threads(1)
     train = SpotSet.from_store(her2st_store, split=None, samples=["C2", "C3"])

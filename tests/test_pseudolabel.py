@@ -162,7 +162,7 @@ def test_predictions_on_unseen_c4_follow_its_measured_counts(labelled, her2st_st
     print(
         f"C4 median per-gene r {r:.3f} vs shuffled {np.round(shuffled, 3)} over {close.sum()} matched spots"
     )
-    # seurat_v3's top genes include sparse high-dispersion ones, harder to read from H&E than the
+    # DeepSpot's HVGs (seurat_v3_paper) include sparse high-dispersion ones, harder to read from H&E than the
     # top-variance genes this test once used (r 0.14 against shuffled spots at most 0.04).
     assert r > max(shuffled) + 0.08
 

@@ -71,7 +71,7 @@ def rank_genes_by_variance(measured: np.ndarray) -> np.ndarray:
     """Column indices, most variable measured gene first; ties keep column order (stable sort).
 
     A stand-in for a highly-variable-gene ranking when none is given. DeepSpot's own ranking
-    is scanpy's ``seurat_v3`` on counts; when the columns already follow that ranking, pass
+    is scanpy's ``seurat_v3_paper`` on counts; when the columns already follow that ranking, pass
     ``gene_order=np.arange(n_genes)`` to :func:`fidelity_auc` instead.
     """
     variance = np.asarray(measured, dtype=np.float64).var(axis=0)
@@ -285,7 +285,7 @@ def fidelity_auc(
 def protocol_departures(protocol: dict) -> list[str]:
     """Every way a fidelity result's ``protocol`` departs from DeepSpot's (empty: none).
 
-    DeepSpot's protocol: the predictor's 5,000 seurat_v3 HVGs (per-sample batch key), ranked in
+    DeepSpot's protocol: the predictor's 5,000 seurat_v3_paper HVGs (per-sample batch key), ranked in
     that HVG order, on the full N grid up to 5,000."""
     out = []
     genes = protocol.get("gene_protocol")
