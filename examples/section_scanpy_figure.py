@@ -4,7 +4,7 @@
 
 Prepares her2st section C2 (128 µm tiles at 32 px), trains a tiny pixel-space STMDiT on its
 spots for 150 steps on the CPU (minutes; a sketch of H&E, not the paper's model), synthesises
-the virtual section with ``stmdit.section`` and draws
+the virtual section with ``stmdit.sections`` and draws
 ``sc.pl.spatial(adata, library_id=..., color="ERBB2")`` on the real and on the virtual H&E
 side by side, from the ``.h5ad`` that ``stmdit section`` writes.
 """
@@ -29,8 +29,8 @@ from stmdit import PanelExpressionEncoder, StainFeatureEncoder, STMDiTPipeline
 from stmdit.data.features import FeatureDataset
 from stmdit.data.store import PrepareConfig, prepare
 from stmdit.encoders.vae import encode_images
-from stmdit.section import synthesize_section
-from stmdit.section_export import write_section_files
+from stmdit.sections.export import write_section_files
+from stmdit.sections.mosaic import synthesize_section
 from stmdit.train import TrainConfig, Trainer
 
 GENE = "ERBB2"

@@ -21,13 +21,13 @@ from stmdit import (
 )
 from stmdit.data.images import tissue_fraction
 from stmdit.data.store import DatasetStore
-from stmdit.section import (
+from stmdit.sections.export import section_command, write_section_files
+from stmdit.sections.mosaic import (
     SectionGeometry,
     assemble_mosaic,
     blend_window,
     synthesize_section,
 )
-from stmdit.section_export import section_command, write_section_files
 
 WHITE = 255
 

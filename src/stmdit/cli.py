@@ -439,7 +439,7 @@ def section(
     verbose: Verbose = False,
 ) -> None:
     """Whole-section virtual H&E: a tile for every spot, assembled at the spot layout beside the real H&E."""
-    from stmdit.section_export import section_command
+    from stmdit.sections.export import section_command
 
     _setup_logging(verbose)
     _use_precision(ctx, precision)

@@ -256,7 +256,7 @@ class SectionResult:
     ``x_um``, ``y_um``), in the order of ``tiles``; ``real_image``: where ``real`` was read from
     (``path``, ``mpp``, ``image_scale``); ``n_generated``: tiles made by this call (the rest came
     from the cache); ``expression``: the spots' rows of the store (counts, obs), for the AnnData
-    and SpatialData views of :mod:`stmdit.section_export`."""
+    and SpatialData views of :mod:`stmdit.sections.export`."""
 
     sample: str
     virtual: np.ndarray

@@ -34,7 +34,7 @@ from stmdit import defaults
 from stmdit.data.images import tissue_fraction
 from stmdit.data.readers.convention import HIRES_PX, scanpy_library, write_h5ad
 from stmdit.io import atomic_path, safe_file_name
-from stmdit.section import (
+from stmdit.sections.mosaic import (
     SectionGeometry,
     SectionResult,
     assemble_mosaic,
