@@ -76,6 +76,10 @@ class Condition:
         """Repeat every row ``n`` times (several images per spot)."""
         return self._map(lambda t: t.repeat_interleave(n, dim=0))
 
+    def rows(self, index) -> Condition:
+        """The rows ``index`` (a list, slice or boolean mask) of every field."""
+        return self._map(lambda t: t[index])
+
     def without_ge(self) -> Condition:
         return replace(self, ge=None, ge_tokens=None, ge_mask=None)
 

@@ -1,0 +1,297 @@
+"""Seamless virtual sections: overlapping windows denoised jointly (MultiDiffusion).
+
+:mod:`stmdit.sections.mosaic` pastes one independent tile per spot, so neighbouring tiles
+share nothing but a cross-fade: a gland that reaches the edge of one tile does not continue
+into the next. Here the model's tile-sized windows tile a larger canvas with overlap and are
+denoised *together* (MultiDiffusion, Bar-Tal et al. 2023): at every sampling step each
+window's guided model output is predicted, the overlapping predictions are fused into one
+canvas-sized output (a weighted mean per pixel), and ONE scheduler step updates the whole
+canvas. Every overlap pixel is thus pulled towards agreement by all windows that see it, at
+every step, so structure continues across window borders instead of being blended afterwards.
+
+Pieces:
+
+* :func:`window_grid`: window corners covering the canvas exactly, the last row and column
+  flush with its edges.
+* :func:`position_noise`: the initial noise depends only on ``(seed, absolute position)``:
+  fixed blocks, each from its own generator, cropped. A rerun, another window batch size or a
+  sub-region reproduces the same noise.
+* :func:`interpolate_expression`: each window's GE condition is the expression at its centre,
+  a Gaussian-kernel mean of the spots' **log1p CP10k** values (the scale the panel encoder
+  normalises to; :func:`stmdit.encoders.expression.log1p_cp10k` makes it from counts).
+  :func:`expression_for_encoder` turns the result back into pseudo-counts with a declared
+  library size, so ``pipe.encode_expression`` reproduces exactly the interpolated log1p CP10k
+  (CancerFoundation bins ranks per spot, which the monotone round trip preserves). Use a
+  bandwidth tied to the spot pitch (:func:`pitch_um`; ``pitch / 2`` is a good default).
+  Centres with no spot within ``radius`` bandwidths are masked: pass the mask as
+  ``ge_available`` to :func:`denoise_canvas` and those windows are guided without GE (null GE
+  embedding, morphology or unconditional guidance only), or leave them out of ``corners``.
+* :func:`denoise_canvas`: the joint loop. It works in the model's own space, whatever
+  :func:`stmdit.diffusion.sample` denoises: pixels for pixel-space models; latents for latent
+  models, which it returns undecoded (decoding a large latent canvas, in windows, is left to
+  the caller). Guidance is the project's own :func:`~stmdit.diffusion.guided_prediction`
+  (learned-variance channels are dropped there, as in ``sample``).
+
+Schedulers on a canvas-shaped state: DPM-Solver++ keeps its history in canvas-shaped tensors
+and is otherwise elementwise. DDIM with x0 clipped to [-1, 1] is elementwise too; it is
+stepped with ``clip_sample`` (the same clamp) instead of diffusers' thresholding, whose
+``torch.quantile`` refuses more than 2**24 elements. Dynamic thresholding takes its percentile
+over the whole canvas rather than per tile, so it is refused (not equivalent to tile sampling).
+
+Memory: the canvas state, one numerator and the scheduler's history live in memory (a few
+canvases of float32). Processing in bands with a zarr-backed canvas is a follow-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import DDIMScheduler
+from scipy.spatial import cKDTree
+
+from stmdit import defaults
+from stmdit.diffusion import Condition, guided_prediction, noise_level, x0_threshold_of
+from stmdit.precision import current_default
+from stmdit.sections.mosaic import blend_window
+
+__all__ = [
+    "denoise_canvas",
+    "expression_for_encoder",
+    "interpolate_expression",
+    "pitch_um",
+    "position_noise",
+    "window_grid",
+]
+
+NOISE_BLOCK = 64  # canvas pixels (or latents) per side of one noise block
+WEIGHTS = ("cosine", "uniform")
+
+
+# -- geometry and noise ---------------------------------------------------------------------------------
+
+
+def window_grid(height: int, width: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners ``(y0, x0)`` of ``window``-sized windows every ``stride`` pixels,
+    row-major, plus a last row and column flush with the canvas edge, so every pixel is covered."""
+    if window < 1 or not 1 <= stride <= window:
+        raise ValueError(f"need window >= 1 and 1 <= stride <= window; got window {window}, stride {stride}")
+    if height < window or width < window:
+        raise ValueError(f"the canvas ({height} x {width}) is smaller than one window ({window} x {window})")
+
+    def starts(n: int) -> list[int]:
+        s = list(range(0, n - window + 1, stride))
+        return s if s[-1] == n - window else [*s, n - window]
+
+    return [(y, x) for y in starts(height) for x in starts(width)]
+
+
+def _block_generator(seed: int, row: int, col: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{row}:{col}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def position_noise(
+    seed: int, y0: int, x0: int, h: int, w: int, channels: int, block: int = NOISE_BLOCK
+) -> torch.Tensor:
+    """Standard normal noise (channels, h, w) for the canvas region at ``(y0, x0)``: the canvas
+    is cut into ``block``-sized blocks, block ``(r, c)`` drawn from a generator seeded by a hash
+    of ``(seed, r, c)``, and the region is cropped from them. It depends only on the seed, the
+    absolute position, ``channels`` and ``block``."""
+    out = torch.empty(channels, h, w)
+    for r in range(y0 // block, (y0 + h - 1) // block + 1):
+        for c in range(x0 // block, (x0 + w - 1) // block + 1):
+            noise = torch.randn((channels, block, block), generator=_block_generator(seed, r, c))
+            ya, yb = max(y0, r * block), min(y0 + h, (r + 1) * block)
+            xa, xb = max(x0, c * block), min(x0 + w, (c + 1) * block)
+            out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = noise[
+                :, ya - r * block : yb - r * block, xa - c * block : xb - c * block
+            ]
+    return out
+
+
+# -- expression at window centres ---------------------------------------------------------------------
+
+
+def pitch_um(spot_xy: np.ndarray) -> float:
+    """The spot pitch: the median distance from each spot (N, 2) to its nearest neighbour."""
+    spot_xy = np.asarray(spot_xy, dtype=float)
+    if len(spot_xy) < 2:
+        raise ValueError("the pitch needs at least two spots")
+    distances, _ = cKDTree(spot_xy).query(spot_xy, k=2)
+    return float(np.median(distances[:, 1]))
+
+
+def interpolate_expression(
+    spot_xy: np.ndarray,
+    spot_expression: np.ndarray,
+    centres_xy: np.ndarray,
+    bandwidth: float,
+    radius: float = 3.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Expression at ``centres_xy`` (M, 2): the mean of the spots' normalised expression
+    (N, G; log1p CP10k) weighted by ``exp(-d^2 / (2 bandwidth^2))``, over the spots within
+    ``radius * bandwidth``. Positions share one unit (e.g. microns).
+
+    Returns ``(values (M, G) float32, mask (M,) bool)``; a centre with no spot in range is
+    False in the mask and zero in ``values`` (give it no GE condition, see the module docstring).
+    """
+    if bandwidth <= 0:
+        raise ValueError(f"bandwidth must be > 0; got {bandwidth}")
+    spot_xy, centres_xy = np.asarray(spot_xy, float), np.asarray(centres_xy, float)
+    spot_expression = np.asarray(spot_expression, np.float64)
+    if len(spot_xy) != len(spot_expression):
+        raise ValueError(f"{len(spot_xy)} spot positions but {len(spot_expression)} expression rows")
+    values = np.zeros((len(centres_xy), spot_expression.shape[1]), np.float32)
+    mask = np.zeros(len(centres_xy), bool)
+    neighbours = cKDTree(spot_xy).query_ball_point(centres_xy, r=radius * bandwidth)
+    for i, near in enumerate(neighbours):
+        if not near:
+            continue
+        d2 = ((spot_xy[near] - centres_xy[i]) ** 2).sum(axis=1)
+        weights = np.exp(-d2 / (2 * bandwidth**2))
+        values[i] = weights @ spot_expression[near] / weights.sum()
+        mask[i] = True
+    return values, mask
+
+
+def expression_for_encoder(
+    log_expression: np.ndarray, genes: Sequence[str], target_sum: float = 1e4
+) -> ad.AnnData:
+    """Interpolated log1p CP10k (M, G) -> pseudo-counts ``expm1`` with ``obs['library_size']
+    = target_sum``, which the GE encoders normalise back to exactly the given values."""
+    x = np.expm1(np.asarray(log_expression, np.float64)).clip(min=0).astype(np.float32)
+    obs = pd.DataFrame({"library_size": np.full(len(x), float(target_sum))})
+    obs.index = obs.index.astype(str)
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[str(g) for g in genes]))
+
+
+# -- joint denoising ------------------------------------------------------------------------------------
+
+
+def _canvas_scheduler(scheduler):
+    """The scheduler to step a canvas with: DDIM's clip-to-[-1, 1] as ``clip_sample`` (the
+    same clamp, without a quantile over the canvas); dynamic thresholding is refused."""
+    threshold = x0_threshold_of(scheduler)
+    if threshold is None:
+        return scheduler
+    if threshold == "dynamic" or not isinstance(scheduler, DDIMScheduler):
+        raise NotImplementedError(
+            "dynamic x0 thresholding takes a percentile per sample; over a canvas it is not per tile"
+        )
+    return DDIMScheduler.from_config(
+        scheduler.config, thresholding=False, clip_sample=True, clip_sample_range=1.0
+    )
+
+
+def _window_weight(window: int, weights: str) -> torch.Tensor:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}; got {weights!r}")
+    # A full raised cosine (feather 0.5): largest in the middle, > 0 everywhere.
+    w = blend_window(window, 0.5 if weights == "cosine" else 0.0)
+    return torch.from_numpy(np.outer(w, w)).float()
+
+
+@torch.no_grad()
+def denoise_canvas(
+    pipe,
+    height: int,
+    width: int,
+    window_conditions: Condition,
+    corners: Sequence[tuple[int, int]],
+    *,
+    seed: int,
+    num_inference_steps: int = defaults.STEPS,
+    guidance_scale_morphology: float = defaults.GUIDANCE_MORPH,
+    guidance_scale_ge: float = defaults.GUIDANCE_GE,
+    ge_available: Sequence[bool] | None = None,
+    guidance_ge_interval: tuple[float, float] | None = None,
+    batch_size: int = 8,
+    weights: str = "cosine",
+    noise: torch.Tensor | None = None,
+    precision: str | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Denoise a (height, width) canvas of the model's space jointly from its windows.
+
+    ``corners``: the windows' top-left corners (:func:`window_grid`), each ``sample_size`` of
+    the transformer on a side; together they must cover the canvas. ``window_conditions``:
+    one row per window (morphology and/or GE inputs, as :class:`~stmdit.diffusion.Condition`),
+    or an empty Condition for unconditional sampling. ``ge_available`` (one bool per window,
+    e.g. the mask of :func:`interpolate_expression`): windows marked False are guided without
+    their GE row. ``noise``: the initial noise (C, height, width); default
+    :func:`position_noise` of ``seed``. ``weights``: ``"cosine"`` (raised cosine, never zero)
+    or ``"uniform"`` fusion weights. ``guidance_ge_interval``, ``precision``: as in
+    :func:`~stmdit.diffusion.sample`. Windows are predicted ``batch_size`` at a time; the
+    result does not depend on it. Returns the canvas (C, height, width) in the weights' dtype:
+    pixels in [-1, 1] for pixel-space models, undecoded latents otherwise.
+    """
+    model = pipe.transformer
+    cfg = model.config
+    window, channels = cfg.sample_size, cfg.in_channels
+    corners = [(int(y), int(x0)) for y, x0 in corners]
+    n = len(corners)
+    if n == 0 or batch_size < 1:
+        raise ValueError(f"need at least one window and batch_size >= 1; got {n} and {batch_size}")
+    if window_conditions.batch_size() not in (None, n):
+        raise ValueError(f"{n} windows but {window_conditions.batch_size()} condition rows")
+    if any(not (0 <= y <= height - window and 0 <= x0 <= width - window) for y, x0 in corners):
+        raise ValueError(f"every {window} x {window} window must lie inside the {height} x {width} canvas")
+    ge_available = np.ones(n, bool) if ge_available is None else np.asarray(ge_available, bool)
+    if ge_available.shape != (n,):
+        raise ValueError(f"ge_available needs one value per window ({n}); got shape {ge_available.shape}")
+
+    weight = _window_weight(window, weights)
+    denominator = torch.zeros(height, width)
+    for y, x0 in corners:
+        denominator[y : y + window, x0 : x0 + window] += weight
+    if (denominator == 0).any():
+        raise ValueError("the windows leave part of the canvas uncovered; use window_grid")
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    denominator = denominator.to(device)
+    weight = weight.to(device)
+    cond = window_conditions.to(device, dtype)
+    precision = precision or current_default()
+    scheduler = _canvas_scheduler(pipe.scheduler)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    if noise is None:
+        noise = position_noise(seed, 0, 0, height, width, channels)
+    if tuple(noise.shape) != (channels, height, width):
+        raise ValueError(f"noise must have shape {(channels, height, width)}; got {tuple(noise.shape)}")
+    x = noise[None].to(device, dtype) * scheduler.init_noise_sigma
+
+    steps = scheduler.timesteps
+    for t in pipe.progress_bar(steps) if progress else steps:
+        x_in = scheduler.scale_model_input(x, t)
+        s_g = guidance_scale_ge
+        if guidance_ge_interval is not None and not (
+            guidance_ge_interval[0] < noise_level(scheduler, t) <= guidance_ge_interval[1]
+        ):
+            s_g = 1.0
+        numerator = torch.zeros(channels, height, width, device=device)
+        for start in range(0, n, batch_size):
+            batch = list(range(start, min(start + batch_size, n)))
+            # Windows with and without GE need different guidance branches: predict them apart.
+            for with_ge in (True, False):
+                rows = [i for i in batch if ge_available[i] == with_ge]
+                if not rows:
+                    continue
+                crops = torch.stack(
+                    [x_in[0, :, y : y + window, x0 : x0 + window] for y, x0 in (corners[i] for i in rows)]
+                )
+                row_cond = cond.rows(rows) if with_ge else cond.rows(rows).without_ge()
+                pred = guided_prediction(
+                    model, crops, t, row_cond, guidance_scale_morphology, s_g, precision
+                ).float()
+                for k, i in enumerate(rows):
+                    y, x0 = corners[i]
+                    numerator[:, y : y + window, x0 : x0 + window] += pred[k] * weight
+        fused = (numerator / denominator)[None].to(dtype)
+        x = scheduler.step(fused, t, x).prev_sample
+    return x[0]
