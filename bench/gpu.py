@@ -9,7 +9,11 @@ attention through ``scaled_dot_product_attention`` restricted to the fused kerne
 memory-efficient, cuDNN). Sampling: 20 DPM-Solver++ steps with dual guidance (three branches
 per step in one forward) in bf16, then the SD3.5-architecture VAE decode to 256 px. The VAE
 is randomly initialised unless ``--vae`` names a folder with its weights: its cost does not
-depend on the weights.
+depend on the weights. Seamless: a 4 x 4-tile region of XL latents (128 x 128, 1024 px) tiled
+by ``window_grid`` with windows of one tile at a stride of 3/4 of it, denoised jointly by
+``denoise_canvas`` (the same 20 steps and guidance), then decoded in the same overlapping latent
+windows blended with raised-cosine weights; a second table gives windows/s, canvas megapixels/s,
+seconds per step and its cost per canvas pixel relative to independent tiles of the same model.
 
 Throughput is images per second after warm-up; "fraction of peak" divides the achieved
 FLOP/s (counted with ``torch.utils.flop_counter``) by the device's dense bf16 peak from its
@@ -21,9 +25,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -38,6 +45,8 @@ from stmdit.diffusion import (
     training_loss,
 )
 from stmdit.encoders.vae import SD35_SCALE, SD35_SHIFT, decode_latents
+from stmdit.sections.mosaic import blend_window
+from stmdit.sections.seamless import denoise_canvas, window_grid
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' datasheets.
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0,
@@ -64,10 +73,13 @@ class Sizes:
     sample_images: int
     sample_steps: int
     warmup: int
+    seamless_preset: str
+    canvas_latent: int  # side of the seamless canvas in latents
 
 
-FULL = Sizes(("B", "XL"), 32, {"B": 256, "XL": 64}, 10, 64, 20, 2)
-DRY = Sizes(("tiny",), 8, {"tiny": 2}, 2, 2, 2, 1)
+# Seamless: a 4 x 4-tile region (1024 px) at full size; a 2 x 2-window canvas (8 + 6 latents) dry.
+FULL = Sizes(("B", "XL"), 32, {"B": 256, "XL": 64}, 10, 64, 20, 2, "XL", 4 * 32)
+DRY = Sizes(("tiny",), 8, {"tiny": 2}, 2, 2, 2, 1, "tiny", 8 + 6)
 
 
 def synchronize(device: torch.device) -> None:
@@ -117,12 +129,22 @@ def inputs(batch: int, latent: int, device: torch.device, dry_run: bool):
     return x, cond, morph_dim, ge_dim
 
 
+def make_model(preset: str, sizes: Sizes, device: torch.device, dry_run: bool) -> STMDiT:
+    _, _, morph_dim, ge_dim = inputs(0, 0, device, dry_run)
+    return STMDiT.from_preset(preset, in_channels=16, sample_size=sizes.latent, morph_dim=morph_dim, ge_dim=ge_dim,
+                              **({"depth": 1} if dry_run else {})).to(device)  # fmt: skip
+
+
+def vae_scale(vae) -> int:
+    """Pixels per latent of the VAE (8 for SD3.5)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def train_throughput(preset: str, sizes: Sizes, device: torch.device, dry_run: bool) -> tuple[float, float]:
     """(images per second, FLOP per image) of bf16 training steps on cached features."""
     batch = sizes.train_batch[preset]
-    x, cond, morph_dim, ge_dim = inputs(batch, sizes.latent, device, dry_run)
-    model = STMDiT.from_preset(preset, in_channels=16, sample_size=sizes.latent, morph_dim=morph_dim, ge_dim=ge_dim,
-                               **({"depth": 1} if dry_run else {})).to(device).train()  # fmt: skip
+    x, cond, _, _ = inputs(batch, sizes.latent, device, dry_run)
+    model = make_model(preset, sizes, device, dry_run).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     scheduler, dropout = make_training_scheduler(), ModalityDropout()
     gen = torch.Generator().manual_seed(0)
@@ -152,9 +174,8 @@ def sample_throughput(
 ) -> tuple[float, float]:
     """(images per second, FLOP per image) of dual-guided sampling plus the VAE decode."""
     n = sizes.sample_images
-    _, cond, morph_dim, ge_dim = inputs(n, sizes.latent, device, dry_run)
-    model = STMDiT.from_preset(preset, in_channels=16, sample_size=sizes.latent, morph_dim=morph_dim, ge_dim=ge_dim,
-                               **({"depth": 1} if dry_run else {})).to(device).eval()  # fmt: skip
+    _, cond, _, _ = inputs(n, sizes.latent, device, dry_run)
+    model = make_model(preset, sizes, device, dry_run).eval()
     scheduler = make_sampling_scheduler()
 
     def run():
@@ -167,7 +188,7 @@ def sample_throughput(
 
     with FlopCounterMode(display=False) as counter:
         images = run()
-    expected = sizes.latent * 2 ** (len(vae.config.block_out_channels) - 1)  # 256 px at full size
+    expected = sizes.latent * vae_scale(vae)  # 256 px at full size
     if images.shape[-1] != expected:
         raise RuntimeError(f"decoded tiles are {images.shape[-1]} px, expected {expected}")
     synchronize(device)
@@ -175,6 +196,59 @@ def sample_throughput(
     run()
     synchronize(device)
     return n / (time.perf_counter() - start), counter.get_total_flops() / n
+
+
+def decode_canvas(vae, latents: torch.Tensor, corners, window: int, batch_size: int = 16) -> torch.Tensor:
+    """Decode a (C, H, W) latent canvas in overlapping ``window``-latent windows at ``corners``,
+    blended with the raised-cosine weights ``denoise_canvas`` fuses with: (3, H * s, W * s) in [0, 1]."""
+    s = vae_scale(vae)
+    px, (_, height, width) = window * s, latents.shape
+    crops = torch.stack([latents[:, y : y + window, x : x + window] for y, x in corners])
+    tiles = decode_latents(vae, crops, batch_size=batch_size).float()
+    w = blend_window(px, 0.5)  # a full raised cosine, > 0 everywhere, as in denoise_canvas
+    weight = torch.from_numpy(np.outer(w, w)).float().to(tiles.device)
+    canvas = torch.zeros(3, height * s, width * s, device=tiles.device)
+    denominator = torch.zeros(height * s, width * s, device=tiles.device)
+    for (y, x), tile in zip(corners, tiles, strict=True):
+        canvas[:, y * s : y * s + px, x * s : x * s + px] += tile * weight
+        denominator[y * s : y * s + px, x * s : x * s + px] += weight
+    return canvas / denominator
+
+
+def seamless_throughput(sizes: Sizes, vae, device: torch.device, dry_run: bool) -> dict:
+    """Joint (MultiDiffusion) denoising of a latent canvas from windows at 3/4-window stride,
+    then the windowed decode: windows, canvas pixels, seconds per step, and FLOP of one canvas."""
+    window, side = sizes.latent, sizes.canvas_latent
+    corners = window_grid(side, side, window, window * 3 // 4)
+    _, cond, _, _ = inputs(len(corners), window, device, dry_run)
+    model = make_model(sizes.seamless_preset, sizes, device, dry_run).eval()
+    pipe = SimpleNamespace(transformer=model, scheduler=make_sampling_scheduler())
+
+    def run() -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        with fused_attention(device):
+            latents = denoise_canvas(pipe, side, side, cond, corners, seed=0, num_inference_steps=sizes.sample_steps,
+                                     guidance_scale_morphology=1.5, guidance_scale_ge=2.0, batch_size=len(corners),
+                                     precision="bf16", progress=False)  # fmt: skip
+        synchronize(device)
+        denoise_s = time.perf_counter() - start
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return decode_canvas(vae, latents, corners, window), denoise_s
+
+    with FlopCounterMode(display=False) as counter:
+        canvas, _ = run()
+    canvas_px = side * vae_scale(vae)
+    if tuple(canvas.shape) != (3, canvas_px, canvas_px) or not torch.isfinite(canvas).all():
+        raise RuntimeError(
+            f"decoded canvas {tuple(canvas.shape)}, expected (3, {canvas_px}, {canvas_px}), finite"
+        )
+    synchronize(device)
+    start = time.perf_counter()
+    _, denoise_s = run()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"windows": len(corners), "canvas px": canvas_px, "tile px": window * vae_scale(vae),
+            "seconds": seconds, "s/step": denoise_s / sizes.sample_steps, "flop": counter.get_total_flops()}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -215,13 +289,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
         img_s, flop = sample_throughput(preset, sizes, vae, device, args.dry_run)
         rows.append({"preset": preset, "task": f"sample ({sizes.sample_steps} steps, dual guidance, VAE decode)",
                      "img/s": img_s, "GFLOP/img": flop / 1e9, "fraction of peak": img_s * flop / peak})  # fmt: skip
+        if preset == sizes.seamless_preset:
+            rows.append(seamless_row(preset, sizes, vae, device, args.dry_run, peak, tile_img_s=img_s))
     print("| preset | task | img/s | GFLOP/img | fraction of bf16 peak |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['preset']} | {r['task']} | {r['img/s']:.1f} | {r['GFLOP/img']:.1f} | {r['fraction of peak']:.3f} |"
         )
+    print()
+    print("| preset | seamless canvas | windows | windows/s | canvas MP/s | s/step | tiles MP/s | seamless / tiles cost per pixel |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["task"].startswith("seamless"):
+            print(f"| {r['preset']} | {r['canvas px']} px | {r['windows']} | {r['windows/s']:.2f} | {r['canvas MP/s']:.3f} "
+                  f"| {r['s/step']:.3f} | {r['tiles MP/s']:.3f} | {r['cost vs tiles']:.2f} |")  # fmt: skip
     return rows
+
+
+def seamless_row(preset, sizes, vae, device, dry_run, peak, tile_img_s: float) -> dict:
+    """The seamless case as a row of the main table (img/s and GFLOP/img per tile-sized area of
+    the canvas) plus its own numbers, beside the per-tile sampling of the same model."""
+    m = seamless_throughput(sizes, vae, device, dry_run)
+    tiles = (m["canvas px"] / m["tile px"]) ** 2  # tile-sized areas in the canvas
+    img_s, flop = tiles / m["seconds"], m["flop"] / tiles
+    canvas_mp_s = m["canvas px"] ** 2 / m["seconds"] / 1e6
+    tiles_mp_s = tile_img_s * m["tile px"] ** 2 / 1e6
+    row = {"preset": preset, "task": f"seamless ({m['canvas px']} px canvas, {m['windows']} windows, stride 3/4, "
+           f"{sizes.sample_steps} steps, windowed VAE decode; per tile area)", "img/s": img_s, "GFLOP/img": flop / 1e9,
+           "fraction of peak": img_s * flop / peak, "canvas px": m["canvas px"], "windows": m["windows"],
+           "windows/s": m["windows"] / m["seconds"], "canvas MP/s": canvas_mp_s, "s/step": m["s/step"],
+           "tiles MP/s": tiles_mp_s, "cost vs tiles": tiles_mp_s / canvas_mp_s}  # fmt: skip
+    if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
+        raise RuntimeError(f"non-finite seamless numbers: {row}")
+    return row
 
 
 if __name__ == "__main__":

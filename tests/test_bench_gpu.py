@@ -1,5 +1,7 @@
+import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -10,12 +12,42 @@ def test_gpu_benchmark_dry_run_measures_both_tasks_and_prints_the_table(monkeypa
     import gpu
 
     rows = gpu.main(["--dry-run"])
-    assert [(r["preset"], r["task"].split()[0]) for r in rows] == [("tiny", "train"), ("tiny", "sample")]
+    assert [(r["preset"], r["task"].split()[0]) for r in rows] == [
+        ("tiny", "train"),
+        ("tiny", "sample"),
+        ("tiny", "seamless"),
+    ]
     for r in rows:
         assert r["img/s"] > 0 and r["GFLOP/img"] > 0 and 0 < r["fraction of peak"] < 1
+    seamless = rows[2]
+    # A 2 x 2-window canvas: 8 + 6 latents, decoded 2x by the dry-run VAE.
+    assert seamless["windows"] == 4 and seamless["canvas px"] == 28
+    for key in ("windows/s", "canvas MP/s", "s/step", "tiles MP/s", "cost vs tiles"):
+        assert math.isfinite(seamless[key]) and seamless[key] > 0
     out = capsys.readouterr().out
     assert "| preset | task | img/s | GFLOP/img | fraction of bf16 peak |" in out
-    assert out.count("| tiny |") == 2
+    assert "| preset | seamless canvas | windows | windows/s | canvas MP/s | s/step |" in out
+    assert out.count("| tiny |") == 4
+    assert "| tiny | 28 px | 4 |" in out
+
+
+def test_windowed_decode_of_a_constant_canvas_is_the_decode_of_one_window(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu
+
+    vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=[1, 1]))  # 2x upsampling
+    monkeypatch.setattr(
+        gpu,
+        "decode_latents",
+        lambda vae, z, batch_size: z[:, :3].repeat_interleave(2, -1).repeat_interleave(2, -2),
+    )
+    latents = torch.full((16, 14, 14), 0.25)
+    corners = gpu.window_grid(14, 14, 8, 6)
+    canvas = gpu.decode_canvas(vae, latents, corners, window=8)
+    assert canvas.shape == (3, 28, 28)
+    torch.testing.assert_close(canvas, torch.full((3, 28, 28), 0.25))
 
 
 def test_gpu_benchmark_refuses_to_run_without_a_device_unless_dry(monkeypatch):
