@@ -30,7 +30,11 @@ Pieces:
   :func:`stmdit.diffusion.sample` denoises: pixels for pixel-space models; latents for latent
   models, which it returns undecoded (decoding a large latent canvas, in windows, is left to
   the caller). Guidance is the project's own :func:`~stmdit.diffusion.guided_prediction`
-  (learned-variance channels are dropped there, as in ``sample``).
+  (learned-variance channels are dropped there, as in ``sample``). With ``known`` and
+  ``keep`` it imposes a known canvas where ``keep`` is 1 (RePaint, Lugmayr et al. 2022): after
+  every step the state is blended with the known canvas noised to the step's timestep with the
+  same initial noise, and after the last step with the known canvas itself (region edits,
+  :mod:`stmdit.sections.edits`).
 
 Schedulers on a canvas-shaped state: DPM-Solver++ keeps its history in canvas-shaped tensors
 and is otherwise elementwise. DDIM with x0 clipped to [-1, 1] is elementwise too; it is
@@ -215,6 +219,8 @@ def denoise_canvas(
     noise: torch.Tensor | None = None,
     precision: str | None = None,
     progress: bool = True,
+    known: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise a (height, width) canvas of the model's space jointly from its windows.
 
@@ -227,8 +233,14 @@ def denoise_canvas(
     :func:`position_noise` of ``seed``. ``weights``: ``"cosine"`` (raised cosine, never zero)
     or ``"uniform"`` fusion weights. ``guidance_ge_interval``, ``precision``: as in
     :func:`~stmdit.diffusion.sample`. Windows are predicted ``batch_size`` at a time; the
-    result does not depend on it. Returns the canvas (C, height, width) in the weights' dtype:
-    pixels in [-1, 1] for pixel-space models, undecoded latents otherwise.
+    result does not depend on it. ``known`` (C, height, width, the model's space) and ``keep``
+    (height, width, in [0, 1]; 1: impose ``known``, 0: free, between: a transition band), given
+    together: after each step to timestep ``t_prev`` the state becomes ``keep *
+    add_noise(known, noise, t_prev) + (1 - keep) * state`` (the same initial ``noise``, so the
+    imposed part is what a run towards ``known`` would see), after the last step ``keep * known
+    + (1 - keep) * state``; without them nothing is imposed. Returns the canvas (C, height,
+    width) in the weights' dtype: pixels in [-1, 1] for pixel-space models, undecoded latents
+    otherwise.
     """
     model = pipe.transformer
     cfg = model.config
@@ -264,10 +276,12 @@ def denoise_canvas(
         noise = position_noise(seed, 0, 0, height, width, channels)
     if tuple(noise.shape) != (channels, height, width):
         raise ValueError(f"noise must have shape {(channels, height, width)}; got {tuple(noise.shape)}")
-    x = noise[None].to(device, dtype) * scheduler.init_noise_sigma
+    known, keep = _imposition(known, keep, (channels, height, width), device, dtype)
+    initial = noise[None].to(device, dtype)
+    x = initial * scheduler.init_noise_sigma
 
     steps = scheduler.timesteps
-    for t in pipe.progress_bar(steps) if progress else steps:
+    for step, t in enumerate(pipe.progress_bar(steps) if progress else steps):
         x_in = scheduler.scale_model_input(x, t)
         s_g = guidance_scale_ge
         if guidance_ge_interval is not None and not (
@@ -294,4 +308,37 @@ def denoise_canvas(
                     numerator[:, y : y + window, x0 : x0 + window] += pred[k] * weight
         fused = (numerator / denominator)[None].to(dtype)
         x = scheduler.step(fused, t, x).prev_sample
+        if known is not None:
+            last = step == len(steps) - 1
+            target = known if last else _noised(scheduler, known, initial, steps, step)
+            x = keep * target + (1 - keep) * x
     return x[0]
+
+
+def _imposition(known, keep, shape, device, dtype):
+    """``known`` (1, C, H, W) and ``keep`` (1, 1, H, W) on the model's device, checked."""
+    if known is None and keep is None:
+        return None, None
+    if known is None or keep is None:
+        raise ValueError("known and keep go together: give both or neither")
+    if tuple(known.shape) != shape:
+        raise ValueError(
+            f"known must have shape {shape} (the canvas, model's space); got {tuple(known.shape)}"
+        )
+    if tuple(keep.shape) != shape[1:]:
+        raise ValueError(f"keep must have shape {shape[1:]} (the canvas); got {tuple(keep.shape)}")
+    keep = keep.detach().float()
+    if not torch.isfinite(keep).all() or keep.min() < 0 or keep.max() > 1:
+        raise ValueError("keep must lie in [0, 1] (1: impose known, 0: free)")
+    return known[None].to(device, dtype), keep[None, None].to(device, dtype)
+
+
+def _noised(scheduler, known, noise, steps, step):
+    """``known`` noised to the timestep that step ``step`` leads to: DDIM steps to ``t -
+    num_train_timesteps // num_inference_steps``, a multistep solver to the next timestep."""
+    if isinstance(scheduler, DDIMScheduler):
+        ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        t_prev = steps[step] - ratio
+    else:
+        t_prev = steps[step + 1]
+    return scheduler.add_noise(known, noise, t_prev.reshape(1).to(noise.device))
