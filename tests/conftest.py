@@ -50,6 +50,34 @@ def her2st_store(tmp_path_factory, test_data):
         return prepare(PrepareConfig(**her2st_prepare_config(test_data, out)), progress=False)
 
 
+@pytest.fixture(scope="module")
+def tiny_pipe(her2st_store):
+    """A random tiny pixel-space pipeline at the store's 32 px tiles. Patch size 8 (16 tokens)
+    keeps the 184 spots of C2 to a few seconds on a CPU; the weights are drawn at random so
+    that tiles vary with expression and noise."""
+    from stmdit import (
+        PanelExpressionEncoder,
+        StainFeatureEncoder,
+        STMDiT,
+        STMDiTPipeline,
+        make_sampling_scheduler,
+    )
+
+    torch.manual_seed(0)  # the model's null-condition embedding is drawn from the global generator
+    adata = her2st_store.spots()
+    ge = PanelExpressionEncoder.fit(adata[her2st_store.rows(None)], n_genes=32)
+    morph = StainFeatureEncoder(image_size=32)
+    model = STMDiT.from_preset("tiny", in_channels=3, sample_size=32, patch_size=8, morph_dim=morph.output_dim,
+                               ge_dim=ge.output_dim, ge_token_dim=ge.token_dim)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    pipe = STMDiTPipeline(model, make_sampling_scheduler(pixel_space=True), ge, morph, None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def random_inception_weights(tmp_path_factory):
     """torch-fidelity's FID Inception-v3 with random (He-scaled) weights, saved as the plain state

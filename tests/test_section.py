@@ -9,16 +9,9 @@ import time
 import anndata as ad
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from stmdit import (
-    PanelExpressionEncoder,
-    StainFeatureEncoder,
-    STMDiT,
-    STMDiTPipeline,
-    make_sampling_scheduler,
-)
+from stmdit import STMDiTPipeline
 from stmdit.data.images import tissue_fraction
 from stmdit.data.store import DatasetStore
 from stmdit.sections.export import section_command, write_section_files
@@ -86,26 +79,6 @@ def test_blend_window():
 
 
 # -- a whole section -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(her2st_store):
-    """A random tiny pixel-space pipeline at the store's 32 px tiles. Patch size 8 (16 tokens)
-    keeps the 184 spots of C2 to a few seconds on a CPU; the weights are drawn at random so
-    that tiles vary with expression and noise."""
-    torch.manual_seed(0)  # the model's null-condition embedding is drawn from the global generator
-    adata = her2st_store.spots()
-    ge = PanelExpressionEncoder.fit(adata[her2st_store.rows(None)], n_genes=32)
-    morph = StainFeatureEncoder(image_size=32)
-    model = STMDiT.from_preset("tiny", in_channels=3, sample_size=32, patch_size=8, morph_dim=morph.output_dim,
-                               ge_dim=ge.output_dim, ge_token_dim=ge.token_dim)  # fmt: skip
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    pipe = STMDiTPipeline(model, make_sampling_scheduler(pixel_space=True), ge, morph, None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def c2_extent_px(store, um_per_px: float) -> tuple[int, tuple[int, int]]:
@@ -201,7 +174,7 @@ def test_whole_section_on_her2st(tiny_pipe, her2st_store, tmp_path):
 def test_section_command_with_morphology_at_another_scale(tiny_pipe, her2st_store, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "pipeline")
     paths = section_command(tmp_path / "pipeline", her2st_store.root, "C2", tmp_path / "out", steps=1,
-                            use_morphology=True, um_per_px=8.0, batch_size=64)  # fmt: skip
+                            use_morphology=True, um_per_px=8.0, batch_size=64, mode="spots")  # fmt: skip
     record = json.loads(paths["geometry"].read_text())
     assert record["um_per_px"] == 8.0 and record["settings"]["use_morphology"] is True
     n_kept, (height, width) = c2_extent_px(her2st_store, 8.0)

@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import traceback
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -413,6 +414,11 @@ def pseudolabel(
         typer.echo(str(path))
 
 
+class SectionMode(str, Enum):
+    seamless = "seamless"
+    spots = "spots"
+
+
 @command()
 def section(
     ctx: typer.Context,
@@ -435,10 +441,26 @@ def section(
     spatialdata: Annotated[
         Path | None, typer.Option(help="Also write a SpatialData zarr store here (needs stmdit[spatialdata])")
     ] = None,
+    mode: Annotated[
+        SectionMode,
+        typer.Option(
+            help="seamless: one canvas denoised jointly in overlapping windows; spots: a tile per spot"
+        ),
+    ] = SectionMode.seamless,
+    stride: Annotated[
+        int | None,
+        typer.Option(min=1, help="Seamless: window stride in px (default about 3/4 of the window)"),
+    ] = None,
+    bandwidth_um: Annotated[
+        float | None,
+        typer.Option(
+            callback=_positive, help="Seamless: expression interpolation bandwidth (default pitch / 2)"
+        ),
+    ] = None,
     precision: PrecisionOption = "auto",
     verbose: Verbose = False,
 ) -> None:
-    """Whole-section virtual H&E: a tile for every spot, assembled at the spot layout beside the real H&E."""
+    """Whole-section virtual H&E beside the real H&E: seamless (windows denoised jointly) or a tile per spot."""
     from stmdit.sections.export import section_command
 
     _setup_logging(verbose)
@@ -456,6 +478,9 @@ def section(
         um_per_px=um_per_px,
         batch_size=batch_size,
         spatialdata=spatialdata,
+        mode=mode.value,
+        stride=stride,
+        bandwidth_um=bandwidth_um,
     )
     for role, path in paths.items():
         typer.echo(f"{role}: {path}")

@@ -1,2 +1,3 @@
-"""Whole-section virtual tissue: synthesis of every spot of a section (:mod:`.mosaic`) and the
-files it is written to (:mod:`.export`)."""
+"""Whole-section virtual tissue: a seamless canvas denoised jointly in windows (:mod:`.seamless`,
+:mod:`.synthesis`) or one tile per spot (:mod:`.mosaic`), region edits (:mod:`.edits`), their
+measurements (:mod:`.metrics`) and files (:mod:`.ometiff`, :mod:`.export`)."""

@@ -44,6 +44,7 @@ from stmdit.sections.mosaic import (
 
 __all__ = [
     "COORDINATE_SYSTEM",
+    "SECTION_MODES",
     "VIRTUAL_SUFFIX",
     "section_anndata",
     "section_command",
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 VIRTUAL_SUFFIX = "_virtual"
+SECTION_MODES = ("seamless", "spots")
 COORDINATE_SYSTEM = "global"  # spatialdata-io's name for the full-resolution frame
 _MIN_PYRAMID_PX = 256  # SpatialData pyramid levels halve until the image is about this small
 
@@ -204,28 +206,38 @@ def section_command(
     um_per_px: float | None = None,
     batch_size: int = 16,
     spatialdata: str | os.PathLike | None = None,
+    mode: str = "seamless",
+    stride: int | None = None,
+    bandwidth_um: float | None = None,
 ) -> dict[str, Path]:
     """``stmdit section``: load the pipeline (on the GPU when there is one), synthesise the
-    section with its tile cache in ``out/cache`` and write the figures, the geometry and the
-    section's AnnData to ``out``, and its SpatialData to ``spatialdata`` when given. Returns the
-    written paths by role (side_by_side, virtual, geometry, anndata, spatialdata)."""
+    section and write the figures, the geometry and the section's AnnData to ``out``, and its
+    SpatialData to ``spatialdata`` when given. ``mode``: ``"seamless"`` (one canvas denoised
+    jointly, :func:`~stmdit.sections.synthesis.synthesize_seamless`; ``stride`` and
+    ``bandwidth_um`` apply) or ``"spots"`` (a tile per spot, assembled, with its tile cache in
+    ``out/cache``; ``um_per_px`` applies). Returns the written paths by role (side_by_side,
+    virtual, geometry, anndata, spatialdata)."""
     from stmdit.pipeline import STMDiTPipeline
+    from stmdit.sections.synthesis import synthesize_seamless
 
+    if mode not in SECTION_MODES:
+        raise ValueError(f"mode must be one of {SECTION_MODES}; got {mode!r}")
+    if mode == "spots" and (stride is not None or bandwidth_um is not None):
+        raise ValueError("stride and bandwidth_um apply to mode='seamless' only")
+    if mode == "seamless" and um_per_px is not None:
+        raise ValueError("um_per_px applies to mode='spots' only (seamless works at the model's resolution)")
     pipe = STMDiTPipeline.from_pretrained(pipeline)
     if torch.cuda.is_available():
         pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    result = synthesize_section(
-        pipe,
-        dataset,
-        sample,
-        seed=seed,
-        guidance_ge=guidance_ge,
-        guidance_morph=guidance_morph,
-        steps=steps,
-        use_morphology=use_morphology,
-        um_per_px=um_per_px,
-        batch_size=batch_size,
-        cache_dir=Path(out) / "cache",
-    )
+    common = {"seed": seed, "guidance_ge": guidance_ge, "guidance_morph": guidance_morph, "steps": steps,
+              "use_morphology": use_morphology, "batch_size": batch_size}  # fmt: skip
+    if mode == "seamless":
+        result = synthesize_seamless(
+            pipe, dataset, sample, stride=stride, bandwidth_um=bandwidth_um, progress=False, **common
+        )
+    else:
+        result = synthesize_section(
+            pipe, dataset, sample, um_per_px=um_per_px, cache_dir=Path(out) / "cache", **common
+        )
     return {**result.save(out), **write_section_files(result, out, spatialdata)}

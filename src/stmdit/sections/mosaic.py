@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,11 +277,20 @@ class SectionResult:
         return self.geometry.to_canvas(self.spots[["x_um", "y_um"]].to_numpy())
 
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
-        """Write ``<sample>_section.png`` (real | virtual), ``<sample>_virtual.png`` (the mosaic at
-        its own pixels) and ``<sample>_section.json`` (geometry and settings), each atomically."""
+        """Write ``<sample>_section.png`` (real | virtual), ``<sample>_virtual.png`` (the virtual
+        image at its own pixels), ``<sample>_virtual.ome.tif`` (the same as a pyramidal OME-TIFF
+        with its pixel size, for QuPath and napari) and ``<sample>_section.json`` (geometry,
+        settings, metrics), each atomically."""
+        from stmdit.sections.ometiff import write_ome_tiff
+
         out = Path(out)
         stem = safe_file_name(self.sample)
-        note = "white: no spot tile" if not self.coverage.all() else ""
+        seamless = self.settings.get("mode") == "seamless"
+        note = (
+            ("white: outside the real tissue" if seamless else "white: no spot tile")
+            if not self.coverage.all()
+            else ""
+        )
         conditions = "expression + morphology" if self.settings["use_morphology"] else "expression"
         figure, boxes = side_by_side(
             self.real,
@@ -295,11 +305,21 @@ class SectionResult:
         paths = {
             "side_by_side": out / f"{stem}_section.png",
             "virtual": out / f"{stem}_virtual.png",
+            "slide": out / f"{stem}_virtual.ome.tif",
             "geometry": out / f"{stem}_section.json",
         }
         for key, pixels in (("side_by_side", figure), ("virtual", self.virtual)):
             with atomic_path(paths[key]) as tmp:
                 Image.fromarray(pixels).save(tmp, format="PNG")
+        height, width = self.virtual.shape[:2]
+        # The same settings and geometry make the same image: the file's UUID follows from them,
+        # so a rerun writes the same bytes.
+        made_by = json.dumps(
+            [self.sample, self.settings, self.geometry.to_dict()], sort_keys=True, default=str
+        )
+        write_ome_tiff(paths["slide"], lambda y0, y1: self.virtual[y0:y1], height, width,
+                       self.geometry.um_per_px, name=f"{self.sample} virtual",
+                       uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"stmdit-section:{made_by}")))  # fmt: skip
         write_json(
             paths["geometry"],
             {
@@ -311,8 +331,8 @@ class SectionResult:
                 "tile_px": int(self.tiles.shape[1]),
                 "n_spots": len(self.spots),
                 "coverage_fraction": float(self.coverage.mean()),
-                "background": "white (255) where no generated tile lies",
-                "blending": f"raised-cosine window over {FEATHER:g} of the tile side at each edge, normalised by the summed weights",
+                **self._method(),
+                "metrics": self.metrics(),
                 "real_image": self.real_image,
                 "side_by_side_panels": boxes,
                 "files": {k: p.name for k, p in paths.items()},
@@ -321,14 +341,47 @@ class SectionResult:
         )
         return paths
 
+    def _method(self) -> dict:
+        """How the virtual image was made, for the JSON record (from the settings' mode)."""
+        if self.settings.get("mode") == "seamless":
+            s = self.settings
+            return {
+                "background": f"white (255) outside the real tissue mask dilated by {s['mask_dilation_px']} px",
+                "blending": f"MultiDiffusion: {s['window']} px windows every {s['stride']} px denoised jointly, "
+                f"their predictions fused at every step with {s['fusion_weights']} weights",
+            }
+        return {
+            "background": "white (255) where no generated tile lies",
+            "blending": f"raised-cosine window over {FEATHER:g} of the tile side at each edge, normalised by the summed weights",
+        }
 
-def _store(dataset):
+    def metrics(self) -> dict:
+        """Seam scores (:func:`~stmdit.sections.metrics.seam_score`) of the virtual and of the real
+        image, and the fraction of the real tissue that virtual tissue covers."""
+        from stmdit.data.images import tissue_mask
+        from stmdit.sections.metrics import seam_score, tissue_coverage
+
+        def finite(value):
+            return None if value is None or not np.isfinite(value) else float(value)
+
+        tile = int(self.tiles.shape[1])
+        seams = {
+            k: seam_score(image, tile=tile) for k, image in (("virtual", self.virtual), ("real", self.real))
+        }
+        return {
+            **{f"seam_score_{k}": finite(v["score"]) for k, v in seams.items()},
+            **{f"seam_period_{k}": v["period"] for k, v in seams.items()},
+            "tissue_coverage": finite(tissue_coverage(self.virtual, tissue_mask(self.real))),
+        }
+
+
+def as_store(dataset):
     from stmdit.data.store import DatasetStore
 
     return dataset if isinstance(dataset, DatasetStore) else DatasetStore(dataset)
 
 
-def _fingerprint(pipe, use_morphology: bool) -> str:
+def pipeline_fingerprint(pipe, use_morphology: bool) -> str:
     """sha256 over the weights and configurations of what shapes the tiles, so a cache made
     by other weights is never mistaken for this pipeline's."""
     digest = hashlib.sha256()
@@ -346,7 +399,21 @@ def _fingerprint(pipe, use_morphology: bool) -> str:
     return digest.hexdigest()
 
 
-def _check_inputs(pipe, store, sample: str, use_morphology: bool):
+def sampling_settings(pipe, store, sample, seed, guidance_ge, guidance_morph, steps, use_morphology) -> dict:
+    """The settings both section modes record: what was sampled, how, and by which weights."""
+    return {
+        "sample": sample,
+        "dataset": str(store.root.resolve()),
+        "seed": int(seed),
+        "guidance_ge": float(guidance_ge),
+        "guidance_morph": float(guidance_morph),
+        "steps": int(steps),
+        "use_morphology": bool(use_morphology),
+        "pipeline_sha256": pipeline_fingerprint(pipe, use_morphology),
+    }
+
+
+def check_inputs(pipe, store, sample: str, use_morphology: bool):
     """Every reason the run would fail, checked before any tile is generated. Returns the
     store's spots (AnnData), the rows of the sample's kept spots, its record and the manifest."""
     if getattr(pipe, "ge_encoder", None) is None:
@@ -380,6 +447,17 @@ def _check_inputs(pipe, store, sample: str, use_morphology: bool):
     if not meta.get("mpp") or not np.isfinite(meta["mpp"]):
         raise ValueError(f"sample {sample!r}: unknown microns per pixel (mpp)")
     return adata, rows, meta, manifest
+
+
+def spot_table(adata, rows, meta) -> tuple[pd.DataFrame, dict]:
+    """The kept spots' obs with ``store_row``, ``x_um`` and ``y_um``, and the real image's record
+    (``path``, ``mpp``, ``image_scale``) of the sample record ``meta``."""
+    mpp, scale = float(meta["mpp"]), float(meta.get("image_scale", 1.0))
+    obs = adata.obs.iloc[rows].copy()
+    obs["store_row"] = rows
+    obs["x_um"] = obs["x_px"].to_numpy(float) * mpp
+    obs["y_um"] = obs["y_px"].to_numpy(float) * mpp
+    return obs, {"path": str(meta["image_path"]), "mpp": mpp, "image_scale": scale}
 
 
 def _generate(pipe, adata, rows, store, settings, batch_size, cache, progress) -> tuple[np.ndarray, int]:
@@ -458,20 +536,13 @@ def synthesize_section(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    store = _store(dataset)
+    store = as_store(dataset)
     sample = str(sample)
-    adata, rows, meta, manifest = _check_inputs(pipe, store, sample, use_morphology)
+    adata, rows, meta, manifest = check_inputs(pipe, store, sample, use_morphology)
     tile_um = float(manifest["prepare"]["tile_um"])
-    settings = {
-        "sample": sample,
-        "dataset": str(store.root.resolve()),
-        "seed": int(seed),
-        "guidance_ge": float(guidance_ge),
-        "guidance_morph": float(guidance_morph),
-        "steps": int(steps),
-        "use_morphology": bool(use_morphology),
-        "pipeline_sha256": _fingerprint(pipe, use_morphology),
-    }
+    settings = sampling_settings(
+        pipe, store, sample, seed, guidance_ge, guidance_morph, steps, use_morphology
+    )
     cache = None
     if cache_dir is not None:
         # The store's preparation fixes what each row is; its parameters and time identify it.
@@ -483,19 +554,15 @@ def synthesize_section(
         cache = Path(cache_dir) / f"{safe_file_name(sample)}_seed{seed}_{key}"
         cache.mkdir(parents=True, exist_ok=True)
         write_json(cache / "made_by.json", made_by)
+    settings["mode"] = "spots"  # after the cache key, so caches made before modes existed stay valid
     tiles, n_generated = _generate(pipe, adata, rows, store, settings, batch_size, cache, progress)
 
-    mpp, scale = float(meta["mpp"]), float(meta.get("image_scale", 1.0))
-    obs = adata.obs.iloc[rows].copy()
-    obs["store_row"] = rows
-    obs["x_um"] = obs["x_px"].to_numpy(float) * mpp
-    obs["y_um"] = obs["y_px"].to_numpy(float) * mpp
+    obs, real_image = spot_table(adata, rows, meta)
     centres = obs[["x_um", "y_um"]].to_numpy()
     um_per_px = float(um_per_px) if um_per_px is not None else tile_um / tiles.shape[1]
     geometry = SectionGeometry.covering(centres, tile_um, um_per_px)
     virtual, coverage = assemble_mosaic(tiles, centres, tile_um, geometry)
-    real = read_real_region(meta["image_path"], mpp, scale, geometry)
-    real_image = {"path": str(meta["image_path"]), "mpp": mpp, "image_scale": scale}
+    real = read_real_region(real_image["path"], real_image["mpp"], real_image["image_scale"], geometry)
     return SectionResult(
         sample,
         virtual,

@@ -118,12 +118,15 @@ def write_ome_tiff(
     band_rows: int = 1024,
     min_level_px: int = 256,
     name: str | None = None,
+    uuid: str | None = None,
 ) -> dict:
     """Write the RGB uint8 image that ``read_band(y0, y1)`` returns rows of as a pyramidal OME-TIFF.
 
     ``read_band(y0, y1)`` must return rows ``[y0, y1)`` of the full-resolution image as an array
     of shape ``(y1 - y0, width, 3)``, dtype uint8; it is asked for at most ``band_rows`` rows at a
-    time, once per level. ``tile`` must be a multiple of 16 (a TIFF rule). Returns
+    time, once per level. ``tile`` must be a multiple of 16 (a TIFF rule). ``uuid``: the OME
+    file UUID; derive it from what made the image so that a rerun writes the same bytes (default:
+    tifffile's, new every time). Returns
     ``{"path", "levels": [[h, w], ...], "um_per_px": [u, 2u, ...], "tile"}``.
     """
     if height < 1 or width < 1:
@@ -143,6 +146,8 @@ def write_ome_tiff(
     }
     if name is not None:
         metadata["Name"] = name
+    if uuid is not None:
+        metadata["UUID"] = uuid
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
         # BigTIFF always: the compressed size is unknown up front and may pass 4 GB.
         for k, (h, w) in enumerate(shapes):

@@ -1,0 +1,112 @@
+"""Seamless whole sections (the default of ``stmdit section``): one canvas over a her2st section
+denoised jointly in overlapping windows, with a tiny random pixel-space pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from stmdit import STMDiTPipeline
+from stmdit.cli import app
+from stmdit.data.images import tissue_mask
+from stmdit.sections.metrics import tissue_coverage
+from stmdit.sections.mosaic import synthesize_section
+from stmdit.sections.synthesis import default_stride, synthesize_seamless
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def c2_seamless(tiny_pipe, her2st_store):
+    return synthesize_seamless(tiny_pipe, her2st_store, "C2", steps=STEPS, progress=False)
+
+
+def test_default_stride_avoids_the_patch_grid():
+    assert default_stride(32, 8) == 23 and default_stride(32, 8) % 8
+    assert default_stride(16, 4) == 11 and default_stride(1, 1) == 1
+
+
+def test_seamless_covers_the_real_tissue_where_spot_tiles_do_not(c2_seamless, tiny_pipe, her2st_store):
+    result = c2_seamless
+    real_mask = tissue_mask(result.real)
+    assert result.virtual.shape == result.real.shape and result.coverage.shape == real_mask.shape
+    assert result.geometry.um_per_px == 4.0  # 128 µm over the model's 32 px
+    seamless = tissue_coverage(result.virtual, real_mask)
+    spots = synthesize_section(tiny_pipe, her2st_store, "C2", steps=1, progress=False)
+    mosaic = tissue_coverage(spots.virtual, tissue_mask(spots.real))
+    # her2st: 128 µm tiles on a 200 µm pitch leave most of the tissue as white glass in spots mode.
+    assert seamless >= 0.95 and mosaic < 0.6
+    # Glass outside the (dilated) real tissue; a tile per spot, cropped from the canvas at the spot.
+    assert (result.virtual[~result.coverage] == 255).all() and result.coverage[real_mask].all()
+    assert result.tiles.shape == (len(result.spots), 32, 32, 3)
+    col, row = np.round(result.centres_px()[0] - 16).astype(int)
+    np.testing.assert_array_equal(result.tiles[0], result.virtual[row : row + 32, col : col + 32])
+
+
+def test_seamless_is_deterministic_whatever_the_batch_size(c2_seamless, tiny_pipe, her2st_store):
+    again = synthesize_seamless(tiny_pipe, her2st_store, "C2", steps=STEPS, progress=False, batch_size=4)
+    assert np.abs(again.virtual.astype(int) - c2_seamless.virtual).max() <= 1
+    same = synthesize_seamless(tiny_pipe, her2st_store, "C2", steps=STEPS, progress=False)
+    np.testing.assert_array_equal(same.virtual, c2_seamless.virtual)
+
+
+def test_seamless_record(c2_seamless, tmp_path):
+    paths = c2_seamless.save(tmp_path)
+    record = json.loads(paths["geometry"].read_text())
+    settings = record["settings"]
+    assert settings["mode"] == "seamless" and settings["window"] == 32 and settings["patch_size"] == 8
+    assert settings["stride"] == 23 and settings["bandwidth_um"] == pytest.approx(settings["pitch_um"] / 2)
+    assert settings["pitch_um"] == pytest.approx(200, rel=0.1)  # legacy ST: a 200 µm pitch
+    assert "MultiDiffusion" in record["blending"] and "real tissue" in record["background"]
+    metrics = record["metrics"]
+    assert metrics["tissue_coverage"] >= 0.95
+    assert {"seam_score_virtual", "seam_score_real"} <= set(metrics)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(paths["virtual"]).convert("RGB")), c2_seamless.virtual
+    )
+    # The slide file: the same pixels at full resolution, its pixel size in the OME metadata.
+    assert record["files"]["slide"] == "C2_virtual.ome.tif"
+    with tifffile.TiffFile(paths["slide"]) as tif:
+        assert tif.is_ome
+        np.testing.assert_array_equal(tif.series[0].levels[0].asarray(), c2_seamless.virtual)
+        assert 'PhysicalSizeX="4.0"' in tif.ome_metadata and 'PhysicalSizeXUnit="µm"' in tif.ome_metadata
+
+
+@pytest.mark.slow
+def test_cli_seamless_and_spots(tiny_pipe, her2st_store, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "pipeline")
+    base = ["section", str(tmp_path / "pipeline"), "--dataset", str(her2st_store.root), "--sample", "C2",
+            "--steps", "1"]  # fmt: skip
+    runner = CliRunner()
+    result = runner.invoke(
+        app, [*base, "--out", str(tmp_path / "seamless"), "--stride", "20", "--bandwidth-um", "150"]
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "seamless" / "C2_section.json").read_text())
+    assert record["settings"]["stride"] == 20 and record["settings"]["bandwidth_um"] == 150
+    assert {p.name for p in (tmp_path / "seamless").iterdir()} >= {
+        "C2_section.png",
+        "C2_virtual.png",
+        "C2_section.h5ad",
+    }
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "spots"), "--mode", "spots"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "spots" / "C2_section.json").read_text())
+    assert record["settings"]["mode"] == "spots" and "raised-cosine" in record["blending"]
+    assert (tmp_path / "spots" / "cache").is_dir() and (tmp_path / "spots" / "C2_section.h5ad").is_file()
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--mode", "tiles"])
+    # A usage error, as click reports every bad option value (exit 2), naming the choices.
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "'tiles' is not one of" in output and "'seamless'" in output, output
+
+
+def test_latent_pipelines_are_refused(tiny_pipe, her2st_store):
+    latent = STMDiTPipeline(
+        tiny_pipe.transformer, tiny_pipe.scheduler, tiny_pipe.ge_encoder, None, torch.nn.Identity()
+    )
+    with pytest.raises(NotImplementedError, match="windowed VAE decoding"):
+        synthesize_seamless(latent, her2st_store, "C2")
