@@ -426,7 +426,10 @@ def section(
     dataset: Annotated[Path, typer.Option(help="Prepared dataset folder")],
     sample: Annotated[str, typer.Option(help="Sample (section) to synthesize")],
     out: Annotated[
-        Path, typer.Option(help="Output folder (side-by-side PNG, mosaic, geometry JSON, tile cache)")
+        Path,
+        typer.Option(
+            help="Output folder (side-by-side PNG, virtual PNG and OME-TIFF, geometry JSON, spots-mode tile cache)"
+        ),
     ],
     seed: Annotated[int, typer.Option()] = 0,
     guidance_ge: Annotated[float, typer.Option(callback=_finite)] = defaults.GUIDANCE_GE,
