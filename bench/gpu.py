@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -44,9 +43,8 @@ from stmdit.diffusion import (
     sample,
     training_loss,
 )
-from stmdit.encoders.vae import SD35_SCALE, SD35_SHIFT, decode_latents
-from stmdit.sections.mosaic import blend_window
-from stmdit.sections.seamless import denoise_canvas, window_grid
+from stmdit.encoders.vae import SD35_SCALE, SD35_SHIFT, decode_latents, vae_scale
+from stmdit.sections.seamless import decode_canvas, denoise_canvas, window_grid
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' datasheets.
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0,
@@ -135,11 +133,6 @@ def make_model(preset: str, sizes: Sizes, device: torch.device, dry_run: bool) -
                               **({"depth": 1} if dry_run else {})).to(device)  # fmt: skip
 
 
-def vae_scale(vae) -> int:
-    """Pixels per latent of the VAE (8 for SD3.5)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def train_throughput(preset: str, sizes: Sizes, device: torch.device, dry_run: bool) -> tuple[float, float]:
     """(images per second, FLOP per image) of bf16 training steps on cached features."""
     batch = sizes.train_batch[preset]
@@ -196,23 +189,6 @@ def sample_throughput(
     run()
     synchronize(device)
     return n / (time.perf_counter() - start), counter.get_total_flops() / n
-
-
-def decode_canvas(vae, latents: torch.Tensor, corners, window: int, batch_size: int = 16) -> torch.Tensor:
-    """Decode a (C, H, W) latent canvas in overlapping ``window``-latent windows at ``corners``,
-    blended with the raised-cosine weights ``denoise_canvas`` fuses with: (3, H * s, W * s) in [0, 1]."""
-    s = vae_scale(vae)
-    px, (_, height, width) = window * s, latents.shape
-    crops = torch.stack([latents[:, y : y + window, x : x + window] for y, x in corners])
-    tiles = decode_latents(vae, crops, batch_size=batch_size).float()
-    w = blend_window(px, 0.5)  # a full raised cosine, > 0 everywhere, as in denoise_canvas
-    weight = torch.from_numpy(np.outer(w, w)).float().to(tiles.device)
-    canvas = torch.zeros(3, height * s, width * s, device=tiles.device)
-    denominator = torch.zeros(height * s, width * s, device=tiles.device)
-    for (y, x), tile in zip(corners, tiles, strict=True):
-        canvas[:, y * s : y * s + px, x * s : x * s + px] += tile * weight
-        denominator[y * s : y * s + px, x * s : x * s + px] += weight
-    return canvas / denominator
 
 
 def seamless_throughput(sizes: Sizes, vae, device: torch.device, dry_run: bool) -> dict:

@@ -1,7 +1,6 @@
 import math
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -29,25 +28,6 @@ def test_gpu_benchmark_dry_run_measures_both_tasks_and_prints_the_table(monkeypa
     assert "| preset | seamless canvas | windows | windows/s | canvas MP/s | s/step |" in out
     assert out.count("| tiny |") == 4
     assert "| tiny | 28 px | 4 |" in out
-
-
-def test_windowed_decode_of_a_constant_canvas_is_the_decode_of_one_window(monkeypatch):
-    import torch
-
-    monkeypatch.syspath_prepend(str(BENCH))
-    import gpu
-
-    vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=[1, 1]))  # 2x upsampling
-    monkeypatch.setattr(
-        gpu,
-        "decode_latents",
-        lambda vae, z, batch_size: z[:, :3].repeat_interleave(2, -1).repeat_interleave(2, -2),
-    )
-    latents = torch.full((16, 14, 14), 0.25)
-    corners = gpu.window_grid(14, 14, 8, 6)
-    canvas = gpu.decode_canvas(vae, latents, corners, window=8)
-    assert canvas.shape == (3, 28, 28)
-    torch.testing.assert_close(canvas, torch.full((3, 28, 28), 0.25))
 
 
 def test_gpu_benchmark_refuses_to_run_without_a_device_unless_dry(monkeypatch):

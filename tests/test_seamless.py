@@ -9,7 +9,9 @@ import torch
 
 from stmdit import PanelExpressionEncoder, STMDiT, STMDiTPipeline, make_sampling_scheduler
 from stmdit.diffusion import Condition, initial_noise, sample
+from stmdit.sections import seamless
 from stmdit.sections.seamless import (
+    decode_canvas,
     denoise_canvas,
     expression_for_encoder,
     interpolate_expression,
@@ -242,3 +244,32 @@ def test_bad_windows_are_refused(pipe):
         denoise_canvas(pipe, 20, 20, Condition(), [(0, 0)], seed=0, num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match="condition rows"):
         denoise_canvas(pipe, 16, 16, conditions(2), [(0, 0)], seed=0, num_inference_steps=2, progress=False)
+
+
+def test_windowed_decode_of_a_constant_canvas_is_the_decode_of_one_window(monkeypatch):
+    """Windows decoded apart and blended give back a constant canvas exactly, at the VAE's scale."""
+    vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=[1, 1]))  # 2 pixels per latent
+    monkeypatch.setattr(
+        seamless,
+        "decode_latents",
+        lambda vae, z, batch_size: z[:, :3].repeat_interleave(2, -1).repeat_interleave(2, -2),
+    )
+    latents = torch.full((16, 14, 14), 0.25)
+    corners = window_grid(14, 14, 8, 6)
+    for batch_size in (1, 3):
+        canvas = decode_canvas(vae, latents, corners, window=8, batch_size=batch_size)
+        assert canvas.shape == (3, 28, 28)
+        torch.testing.assert_close(canvas, torch.full((3, 28, 28), 0.25))
+    # A pixel-space canvas ([-1, 1]) is only rescaled to [0, 1].
+    torch.testing.assert_close(
+        decode_canvas(None, torch.zeros(3, 5, 7), corners, 8), torch.full((3, 5, 7), 0.5)
+    )
+
+
+def test_dynamic_thresholding_is_refused_on_a_canvas_naming_the_fix(pipe):
+    dynamic = make_sampling_scheduler(pipe.scheduler, pixel_space=True, x0_threshold="dynamic")
+    canvas_pipe = STMDiTPipeline(pipe.transformer, dynamic)
+    with pytest.raises(ValueError, match="x0_threshold='clip'"):
+        denoise_canvas(
+            canvas_pipe, S, S, Condition(), [(0, 0)], seed=0, num_inference_steps=1, progress=False
+        )

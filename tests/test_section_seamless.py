@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 from typer.testing import CliRunner
 
-from stmdit import STMDiTPipeline
+from stmdit import STMDiTPipeline, make_sampling_scheduler
 from stmdit.cli import app
 from stmdit.data.images import tissue_mask
 from stmdit.sections.metrics import tissue_coverage
@@ -104,9 +105,24 @@ def test_cli_seamless_and_spots(tiny_pipe, her2st_store, tmp_path):
     assert result.exit_code == 2 and "'tiles' is not one of" in output and "'seamless'" in output, output
 
 
-def test_latent_pipelines_are_refused(tiny_pipe, her2st_store):
+def test_a_latent_pipeline_is_denoised_in_latents_and_decoded_in_windows(tiny_pipe, her2st_store):
+    """A VAE of 2 pixels per latent: the 32-latent windows are 64 px tiles of 128 µm, so the
+    canvas is at 2 µm per pixel, and the stride and tiles are in pixels."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=3, norm_num_groups=4).eval()  # fmt: skip
     latent = STMDiTPipeline(
-        tiny_pipe.transformer, tiny_pipe.scheduler, tiny_pipe.ge_encoder, None, torch.nn.Identity()
+        tiny_pipe.transformer, make_sampling_scheduler(pixel_space=False), tiny_pipe.ge_encoder, None, vae
     )
-    with pytest.raises(NotImplementedError, match="windowed VAE decoding"):
-        synthesize_seamless(latent, her2st_store, "C2")
+    latent.set_progress_bar_config(disable=True)
+    result = synthesize_seamless(latent, her2st_store, "C2", steps=1, progress=False)
+    assert result.geometry.um_per_px == 2.0
+    assert result.virtual.shape == (result.geometry.height, result.geometry.width, 3)
+    assert result.geometry.height % 2 == 0 and result.geometry.width % 2 == 0
+    assert result.tiles.shape[1:] == (64, 64, 3)
+    assert result.settings["window"] == 64 and result.settings["stride"] == 46
+    assert result.settings["pixels_per_model_unit"] == 2
+    assert tissue_coverage(result.virtual, tissue_mask(result.real)) >= 0.95
+    with pytest.raises(ValueError, match="multiple of the VAE's 2 pixels per latent"):
+        synthesize_seamless(latent, her2st_store, "C2", steps=1, stride=45, progress=False)

@@ -64,6 +64,11 @@ def encode_images(
     return torch.cat(out)
 
 
+def vae_scale(vae) -> int:
+    """Pixels per latent along a side (8 for SD3.5's VAE); 1 without a VAE."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """Latents -> (B, 3, H, W) images in [0, 1]."""

@@ -60,6 +60,7 @@ from scipy.spatial import cKDTree
 
 from stmdit import defaults
 from stmdit.diffusion import Condition, guided_prediction, noise_level, x0_threshold_of
+from stmdit.encoders.vae import decode_latents, vae_scale
 from stmdit.precision import current_default
 from stmdit.sections.mosaic import blend_window
 
@@ -184,8 +185,10 @@ def _canvas_scheduler(scheduler):
     if threshold is None:
         return scheduler
     if threshold == "dynamic" or not isinstance(scheduler, DDIMScheduler):
-        raise NotImplementedError(
-            "dynamic x0 thresholding takes a percentile per sample; over a canvas it is not per tile"
+        raise ValueError(
+            "this pipeline's sampler uses dynamic x0 thresholding, whose percentile is taken per image; "
+            "over a canvas it would not be per tile. Sample sections with a clipping sampler: "
+            "make_sampling_scheduler(pipe.scheduler, pixel_space=True, x0_threshold='clip')"
         )
     return DDIMScheduler.from_config(
         scheduler.config, thresholding=False, clip_sample=True, clip_sample_range=1.0
@@ -342,3 +345,26 @@ def _noised(scheduler, known, noise, steps, step):
     else:
         t_prev = steps[step + 1]
     return scheduler.add_noise(known, noise, t_prev.reshape(1).to(noise.device))
+
+
+@torch.no_grad()
+def decode_canvas(vae, canvas: torch.Tensor, corners, window: int, batch_size: int = 16) -> torch.Tensor:
+    """A denoised (C, H, W) canvas as (3, H * s, W * s) pixels in [0, 1], s = :func:`vae_scale`.
+
+    A pixel-space canvas is only rescaled. A latent canvas is decoded in the windows it was
+    denoised in (``corners``, ``window`` latents a side; a whole canvas rarely fits a VAE
+    decoder), blended with the raised-cosine weights the denoising fused with."""
+    if vae is None:
+        return ((canvas.float() + 1) / 2).clamp(0, 1)
+    s = vae_scale(vae)
+    px, (_, height, width) = window * s, canvas.shape
+    weight = _window_weight(px, "cosine").to(canvas.device)
+    pixels = torch.zeros(3, height * s, width * s, device=canvas.device)
+    denominator = torch.zeros(height * s, width * s, device=canvas.device)
+    for start in range(0, len(corners), batch_size):
+        batch = corners[start : start + batch_size]
+        crops = torch.stack([canvas[:, y : y + window, x : x + window] for y, x in batch])
+        for (y, x), tile in zip(batch, decode_latents(vae, crops, batch_size).float(), strict=True):
+            pixels[:, y * s : y * s + px, x * s : x * s + px] += tile.to(canvas.device) * weight
+            denominator[y * s : y * s + px, x * s : x * s + px] += weight
+    return pixels / denominator

@@ -4,7 +4,8 @@
 tile-sized windows (:func:`stmdit.sections.seamless.denoise_canvas`, MultiDiffusion), instead of
 pasting an independent tile per spot (:func:`stmdit.sections.mosaic.synthesize_section`):
 
-* **Canvas.** At the model's own resolution (``tile_um / sample_size`` µm per pixel) over the
+* **Canvas.** At the model's own resolution (``tile_um`` over the model's tile in pixels, which
+  for a latent model is ``sample_size`` latents times the VAE's pixels per latent) over the
   kept spots' extent plus half a tile (:meth:`SectionGeometry.covering`); the real H&E of the
   same region is read beside it, and its :func:`~stmdit.data.images.tissue_mask` is the real
   tissue.
@@ -19,11 +20,13 @@ pasting an independent tile per spot (:func:`stmdit.sections.mosaic.synthesize_s
   (glass); ``tiles`` are crops of the canvas centred at each spot, so the AnnData and
   SpatialData exports read the section as they read a mosaic.
 
-Latent models are refused: decoding a latent canvas needs windowed VAE decoding with blending,
-which is not there yet.
+A latent model's canvas is denoised in latents and decoded in the same windows, blended
+(:func:`~stmdit.sections.seamless.decode_canvas`).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ from stmdit import defaults
 from stmdit.data.images import tissue_mask
 from stmdit.diffusion import Condition
 from stmdit.encoders.expression import align_to_panel, log1p_cp10k
+from stmdit.encoders.vae import vae_scale
 from stmdit.sections.mosaic import (
     SectionGeometry,
     SectionResult,
@@ -44,6 +48,7 @@ from stmdit.sections.mosaic import (
     spot_table,
 )
 from stmdit.sections.seamless import (
+    decode_canvas,
     denoise_canvas,
     expression_for_encoder,
     interpolate_expression,
@@ -109,29 +114,32 @@ def synthesize_seamless(
     """A seamless virtual section of ``sample`` (see the module docstring).
 
     Args:
-        pipe: a pixel-space :class:`~stmdit.STMDiTPipeline` with a GE encoder.
+        pipe: an :class:`~stmdit.STMDiTPipeline` with a GE encoder (pixel or latent space).
         dataset: a prepared store (or its folder).
         seed: the canvas noise is :func:`~stmdit.sections.seamless.position_noise` of it.
         guidance_ge, guidance_morph, steps: sampling settings.
         use_morphology: also condition on the real tiles' morphology, interpolated between spots.
-        stride: window stride in pixels (default :func:`default_stride`).
+        stride: window stride in pixels, a multiple of the VAE's pixels per latent (default
+            :func:`default_stride` of the model's window).
         bandwidth_um: Gaussian bandwidth of the interpolation (default half the spot pitch).
         batch_size: windows per forward pass; does not change the result.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    if getattr(pipe, "vae", None) is not None:
-        raise NotImplementedError(
-            "seamless sections support pixel-space pipelines only: windowed VAE decoding of a latent "
-            "canvas is not there yet; use mode='spots' (stmdit section --mode spots) for latent models"
-        )
     store = as_store(dataset)
     sample = str(sample)
     adata, rows, meta, manifest = check_inputs(pipe, store, sample, use_morphology)
     tile_um = float(manifest["prepare"]["tile_um"])
     cfg = pipe.transformer.config
-    window, patch = int(cfg.sample_size), int(cfg.patch_size)
-    stride = default_stride(window, patch) if stride is None else int(stride)
+    # The canvas is denoised in the model's units (pixels, or latents of s pixels a side).
+    window, patch, s = int(cfg.sample_size), int(cfg.patch_size), vae_scale(pipe.vae)
+    if stride is None:
+        stride = default_stride(window, patch)
+    elif int(stride) % s:
+        raise ValueError(f"stride must be a multiple of the VAE's {s} pixels per latent; got {stride}")
+    else:
+        stride = int(stride) // s
+    window_px = window * s
 
     obs, real_image = spot_table(adata, rows, meta)
     spot_xy = obs[["x_um", "y_um"]].to_numpy()
@@ -139,15 +147,14 @@ def synthesize_seamless(
     bandwidth = pitch / 2 if bandwidth_um is None else float(bandwidth_um)
     if not bandwidth > 0:
         raise ValueError(f"bandwidth_um must be > 0; got {bandwidth_um}")
-    geometry = SectionGeometry.covering(spot_xy, tile_um, tile_um / window)
-    # A section of one spot is one tile; the canvas must hold at least one window.
-    geometry = SectionGeometry(
-        geometry.um_per_px, geometry.origin_um, max(geometry.width, window), max(geometry.height, window)
-    )
-    height, width = geometry.height, geometry.width
+    geometry = SectionGeometry.covering(spot_xy, tile_um, tile_um / window_px)
+    # A whole number of model units a side, at least one window (a section of one spot is one tile).
+    height, width = (max(math.ceil(n / s), window) for n in (geometry.height, geometry.width))
+    geometry = SectionGeometry(geometry.um_per_px, geometry.origin_um, width * s, height * s)
     corners = window_grid(height, width, window, stride)
     centres = (
-        np.asarray(geometry.origin_um) + (np.asarray(corners)[:, ::-1] + window / 2) * geometry.um_per_px
+        np.asarray(geometry.origin_um)
+        + (np.asarray(corners)[:, ::-1] * s + window_px / 2) * geometry.um_per_px
     )
     cond, in_range = _window_conditions(pipe, adata, rows, store, spot_xy, centres, bandwidth, use_morphology)
 
@@ -156,24 +163,25 @@ def synthesize_seamless(
         guidance_scale_morphology=guidance_morph, guidance_scale_ge=guidance_ge, ge_available=in_range,
         batch_size=batch_size, weights=FUSION_WEIGHTS, progress=progress,
     )  # fmt: skip
-    virtual = to_uint8(((canvas.float().cpu() + 1) / 2)[None])[0]
+    virtual = to_uint8(decode_canvas(pipe.vae, canvas, corners, window, batch_size).cpu()[None])[0]
 
     real = read_real_region(real_image["path"], real_image["mpp"], real_image["image_scale"], geometry)
-    dilation = max(1, window // 4)
+    dilation = max(1, window_px // 4)
     coverage = ndimage.binary_dilation(tissue_mask(real), iterations=dilation)
     virtual[~coverage] = 255
 
     # Each spot's tile: the canvas crop of the window's size centred at the spot, kept inside the canvas.
     cols, rows_px = geometry.to_canvas(spot_xy).T
-    r0 = np.clip(np.round(rows_px - window / 2).astype(int), 0, height - window)
-    c0 = np.clip(np.round(cols - window / 2).astype(int), 0, width - window)
-    tiles = np.stack([virtual[r : r + window, c : c + window] for r, c in zip(r0, c0, strict=True)])
+    r0 = np.clip(np.round(rows_px - window_px / 2).astype(int), 0, geometry.height - window_px)
+    c0 = np.clip(np.round(cols - window_px / 2).astype(int), 0, geometry.width - window_px)
+    tiles = np.stack([virtual[r : r + window_px, c : c + window_px] for r, c in zip(r0, c0, strict=True)])
 
     settings = {
         "mode": "seamless",
         **sampling_settings(pipe, store, sample, seed, guidance_ge, guidance_morph, steps, use_morphology),
-        "window": window,
-        "stride": stride,
+        "window": window_px,
+        "stride": stride * s,
+        "pixels_per_model_unit": s,
         "patch_size": patch,
         "n_windows": len(corners),
         "n_windows_without_ge": int((~in_range).sum()),
