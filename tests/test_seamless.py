@@ -142,7 +142,9 @@ def test_batch_size_does_not_matter_and_reruns_repeat(pipe):
     three = denoise_canvas(pipe, 24, 40, cond, corners, batch_size=3, **kwargs)
     again = denoise_canvas(pipe, 24, 40, cond, corners, batch_size=3, **kwargs)
     print(f"batch 1 vs 3: max |diff| {float((one - three).abs().max()):.2e}")
-    torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-5)
+    # Only float rounding may differ: CPU kernels pick their blocking by batch shape, and the
+    # rounding differences grow over the steps (4e-5 on some CPUs, well under a grey level).
+    torch.testing.assert_close(one, three, rtol=1e-4, atol=1e-4)
     assert torch.equal(three, again)
     # The GE mask matters: with GE everywhere the canvas differs.
     everywhere = denoise_canvas(pipe, 24, 40, cond, corners, batch_size=3, **{**kwargs, "ge_available": None})

@@ -42,14 +42,29 @@ stepped with ``clip_sample`` (the same clamp) instead of diffusers' thresholding
 ``torch.quantile`` refuses more than 2**24 elements. Dynamic thresholding takes its percentile
 over the whole canvas rather than per tile, so it is refused (not equivalent to tile sampling).
 
-Memory: the canvas state, one numerator and the scheduler's history live in memory (a few
-canvases of float32). Processing in bands with a zarr-backed canvas is a follow-up.
+Memory: by default the canvas state, one numerator, the weights, the noise (and ``known`` and
+``keep``) and the scheduler's history live in memory, a few canvases of float32 on the model's
+device, so memory grows with the section. With ``workdir`` :func:`denoise_canvas` runs out of
+core (:mod:`stmdit.sections.canvas`): state, history and imposition inputs live in zarr arrays
+in that folder, and each step takes the windows in row order, holding only a strip of rows:
+those the current batch of windows touches plus the rolling numerator of rows not yet final
+(about a window's height plus what one batch spans, rounded to 64-row chunks). A row gets the
+scheduler update as soon as no remaining window covers it. Memory then grows with the canvas
+*width*, not its height (a very wide section is best turned on its side), plus the per-window
+conditions, which stay in memory. The result is the in-memory one to float rounding (the
+same windows, batches and elementwise updates; tests pin it). Each step writes the other of
+two state buffers and then records its completion atomically, so a killed run rerun with the
+same folder and settings resumes after the last completed step and gives the same canvas;
+other settings (seed, steps, windows, conditions, guidance, scheduler, weights, inputs) in
+the same folder start over, replacing what it held. :func:`decode_canvas` turns such a
+canvas into uint8 pixels in a zarr array, band by band as well.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 
 import anndata as ad
 import numpy as np
@@ -62,9 +77,26 @@ from stmdit import defaults
 from stmdit.diffusion import Condition, guided_prediction, noise_level, x0_threshold_of
 from stmdit.encoders.vae import decode_latents, vae_scale
 from stmdit.precision import current_default
+from stmdit.sections.canvas import (
+    BandStepper,
+    CanvasWorkdir,
+    DiskCanvas,
+    RowBuffer,
+    chunk_end,
+    create_array,
+    history_length,
+    input_digest,
+    ready_rows,
+    row_chunks,
+    tensors_digest,
+    uncovered_row,
+)
 from stmdit.sections.mosaic import blend_window
+from stmdit.tiles import to_uint8
 
 __all__ = [
+    "DiskCanvas",
+    "decode_canvas",
     "denoise_canvas",
     "expression_for_encoder",
     "interpolate_expression",
@@ -203,6 +235,42 @@ def _window_weight(window: int, weights: str) -> torch.Tensor:
     return torch.from_numpy(np.outer(w, w)).float()
 
 
+def _window_predictions(
+    model, batch, corners, window, source, top, t, cond, ge_available, guidance_m, guidance_g, precision
+):
+    """``(window index, guided prediction in float32)`` for the windows ``batch``, cropped from
+    ``source`` (1, C, rows, W): the model input from canvas row ``top`` down."""
+    # Windows with and without GE need different guidance branches: predict them apart.
+    for with_ge in (True, False):
+        rows = [i for i in batch if ge_available[i] == with_ge]
+        if not rows:
+            continue
+        crops = torch.stack(
+            [source[0, :, y - top : y - top + window, x : x + window] for y, x in (corners[i] for i in rows)]
+        )
+        row_cond = cond.rows(rows).to(crops.device, crops.dtype)
+        row_cond = row_cond if with_ge else row_cond.without_ge()
+        pred = guided_prediction(model, crops, t, row_cond, guidance_m, guidance_g, precision).float()
+        yield from zip(rows, pred, strict=True)
+
+
+def _row_batches(corners, batch_size: int, height: int) -> tuple[list[list[int]], list[int]]:
+    """The windows in row-major order in batches, and for each batch the row above which the
+    canvas is final once it is summed: the top of the next batch's first window (windows come
+    in row order, so none after it reaches higher), the canvas height after the last."""
+    order = sorted(range(len(corners)), key=lambda i: corners[i])
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    return batches, [corners[b[0]][0] for b in batches[1:]] + [height]
+
+
+def _guidance_ge(scheduler, t, guidance_scale_ge, guidance_ge_interval) -> float:
+    if guidance_ge_interval is not None and not (
+        guidance_ge_interval[0] < noise_level(scheduler, t) <= guidance_ge_interval[1]
+    ):
+        return 1.0
+    return guidance_scale_ge
+
+
 @torch.no_grad()
 def denoise_canvas(
     pipe,
@@ -224,7 +292,9 @@ def denoise_canvas(
     progress: bool = True,
     known: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
-) -> torch.Tensor:
+    workdir: str | os.PathLike | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor | DiskCanvas:
     """Denoise a (height, width) canvas of the model's space jointly from its windows.
 
     ``corners``: the windows' top-left corners (:func:`window_grid`), each ``sample_size`` of
@@ -241,9 +311,21 @@ def denoise_canvas(
     together: after each step to timestep ``t_prev`` the state becomes ``keep *
     add_noise(known, noise, t_prev) + (1 - keep) * state`` (the same initial ``noise``, so the
     imposed part is what a run towards ``known`` would see), after the last step ``keep * known
-    + (1 - keep) * state``; without them nothing is imposed. Returns the canvas (C, height,
+    + (1 - keep) * state``; without them nothing is imposed. ``on_step(steps_done,
+    total_steps)`` is called after every completed step. Returns the canvas (C, height,
     width) in the weights' dtype: pixels in [-1, 1] for pixel-space models, undecoded latents
     otherwise.
+
+    ``workdir`` (a folder, created if missing): run out of core (module docstring, "Memory")
+    and return a :class:`~stmdit.sections.canvas.DiskCanvas` (the float32 canvas in a zarr array
+    there) instead of a tensor. ``noise``, ``known`` and ``keep`` may then also be numpy or
+    zarr arrays; they are copied into the folder in row bands. A rerun with the same folder and
+    settings resumes after the last completed step (a finished run returns at once, calling
+    ``on_step`` no more); with other settings it starts over. The settings are everything the
+    result depends on: the arguments but ``batch_size``, ``progress`` and ``on_step``, digests
+    of the conditions, of ``noise``, ``known`` and ``keep``, and of the model's weights (one pass
+    over them per call). Windows are then taken in row-major order (:func:`window_grid`'s);
+    DDIM and deterministic DPM-Solver++ are supported.
     """
     model = pipe.transformer
     cfg = model.config
@@ -259,8 +341,27 @@ def denoise_canvas(
     ge_available = np.ones(n, bool) if ge_available is None else np.asarray(ge_available, bool)
     if ge_available.shape != (n,):
         raise ValueError(f"ge_available needs one value per window ({n}); got shape {ge_available.shape}")
-
+    shape = (channels, height, width)
+    _check_shapes(noise, known, keep, shape)
+    precision = precision or current_default()
+    scheduler = _canvas_scheduler(pipe.scheduler)
     weight = _window_weight(window, weights)
+    guidance = (guidance_scale_morphology, guidance_scale_ge, guidance_ge_interval)
+    if workdir is not None:
+        # Public keys only: "_use_default_values" differs between a built and a loaded scheduler.
+        config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+        settings = {
+            "canvas": list(shape), "window": window, "corners": corners, "seed": int(seed),
+            "steps": int(num_inference_steps), "guidance": guidance, "ge_available": ge_available.tolist(),
+            "weights": weights, "precision": precision, "dtype": str(next(model.parameters()).dtype),
+            "scheduler": [type(scheduler).__name__, config],
+        }  # fmt: skip
+        inputs = {k: v for k, v in (("noise", noise), ("known", known), ("keep", keep)) if v is not None}
+        return _denoise_in_bands(
+            pipe, scheduler, shape, corners, window_conditions, ge_available, weight, workdir, settings,
+            inputs, progress=progress, on_step=on_step, batch_size=batch_size,
+        )  # fmt: skip
+
     denominator = torch.zeros(height, width)
     for y, x0 in corners:
         denominator[y : y + window, x0 : x0 + window] += weight
@@ -272,64 +373,153 @@ def denoise_canvas(
     denominator = denominator.to(device)
     weight = weight.to(device)
     cond = window_conditions.to(device, dtype)
-    precision = precision or current_default()
-    scheduler = _canvas_scheduler(pipe.scheduler)
     scheduler.set_timesteps(num_inference_steps, device=device)
     if noise is None:
         noise = position_noise(seed, 0, 0, height, width, channels)
-    if tuple(noise.shape) != (channels, height, width):
-        raise ValueError(f"noise must have shape {(channels, height, width)}; got {tuple(noise.shape)}")
-    known, keep = _imposition(known, keep, (channels, height, width), device, dtype)
+    known, keep = _imposition(known, keep, device, dtype)
     initial = noise[None].to(device, dtype)
     x = initial * scheduler.init_noise_sigma
 
     steps = scheduler.timesteps
     for step, t in enumerate(pipe.progress_bar(steps) if progress else steps):
         x_in = scheduler.scale_model_input(x, t)
-        s_g = guidance_scale_ge
-        if guidance_ge_interval is not None and not (
-            guidance_ge_interval[0] < noise_level(scheduler, t) <= guidance_ge_interval[1]
-        ):
-            s_g = 1.0
+        s_g = _guidance_ge(scheduler, t, guidance_scale_ge, guidance_ge_interval)
         numerator = torch.zeros(channels, height, width, device=device)
         for start in range(0, n, batch_size):
-            batch = list(range(start, min(start + batch_size, n)))
-            # Windows with and without GE need different guidance branches: predict them apart.
-            for with_ge in (True, False):
-                rows = [i for i in batch if ge_available[i] == with_ge]
-                if not rows:
-                    continue
-                crops = torch.stack(
-                    [x_in[0, :, y : y + window, x0 : x0 + window] for y, x0 in (corners[i] for i in rows)]
-                )
-                row_cond = cond.rows(rows) if with_ge else cond.rows(rows).without_ge()
-                pred = guided_prediction(
-                    model, crops, t, row_cond, guidance_scale_morphology, s_g, precision
-                ).float()
-                for k, i in enumerate(rows):
-                    y, x0 = corners[i]
-                    numerator[:, y : y + window, x0 : x0 + window] += pred[k] * weight
+            batch = range(start, min(start + batch_size, n))
+            for i, pred in _window_predictions(
+                model, batch, corners, window, x_in, 0, t, cond, ge_available, guidance_scale_morphology,
+                s_g, precision,
+            ):  # fmt: skip
+                y, x0 = corners[i]
+                numerator[:, y : y + window, x0 : x0 + window] += pred * weight
         fused = (numerator / denominator)[None].to(dtype)
         x = scheduler.step(fused, t, x).prev_sample
         if known is not None:
             last = step == len(steps) - 1
             target = known if last else _noised(scheduler, known, initial, steps, step)
             x = keep * target + (1 - keep) * x
+        if on_step is not None:
+            on_step(step + 1, len(steps))
     return x[0]
 
 
-def _imposition(known, keep, shape, device, dtype):
-    """``known`` (1, C, H, W) and ``keep`` (1, 1, H, W) on the model's device, checked."""
-    if known is None and keep is None:
-        return None, None
-    if known is None or keep is None:
+def _denoise_in_bands(
+    pipe, scheduler, shape, corners, cond, ge_available, weight, workdir, settings, inputs, *, progress,
+    on_step, batch_size,
+) -> DiskCanvas:  # fmt: skip
+    """:func:`denoise_canvas` out of core (module docstring, "Memory"); arguments checked there."""
+    model = pipe.transformer
+    channels, height, width = shape
+    window = weight.shape[0]
+    row = uncovered_row(corners, window, height, width)
+    if row is not None:
+        raise ValueError(f"the windows leave part of the canvas uncovered (from row {row}); use window_grid")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    history_len = history_length(scheduler)
+    work = CanvasWorkdir(workdir)
+    settings = {
+        **settings,
+        "conditions": tensors_digest(cond.model_kwargs()),
+        "model": tensors_digest(getattr(model, "module", model).state_dict()),
+        "inputs": {
+            name: input_digest(name, src, in_unit_range=name == "keep") for name, src in inputs.items()
+        },
+    }
+    total, seed = settings["steps"], settings["seed"]
+    guidance_m, guidance_ge, interval = settings["guidance"]
+    summary = {"canvas": list(shape), "windows": len(corners), "seed": seed, "steps": total}
+    done = work.begin(settings, history_len, inputs, summary)
+
+    scheduler.set_timesteps(total, device=device)
+    timesteps = scheduler.timesteps
+    stepper = BandStepper(scheduler, done, device)
+    batches, finals = _row_batches(corners, batch_size, height)
+    weight = weight.to(device)
+    given_noise = work.input("noise") if "noise" in inputs else None
+    known, keep = (work.input("known"), work.input("keep")) if "known" in inputs else (None, None)
+
+    def load(array, index) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(array[index]))[None].to(device, dtype)
+
+    def noise_rows(a: int, b: int) -> torch.Tensor:
+        if given_noise is not None:
+            return load(given_noise, np.s_[:, a:b])
+        return position_noise(seed, a, 0, b - a, width, channels)[None].to(device, dtype)
+
+    remaining = range(done, total)
+    for step in pipe.progress_bar(remaining) if progress else remaining:
+        t = timesteps[step]
+        s_g = _guidance_ge(scheduler, t, guidance_ge, interval)
+        state = work.state(step) if step else None
+        target = work.state(step + 1)
+        history = (work.history(step), work.history(step + 1)) if history_len else None
+
+        def read_state(a: int, b: int, state=state) -> torch.Tensor:
+            if state is None:  # the initial state is the noise, drawn per band
+                return noise_rows(a, b) * scheduler.init_noise_sigma
+            return load(state, np.s_[:, a:b])
+
+        x = RowBuffer(read_state)
+        numerator = RowBuffer(leading=(channels,), width=width, device=device)
+        denominator = RowBuffer(width=width, device=device)
+        stepper.begin_step()
+        present = stepper.history_present()
+        for batch, final in zip(batches, finals, strict=True):
+            x.extend(chunk_end(max(corners[i][0] for i in batch) + window, height))
+            numerator.extend(x.hi)
+            denominator.extend(x.hi)
+            x_in = scheduler.scale_model_input(x.rows, t)
+            for i, pred in _window_predictions(
+                model, batch, corners, window, x_in, x.lo, t, cond, ge_available, guidance_m, s_g,
+                settings["precision"],
+            ):  # fmt: skip
+                numerator.region(*corners[i], window, window).add_(pred * weight)
+            for i in batch:  # in window order, the in-memory path's order of this sum
+                denominator.region(*corners[i], window, window).add_(weight)
+            ready = ready_rows(final, height)
+            if ready <= x.lo:
+                continue
+            a = x.lo
+            fused = (numerator.release(ready) / denominator.release(ready))[None].to(dtype)
+            previous = [load(history[0], np.s_[j, :, a:ready]) if p else None for j, p in enumerate(present)]
+            rows, new_history = stepper.step(fused, t, x.release(ready), previous)
+            if known is not None:
+                known_rows, keep_rows = load(known, np.s_[:, a:ready]), load(keep, np.s_[a:ready])[None]
+                if step < total - 1:
+                    known_rows = _noised(scheduler, known_rows, noise_rows(a, ready), timesteps, step)
+                rows = keep_rows * known_rows + (1 - keep_rows) * rows
+            target[:, a:ready] = rows[0].float().cpu().numpy()
+            for j, h in enumerate(new_history):
+                if h is not None:
+                    history[1][j, :, a:ready] = h[0].float().cpu().numpy()
+        stepper.end_step()
+        work.commit(step + 1)
+        if on_step is not None:
+            on_step(step + 1, total)
+    return work.canvas(total)
+
+
+def _check_shapes(noise, known, keep, shape) -> None:
+    """``noise`` (C, H, W), ``known`` (C, H, W) and ``keep`` (H, W), the last two together."""
+    if noise is not None and tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {shape}; got {tuple(noise.shape)}")
+    if (known is None) != (keep is None):
         raise ValueError("known and keep go together: give both or neither")
-    if tuple(known.shape) != shape:
+    if known is not None and tuple(known.shape) != shape:
         raise ValueError(
             f"known must have shape {shape} (the canvas, model's space); got {tuple(known.shape)}"
         )
-    if tuple(keep.shape) != shape[1:]:
+    if keep is not None and tuple(keep.shape) != shape[1:]:
         raise ValueError(f"keep must have shape {shape[1:]} (the canvas); got {tuple(keep.shape)}")
+
+
+def _imposition(known, keep, device, dtype):
+    """``known`` (1, C, H, W) and ``keep`` (1, 1, H, W) on the model's device; shapes checked
+    by :func:`_check_shapes`."""
+    if known is None:
+        return None, None
     keep = keep.detach().float()
     if not torch.isfinite(keep).all() or keep.min() < 0 or keep.max() > 1:
         raise ValueError("keep must lie in [0, 1] (1: impose known, 0: free)")
@@ -348,12 +538,19 @@ def _noised(scheduler, known, noise, steps, step):
 
 
 @torch.no_grad()
-def decode_canvas(vae, canvas: torch.Tensor, corners, window: int, batch_size: int = 16) -> torch.Tensor:
+def decode_canvas(vae, canvas: torch.Tensor | DiskCanvas, corners, window: int, batch_size: int = 16):
     """A denoised (C, H, W) canvas as (3, H * s, W * s) pixels in [0, 1], s = :func:`vae_scale`.
 
     A pixel-space canvas is only rescaled. A latent canvas is decoded in the windows it was
     denoised in (``corners``, ``window`` latents a side; a whole canvas rarely fits a VAE
-    decoder), blended with the raised-cosine weights the denoising fused with."""
+    decoder), blended with the raised-cosine weights the denoising fused with.
+
+    A :class:`~stmdit.sections.canvas.DiskCanvas` (out-of-core :func:`denoise_canvas`) is
+    decoded in row bands into ``pixels.zarr`` in its folder, returned: a zarr array of uint8
+    (H * s, W * s, 3), the same pixels :func:`stmdit.tiles.to_uint8` makes of the in-memory
+    result (windows taken in row-major order)."""
+    if isinstance(canvas, DiskCanvas):
+        return _decode_in_bands(vae, canvas, corners, window, batch_size)
     if vae is None:
         return ((canvas.float() + 1) / 2).clamp(0, 1)
     s = vae_scale(vae)
@@ -368,3 +565,38 @@ def decode_canvas(vae, canvas: torch.Tensor, corners, window: int, batch_size: i
             pixels[:, y * s : y * s + px, x * s : x * s + px] += tile.to(canvas.device) * weight
             denominator[y * s : y * s + px, x * s : x * s + px] += weight
     return pixels / denominator
+
+
+def _decode_in_bands(vae, canvas: DiskCanvas, corners, window: int, batch_size: int):
+    """:func:`decode_canvas` of a canvas on disk: rows are decoded, blended and written as soon
+    as no remaining window covers them, so memory holds a strip of rows, not the section."""
+    _, height, width = canvas.shape
+    s = vae_scale(vae)
+    pixels = create_array(canvas.workdir / "pixels.zarr", (height * s, width * s, 3), np.uint8, row_axis=0,
+                          compressors="auto")  # fmt: skip
+    if vae is None:
+        for a, b in row_chunks(height):
+            pixels[a:b] = to_uint8(((canvas.rows(a, b) + 1) / 2).clamp(0, 1))
+        return pixels
+    corners = [(int(y), int(x)) for y, x in corners]
+    px = window * s
+    weight = _window_weight(px, "cosine")
+    latents = RowBuffer(canvas.rows)
+    numerator = RowBuffer(leading=(3,), width=width * s, scale=s)
+    denominator = RowBuffer(width=width * s, scale=s)
+    batches, finals = _row_batches(corners, batch_size, height)
+    for batch, final in zip(batches, finals, strict=True):
+        latents.extend(chunk_end(max(corners[i][0] for i in batch) + window, height))
+        numerator.extend(latents.hi)
+        denominator.extend(latents.hi)
+        crops = torch.stack([latents.region(*corners[i], window, window) for i in batch])
+        for i, tile in zip(batch, decode_latents(vae, crops, batch_size).float(), strict=True):
+            y, x = corners[i]
+            numerator.region(y * s, x * s, px, px).add_(tile.cpu() * weight)
+            denominator.region(y * s, x * s, px, px).add_(weight)
+        ready = ready_rows(final, height)
+        if ready > latents.lo:
+            a = latents.lo
+            latents.release(ready)
+            pixels[a * s : ready * s] = to_uint8(numerator.release(ready) / denominator.release(ready))
+    return pixels
