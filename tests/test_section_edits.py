@@ -10,6 +10,7 @@ import torch
 from stmdit.diffusion import Condition
 from stmdit.errors import ConfigError
 from stmdit.experiments.simulate import Perturbation, perturb
+from stmdit.sections.editing import region_statistics
 from stmdit.sections.edits import (
     EditConfig,
     edit_canvas,
@@ -17,6 +18,7 @@ from stmdit.sections.edits import (
     keep_mask,
     local_change,
     region_mask,
+    region_spots,
     transition_band,
 )
 from stmdit.sections.mosaic import SectionGeometry
@@ -178,6 +180,31 @@ def test_spot_and_obs_regions():
     )
     # A disk at the canvas edge is clipped, not wrapped.
     assert region_mask({"spots": ["s3"]}, GEOMETRY, obs, xy, 5.0).sum() == disks(xy[[3]], 5.0).sum() > 0
+
+
+def test_the_spots_a_region_edits():
+    obs, xy = spots()
+    # A polygon holds the spots whose centres lie inside it: (110, 60) and (120, 60), not (130, 56).
+    polygon = {"polygon_um": [[105, 55], [125, 55], [125, 65], [105, 65]]}
+    assert region_spots(polygon, obs, xy).tolist() == [True, True, False, False]
+    assert region_spots({"spots": ["s3", "s1"]}, obs, xy).tolist() == [False, True, False, True]
+    assert region_spots({"obs": {"cluster": "a"}}, obs, xy).tolist() == [True, False, True, False]
+
+
+def test_region_statistics_are_means_over_the_region():
+    """Purple (nuclear) pixels in a region on pink: the densities are the region's means, and
+    what lies outside the region (here a black square) does not count."""
+    image = np.full((1, 40, 40, 3), [240, 200, 220], np.uint8)
+    image[0, 0:10, 30:40] = 0
+    region = np.zeros((40, 40), bool)
+    region[10:30, 5:25] = True
+    image[0, 10:20, 5:25] = [80, 50, 130]  # the top half of the region purple
+    stats = region_statistics(image, region, um_per_px=4.0)
+    half = region_statistics(image[:, 10:20, 5:25], np.ones((10, 20), bool), 4.0)
+    pink = region_statistics(image[:, 20:30, 5:25], np.ones((10, 20), bool), 4.0)
+    for key in ("haematoxylin", "eosin"):
+        assert stats[key][0] == pytest.approx((half[key][0] + pink[key][0]) / 2, rel=1e-5)
+    assert "nuclei_per_100um2" not in stats  # 4 µm pixels are too coarse to count nuclei
 
 
 def test_region_errors_name_what_exists():

@@ -94,6 +94,19 @@ def test_cli_seamless_and_spots(tiny_pipe, her2st_store, tmp_path):
         "C2_virtual.png",
         "C2_section.h5ad",
     }
+    # The canvas was denoised out of core under cache/; a rerun finds it finished and redraws nothing.
+    progress = json.loads((tmp_path / "seamless" / "cache" / "C2_canvas" / "progress.json").read_text())
+    assert progress["steps_done"] == 1, progress
+    first = np.asarray(Image.open(tmp_path / "seamless" / "C2_virtual.png"))
+    import stmdit.sections.seamless as seamless
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(seamless, "guided_prediction", lambda *a, **k: pytest.fail("the finished canvas was redrawn"))
+        result = runner.invoke(
+            app, [*base, "--out", str(tmp_path / "seamless"), "--stride", "20", "--bandwidth-um", "150"]
+        )
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "seamless" / "C2_virtual.png")), first)
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "spots"), "--mode", "spots"])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "spots" / "C2_section.json").read_text())

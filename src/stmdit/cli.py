@@ -428,7 +428,8 @@ def section(
     out: Annotated[
         Path,
         typer.Option(
-            help="Output folder (side-by-side PNG, virtual PNG and OME-TIFF, geometry JSON, spots-mode tile cache)"
+            help="Output folder (side-by-side PNG, virtual PNG and OME-TIFF, geometry JSON, the --edit files; "
+            "cache/: the seamless canvas, where a killed run resumes, or the spots-mode tiles)"
         ),
     ],
     seed: Annotated[int, typer.Option()] = 0,
@@ -460,10 +461,27 @@ def section(
             callback=_positive, help="Seamless: expression interpolation bandwidth (default pitch / 2)"
         ),
     ] = None,
+    edit: Annotated[
+        Path | None,
+        typer.Option(
+            help="Edit config (YAML): a region (polygon_um, spots or obs), gene changes as simulate's, anchor "
+            "virtual|real, band_um, seeds (they replace --seed). Redraws the region only and measures the change; writes "
+            "<sample>_edit.json, .ome.tif and .png (anchor virtual: beside the first seed's unedited section)",
+            dir_okay=False,
+        ),
+    ] = None,
+    predictor: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --edit: expression predictor folder whose read-back of the region is measured"
+        ),
+    ] = None,
     precision: PrecisionOption = "auto",
     verbose: Verbose = False,
 ) -> None:
-    """Whole-section virtual H&E beside the real H&E: seamless (windows denoised jointly) or a tile per spot."""
+    """Whole-section virtual H&E beside the real H&E: seamless (windows denoised jointly) or a tile per spot;
+    with --edit, a region redrawn under edited expression and its change measured over the edit's seeds."""
+    from stmdit.sections.editing import summary_line
     from stmdit.sections.export import section_command
 
     _setup_logging(verbose)
@@ -484,9 +502,13 @@ def section(
         mode=mode.value,
         stride=stride,
         bandwidth_um=bandwidth_um,
+        edit=edit,
+        predictor=predictor,
     )
     for role, path in paths.items():
         typer.echo(f"{role}: {path}")
+    if edit is not None:
+        typer.echo(summary_line(json.loads(paths["edit_record"].read_text())))
 
 
 @command()

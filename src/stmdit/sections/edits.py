@@ -10,6 +10,8 @@ canvas, same seed) or ``real`` (the real H&E mapped to the model's space, pixel 
 * :func:`region_mask`: the region rasterised on the canvas (:class:`~stmdit.sections.mosaic.SectionGeometry`),
   a pixel in the region when its centre is (polygon: inside it; spots: within the spot radius
   of a selected spot).
+* :func:`region_spots`: the spots whose expression the edit changes (polygon: the spots whose
+  centres lie inside it; spots and an obs value: the spots they name).
 * :func:`keep_mask`: 1 outside the region and a transition band around it, 0 inside the
   region, a raised cosine of the distance to the region across the band.
 * :func:`edited_expression`: the spots in the region perturbed by :func:`~stmdit.experiments.simulate.perturb`.
@@ -47,6 +49,7 @@ __all__ = [
     "keep_mask",
     "local_change",
     "region_mask",
+    "region_spots",
     "transition_band",
 ]
 
@@ -152,6 +155,22 @@ def _selected_spots(region, spots_obs: pd.DataFrame) -> np.ndarray:
     return selected
 
 
+def _as_region(region):
+    return _REGION.validate_python(region) if isinstance(region, dict) else region
+
+
+def region_spots(region, spots_obs: pd.DataFrame, spot_xy_um: np.ndarray) -> np.ndarray:
+    """bool (N,): the spots of ``spots_obs`` (indexed by name, in the order of ``spot_xy_um``
+    (N, 2: x, y microns)) that the region holds: for a polygon those whose centres lie inside
+    it, for spots and an obs value those it names."""
+    region = _as_region(region)
+    if isinstance(region, PolygonRegion):
+        return PolygonPath(np.asarray(region.polygon_um, float)).contains_points(
+            np.asarray(spot_xy_um, float)
+        )
+    return _selected_spots(region, spots_obs)
+
+
 def region_mask(
     region,
     geometry: SectionGeometry,
@@ -163,8 +182,7 @@ def region_mask(
     mask: a polygon holds the pixels whose centres lie inside it; spots and an obs value hold
     the pixels within ``spot_radius_um`` of a selected spot (``spots_obs``: one row per spot,
     indexed by name, in the order of ``spot_xy_um`` (N, 2: x, y microns))."""
-    if isinstance(region, dict):
-        region = _REGION.validate_python(region)
+    region = _as_region(region)
     centres = _pixel_centres(geometry)
     if isinstance(region, PolygonRegion):
         vertices = geometry.to_canvas(np.asarray(region.polygon_um, float))

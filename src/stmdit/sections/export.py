@@ -16,6 +16,10 @@ coordinates:
   virtual canvases at their own resolution as multiscale images, the spots as circles of their
   diameter, and the table (the AnnData's counts and per-spot columns, ``region`` naming the
   circles), all in the coordinate system ``global`` in the sample's full-resolution pixels.
+
+:func:`section_command` is ``stmdit section``; with an edit config it redraws a region of the
+section under edited expression and writes the edit's files beside these
+(:mod:`stmdit.sections.editing`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from stmdit import defaults
 from stmdit.data.images import tissue_fraction
@@ -209,15 +214,27 @@ def section_command(
     mode: str = "seamless",
     stride: int | None = None,
     bandwidth_um: float | None = None,
+    edit: str | os.PathLike | None = None,
+    predictor: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> dict[str, Path]:
     """``stmdit section``: load the pipeline (on the GPU when there is one), synthesise the
     section and write the figures, the geometry and the section's AnnData to ``out``, and its
     SpatialData to ``spatialdata`` when given. ``mode``: ``"seamless"`` (one canvas denoised
-    jointly, :func:`~stmdit.sections.synthesis.synthesize_seamless`; ``stride`` and
+    jointly, out of core in ``out/cache/<sample>_canvas`` where a killed run resumes,
+    :func:`~stmdit.sections.synthesis.synthesize_seamless`; ``stride`` and
     ``bandwidth_um`` apply) or ``"spots"`` (a tile per spot, assembled, with its tile cache in
-    ``out/cache``; ``um_per_px`` applies). Returns the written paths by role (side_by_side,
-    virtual, geometry, anndata, spatialdata)."""
+    ``out/cache``; ``um_per_px`` applies). ``edit``: an edit config (YAML,
+    :class:`~stmdit.sections.edits.EditConfig`) whose region is redrawn and measured
+    (:func:`~stmdit.sections.editing.run_edit`, seamless only; its seeds replace ``seed``),
+    ``predictor`` a predictor folder whose read-back it measures too; the edit files go beside
+    the section's, which are the first seed's unedited section (anchor ``virtual``; anchor
+    ``real`` draws no whole section, so only the edit files are written). Returns the written
+    paths by role (side_by_side, virtual, geometry, anndata, spatialdata; edit_record,
+    edit_slide, edit_figure)."""
     from stmdit.pipeline import STMDiTPipeline
+    from stmdit.sections.editing import run_edit
+    from stmdit.sections.edits import EditConfig
     from stmdit.sections.synthesis import synthesize_seamless
 
     if mode not in SECTION_MODES:
@@ -226,18 +243,48 @@ def section_command(
         raise ValueError("stride and bandwidth_um apply to mode='seamless' only")
     if mode == "seamless" and um_per_px is not None:
         raise ValueError("um_per_px applies to mode='spots' only (seamless works at the model's resolution)")
+    if edit is not None and mode == "spots":
+        raise ValueError("--edit redraws a region of the seamless canvas; it does not apply to --mode spots")
+    if predictor is not None and edit is None:
+        raise ValueError("--predictor reads back an edited region; it applies with --edit only")
+    # The edit is read before the pipeline is loaded, so that a bad file fails at once.
+    edit_config = EditConfig.from_yaml(edit) if edit is not None else None
     pipe = STMDiTPipeline.from_pretrained(pipeline)
     if torch.cuda.is_available():
         pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    common = {"seed": seed, "guidance_ge": guidance_ge, "guidance_morph": guidance_morph, "steps": steps,
+    common = {"guidance_ge": guidance_ge, "guidance_morph": guidance_morph, "steps": steps,
               "use_morphology": use_morphology, "batch_size": batch_size}  # fmt: skip
+    if edit_config is not None:
+        edited = run_edit(pipe, dataset, sample, edit_config, stride=stride, bandwidth_um=bandwidth_um,
+                          predictor=predictor, progress=False, **common)  # fmt: skip
+        paths = {}
+        if edited.section is not None:
+            paths = {**edited.section.save(out), **write_section_files(edited.section, out, spatialdata)}
+        return {**paths, **edited.save(out)}
     if mode == "seamless":
-        result = synthesize_seamless(
-            pipe, dataset, sample, stride=stride, bandwidth_um=bandwidth_um, progress=False, **common
-        )
+        # Out of core under the output folder: memory bounded by the canvas' width, and a
+        # killed run resumes at its next step; a bar over the steps shows how far it is.
+        with tqdm(desc=f"section {sample}", unit="step", disable=not progress) as bar:
+
+            def on_step(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            result = synthesize_seamless(
+                pipe,
+                dataset,
+                sample,
+                seed=seed,
+                stride=stride,
+                bandwidth_um=bandwidth_um,
+                progress=False,
+                on_step=on_step,
+                workdir=Path(out) / "cache" / f"{safe_file_name(sample)}_canvas",
+                **common,
+            )
     else:
         result = synthesize_section(
-            pipe, dataset, sample, um_per_px=um_per_px, cache_dir=Path(out) / "cache", **common
+            pipe, dataset, sample, seed=seed, um_per_px=um_per_px, cache_dir=Path(out) / "cache", **common
         )
     return {**result.save(out), **write_section_files(result, out, spatialdata)}

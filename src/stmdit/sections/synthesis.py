@@ -22,13 +22,25 @@ pasting an independent tile per spot (:func:`stmdit.sections.mosaic.synthesize_s
 
 A latent model's canvas is denoised in latents and decoded in the same windows, blended
 (:func:`~stmdit.sections.seamless.decode_canvas`).
+
+The pieces are reusable, so that region edits (:mod:`stmdit.sections.editing`) draw their
+canvases exactly as a section is drawn: :func:`section_canvas` (everything fixed before any
+denoising: geometry, windows, their centres, the real H&E and its tissue), :func:`window_conditions`
+(any spot expression, e.g. an edited one, at any window centres), :func:`draw_canvas` (the joint
+denoising), :func:`canvas_pixels` (decoding) and :func:`section_result`.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
@@ -48,6 +60,7 @@ from stmdit.sections.mosaic import (
     spot_table,
 )
 from stmdit.sections.seamless import (
+    DiskCanvas,
     decode_canvas,
     denoise_canvas,
     expression_for_encoder,
@@ -57,11 +70,26 @@ from stmdit.sections.seamless import (
 )
 from stmdit.tiles import to_tensor, to_uint8
 
-__all__ = ["default_stride", "synthesize_seamless"]
+if TYPE_CHECKING:
+    from stmdit.data.store import DatasetStore
+
+__all__ = [
+    "SectionCanvas",
+    "canvas_pixels",
+    "default_stride",
+    "draw_canvas",
+    "section_canvas",
+    "section_result",
+    "section_settings",
+    "spot_tiles",
+    "synthesize_seamless",
+    "window_conditions",
+]
 
 RADIUS = 3.0  # bandwidths: spots farther from a window centre do not condition it
 FUSION_WEIGHTS = "cosine"
 INTERPOLATION = "gaussian kernel over spots in log1p CP10k, radius 3 bandwidths"
+OnStep = Callable[[int, int], None]
 
 
 def default_stride(window: int, patch_size: int) -> int:
@@ -74,58 +102,66 @@ def default_stride(window: int, patch_size: int) -> int:
     return base
 
 
-def _window_conditions(pipe, adata, rows, store, spot_xy, centres, bandwidth, use_morphology):
-    """The windows' Condition and the mask of windows with a spot in range."""
-    counts, library, _ = align_to_panel(adata[rows], pipe.ge_encoder.genes)
-    values, in_range = interpolate_expression(
-        spot_xy, log1p_cp10k(counts, library), centres, bandwidth, radius=RADIUS
-    )
-    ge, _ = pipe.encode_expression(expression_for_encoder(values, pipe.ge_encoder.genes))
-    morphology = None
-    if use_morphology:
-        with torch.no_grad():
-            embeds = (
-                pipe.encode_morphology(to_tensor(np.asarray(store.tiles().oindex[rows])))
-                .float()
-                .cpu()
-                .numpy()
-            )
-        morphology, _ = interpolate_expression(spot_xy, embeds, centres, bandwidth, radius=RADIUS)
-        _, nearest = cKDTree(spot_xy).query(centres)
-        morphology[~in_range] = embeds[nearest[~in_range]]
-        morphology = torch.from_numpy(morphology)
-    return Condition(morphology=morphology, **{k: v.cpu() for k, v in ge.items()}), in_range
+@dataclass
+class SectionCanvas:
+    """A seamless canvas over one sample, before any denoising. Sizes in model units (pixels,
+    or latents of ``s`` pixels a side) unless named ``_px``; ``geometry`` is the pixel canvas.
+    ``spots``: the kept spots' rows of the store (counts, obs), in the order of ``obs``;
+    ``coverage``: the real tissue mask dilated by ``dilation`` pixels (outside it is glass)."""
+
+    store: DatasetStore
+    sample: str
+    spots: ad.AnnData
+    obs: pd.DataFrame
+    real_image: dict
+    tile_um: float
+    use_morphology: bool
+    spot_xy: np.ndarray
+    pitch: float
+    bandwidth: float
+    geometry: SectionGeometry
+    window: int
+    patch: int
+    s: int
+    stride: int
+    height: int
+    width: int
+    corners: list[tuple[int, int]]
+    real: np.ndarray
+    coverage: np.ndarray
+    dilation: int
+
+    @property
+    def window_px(self) -> int:
+        return self.window * self.s
+
+    def model_geometry(self) -> SectionGeometry:
+        """The canvas in model units (a latent canvas: ``s`` times coarser than ``geometry``)."""
+        g = self.geometry
+        return SectionGeometry(g.um_per_px * self.s, g.origin_um, self.width, self.height)
+
+    def centres_um(self, corners: Sequence[tuple[int, int]], offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """Window centres (M, 2: x, y) in microns of windows at ``corners`` (model units) of a
+        sub-canvas whose top-left corner is at ``offset`` (y, x) of this canvas."""
+        yx = np.asarray(corners, float) + np.asarray(offset, float)
+        return (
+            np.asarray(self.geometry.origin_um)
+            + (yx[:, ::-1] * self.s + self.window_px / 2) * self.geometry.um_per_px
+        )
 
 
-def synthesize_seamless(
+def section_canvas(
     pipe,
     dataset,
     sample: str,
-    seed: int = 0,
-    guidance_ge: float = defaults.GUIDANCE_GE,
-    guidance_morph: float = defaults.GUIDANCE_MORPH,
-    steps: int = defaults.STEPS,
     use_morphology: bool = False,
     stride: int | None = None,
     bandwidth_um: float | None = None,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> SectionResult:
-    """A seamless virtual section of ``sample`` (see the module docstring).
-
-    Args:
-        pipe: an :class:`~stmdit.STMDiTPipeline` with a GE encoder (pixel or latent space).
-        dataset: a prepared store (or its folder).
-        seed: the canvas noise is :func:`~stmdit.sections.seamless.position_noise` of it.
-        guidance_ge, guidance_morph, steps: sampling settings.
-        use_morphology: also condition on the real tiles' morphology, interpolated between spots.
-        stride: window stride in pixels, a multiple of the VAE's pixels per latent (default
-            :func:`default_stride` of the model's window).
-        bandwidth_um: Gaussian bandwidth of the interpolation (default half the spot pitch).
-        batch_size: windows per forward pass; does not change the result.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+) -> SectionCanvas:
+    """Check the inputs and lay out the seamless canvas of ``sample`` (see the module
+    docstring): its geometry, windows and the real H&E under it. ``stride`` in pixels (a
+    multiple of the VAE's pixels per latent; default :func:`default_stride`), ``bandwidth_um``
+    of the expression interpolation (default half the spot pitch)."""
     store = as_store(dataset)
     sample = str(sample)
     adata, rows, meta, manifest = check_inputs(pipe, store, sample, use_morphology)
@@ -151,47 +187,161 @@ def synthesize_seamless(
     # A whole number of model units a side, at least one window (a section of one spot is one tile).
     height, width = (max(math.ceil(n / s), window) for n in (geometry.height, geometry.width))
     geometry = SectionGeometry(geometry.um_per_px, geometry.origin_um, width * s, height * s)
-    corners = window_grid(height, width, window, stride)
-    centres = (
-        np.asarray(geometry.origin_um)
-        + (np.asarray(corners)[:, ::-1] * s + window_px / 2) * geometry.um_per_px
-    )
-    cond, in_range = _window_conditions(pipe, adata, rows, store, spot_xy, centres, bandwidth, use_morphology)
-
-    canvas = denoise_canvas(
-        pipe, height, width, cond, corners, seed=int(seed), num_inference_steps=steps,
-        guidance_scale_morphology=guidance_morph, guidance_scale_ge=guidance_ge, ge_available=in_range,
-        batch_size=batch_size, weights=FUSION_WEIGHTS, progress=progress,
-    )  # fmt: skip
-    virtual = to_uint8(decode_canvas(pipe.vae, canvas, corners, window, batch_size).cpu()[None])[0]
-
     real = read_real_region(real_image["path"], real_image["mpp"], real_image["image_scale"], geometry)
     dilation = max(1, window_px // 4)
     coverage = ndimage.binary_dilation(tissue_mask(real), iterations=dilation)
-    virtual[~coverage] = 255
+    return SectionCanvas(
+        store, sample, adata[rows].copy(), obs, real_image, tile_um, bool(use_morphology), spot_xy, pitch,
+        bandwidth, geometry, window, patch, s, stride, height, width, window_grid(height, width, window, stride),
+        real, coverage, dilation,
+    )  # fmt: skip
 
-    # Each spot's tile: the canvas crop of the window's size centred at the spot, kept inside the canvas.
-    cols, rows_px = geometry.to_canvas(spot_xy).T
-    r0 = np.clip(np.round(rows_px - window_px / 2).astype(int), 0, geometry.height - window_px)
-    c0 = np.clip(np.round(cols - window_px / 2).astype(int), 0, geometry.width - window_px)
-    tiles = np.stack([virtual[r : r + window_px, c : c + window_px] for r, c in zip(r0, c0, strict=True)])
 
-    settings = {
+def window_conditions(
+    pipe, canvas: SectionCanvas, centres_um: np.ndarray, spots: ad.AnnData | None = None
+) -> tuple[Condition, np.ndarray]:
+    """The Condition of windows centred at ``centres_um`` (M, 2) and the mask of those with a
+    spot in range: ``spots`` (default the canvas' own; an edited copy for an edit, same spots
+    in the same order) interpolated there (see the module docstring)."""
+    spots = canvas.spots if spots is None else spots
+    counts, library, _ = align_to_panel(spots, pipe.ge_encoder.genes)
+    values, in_range = interpolate_expression(
+        canvas.spot_xy, log1p_cp10k(counts, library), centres_um, canvas.bandwidth, radius=RADIUS
+    )
+    ge, _ = pipe.encode_expression(expression_for_encoder(values, pipe.ge_encoder.genes))
+    morphology = None
+    if canvas.use_morphology:
+        rows = canvas.obs["store_row"].to_numpy()
+        with torch.no_grad():
+            tiles = to_tensor(np.asarray(canvas.store.tiles().oindex[rows]))
+            embeds = pipe.encode_morphology(tiles).float().cpu().numpy()
+        morphology, _ = interpolate_expression(
+            canvas.spot_xy, embeds, centres_um, canvas.bandwidth, radius=RADIUS
+        )
+        _, nearest = cKDTree(canvas.spot_xy).query(centres_um)
+        morphology[~in_range] = embeds[nearest[~in_range]]
+        morphology = torch.from_numpy(morphology)
+    return Condition(morphology=morphology, **{k: v.cpu() for k, v in ge.items()}), in_range
+
+
+def draw_canvas(
+    pipe,
+    canvas: SectionCanvas,
+    cond: Condition,
+    in_range: np.ndarray,
+    seed: int,
+    *,
+    guidance_ge: float = defaults.GUIDANCE_GE,
+    guidance_morph: float = defaults.GUIDANCE_MORPH,
+    steps: int = defaults.STEPS,
+    batch_size: int = 16,
+    progress: bool = True,
+    on_step: OnStep | None = None,
+    workdir: str | os.PathLike | None = None,
+) -> torch.Tensor | DiskCanvas:
+    """The whole canvas (model's space) denoised from the window conditions ``cond`` and
+    ``in_range`` (:func:`window_conditions` at the canvas' windows), noise
+    :func:`position_noise` of ``seed``; with ``workdir``, out of core there (resumable,
+    :func:`~stmdit.sections.seamless.denoise_canvas`)."""
+    return denoise_canvas(
+        pipe, canvas.height, canvas.width, cond, canvas.corners, seed=int(seed), num_inference_steps=steps,
+        guidance_scale_morphology=guidance_morph, guidance_scale_ge=guidance_ge, ge_available=in_range,
+        batch_size=batch_size, weights=FUSION_WEIGHTS, progress=progress, on_step=on_step, workdir=workdir,
+    )  # fmt: skip
+
+
+def canvas_pixels(
+    pipe, canvas: SectionCanvas, model_canvas: torch.Tensor | DiskCanvas, corners=None, batch_size: int = 16
+) -> np.ndarray:
+    """A denoised canvas (or sub-canvas, with its ``corners``) as uint8 pixels (H, W, 3); an
+    out-of-core canvas is decoded in bands into its workdir and read from there."""
+    corners = canvas.corners if corners is None else corners
+    pixels = decode_canvas(pipe.vae, model_canvas, corners, canvas.window, batch_size)
+    if isinstance(model_canvas, DiskCanvas):
+        return np.asarray(pixels)
+    return to_uint8(pixels.cpu()[None])[0]
+
+
+def spot_tiles(canvas: SectionCanvas, image: np.ndarray) -> np.ndarray:
+    """Each spot's tile: the crop of ``image`` (the pixel canvas) of the window's size centred
+    at the spot, kept inside the canvas."""
+    n, g = canvas.window_px, canvas.geometry
+    cols, rows = g.to_canvas(canvas.spot_xy).T
+    r0 = np.clip(np.round(rows - n / 2).astype(int), 0, g.height - n)
+    c0 = np.clip(np.round(cols - n / 2).astype(int), 0, g.width - n)
+    return np.stack([image[r : r + n, c : c + n] for r, c in zip(r0, c0, strict=True)])
+
+
+def section_settings(pipe, canvas: SectionCanvas, seed, guidance_ge, guidance_morph, steps, in_range) -> dict:
+    """What the JSON record says about how a seamless section was drawn."""
+    return {
         "mode": "seamless",
-        **sampling_settings(pipe, store, sample, seed, guidance_ge, guidance_morph, steps, use_morphology),
-        "window": window_px,
-        "stride": stride * s,
-        "pixels_per_model_unit": s,
-        "patch_size": patch,
-        "n_windows": len(corners),
-        "n_windows_without_ge": int((~in_range).sum()),
-        "bandwidth_um": float(bandwidth),
-        "pitch_um": float(pitch),
+        **sampling_settings(
+            pipe, canvas.store, canvas.sample, seed, guidance_ge, guidance_morph, steps, canvas.use_morphology
+        ),  # fmt: skip
+        "window": canvas.window_px,
+        "stride": canvas.stride * canvas.s,
+        "pixels_per_model_unit": canvas.s,
+        "patch_size": canvas.patch,
+        "n_windows": len(canvas.corners),
+        "n_windows_without_ge": int((~np.asarray(in_range)).sum()),
+        "bandwidth_um": float(canvas.bandwidth),
+        "pitch_um": float(canvas.pitch),
         "interpolation": INTERPOLATION,
         "fusion_weights": FUSION_WEIGHTS,
-        "mask_dilation_px": dilation,
+        "mask_dilation_px": canvas.dilation,
     }
+
+
+def section_result(canvas: SectionCanvas, virtual: np.ndarray, settings: dict) -> SectionResult:
+    """The :class:`SectionResult` of a drawn virtual image (glass outside ``coverage`` already)."""
     return SectionResult(
-        sample, virtual, real, coverage, geometry, tiles, obs, tile_um, real_image, settings,
-        len(rows), adata[rows].copy(),
+        canvas.sample, virtual, canvas.real, canvas.coverage, canvas.geometry, spot_tiles(canvas, virtual),
+        canvas.obs, canvas.tile_um, canvas.real_image, settings, len(canvas.obs), canvas.spots.copy(),
     )  # fmt: skip
+
+
+def synthesize_seamless(
+    pipe,
+    dataset,
+    sample: str,
+    seed: int = 0,
+    guidance_ge: float = defaults.GUIDANCE_GE,
+    guidance_morph: float = defaults.GUIDANCE_MORPH,
+    steps: int = defaults.STEPS,
+    use_morphology: bool = False,
+    stride: int | None = None,
+    bandwidth_um: float | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    on_step: OnStep | None = None,
+    workdir: str | os.PathLike | None = None,
+) -> SectionResult:
+    """A seamless virtual section of ``sample`` (see the module docstring).
+
+    Args:
+        pipe: an :class:`~stmdit.STMDiTPipeline` with a GE encoder (pixel or latent space).
+        dataset: a prepared store (or its folder).
+        seed: the canvas noise is :func:`~stmdit.sections.seamless.position_noise` of it.
+        guidance_ge, guidance_morph, steps: sampling settings.
+        use_morphology: also condition on the real tiles' morphology, interpolated between spots.
+        stride: window stride in pixels, a multiple of the VAE's pixels per latent (default
+            :func:`default_stride` of the model's window).
+        bandwidth_um: Gaussian bandwidth of the interpolation (default half the spot pitch).
+        batch_size: windows per forward pass; does not change the result.
+        on_step: called as ``on_step(steps_done, total)`` after each denoising step.
+        workdir: denoise out of core in this folder (zarr; memory bounded by the canvas'
+            width, a killed run resumes at its next step); None: in memory.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    canvas = section_canvas(pipe, dataset, sample, use_morphology, stride, bandwidth_um)
+    cond, in_range = window_conditions(pipe, canvas, canvas.centres_um(canvas.corners))
+    model_canvas = draw_canvas(
+        pipe, canvas, cond, in_range, seed, guidance_ge=guidance_ge, guidance_morph=guidance_morph, steps=steps,
+        batch_size=batch_size, progress=progress, on_step=on_step, workdir=workdir,
+    )  # fmt: skip
+    virtual = canvas_pixels(pipe, canvas, model_canvas, batch_size=batch_size)
+    virtual[~canvas.coverage] = 255
+    settings = section_settings(pipe, canvas, seed, guidance_ge, guidance_morph, steps, in_range)
+    return section_result(canvas, virtual, settings)
