@@ -4,7 +4,9 @@ A pathologist picks a spot of a dataset (or uploads an .h5ad), raises or lowers 
 programmes, and sees the tile the model draws for the spot next to the tile it draws after the
 change, from the same noise (a counterfactual pair,
 :func:`stmdit.experiments.simulate.paired_generate`), for a few seeds, with the measured changes
-in stain density and nuclei and their spread.
+in stain density and nuclei and their spread. Below, a whole virtual section is drawn beside
+the real one (two views that pan and zoom together), and the same sliders can be applied to a
+region drawn on it (:mod:`stmdit.web.sections`: background jobs with progress, one at a time).
 
 One FastAPI application: the page is static files of this package (``static/``: HTML, CSS and
 JavaScript, nothing fetched from elsewhere, so it works offline), the JSON API is
@@ -38,6 +40,7 @@ from stmdit.pipeline import STMDiTPipeline
 from stmdit.web.api import MAX_STEPS, Generator, routes
 from stmdit.web.datasets import AppError, Datasets
 from stmdit.web.guard import Guard, error
+from stmdit.web.sections import SECTION_MAX_PIXELS, Sections, section_routes
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ def create_app(
     steps: int = defaults.STEPS,
     device: str | None = None,
     allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
+    section_max_pixels: int = SECTION_MAX_PIXELS,
 ) -> FastAPI:
     """The web app for ``pipeline_dir`` (loaded once, here) over the datasets in ``data_dir``.
 
@@ -79,7 +83,8 @@ def create_app(
     an upload must share) bound uploads, of which the newest ``max_uploads`` stay selectable;
     an upload's datasets may take at most ten times ``max_upload_mb`` once decompressed;
     ``steps`` is the default number of sampling steps; ``allowed_hosts`` the names the browser
-    may use for the server (add the host name when serving beyond localhost).
+    may use for the server (add the host name when serving beyond localhost);
+    ``section_max_pixels`` bounds the canvas of a whole virtual section (:mod:`stmdit.web.sections`).
     """
     if not (Path(pipeline_dir) / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -90,6 +95,8 @@ def create_app(
         raise FileNotFoundError(f"data folder {data_root} does not exist")
     if not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be in [1, {MAX_STEPS}]; got {steps}")
+    if section_max_pixels < 1:
+        raise ValueError(f"section_max_pixels must be >= 1; got {section_max_pixels}")
     pipe = STMDiTPipeline.from_pretrained(str(pipeline_dir))
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if pipe.ge_encoder is None or not pipe.transformer.has_ge:
@@ -142,9 +149,10 @@ def create_app(
         "max_spots": max_spots,
         "min_panel_fraction": min_panel_fraction,
     }
-    app.include_router(
-        routes(datasets, Generator(pipe, steps), panel, pipe.morphology_encoder is not None, upload_limits)
-    )
+    generator = Generator(pipe, steps)
+    app.include_router(routes(datasets, generator, panel, pipe.morphology_encoder is not None, upload_limits))
+    app.state.sections = Sections(generator, datasets, section_max_pixels)
+    app.include_router(section_routes(app.state.sections))
     return app
 
 
