@@ -12,9 +12,7 @@ patch 4, 300 steps: about 10 s of CPU instead of minutes); the effect it learns 
 (a haematoxylin change about 4 seed sds wide).
 """
 
-import contextlib
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -25,33 +23,19 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import SIMULATOR_BLOCK as BLOCK
+from conftest import SIMULATOR_MPP as MPP
+from conftest import SIMULATOR_SAMPLE as SAMPLE
+from conftest import SIMULATOR_TILE as TILE
+from conftest import one_thread
 from stmdit import STMDiT, STMDiTPipeline, make_sampling_scheduler
 from stmdit.cli import app
-from stmdit.data.sources import prepare_synthetic
-from stmdit.data.store import PrepareConfig, prepare
 from stmdit.predictor.train import train_predictor_command
 from stmdit.sections.editing import run_edit
 from stmdit.sections.edits import EditConfig, region_mask, transition_band
 from stmdit.sections.mosaic import SectionGeometry, read_real_region
-from stmdit.train import TrainConfig, Trainer
 
-SAMPLE = "section3"
-TILE = 16  # px of a simulated tile: 64 µm
-MPP = 4.0
-BLOCK = 10  # spots a side of the section
 LYMPHOCYTES = "lymphocyte markers"
-
-
-@contextlib.contextmanager
-def one_thread():
-    """These models are tiny: one thread is faster than several contending on a shared machine
-    (measured: 0.3 s against 1.6 s of CPU per training step)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)
@@ -59,46 +43,6 @@ def _one_thread():
     # Per test: training the predictor puts torch back on its default count (from native code).
     with one_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def simulator_section(tmp_path_factory):
-    """(pipeline folder, store) : a small model trained on simulated tissue, and a prepared
-    store of the central BLOCK x BLOCK spots of its held-out section with the tiles as the slide."""
-    root = tmp_path_factory.mktemp("edit")
-    torch.manual_seed(0)
-    data = prepare_synthetic(n_sections=4, grid=16, tile_size=TILE, n_genes=64, seed=1)
-    cfg = TrainConfig(
-        output_dir=str(root / "run"),
-        model={"preset": "tiny", "hidden_size": 64, "depth": 2, "num_heads": 4, "patch_size": 4},
-        max_steps=300, batch_size=64, learning_rate=1e-3, warmup_steps=30, ema_decay=0.99,
-        p_drop_morphology=0.5, checkpoint_every=300, keep_checkpoints=1,
-    )  # fmt: skip
-    with one_thread():
-        result = Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
-                         resume=False, progress=False).run()  # fmt: skip
-
-    held = data.held_out_index
-    obs = data.adata.obs.iloc[held]
-    grid = int(obs["array_row"].max()) + 1
-    image = np.full((grid * TILE, grid * TILE, 3), 255, np.uint8)
-    for i, r, c in zip(held, obs["array_row"], obs["array_col"], strict=True):
-        image[r * TILE : (r + 1) * TILE, c * TILE : (c + 1) * TILE] = data.tissue.tiles[i]
-    Image.fromarray(image).save(root / "he.png")
-    lo = (grid - BLOCK) // 2
-    block = obs["array_row"].between(lo, lo + BLOCK - 1) & obs["array_col"].between(lo, lo + BLOCK - 1)
-    spots = data.adata[held[block.to_numpy()]].copy()
-    spots.obsm = {"spatial": np.c_[spots.obs["array_col"] + 0.5, spots.obs["array_row"] + 0.5] * TILE}
-    spots.uns = {}
-    spots.write_h5ad(root / "section.h5ad")
-    sample = {"format": "spatial_h5ad", "h5ad": str(root / "section.h5ad"), "image": str(root / "he.png"),
-              "mpp": MPP, "sample_id": SAMPLE, "spot_diameter_um": 32.0, "spot_pitch_um": 64.0}  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        store = prepare(PrepareConfig(out=str(root / "store"), samples=[sample], tile_um=64.0, tile_px=TILE,
-                                      min_tissue=0.0, split_by="sample_id", split_fractions=[1, 0, 0]),
-                        progress=False)  # fmt: skip
-    return result.pipeline_dir, store
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +82,7 @@ def invoke(*args: str):
 
 @pytest.mark.filterwarnings("ignore:the predictor does not follow DeepSpot's protocol")
 def test_virtual_anchor_command_changes_the_region_only(simulator_section, tmp_path):
-    pipeline, store = simulator_section
+    pipeline, store, _ = simulator_section
     region = {"polygon_um": central_square(store)}
     edit = tmp_path / "edit.yaml"
     edit.write_text(yaml.safe_dump({"region": region, "changes": [{"gene_set": LYMPHOCYTES, "value": 8}],
@@ -177,7 +121,7 @@ def test_virtual_anchor_command_changes_the_region_only(simulator_section, tmp_p
 
 
 def test_real_anchor_command_keeps_the_real_he_outside(simulator_section, tmp_path):
-    pipeline, store = simulator_section
+    pipeline, store, _ = simulator_section
     names = list(store.spots().obs_names[[44, 45, 55]])  # three neighbouring spots mid-section
     edit = tmp_path / "edit.yaml"
     edit.write_text(yaml.safe_dump({"region": {"spots": names}, "anchor": "real", "band_um": 24,
@@ -209,7 +153,7 @@ def test_real_anchor_command_keeps_the_real_he_outside(simulator_section, tmp_pa
 
 
 def test_an_obs_region_is_its_spots_disks(simulator_section, pipe):
-    _, store = simulator_section
+    _, store, _ = simulator_section
     config = EditConfig(region={"obs": {"array_row": 8}}, changes=[{"gene_set": LYMPHOCYTES, "value": 8}],
                         anchor="real")  # fmt: skip
     calls = []
@@ -226,7 +170,7 @@ def test_an_obs_region_is_its_spots_disks(simulator_section, pipe):
 def test_a_latent_model_imposes_the_encoded_real_he_and_keeps_its_pixels_outside(simulator_section, pipe):
     """A random VAE of 2 pixels per latent: the real H&E is encoded in windows, and the decoded
     redraw is blended back into the real pixels, so outside the region and band they are the real H&E."""
-    _, store = simulator_section
+    _, store, _ = simulator_section
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
@@ -251,7 +195,7 @@ def test_a_latent_model_imposes_the_encoded_real_he_and_keeps_its_pixels_outside
 def test_the_lymphocyte_programme_x8_is_visible_beyond_the_seed_spread(simulator_section, pipe):
     """Paired over 4 seeds: x8 raises the region's haematoxylin beyond the unedited images'
     seed-to-seed sd; x1 (the region redrawn under unchanged expression) stays within it."""
-    _, store = simulator_section
+    _, store, _ = simulator_section
     changes = {}
     for value in (8, 1):
         config = EditConfig(region={"polygon_um": central_square(store)}, seeds=[0, 1, 2, 3],
@@ -281,7 +225,7 @@ def test_the_lymphocyte_programme_x8_is_visible_beyond_the_seed_spread(simulator
     ids=["invalid-yaml", "unknown-spot", "missing-obs-column", "outside-section", "unknown-gene", "spots-mode"],
 )  # fmt: skip
 def test_bad_edits_fail_in_one_line(simulator_section, tmp_path, edit, extra, message):
-    pipeline, store = simulator_section
+    pipeline, store, _ = simulator_section
     (tmp_path / "edit.yaml").write_text(edit)
     result = invoke(pipeline, "--dataset", store.root, "--sample", SAMPLE, "--out", tmp_path / "out",
                     "--edit", tmp_path / "edit.yaml", *extra)  # fmt: skip
