@@ -3,7 +3,7 @@ tile per spot), peak memory against section size, and whether an off-patch-grid 
 averages out the patch grid.
 
     STMDIT_TEST_DATA=../shared/data python bench/section.py [--steps 1] [--batch 16] [--rounds 1]
-        [--store bench/out/section/store]
+        [--store bench/out/section/store] [--memory-only]
 
 The pipeline is the tests' ``tiny_pipe`` (tests/conftest.py): the tiny preset at 32 px, patch
 8, random weights (N(0, 0.1)), a 32-gene panel encoder fitted on the store, on a store of the
@@ -27,7 +27,9 @@ window-step there, depending on the load); times per step follow by dividing by 
    left out, the canvas denoising is what grows with the section). Setting up (store, panel encoder fit over 15,700 genes, conditions) has its own peak
    (``ru_maxrss`` then), above what denoising reaches, so the high-water mark ``VmHWM`` is
    reset (``/proc/self/clear_refs``) just before ``denoise_canvas`` and read after it: the
-   denoise peak. Minus the RSS just before, it is what denoising added.
+   denoise peak. Minus the RSS just before, it is what denoising added. Each case runs in
+   memory and out of core (``denoise_canvas(workdir=...)``: the state in zarr, stepped in
+   row bands), whose peak should not grow with the section.
 3. Patch grid: ``synthesize_seamless`` of C2 with a stride on the patch grid (24 = 3 patches)
    and the default (23), and ``seam_score`` of both inside the tissue coverage mask
    (``glass_edges=False``: the tissue/glass border is no seam), over periods 8 .. 48 (tile =
@@ -43,6 +45,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -130,8 +133,9 @@ def status_mib(field: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-def memory_case(case: str, store_path: str, steps: int, batch: int) -> None:
-    """One memory case in this (fresh) process; prints one JSON line."""
+def memory_case(case: str, store_path: str, steps: int, batch: int, workdir: str | None = None) -> None:
+    """One memory case in this (fresh) process, out of core in ``workdir`` when given; prints
+    one JSON line."""
     from stmdit.data.store import DatasetStore
     from stmdit.sections.seamless import denoise_canvas
 
@@ -152,18 +156,21 @@ def memory_case(case: str, store_path: str, steps: int, batch: int) -> None:
         f.write("5")
     start = time.perf_counter()
     denoise_canvas(pipe, height, width, cond, corners, seed=0, num_inference_steps=steps, ge_available=in_range,
-                   batch_size=batch, weights="cosine", progress=False)  # fmt: skip
+                   batch_size=batch, weights="cosine", progress=False, workdir=workdir)  # fmt: skip
     n = len(corners)
     seconds = time.perf_counter() - start
     peak = status_mib("VmHWM")
-    print(json.dumps({"case": case, "height": height, "width": width, "windows": n, "setup_peak_mib": setup_peak,
+    print(json.dumps({"case": case, "out_of_core": workdir is not None, "height": height, "width": width, "windows": n, "setup_peak_mib": setup_peak,
                       "before_mib": before, "peak_mib": peak, "seconds": seconds}))  # fmt: skip
 
 
-def run_memory_case(case: str, store: Path, steps: int, batch: int) -> dict:
+def run_memory_case(case: str, store: Path, steps: int, batch: int, out_of_core: bool) -> dict:
     cmd = [sys.executable, __file__, "--memory-case", case, "--store", str(store), "--steps", str(steps),
            "--batch", str(batch)]  # fmt: skip
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory(dir=store.parent) as workdir:
+        if out_of_core:
+            cmd += ["--workdir", workdir]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -178,6 +185,27 @@ def seam_row(res, window: int, stride: int) -> dict:
     return {"score": s["score"], "axis": s["axis"], "period": s["period"], "s8": s8, "s_stride": s_stride}
 
 
+def memory(args, steps: int, batch: int) -> None:
+    """Part 2: peak RSS of C2 and 4x C2, in memory and out of core, a fresh process per case."""
+    print(f"\n## 2. Peak RSS, seamless denoising, {steps} steps, batch {batch} (fresh process per case)\n")
+    print("| case | canvas | canvas (px) | windows | setup peak (MiB) | RSS before | denoise peak | "
+          "peak - before | s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    mem = {}
+    for out_of_core in (False, True):
+        for case in ("c2", "x4"):
+            m = mem[case, out_of_core] = run_memory_case(case, args.store, steps, batch, out_of_core)
+            label = {"c2": "C2", "x4": "4x C2 (C2's windows repeated 2 x 2)"}[case]
+            print(f"| {label} | {'zarr, in bands' if out_of_core else 'in memory'} | {m['height']} x {m['width']} | "
+                  f"{m['windows']} | {m['setup_peak_mib']:.0f} | {m['before_mib']:.0f} | {m['peak_mib']:.0f} | "
+                  f"{m['peak_mib'] - m['before_mib']:.0f} | {m['seconds']:.1f} |")  # fmt: skip
+    for out_of_core in (False, True):
+        a, b = mem["c2", out_of_core], mem["x4", out_of_core]
+        print(f"\n{'out of core' if out_of_core else 'in memory'}: denoise peak ratio 4x / C2 "
+              f"{b['peak_mib'] / a['peak_mib']:.2f} (target <= 1); added by denoising "
+              f"{(b['peak_mib'] - b['before_mib']) / max(a['peak_mib'] - a['before_mib'], 1e-9):.2f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -186,10 +214,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1, help="timed runs of each mode, alternating")
     parser.add_argument("--store", type=Path, default=HERE / "out" / "section" / "store")
+    parser.add_argument("--memory-only", action="store_true", help="run part 2 (memory) only")
     parser.add_argument("--memory-case", choices=["c2", "x4"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_case:
-        memory_case(args.memory_case, str(args.store), args.steps, args.batch)
+        memory_case(args.memory_case, str(args.store), args.steps, args.batch, args.workdir)
         return
 
     from stmdit.sections.mosaic import synthesize_section
@@ -213,6 +243,11 @@ def main() -> None:
 
     def spots():
         return synthesize_section(pipe, store, "C2", steps=steps, batch_size=batch, progress=False)
+
+    if args.memory_only:
+        memory(args, steps, batch)
+        print(f"\ntotal {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f} at the end")
+        return
 
     # 1. Throughput: one spots run warms the model up (both modes share it), then the modes alternate.
     runs = {"seamless": (seamless, []), "spots": (spots, [])}
@@ -251,21 +286,7 @@ def main() -> None:
           f"{', '.join(f'{x:.2f}' for x in per_run)}); time per canvas pixel {ratio_px:.2f}; "
           f"time per window vs per tile {(sm['t'] / sm['units']) / (sp['t'] / sp['units']):.2f}")  # fmt: skip
 
-    # 2. Memory, a fresh process per case.
-    print(f"\n## 2. Peak RSS, seamless denoising, {steps} steps, batch {batch} (fresh process per case)\n")
-    print(
-        "| case | canvas (px) | windows | setup peak (MiB) | RSS before | denoise peak | peak - before | s |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    mem = {}
-    for case in ("c2", "x4"):
-        m = mem[case] = run_memory_case(case, args.store, steps, batch)
-        label = {"c2": "C2", "x4": "4x C2 (C2's windows repeated 2 x 2)"}[case]
-        print(f"| {label} | {m['height']} x {m['width']} | {m['windows']} | {m['setup_peak_mib']:.0f} | {m['before_mib']:.0f} | "
-              f"{m['peak_mib']:.0f} | {m['peak_mib'] - m['before_mib']:.0f} | {m['seconds']:.1f} |")  # fmt: skip
-    a, b = mem["c2"], mem["x4"]
-    print(f"\ndenoise peak ratio 4x / C2: {b['peak_mib'] / a['peak_mib']:.2f} (target <= 1); added by denoising: "
-          f"{(b['peak_mib'] - b['before_mib']) / max(a['peak_mib'] - a['before_mib'], 1e-9):.2f}")  # fmt: skip
+    memory(args, steps, batch)
 
     # 3. Patch grid.
     cfg = pipe.transformer.config

@@ -13,13 +13,14 @@ from stmdit.data.store import PrepareConfig
 from stmdit.evaluate.run import EvaluateConfig
 from stmdit.experiments.pseudolabel import PseudolabelConfig
 from stmdit.experiments.simulate import SimulateConfig
+from stmdit.sections.edits import EditConfig
 from stmdit.train import TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # A block names its config by its first-line comment (``# eval.yaml``); training configs have none
 # and are recognised by their output_dir.
 CONFIGS = {"prepare.yaml": PrepareConfig, "eval.yaml": EvaluateConfig, "pseudo.yaml": PseudolabelConfig,
-           "sim.yaml": SimulateConfig}  # fmt: skip
+           "sim.yaml": SimulateConfig, "edit.yaml": EditConfig}  # fmt: skip
 
 
 def readme_blocks() -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 
 from stmdit.data.images import tissue_mask, tissue_threshold
 from stmdit.data.readers.convention import grid_pitch_px
-from stmdit.sections.metrics import seam_score, tissue_coverage
+from stmdit.sections.metrics import near_spots, seam_score, tissue_coverage
 from stmdit.sections.mosaic import SectionGeometry, assemble_mosaic, read_real_region
 
 GREY, LINE = 128, 100
@@ -207,3 +207,18 @@ def test_bad_masks_and_periods():
         seam_score(image, min_period=1)
     with pytest.raises(ValueError, match=r"bool tissue mask \(H, W\) or an RGB uint8 image"):
         tissue_coverage(image, np.ones((20, 40), np.float32))
+
+
+def test_near_spots_is_the_disks_of_reach_around_the_spots():
+    geometry = SectionGeometry(2.0, (100.0, 50.0), 20, 10)  # 2 µm per pixel, origin (100, 50) µm
+    mask = near_spots(geometry, np.array([[111.0, 61.0]]), reach_um=6.0)  # pixel (row 5, col 5)
+    rows, cols = np.nonzero(mask)
+    # Pixel centres within 3 px of the spot's pixel: a disk of radius 3 around (5, 5).
+    assert (
+        ((rows - 5) ** 2 + (cols - 5) ** 2 <= 9).all() and mask.sum() == 29 and mask[5, 8] and not mask[5, 9]
+    )
+    assert not near_spots(
+        geometry, np.array([[0.0, 0.0]]), 6.0
+    ).any()  # a spot off the canvas reaches nothing
+    with pytest.raises(ValueError, match="reach_um"):
+        near_spots(geometry, np.array([[111.0, 61.0]]), 0)

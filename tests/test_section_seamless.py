@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from stmdit import STMDiTPipeline, make_sampling_scheduler
 from stmdit.cli import app
 from stmdit.data.images import tissue_mask
-from stmdit.sections.metrics import tissue_coverage
+from stmdit.sections.metrics import near_spots, tissue_coverage
 from stmdit.sections.mosaic import synthesize_section
+from stmdit.sections.seamless import pitch_um
 from stmdit.sections.synthesis import default_stride, synthesize_seamless
 
 STEPS = 2
@@ -42,7 +43,14 @@ def test_seamless_covers_the_real_tissue_where_spot_tiles_do_not(c2_seamless, ti
     # her2st: 128 µm tiles on a 200 µm pitch leave most of the tissue as white glass in spots mode.
     assert seamless >= 0.95 and mosaic < 0.6
     # Glass outside the (dilated) real tissue; a tile per spot, cropped from the canvas at the spot.
-    assert (result.virtual[~result.coverage] == 255).all() and result.coverage[real_mask].all()
+    assert (result.virtual[~result.coverage] == 255).all() and result.coverage[result.real_tissue()].all()
+    # Beyond the spots' reach the canvas is glass whatever the real mask says.
+    reach = near_spots(
+        result.geometry,
+        result.spots[["x_um", "y_um"]].to_numpy(),
+        0.75 * pitch_um(result.spots[["x_um", "y_um"]].to_numpy()),
+    )
+    assert not result.coverage[~reach].any() and (result.real_tissue() <= real_mask).all()
     assert result.tiles.shape == (len(result.spots), 32, 32, 3)
     col, row = np.round(result.centres_px()[0] - 16).astype(int)
     np.testing.assert_array_equal(result.tiles[0], result.virtual[row : row + 32, col : col + 32])
@@ -101,7 +109,9 @@ def test_cli_seamless_and_spots(tiny_pipe, her2st_store, tmp_path):
     import stmdit.sections.seamless as seamless
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(seamless, "guided_prediction", lambda *a, **k: pytest.fail("the finished canvas was redrawn"))
+        patch.setattr(
+            seamless, "guided_prediction", lambda *a, **k: pytest.fail("the finished canvas was redrawn")
+        )
         result = runner.invoke(
             app, [*base, "--out", str(tmp_path / "seamless"), "--stride", "20", "--bandwidth-um", "150"]
         )

@@ -299,7 +299,7 @@ def run_edit(
     """Redraw the edit's region of ``sample`` for every seed of ``config`` and measure the
     change (see the module docstring). Sampling options as
     :func:`~stmdit.sections.synthesis.synthesize_seamless`; ``predictor``: a predictor folder
-    (``stmdit predictor train``) whose read-back of the region's spots is measured too;
+    (``stmdit train-predictor``) whose read-back of the region's spots is measured too;
     ``on_step(steps_done, total)``: progress over all the edit's denoising steps. Every input
     is checked before any denoising."""
     if batch_size < 1:

@@ -355,10 +355,23 @@ class SectionResult:
             "blending": f"raised-cosine window over {FEATHER:g} of the tile side at each edge, normalised by the summed weights",
         }
 
+    def real_tissue(self) -> np.ndarray:
+        """The real tissue the virtual section is measured against: the real H&E's tissue mask
+        within :data:`~stmdit.sections.metrics.SPOT_REACH` pitches of a spot
+        (:func:`~stmdit.sections.metrics.near_spots`)."""
+        from stmdit.data.images import tissue_mask
+        from stmdit.sections.metrics import SPOT_REACH, near_spots
+        from stmdit.sections.seamless import pitch_um
+
+        mask = tissue_mask(self.real)
+        xy = self.spots[["x_um", "y_um"]].to_numpy()
+        if len(xy) < 2:  # no pitch: the mask alone
+            return mask
+        return mask & near_spots(self.geometry, xy, SPOT_REACH * pitch_um(xy))
+
     def metrics(self) -> dict:
         """Seam scores (:func:`~stmdit.sections.metrics.seam_score`) of the virtual and of the real
-        image, and the fraction of the real tissue that virtual tissue covers."""
-        from stmdit.data.images import tissue_mask
+        image, and the fraction of the real tissue (:meth:`real_tissue`) that virtual tissue covers."""
         from stmdit.sections.metrics import seam_score, tissue_coverage
 
         def finite(value):
@@ -371,7 +384,7 @@ class SectionResult:
         return {
             **{f"seam_score_{k}": finite(v["score"]) for k, v in seams.items()},
             **{f"seam_period_{k}": v["period"] for k, v in seams.items()},
-            "tissue_coverage": finite(tissue_coverage(self.virtual, tissue_mask(self.real))),
+            "tissue_coverage": finite(tissue_coverage(self.virtual, self.real_tissue())),
         }
 
 

@@ -16,7 +16,8 @@ pasting an independent tile per spot (:func:`stmdit.sections.mosaic.synthesize_s
   default, radius 3 bandwidths), encoded by ``pipe.encode_expression``; windows with no spot in
   range are guided without GE. With ``use_morphology`` the real tiles' morphology embeddings
   are interpolated the same way (nearest spot where none is in range).
-* **Output.** Pixels outside the real tissue mask, dilated by a quarter window, are white
+* **Output.** Pixels outside the real tissue mask, dilated by a quarter window, or farther
+  than :data:`~stmdit.sections.metrics.SPOT_REACH` (0.75) pitches from every spot are white
   (glass); ``tiles`` are crops of the canvas centred at each spot, so the AnnData and
   SpatialData exports read the section as they read a mosaic.
 
@@ -50,6 +51,7 @@ from stmdit.data.images import tissue_mask
 from stmdit.diffusion import Condition
 from stmdit.encoders.expression import align_to_panel, log1p_cp10k
 from stmdit.encoders.vae import vae_scale
+from stmdit.sections.metrics import SPOT_REACH, near_spots
 from stmdit.sections.mosaic import (
     SectionGeometry,
     SectionResult,
@@ -107,7 +109,8 @@ class SectionCanvas:
     """A seamless canvas over one sample, before any denoising. Sizes in model units (pixels,
     or latents of ``s`` pixels a side) unless named ``_px``; ``geometry`` is the pixel canvas.
     ``spots``: the kept spots' rows of the store (counts, obs), in the order of ``obs``;
-    ``coverage``: the real tissue mask dilated by ``dilation`` pixels (outside it is glass)."""
+    ``coverage``: the real tissue mask dilated by ``dilation`` pixels, within
+    :data:`~stmdit.sections.metrics.SPOT_REACH` pitches of a spot (outside it is glass)."""
 
     store: DatasetStore
     sample: str
@@ -189,7 +192,11 @@ def section_canvas(
     geometry = SectionGeometry(geometry.um_per_px, geometry.origin_um, width * s, height * s)
     real = read_real_region(real_image["path"], real_image["mpp"], real_image["image_scale"], geometry)
     dilation = max(1, window_px // 4)
-    coverage = ndimage.binary_dilation(tissue_mask(real), iterations=dilation)
+    # Glass beyond the real tissue (dilated, so that no tissue edge is cut) and beyond the
+    # spots' reach: there the expression says nothing, and some slides' glass looks like tissue.
+    coverage = ndimage.binary_dilation(tissue_mask(real), iterations=dilation) & near_spots(
+        geometry, spot_xy, SPOT_REACH * pitch
+    )
     return SectionCanvas(
         store, sample, adata[rows].copy(), obs, real_image, tile_um, bool(use_morphology), spot_xy, pitch,
         bandwidth, geometry, window, patch, s, stride, height, width, window_grid(height, width, window, stride),
