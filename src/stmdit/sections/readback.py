@@ -13,9 +13,11 @@ section's own resolution.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from stmdit.evaluate.fidelity import bootstrap_interval, fidelity_auc
+from stmdit.evaluate.fidelity import DEEPSPOT_N_GRID, bootstrap_interval, fidelity_auc
 from stmdit.experiments.simulate import readback_geometry
 from stmdit.predictor.readback import read_expression
 from stmdit.predictor.spots import expression_targets
@@ -45,10 +47,12 @@ def spot_fidelity(
     tiles: np.ndarray | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    n_grid: Sequence[int] = DEEPSPOT_N_GRID,
 ) -> dict:
     """The DeepSpot fidelity AUC of the section's spot tiles (``tiles``, default
     ``result.tiles``; e.g. :func:`real_crops` for the ceiling) read by ``predictor`` (with its
-    morphology ``encoder``) against the spots' measured log1p CP10k.
+    morphology ``encoder``) against the spots' measured log1p CP10k; ``n_grid``: the top-N
+    gene counts of the curve (DeepSpot's by default; a smaller panel needs smaller N).
 
     Returns ``auc``, the gene-bootstrap ``interval`` (95%), ``n_spots`` and the reading's
     ``geometry`` (tile width, spot diameter) and fidelity ``protocol``."""
@@ -69,6 +73,7 @@ def spot_fidelity(
         measured,
         predicted,
         predictor.hvg_order,
+        n_grid=n_grid,
         n_bootstrap=n_bootstrap,
         seed=seed,
         gene_protocol=predictor.gene_protocol,
