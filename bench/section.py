@@ -104,27 +104,11 @@ def tiny_pipe(store):
 
 def c2_windows(pipe, store, sample: str = "C2"):
     """C2's seamless canvas size, window corners, conditions and GE mask, as synthesize_seamless makes them."""
-    from stmdit.sections.mosaic import SectionGeometry, check_inputs, spot_table
-    from stmdit.sections.seamless import pitch_um, window_grid
-    from stmdit.sections.synthesis import _window_conditions, default_stride
+    from stmdit.sections.synthesis import section_canvas, window_conditions
 
-    adata, rows, meta, manifest = check_inputs(pipe, store, sample, False)
-    tile_um = float(manifest["prepare"]["tile_um"])
-    cfg = pipe.transformer.config
-    window, patch = int(cfg.sample_size), int(cfg.patch_size)
-    stride = default_stride(window, patch)
-    obs, _ = spot_table(adata, rows, meta)
-    spot_xy = obs[["x_um", "y_um"]].to_numpy()
-    geometry = SectionGeometry.covering(spot_xy, tile_um, tile_um / window)
-    height, width = max(geometry.height, window), max(geometry.width, window)
-    corners = window_grid(height, width, window, stride)
-    centres = (
-        np.asarray(geometry.origin_um) + (np.asarray(corners)[:, ::-1] + window / 2) * geometry.um_per_px
-    )
-    cond, in_range = _window_conditions(
-        pipe, adata, rows, store, spot_xy, centres, pitch_um(spot_xy) / 2, False
-    )
-    return height, width, corners, cond, in_range
+    canvas = section_canvas(pipe, store, sample)
+    cond, in_range = window_conditions(pipe, canvas, canvas.centres_um(canvas.corners))
+    return canvas.height, canvas.width, canvas.corners, cond, in_range
 
 
 def status_mib(field: str) -> float:
