@@ -67,18 +67,36 @@ INPUTS = ("known", "keep", "noise")
 @dataclass(frozen=True)
 class DiskCanvas:
     """A denoised canvas (C, H, W, float32) in a zarr array of a work folder: what
-    ``denoise_canvas(..., workdir=...)`` returns. ``decode_canvas`` turns it into pixels in bands."""
+    ``denoise_canvas(..., workdir=...)`` returns. ``decode_canvas`` turns it into pixels in bands.
+    ``region`` ``(y0, x0, h, w)``: the canvas is that part of the array (:meth:`crop`; e.g. a
+    section denoised on a padded canvas), None: all of it."""
 
     workdir: Path
     array: zarr.Array
+    region: tuple[int, int, int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)
+        if self.region is None:
+            return tuple(self.array.shape)
+        return (int(self.array.shape[0]), *self.region[2:])
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Canvas rows ``[start, stop)`` as a (C, rows, W) float32 tensor."""
-        return torch.from_numpy(np.asarray(self.array[:, start:stop]))
+        if self.region is None:
+            return torch.from_numpy(np.asarray(self.array[:, start:stop]))
+        y0, x0, h, w = self.region
+        start, stop = (min(max(r, 0), h) for r in (start, stop))
+        return torch.from_numpy(np.asarray(self.array[:, y0 + start : y0 + stop, x0 : x0 + w]))
+
+    def crop(self, y0: int, x0: int, h: int, w: int) -> DiskCanvas:
+        """The part of this canvas from row ``y0`` and column ``x0``, ``h`` x ``w``: a view, read
+        from the same array."""
+        _, height, width = self.shape
+        if not (0 <= y0 and 0 <= x0 and h >= 1 and w >= 1 and y0 + h <= height and x0 + w <= width):
+            raise ValueError(f"the crop ({y0}, {x0}, {h}, {w}) must lie inside the {height} x {width} canvas")
+        base = (0, 0) if self.region is None else self.region[:2]
+        return DiskCanvas(self.workdir, self.array, (base[0] + y0, base[1] + x0, h, w))
 
     def load(self) -> torch.Tensor:
         """The whole canvas in memory, for canvases that fit there (comparisons, small sections)."""

@@ -304,7 +304,9 @@ def run_edit(
     is checked before any denoising."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    canvas = section_canvas(pipe, dataset, sample, use_morphology, stride, bandwidth_um)
+    # The unedited section is drawn as synthesize_seamless draws it (shifted window grids); the
+    # region's redraw, a small sub-canvas with the anchor imposed around it, keeps one grid.
+    canvas = section_canvas(pipe, dataset, sample, use_morphology, stride, bandwidth_um, shift_windows=True)
     g, mg, s = canvas.geometry, canvas.model_geometry(), canvas.s
     spot_radius = canvas.pitch / 2
     located = (canvas.obs, canvas.spot_xy, spot_radius)
@@ -327,7 +329,7 @@ def run_edit(
     px = (slice(y0 * s, (y0 + h) * s), slice(x0 * s, (x0 + w) * s))
     keep_box, keep_box_px = torch.from_numpy(keep[y0 : y0 + h, x0 : x0 + w]), keep_px[px][..., None]
     if config.anchor == "virtual":
-        cond_full, in_range_full = window_conditions(pipe, canvas, canvas.centres_um(canvas.corners))
+        cond_full, in_range_full = window_conditions(pipe, canvas, canvas.window_centres_um())
     else:
         cond_unedited, in_range_unedited = window_conditions(pipe, canvas, centres)
         known = encode_canvas(pipe.vae, canvas.real[px], corners, canvas.window, batch_size)

@@ -13,6 +13,14 @@ Pieces:
 
 * :func:`window_grid`: window corners covering the canvas exactly, the last row and column
   flush with its edges.
+* :func:`grid_offsets`: shifted windows. A fixed grid averages several windows' predictions
+  in its overlaps, at the same places every step, so detail is smoothed there and sharp at the
+  window centres: a grid of soft seams at the stride. Moving the grid from step to step
+  (SpotDiffusion, DemoFusion's shifted windows) spreads that evenly: :func:`window_grid` with
+  an ``offset`` per phase, :func:`denoise_canvas` with one grid (conditions, GE mask) per
+  phase, step ``k`` in phase ``k % phases``. Each grid covers the whole canvas (windows flush
+  with the edges fill what the move uncovers), so pad the canvas (a stride each side) and give
+  ``origin`` to keep the noise of the region of interest (:mod:`stmdit.sections.synthesis`).
 * :func:`position_noise`: the initial noise depends only on ``(seed, absolute position)``:
   fixed blocks, each from its own generator, cropped. A rerun, another window batch size or a
   sub-region reproduces the same noise.
@@ -65,6 +73,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import anndata as ad
 import numpy as np
@@ -99,6 +108,7 @@ __all__ = [
     "decode_canvas",
     "denoise_canvas",
     "expression_for_encoder",
+    "grid_offsets",
     "interpolate_expression",
     "pitch_um",
     "position_noise",
@@ -112,19 +122,42 @@ WEIGHTS = ("cosine", "uniform")
 # -- geometry and noise ---------------------------------------------------------------------------------
 
 
-def window_grid(height: int, width: int, window: int, stride: int) -> list[tuple[int, int]]:
+def window_grid(
+    height: int, width: int, window: int, stride: int, offset: tuple[int, int] = (0, 0)
+) -> list[tuple[int, int]]:
     """Top-left corners ``(y0, x0)`` of ``window``-sized windows every ``stride`` pixels,
-    row-major, plus a last row and column flush with the canvas edge, so every pixel is covered."""
+    row-major, plus a last row and column flush with the canvas edge, so every pixel is covered.
+
+    ``offset`` ``(dy, dx)`` (>= 0) moves the grid: its rows start at ``dy + k * stride`` (its
+    columns at ``dx + k * stride``), with a first row (column) flush with the top (left) edge
+    where the move uncovered it. ``(0, 0)``: the unmoved grid."""
     if window < 1 or not 1 <= stride <= window:
         raise ValueError(f"need window >= 1 and 1 <= stride <= window; got window {window}, stride {stride}")
     if height < window or width < window:
         raise ValueError(f"the canvas ({height} x {width}) is smaller than one window ({window} x {window})")
+    if min(offset) < 0:
+        raise ValueError(f"the grid offset must be >= 0; got {tuple(offset)}")
 
-    def starts(n: int) -> list[int]:
-        s = list(range(0, n - window + 1, stride))
-        return s if s[-1] == n - window else [*s, n - window]
+    def starts(n: int, d: int) -> list[int]:
+        return sorted({0, *range(int(d), n - window + 1, stride), n - window})
 
-    return [(y, x) for y in starts(height) for x in starts(width)]
+    return [(y, x) for y in starts(height, offset[0]) for x in starts(width, offset[1])]
+
+
+def grid_offsets(stride: int, count: int = 8) -> list[tuple[int, int]]:
+    """``count`` grid offsets ``(dy, dx)`` in ``[0, stride)``, one per denoising step in turn
+    (shifted windows, :func:`denoise_canvas` with a list of grids): the first ``count`` points
+    of the unscrambled 2-D Sobol sequence scaled by ``stride`` (floored). For a power of two
+    ``count`` each axis's offsets are spread evenly over the stride (one in each
+    ``stride / count`` interval), also over every aligned run of half, a quarter ... of the
+    steps, so the window overlaps fall on every part of the stride in turn. The first is
+    ``(0, 0)``, the unmoved grid."""
+    from scipy.stats import qmc
+
+    if stride < 1 or count < 1 or count & (count - 1):
+        raise ValueError(f"need stride >= 1 and a power of two count; got stride {stride}, count {count}")
+    points = qmc.Sobol(d=2, scramble=False).random(count)
+    return [(int(dy), int(dx)) for dy, dx in np.floor(points * stride).astype(int)]
 
 
 def _block_generator(seed: int, row: int, col: int) -> torch.Generator:
@@ -276,14 +309,14 @@ def denoise_canvas(
     pipe,
     height: int,
     width: int,
-    window_conditions: Condition,
-    corners: Sequence[tuple[int, int]],
+    window_conditions: Condition | Sequence[Condition],
+    corners: Sequence[tuple[int, int]] | Sequence[Sequence[tuple[int, int]]],
     *,
     seed: int,
     num_inference_steps: int = defaults.STEPS,
     guidance_scale_morphology: float = defaults.GUIDANCE_MORPH,
     guidance_scale_ge: float = defaults.GUIDANCE_GE,
-    ge_available: Sequence[bool] | None = None,
+    ge_available: Sequence[bool] | Sequence[Sequence[bool] | None] | None = None,
     guidance_ge_interval: tuple[float, float] | None = None,
     batch_size: int = 8,
     weights: str = "cosine",
@@ -294,6 +327,7 @@ def denoise_canvas(
     keep: torch.Tensor | None = None,
     workdir: str | os.PathLike | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> torch.Tensor | DiskCanvas:
     """Denoise a (height, width) canvas of the model's space jointly from its windows.
 
@@ -316,6 +350,18 @@ def denoise_canvas(
     width) in the weights' dtype: pixels in [-1, 1] for pixel-space models, undecoded latents
     otherwise.
 
+    Shifted windows (a grid that moves from step to step, so that the overlaps, where several
+    windows' predictions are averaged, fall elsewhere at every step instead of smoothing the
+    same places every time): give ``window_conditions`` as a list of Conditions, one per
+    *phase*, ``corners`` as a list of as many grids (e.g. :func:`window_grid` with each of
+    :func:`grid_offsets`) and ``ge_available`` as None or a list of as many masks (each None or
+    one bool per window of its grid). Step ``k`` is denoised from phase ``k % len(corners)``:
+    its windows, their condition rows and GE mask. Every phase's windows must lie inside the
+    canvas and cover it. ``origin`` ``(y, x)``: where the canvas' top-left pixel lies in the
+    absolute positions of :func:`position_noise` (default noise only), e.g. ``(-pad, -pad)``
+    for a canvas padded by ``pad`` on each side, so that the pixels of the unpadded region get
+    the noise they have without the padding.
+
     ``workdir`` (a folder, created if missing): run out of core (module docstring, "Memory")
     and return a :class:`~stmdit.sections.canvas.DiskCanvas` (the float32 canvas in a zarr array
     there) instead of a tensor. ``noise``, ``known`` and ``keep`` may then also be numpy or
@@ -330,17 +376,10 @@ def denoise_canvas(
     model = pipe.transformer
     cfg = model.config
     window, channels = cfg.sample_size, cfg.in_channels
-    corners = [(int(y), int(x0)) for y, x0 in corners]
-    n = len(corners)
-    if n == 0 or batch_size < 1:
-        raise ValueError(f"need at least one window and batch_size >= 1; got {n} and {batch_size}")
-    if window_conditions.batch_size() not in (None, n):
-        raise ValueError(f"{n} windows but {window_conditions.batch_size()} condition rows")
-    if any(not (0 <= y <= height - window and 0 <= x0 <= width - window) for y, x0 in corners):
-        raise ValueError(f"every {window} x {window} window must lie inside the {height} x {width} canvas")
-    ge_available = np.ones(n, bool) if ge_available is None else np.asarray(ge_available, bool)
-    if ge_available.shape != (n,):
-        raise ValueError(f"ge_available needs one value per window ({n}); got shape {ge_available.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    phases = _phases(window_conditions, corners, ge_available, window, height, width)
+    origin = (int(origin[0]), int(origin[1]))
     shape = (channels, height, width)
     _check_shapes(noise, known, keep, shape)
     precision = precision or current_default()
@@ -350,32 +389,41 @@ def denoise_canvas(
     if workdir is not None:
         # Public keys only: "_use_default_values" differs between a built and a loaded scheduler.
         config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+        # One grid: the settings of a fixed grid as they always were (its work folders resume).
+        per_phase = (lambda f: f(phases[0])) if len(phases) == 1 else (lambda f: [f(p) for p in phases])
         settings = {
-            "canvas": list(shape), "window": window, "corners": corners, "seed": int(seed),
-            "steps": int(num_inference_steps), "guidance": guidance, "ge_available": ge_available.tolist(),
-            "weights": weights, "precision": precision, "dtype": str(next(model.parameters()).dtype),
+            "canvas": list(shape), "window": window, "corners": per_phase(lambda p: p.corners),
+            "seed": int(seed), "steps": int(num_inference_steps), "guidance": guidance,
+            "ge_available": per_phase(lambda p: p.ge_available.tolist()), "weights": weights,
+            "precision": precision, "dtype": str(next(model.parameters()).dtype),
             "scheduler": [type(scheduler).__name__, config],
+            "conditions": per_phase(lambda p: tensors_digest(p.cond.model_kwargs())),
         }  # fmt: skip
+        if origin != (0, 0):
+            settings["origin"] = list(origin)
         inputs = {k: v for k, v in (("noise", noise), ("known", known), ("keep", keep)) if v is not None}
         return _denoise_in_bands(
-            pipe, scheduler, shape, corners, window_conditions, ge_available, weight, workdir, settings,
-            inputs, progress=progress, on_step=on_step, batch_size=batch_size,
+            pipe, scheduler, shape, phases, weight, workdir, settings, inputs, origin, progress=progress,
+            on_step=on_step, batch_size=batch_size,
         )  # fmt: skip
 
-    denominator = torch.zeros(height, width)
-    for y, x0 in corners:
-        denominator[y : y + window, x0 : x0 + window] += weight
-    if (denominator == 0).any():
-        raise ValueError("the windows leave part of the canvas uncovered; use window_grid")
+    denominators = []
+    for phase in phases:
+        denominator = torch.zeros(height, width)
+        for y, x0 in phase.corners:
+            denominator[y : y + window, x0 : x0 + window] += weight
+        if (denominator == 0).any():
+            raise ValueError("the windows leave part of the canvas uncovered; use window_grid")
+        denominators.append(denominator)
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    denominator = denominator.to(device)
+    denominators = [d.to(device) for d in denominators]
     weight = weight.to(device)
-    cond = window_conditions.to(device, dtype)
+    conds = [phase.cond.to(device, dtype) for phase in phases]
     scheduler.set_timesteps(num_inference_steps, device=device)
     if noise is None:
-        noise = position_noise(seed, 0, 0, height, width, channels)
+        noise = position_noise(seed, *origin, height, width, channels)
     known, keep = _imposition(known, keep, device, dtype)
     initial = noise[None].to(device, dtype)
     x = initial * scheduler.init_noise_sigma
@@ -384,16 +432,18 @@ def denoise_canvas(
     for step, t in enumerate(pipe.progress_bar(steps) if progress else steps):
         x_in = scheduler.scale_model_input(x, t)
         s_g = _guidance_ge(scheduler, t, guidance_scale_ge, guidance_ge_interval)
+        k = step % len(phases)
+        corners, cond, ge_available = phases[k].corners, conds[k], phases[k].ge_available
         numerator = torch.zeros(channels, height, width, device=device)
-        for start in range(0, n, batch_size):
-            batch = range(start, min(start + batch_size, n))
+        for start in range(0, len(corners), batch_size):
+            batch = range(start, min(start + batch_size, len(corners)))
             for i, pred in _window_predictions(
                 model, batch, corners, window, x_in, 0, t, cond, ge_available, guidance_scale_morphology,
                 s_g, precision,
             ):  # fmt: skip
                 y, x0 = corners[i]
                 numerator[:, y : y + window, x0 : x0 + window] += pred * weight
-        fused = (numerator / denominator)[None].to(dtype)
+        fused = (numerator / denominators[k])[None].to(dtype)
         x = scheduler.step(fused, t, x).prev_sample
         if known is not None:
             last = step == len(steps) - 1
@@ -405,23 +455,27 @@ def denoise_canvas(
 
 
 def _denoise_in_bands(
-    pipe, scheduler, shape, corners, cond, ge_available, weight, workdir, settings, inputs, *, progress,
-    on_step, batch_size,
+    pipe, scheduler, shape, phases, weight, workdir, settings, inputs, origin, *, progress, on_step,
+    batch_size,
 ) -> DiskCanvas:  # fmt: skip
-    """:func:`denoise_canvas` out of core (module docstring, "Memory"); arguments checked there."""
+    """:func:`denoise_canvas` out of core (module docstring, "Memory"); arguments checked there.
+    Each step takes its phase's windows in row order: which rows are final when is worked out
+    per phase (the steps are independent passes over the canvas, state to state)."""
     model = pipe.transformer
     channels, height, width = shape
     window = weight.shape[0]
-    row = uncovered_row(corners, window, height, width)
-    if row is not None:
-        raise ValueError(f"the windows leave part of the canvas uncovered (from row {row}); use window_grid")
+    for phase in phases:
+        row = uncovered_row(phase.corners, window, height, width)
+        if row is not None:
+            raise ValueError(
+                f"the windows leave part of the canvas uncovered (from row {row}); use window_grid"
+            )
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     history_len = history_length(scheduler)
     work = CanvasWorkdir(workdir)
     settings = {
         **settings,
-        "conditions": tensors_digest(cond.model_kwargs()),
         "model": tensors_digest(getattr(model, "module", model).state_dict()),
         "inputs": {
             name: input_digest(name, src, in_unit_range=name == "keep") for name, src in inputs.items()
@@ -429,13 +483,16 @@ def _denoise_in_bands(
     }
     total, seed = settings["steps"], settings["seed"]
     guidance_m, guidance_ge, interval = settings["guidance"]
-    summary = {"canvas": list(shape), "windows": len(corners), "seed": seed, "steps": total}
+    n_windows = [len(p.corners) for p in phases]
+    summary = {"canvas": list(shape), "windows": n_windows[0] if len(phases) == 1 else n_windows, "seed": seed,
+               "steps": total}  # fmt: skip
     done = work.begin(settings, history_len, inputs, summary)
 
     scheduler.set_timesteps(total, device=device)
     timesteps = scheduler.timesteps
     stepper = BandStepper(scheduler, done, device)
-    batches, finals = _row_batches(corners, batch_size, height)
+    row_batches = [_row_batches(p.corners, batch_size, height) for p in phases]
+    conds = [p.cond for p in phases]
     weight = weight.to(device)
     given_noise = work.input("noise") if "noise" in inputs else None
     known, keep = (work.input("known"), work.input("keep")) if "known" in inputs else (None, None)
@@ -446,12 +503,15 @@ def _denoise_in_bands(
     def noise_rows(a: int, b: int) -> torch.Tensor:
         if given_noise is not None:
             return load(given_noise, np.s_[:, a:b])
-        return position_noise(seed, a, 0, b - a, width, channels)[None].to(device, dtype)
+        return position_noise(seed, origin[0] + a, origin[1], b - a, width, channels)[None].to(device, dtype)
 
     remaining = range(done, total)
     for step in pipe.progress_bar(remaining) if progress else remaining:
         t = timesteps[step]
         s_g = _guidance_ge(scheduler, t, guidance_ge, interval)
+        k = step % len(phases)
+        corners, cond, ge_available = phases[k].corners, conds[k], phases[k].ge_available
+        batches, finals = row_batches[k]
         state = work.state(step) if step else None
         target = work.state(step + 1)
         history = (work.history(step), work.history(step + 1)) if history_len else None
@@ -499,6 +559,46 @@ def _denoise_in_bands(
         if on_step is not None:
             on_step(step + 1, total)
     return work.canvas(total)
+
+
+class _Phase(NamedTuple):
+    """The windows of one phase of :func:`denoise_canvas`: corners, condition rows, GE mask."""
+
+    corners: list[tuple[int, int]]
+    cond: Condition
+    ge_available: np.ndarray
+
+
+def _phases(window_conditions, corners, ge_available, window: int, height: int, width: int) -> list[_Phase]:
+    """:func:`denoise_canvas`'s windows as phases (one for a fixed grid), checked: counts,
+    condition rows and masks matching, every window inside the canvas."""
+    if isinstance(window_conditions, Condition):
+        grids, conditions, masks = [corners], [window_conditions], [ge_available]
+    else:
+        grids, conditions = list(corners), list(window_conditions)
+        masks = [None] * len(grids) if ge_available is None else list(ge_available)
+        if not grids or not len(grids) == len(conditions) == len(masks):
+            raise ValueError(
+                f"shifted windows need one grid, Condition and GE mask per phase; got {len(grids)} grids, "
+                f"{len(conditions)} Conditions and {len(masks)} masks"
+            )
+    phases = []
+    for grid, cond, mask in zip(grids, conditions, masks, strict=True):
+        grid = [(int(y), int(x0)) for y, x0 in grid]
+        n = len(grid)
+        if n == 0:
+            raise ValueError(f"need at least one window; got {n}")
+        if cond.batch_size() not in (None, n):
+            raise ValueError(f"{n} windows but {cond.batch_size()} condition rows")
+        if any(not (0 <= y <= height - window and 0 <= x0 <= width - window) for y, x0 in grid):
+            raise ValueError(
+                f"every {window} x {window} window must lie inside the {height} x {width} canvas"
+            )
+        mask = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
+        if mask.shape != (n,):
+            raise ValueError(f"ge_available needs one value per window ({n}); got shape {mask.shape}")
+        phases.append(_Phase(grid, cond, mask))
+    return phases
 
 
 def _check_shapes(noise, known, keep, shape) -> None:

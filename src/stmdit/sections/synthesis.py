@@ -11,6 +11,14 @@ pasting an independent tile per spot (:func:`stmdit.sections.mosaic.synthesize_s
   tissue.
 * **Windows.** :func:`window_grid` with a stride of about 3/4 of the window, chosen off the
   patch grid where possible (so window borders do not fall on patch borders every time).
+  Shifted windows (``shift_windows``, the default of :func:`synthesize_seamless`): the grid
+  moves from step to step by the offsets of :func:`~stmdit.sections.seamless.grid_offsets`
+  (8 offsets spread evenly over the stride in both axes, in turn), so the overlaps, where
+  several windows' predictions are averaged and detail is smoothed, fall elsewhere every step
+  instead of leaving a grid of soft seams at the stride. The canvas is then denoised padded by
+  one stride on each side (the grids' edge windows, fixed at every step, lie mostly in the
+  padding) and cropped back; its noise is the same position noise, so the section's pixels do
+  not depend on the padding.
 * **Conditions.** Each window's expression is the Gaussian-kernel mean of the spots' log1p
   CP10k over the encoder's panel at the window centre (bandwidth half the spot pitch by
   default, radius 3 bandwidths), encoded by ``pipe.encode_expression``; windows with no spot in
@@ -66,6 +74,7 @@ from stmdit.sections.seamless import (
     decode_canvas,
     denoise_canvas,
     expression_for_encoder,
+    grid_offsets,
     interpolate_expression,
     pitch_um,
     window_grid,
@@ -110,7 +119,10 @@ class SectionCanvas:
     or latents of ``s`` pixels a side) unless named ``_px``; ``geometry`` is the pixel canvas.
     ``spots``: the kept spots' rows of the store (counts, obs), in the order of ``obs``;
     ``coverage``: the real tissue mask dilated by ``dilation`` pixels, within
-    :data:`~stmdit.sections.metrics.SPOT_REACH` pitches of a spot (outside it is glass)."""
+    :data:`~stmdit.sections.metrics.SPOT_REACH` pitches of a spot (outside it is glass).
+    ``corners``: the fixed window grid over the canvas. Shifted windows (``offsets`` not
+    None): the canvas is denoised padded by ``pad`` on each side, step ``k`` in the grid
+    :meth:`grids` ``[k % len(offsets)]`` of the padded canvas."""
 
     store: DatasetStore
     sample: str
@@ -133,10 +145,30 @@ class SectionCanvas:
     real: np.ndarray
     coverage: np.ndarray
     dilation: int
+    pad: int = 0
+    offsets: list[tuple[int, int]] | None = None
 
     @property
     def window_px(self) -> int:
         return self.window * self.s
+
+    @property
+    def shifted(self) -> bool:
+        return self.offsets is not None
+
+    def grids(self) -> list[list[tuple[int, int]]]:
+        """The shifted grids: :func:`window_grid` of the padded canvas moved by each offset."""
+        if self.offsets is None:
+            raise ValueError("this canvas has a fixed window grid (section_canvas(shift_windows=False))")
+        h, w = self.height + 2 * self.pad, self.width + 2 * self.pad
+        return [window_grid(h, w, self.window, self.stride, offset) for offset in self.offsets]
+
+    def window_centres_um(self) -> np.ndarray | list[np.ndarray]:
+        """The centres of the windows the canvas is denoised in: of ``corners``, or of each
+        shifted grid (a list; padded-canvas corners, ``pad`` above and left of this canvas)."""
+        if self.offsets is None:
+            return self.centres_um(self.corners)
+        return [self.centres_um(grid, (-self.pad, -self.pad)) for grid in self.grids()]
 
     def model_geometry(self) -> SectionGeometry:
         """The canvas in model units (a latent canvas: ``s`` times coarser than ``geometry``)."""
@@ -160,11 +192,13 @@ def section_canvas(
     use_morphology: bool = False,
     stride: int | None = None,
     bandwidth_um: float | None = None,
+    shift_windows: bool = False,
 ) -> SectionCanvas:
     """Check the inputs and lay out the seamless canvas of ``sample`` (see the module
     docstring): its geometry, windows and the real H&E under it. ``stride`` in pixels (a
     multiple of the VAE's pixels per latent; default :func:`default_stride`), ``bandwidth_um``
-    of the expression interpolation (default half the spot pitch)."""
+    of the expression interpolation (default half the spot pitch). ``shift_windows``: lay out
+    shifted grids too (padding one stride, :func:`~stmdit.sections.seamless.grid_offsets`)."""
     store = as_store(dataset)
     sample = str(sample)
     adata, rows, meta, manifest = check_inputs(pipe, store, sample, use_morphology)
@@ -200,16 +234,29 @@ def section_canvas(
     return SectionCanvas(
         store, sample, adata[rows].copy(), obs, real_image, tile_um, bool(use_morphology), spot_xy, pitch,
         bandwidth, geometry, window, patch, s, stride, height, width, window_grid(height, width, window, stride),
-        real, coverage, dilation,
+        real, coverage, dilation, stride if shift_windows else 0, grid_offsets(stride) if shift_windows else None,
     )  # fmt: skip
 
 
 def window_conditions(
-    pipe, canvas: SectionCanvas, centres_um: np.ndarray, spots: ad.AnnData | None = None
-) -> tuple[Condition, np.ndarray]:
+    pipe,
+    canvas: SectionCanvas,
+    centres_um: np.ndarray | Sequence[np.ndarray],
+    spots: ad.AnnData | None = None,
+) -> tuple[Condition, np.ndarray] | tuple[list[Condition], list[np.ndarray]]:
     """The Condition of windows centred at ``centres_um`` (M, 2) and the mask of those with a
     spot in range: ``spots`` (default the canvas' own; an edited copy for an edit, same spots
-    in the same order) interpolated there (see the module docstring)."""
+    in the same order) interpolated there (see the module docstring). ``centres_um`` a list
+    of such arrays (the phases of shifted windows, :meth:`SectionCanvas.window_centres_um`):
+    a list of Conditions and one of masks, one per array (encoded together)."""
+    if not isinstance(centres_um, np.ndarray):
+        sizes = [len(c) for c in centres_um]
+        cond, in_range = window_conditions(pipe, canvas, np.concatenate(list(centres_um)), spots)
+        bounds = np.cumsum([0, *sizes])
+        return (
+            [cond.rows(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+            [in_range[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+        )
     spots = canvas.spots if spots is None else spots
     counts, library, _ = align_to_panel(spots, pipe.ge_encoder.genes)
     values, in_range = interpolate_expression(
@@ -234,8 +281,8 @@ def window_conditions(
 def draw_canvas(
     pipe,
     canvas: SectionCanvas,
-    cond: Condition,
-    in_range: np.ndarray,
+    cond: Condition | Sequence[Condition],
+    in_range: np.ndarray | Sequence[np.ndarray],
     seed: int,
     *,
     guidance_ge: float = defaults.GUIDANCE_GE,
@@ -249,12 +296,31 @@ def draw_canvas(
     """The whole canvas (model's space) denoised from the window conditions ``cond`` and
     ``in_range`` (:func:`window_conditions` at the canvas' windows), noise
     :func:`position_noise` of ``seed``; with ``workdir``, out of core there (resumable,
-    :func:`~stmdit.sections.seamless.denoise_canvas`)."""
-    return denoise_canvas(
-        pipe, canvas.height, canvas.width, cond, canvas.corners, seed=int(seed), num_inference_steps=steps,
-        guidance_scale_morphology=guidance_morph, guidance_scale_ge=guidance_ge, ge_available=in_range,
-        batch_size=batch_size, weights=FUSION_WEIGHTS, progress=progress, on_step=on_step, workdir=workdir,
+    :func:`~stmdit.sections.seamless.denoise_canvas`). Lists of Conditions and masks (at
+    :meth:`SectionCanvas.window_centres_um` of a shifted canvas): denoised in the shifted grids
+    on the padded canvas, cropped back to the canvas."""
+    sampling = dict(
+        seed=int(seed), num_inference_steps=steps, guidance_scale_morphology=guidance_morph,
+        guidance_scale_ge=guidance_ge, ge_available=in_range, batch_size=batch_size, weights=FUSION_WEIGHTS,
+        progress=progress, on_step=on_step, workdir=workdir,
     )  # fmt: skip
+    if isinstance(cond, Condition):
+        return denoise_canvas(pipe, canvas.height, canvas.width, cond, canvas.corners, **sampling)
+    p = canvas.pad
+    if len(cond) != len(canvas.grids()):
+        raise ValueError(f"{len(cond)} Conditions for the canvas' {len(canvas.grids())} shifted grids")
+    padded = denoise_canvas(
+        pipe,
+        canvas.height + 2 * p,
+        canvas.width + 2 * p,
+        list(cond),
+        canvas.grids(),
+        origin=(-p, -p),
+        **sampling,
+    )
+    if isinstance(padded, DiskCanvas):
+        return padded.crop(p, p, canvas.height, canvas.width)
+    return padded[:, p : p + canvas.height, p : p + canvas.width]
 
 
 def canvas_pixels(
@@ -290,14 +356,32 @@ def section_settings(pipe, canvas: SectionCanvas, seed, guidance_ge, guidance_mo
         "stride": canvas.stride * canvas.s,
         "pixels_per_model_unit": canvas.s,
         "patch_size": canvas.patch,
-        "n_windows": len(canvas.corners),
-        "n_windows_without_ge": int((~np.asarray(in_range)).sum()),
+        **_window_counts(canvas, in_range),
         "bandwidth_um": float(canvas.bandwidth),
         "pitch_um": float(canvas.pitch),
         "interpolation": INTERPOLATION,
         "fusion_weights": FUSION_WEIGHTS,
         "mask_dilation_px": canvas.dilation,
+        "shift_windows": canvas.shifted,
+        **(
+            {
+                "window_offsets_px": [[dy * canvas.s, dx * canvas.s] for dy, dx in canvas.offsets],
+                "padding_px": canvas.pad * canvas.s,
+            }
+            if canvas.shifted
+            else {}
+        ),  # fmt: skip
     }
+
+
+def _window_counts(canvas: SectionCanvas, in_range) -> dict:
+    """Windows per step and those without GE: of the fixed grid, or per shifted grid (a step's
+    mean, and the lists)."""
+    if not isinstance(in_range, list):
+        return {"n_windows": len(canvas.corners), "n_windows_without_ge": int((~np.asarray(in_range)).sum())}
+    sizes, without = [len(m) for m in in_range], [int((~np.asarray(m)).sum()) for m in in_range]
+    return {"n_windows": round(float(np.mean(sizes))), "n_windows_without_ge": round(float(np.mean(without))),
+            "n_windows_per_phase": sizes, "n_windows_without_ge_per_phase": without}  # fmt: skip
 
 
 def section_result(canvas: SectionCanvas, virtual: np.ndarray, settings: dict) -> SectionResult:
@@ -323,6 +407,7 @@ def synthesize_seamless(
     progress: bool = True,
     on_step: OnStep | None = None,
     workdir: str | os.PathLike | None = None,
+    shift_windows: bool = True,
 ) -> SectionResult:
     """A seamless virtual section of ``sample`` (see the module docstring).
 
@@ -339,11 +424,13 @@ def synthesize_seamless(
         on_step: called as ``on_step(steps_done, total)`` after each denoising step.
         workdir: denoise out of core in this folder (zarr; memory bounded by the canvas'
             width, a killed run resumes at its next step); None: in memory.
+        shift_windows: move the window grid from step to step (see the module docstring), so
+            that no grid of soft seams at the stride remains; False: one fixed grid.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    canvas = section_canvas(pipe, dataset, sample, use_morphology, stride, bandwidth_um)
-    cond, in_range = window_conditions(pipe, canvas, canvas.centres_um(canvas.corners))
+    canvas = section_canvas(pipe, dataset, sample, use_morphology, stride, bandwidth_um, shift_windows)
+    cond, in_range = window_conditions(pipe, canvas, canvas.window_centres_um())
     model_canvas = draw_canvas(
         pipe, canvas, cond, in_range, seed, guidance_ge=guidance_ge, guidance_morph=guidance_morph, steps=steps,
         batch_size=batch_size, progress=progress, on_step=on_step, workdir=workdir,
