@@ -74,7 +74,9 @@ def test_a_bad_key_or_type_in_the_block_is_refused(index, tmp_path):
     data = yaml.safe_load(block)
     with pytest.raises((ValueError, TypeError)):
         load(cls, yaml.safe_dump({**data, "not_a_key": 1}), tmp_path)
-    numeric = [k for k, v in typing.get_type_hints(cls).items() if v in (int, float)]
+    numeric = [k for k, v in typing.get_type_hints(cls).items() if v in (int, float)] + [
+        k for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
     number = next((k for k in numeric if k in data), numeric[0])
     with pytest.raises((ValueError, TypeError)):
         load(cls, yaml.safe_dump({**data, number: "many"}), tmp_path)
