@@ -51,6 +51,26 @@ def her2st_store(tmp_path_factory, test_data):
         return prepare(PrepareConfig(**her2st_prepare_config(test_data, out)), progress=False)
 
 
+def random_window_pipe(pixel_space: bool = True, sample_size: int = 16):
+    """A random tiny transformer (``sample_size`` px tiles, patch 4) with no encoders, for the
+    canvas tests; weights drawn at 0.1 scale so that the output varies with the condition and
+    the noise (the default init zeroes the output). ``pixel_space=False``: stepped by
+    DPM-Solver++ (order 2), as a latent model is, which carries a canvas-shaped history."""
+    from stmdit import STMDiT, STMDiTPipeline, make_sampling_scheduler
+
+    torch.manual_seed(0)
+    model = STMDiT.from_preset(
+        "tiny", in_channels=3, sample_size=sample_size, patch_size=4, morph_dim=6, ge_dim=5
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    pipe = STMDiTPipeline(model, make_sampling_scheduler(pixel_space=pixel_space))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def tiny_pipe(her2st_store):
     """A random tiny pixel-space pipeline at the store's 32 px tiles. Patch size 8 (16 tokens)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from stmdit import PanelExpressionEncoder, STMDiT, STMDiTPipeline, make_sampling_scheduler
+from conftest import random_window_pipe
+from stmdit import PanelExpressionEncoder, STMDiTPipeline, make_sampling_scheduler
 from stmdit.diffusion import Condition, initial_noise, sample
 from stmdit.sections import seamless
 from stmdit.sections.seamless import (
@@ -25,23 +26,9 @@ STEPS = 5
 GUIDANCE = {"guidance_scale_morphology": 1.5, "guidance_scale_ge": 2.0}
 
 
-def tiny_pipe(pixel_space: bool = True) -> STMDiTPipeline:
-    """A random tiny transformer (16 px tiles, patch 4: 16 tokens); weights drawn at 0.1 scale so
-    that the output varies with the condition and the noise (the default init zeroes the output)."""
-    torch.manual_seed(0)
-    model = STMDiT.from_preset("tiny", in_channels=3, sample_size=S, patch_size=4, morph_dim=6, ge_dim=5)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    pipe = STMDiTPipeline(model, make_sampling_scheduler(pixel_space=pixel_space))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def pipe():
-    return tiny_pipe()
+    return random_window_pipe()
 
 
 def conditions(n: int, seed: int = 1, scale: float = 1.0) -> Condition:
@@ -117,7 +104,7 @@ def test_interpolated_log_expression_survives_the_encoder():
 @pytest.mark.parametrize("pixel_space", [True, False], ids=["ddim-clip", "dpm-solver++"])
 @pytest.mark.parametrize("weights", ["cosine", "uniform"])
 def test_one_window_is_the_single_tile_sampler(pixel_space, weights):
-    pipe = tiny_pipe(pixel_space)
+    pipe = random_window_pipe(pixel_space)
     cond = conditions(1)
     noise = initial_noise((1, 3, S, S), torch.Generator().manual_seed(3))
     reference = sample(pipe.transformer, pipe.scheduler, cond, num_inference_steps=STEPS,

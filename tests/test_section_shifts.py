@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stmdit import STMDiT, STMDiTPipeline, make_sampling_scheduler
+from conftest import random_window_pipe
+from stmdit import make_sampling_scheduler
 from stmdit.diffusion import Condition
 from stmdit.sections import canvas
 from stmdit.sections.metrics import seam_score
@@ -24,23 +25,9 @@ KWARGS = {"seed": 3, "num_inference_steps": 3, "guidance_scale_morphology": 1.5,
 SHIFTED = {"origin": (-PAD, -PAD), **KWARGS}
 
 
-def tiny_pipe(pixel_space: bool) -> STMDiTPipeline:
-    """A random tiny transformer (as tests/test_section_canvas.py's); ``pixel_space=False``:
-    stepped by DPM-Solver++ (order 2), which carries a canvas-shaped history."""
-    torch.manual_seed(0)
-    model = STMDiT.from_preset("tiny", in_channels=3, sample_size=S, patch_size=4, morph_dim=6, ge_dim=5)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    pipe = STMDiTPipeline(model, make_sampling_scheduler(pixel_space=pixel_space))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def pipes():
-    return {"ddim": tiny_pipe(True), "dpm-solver++": tiny_pipe(False)}
+    return {"ddim": random_window_pipe(True), "dpm-solver++": random_window_pipe(False)}
 
 
 def conditions(grid, seed: int = 1) -> Condition:
