@@ -198,8 +198,9 @@ denoise_canvas(pipe, *args["shape"], Condition(**saved), args["corners"], workdi
 
 
 def test_a_killed_run_resumes_where_it_stopped(pipes, in_memory, small_chunks, tmp_path):
-    """SIGKILL in the middle of step 2 (after step 1 was recorded and while step 2 was writing the
-    other buffer): the rerun does steps 2 and 3 only, and gives the uninterrupted canvas."""
+    """SIGKILL in the middle of a step (after step 1 was recorded, while the next step was
+    writing the other buffer): the rerun does only the steps after the last recorded one, and
+    gives the uninterrupted canvas."""
     pipes["ddim"].save_pretrained(tmp_path / "pipeline")
     pipe = STMDiTPipeline.from_pretrained(tmp_path / "pipeline")
     pipe.set_progress_bar_config(disable=True)
@@ -211,7 +212,7 @@ def test_a_killed_run_resumes_where_it_stopped(pipes, in_memory, small_chunks, t
     cmd = [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "pipeline"), str(tmp_path / "conditions.pt"),
            str(workdir), args]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    progress, next_buffer = workdir / "progress.json", workdir / "state.0.zarr" / "c"
+    progress = workdir / "progress.json"
 
     def steps_done() -> int:
         try:
@@ -221,8 +222,10 @@ def test_a_killed_run_resumes_where_it_stopped(pipes, in_memory, small_chunks, t
 
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        # Step 1 recorded, and step 2 has written part of its buffer (state.0; step 1 wrote state.1).
-        if steps_done() >= 1 and next_buffer.is_dir() and any(p.is_file() for p in next_buffer.rglob("*")):
+        # A step recorded, and the next one has written part of its buffer (step k writes state.(k % 2)).
+        done = steps_done()
+        next_buffer = workdir / f"state.{(done + 1) % 2}.zarr" / "c"
+        if done >= 1 and next_buffer.is_dir() and any(p.is_file() for p in next_buffer.rglob("*")):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
@@ -230,17 +233,21 @@ def test_a_killed_run_resumes_where_it_stopped(pipes, in_memory, small_chunks, t
     assert proc.returncode == -signal.SIGKILL, (
         f"the run ended before it was killed: {proc.stderr.read()[-2000:]}"
     )
-    assert steps_done() == 1  # killed mid-step 2
+    # Killed mid-step k + 1 (on a loaded machine the poll can see step 2 recorded, not step 1).
+    killed_after = steps_done()
+    assert 1 <= killed_after < 3, killed_after
 
     calls, on_step = steps_seen()
     resumed = denoise_canvas(pipe, H, W, cond, CORNERS, workdir=workdir, on_step=on_step, **KWARGS)
-    assert calls == [(2, 3), (3, 3)]
+    assert calls == [(k, 3) for k in range(killed_after + 1, 4)]
     # The uninterrupted run (in memory, equal to out of core: test_out_of_core_equals_in_memory),
     # with the same weights: the pipeline was saved from pipes["ddim"].
     uninterrupted, _ = in_memory("ddim")
     diff = float((resumed.load() - uninterrupted).abs().max())
     print(f"killed and resumed vs uninterrupted: max |diff| {diff:.1e}")
-    torch.testing.assert_close(resumed.load(), uninterrupted, rtol=0, atol=1e-6)
+    # Float rounding only: the killed run's process may sum in another order (its own thread
+    # count and kernels; 7e-5 seen in a full suite run), well under a grey level.
+    torch.testing.assert_close(resumed.load(), uninterrupted, rtol=0, atol=1e-4)
 
 
 MEMORY_RUN = """

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.ndimage import distance_transform_edt
+from scipy.spatial import cKDTree
 
 from stmdit.data.images import tissue_mask, tissue_threshold
 
-__all__ = ["GLASS_LEVEL", "SPOT_REACH", "near_spots", "seam_score", "tissue_coverage"]
+__all__ = ["GLASS_LEVEL", "SPOT_REACH", "near_spots", "pitch_um", "seam_score", "tissue_coverage"]
 
 # A pixel whose three channels all exceed this is glass (or the white background of a mosaic).
 GLASS_LEVEL = 220
@@ -197,3 +198,12 @@ def near_spots(geometry, spot_xy_um: np.ndarray, reach_um: float) -> np.ndarray:
     if not spots.any():
         return spots
     return distance_transform_edt(~spots) * geometry.um_per_px <= reach_um
+
+
+def pitch_um(spot_xy: np.ndarray) -> float:
+    """The spot pitch: the median distance from each spot (N, 2) to its nearest neighbour."""
+    spot_xy = np.asarray(spot_xy, dtype=float)
+    if len(spot_xy) < 2:
+        raise ValueError("the pitch needs at least two spots")
+    distances, _ = cKDTree(spot_xy).query(spot_xy, k=2)
+    return float(np.median(distances[:, 1]))

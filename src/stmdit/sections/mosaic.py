@@ -360,8 +360,7 @@ class SectionResult:
         within :data:`~stmdit.sections.metrics.SPOT_REACH` pitches of a spot
         (:func:`~stmdit.sections.metrics.near_spots`)."""
         from stmdit.data.images import tissue_mask
-        from stmdit.sections.metrics import SPOT_REACH, near_spots
-        from stmdit.sections.seamless import pitch_um
+        from stmdit.sections.metrics import SPOT_REACH, near_spots, pitch_um
 
         mask = tissue_mask(self.real)
         xy = self.spots[["x_um", "y_um"]].to_numpy()

@@ -100,6 +100,7 @@ from stmdit.sections.canvas import (
     tensors_digest,
     uncovered_row,
 )
+from stmdit.sections.metrics import pitch_um
 from stmdit.sections.mosaic import blend_window
 from stmdit.tiles import to_uint8
 
@@ -185,15 +186,6 @@ def position_noise(
 
 
 # -- expression at window centres ---------------------------------------------------------------------
-
-
-def pitch_um(spot_xy: np.ndarray) -> float:
-    """The spot pitch: the median distance from each spot (N, 2) to its nearest neighbour."""
-    spot_xy = np.asarray(spot_xy, dtype=float)
-    if len(spot_xy) < 2:
-        raise ValueError("the pitch needs at least two spots")
-    distances, _ = cKDTree(spot_xy).query(spot_xy, k=2)
-    return float(np.median(distances[:, 1]))
 
 
 def interpolate_expression(
