@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import random_window_pipe
 from stmdit.diffusion import Condition
 from stmdit.errors import ConfigError
 from stmdit.experiments.simulate import Perturbation, perturb
@@ -24,14 +25,14 @@ from stmdit.sections.edits import (
 from stmdit.sections.mosaic import SectionGeometry
 from stmdit.sections.seamless import denoise_canvas, window_grid
 from stmdit.tiles import to_uint8
-from test_seamless import GUIDANCE, STEPS, conditions, tiny_pipe
+from test_seamless import GUIDANCE, STEPS, conditions
 
 SIDE = 32
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return tiny_pipe()
+    return random_window_pipe()
 
 
 def run(pipe, cond, corners, **kwargs):
@@ -48,7 +49,7 @@ def grey(canvas: torch.Tensor) -> np.ndarray:
 
 @pytest.mark.parametrize("pixel_space", [True, False], ids=["ddim-clip", "dpm-solver++"])
 def test_keep_nothing_is_the_free_run_and_keep_all_is_known(pixel_space):
-    pipe = tiny_pipe(pixel_space)
+    pipe = random_window_pipe(pixel_space)
     corners = window_grid(SIDE, SIDE, 16, 8)
     cond = conditions(len(corners))
     free = run(pipe, cond, corners)
