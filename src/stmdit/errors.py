@@ -8,6 +8,7 @@ code catching the built-in kinds keeps working.
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -33,3 +34,20 @@ class UnsafePathError(StmditError, ValueError):
 
 class TrainingDiverged(StmditError, FloatingPointError):
     """The training loss stopped being a finite number."""
+
+
+# What a full or read-only disk, a quota or a file-size limit raise on a write.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
+
+
+class OutputWriteError(StmditError, OSError):
+    """Writing an output failed for want of space or permission: the message names the path
+    and the cause. What was written before is intact (outputs are replaced atomically), so a
+    rerun once the cause is removed resumes."""
+
+    def __init__(self, path: str | os.PathLike, cause: str):
+        super().__init__(
+            f"cannot write {path}: {cause}. Nothing written before was lost; "
+            "free space (or make the folder writable) and rerun to resume"
+        )
+        self.path = str(path)

@@ -13,7 +13,23 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from stmdit.errors import InputFileError, StmditError, UnsafePathError
+from stmdit.errors import WRITE_ERRNOS, InputFileError, OutputWriteError, StmditError, UnsafePathError
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write inside the block (disk full, file too large, quota, read-only file
+    system) into an :class:`OutputWriteError` naming ``path`` (the file being written, or the
+    output it belongs to, rather than a temporary): a write that fails mid-file raises an
+    ``OSError`` without a name."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        raise OutputWriteError(path, os.strerror(err.errno)) from err
 
 
 @contextlib.contextmanager
@@ -23,11 +39,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Works for files and folders. On error the temporary is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
     try:
-        yield target
+        with writing(path):
+            yield target
         if path.is_dir() and not path.is_symlink():
             # os.replace cannot replace a non-empty folder: move the old one aside first.
             old = tmp / (path.name + ".old")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from stmdit.io import atomic_path
+from stmdit.io import atomic_path, writing
 
 
 class StoreMismatchError(ValueError):
@@ -96,8 +96,9 @@ class ChunkedArray:
             raise ValueError(
                 f"chunk {chunk} of {self.path.name} must have shape {expected}; got {tuple(values.shape)}"
             )
-        self.array[rows] = values.astype(self.dtype, copy=False)
-        (self.markers / str(chunk)).touch()
+        with writing(self.path):
+            self.array[rows] = values.astype(self.dtype, copy=False)
+            (self.markers / str(chunk)).touch()
 
     @property
     def complete(self) -> bool:
