@@ -51,6 +51,20 @@ def her2st_store(tmp_path_factory, test_data):
         return prepare(PrepareConfig(**her2st_prepare_config(test_data, out)), progress=False)
 
 
+def rewrite_spots(root: Path, adata) -> None:
+    """Write ``adata`` as a store's spots.h5ad and record it in the manifest, as a store prepared
+    from it would: for tests of what a store with such spots does (an edit behind the manifest's
+    back is otherwise refused, see tests/test_store_integrity.py)."""
+    import json
+
+    from stmdit.data.integrity import SPOTS, record_digests
+
+    adata.write_h5ad(Path(root) / SPOTS)
+    manifest = json.loads((Path(root) / "manifest.json").read_text())
+    record_digests(Path(root), manifest, [SPOTS])
+    (Path(root) / "manifest.json").write_text(json.dumps(manifest))
+
+
 def random_window_pipe(pixel_space: bool = True, sample_size: int = 16):
     """A random tiny transformer (``sample_size`` px tiles, patch 4) with no encoders, for the
     canvas tests; weights drawn at 0.1 scale so that the output varies with the condition and

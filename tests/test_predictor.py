@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import median_r_with_shuffled_controls
+from conftest import median_r_with_shuffled_controls, rewrite_spots
 from stmdit.data.synthetic import simulate_tissue
 from stmdit.encoders.morphology import StainFeatureEncoder
 from stmdit.evaluate.fidelity import DEEPSPOT_N_GRID, fidelity_auc
@@ -584,7 +584,7 @@ def test_command_refuses_a_store_without_counts(her2st_store, tmp_path):
     adata = ad.read_h5ad(copy / "spots.h5ad")
     for layer in ("counts", "log1p"):
         del adata.layers[layer]
-    adata.write_h5ad(copy / "spots.h5ad")
+    rewrite_spots(copy, adata)
     with pytest.raises(ValueError, match="no raw counts.*H&E-only"):
         train_predictor_command(copy, tmp_path / "out", epochs=1, progress=False)
     assert not (tmp_path / "out").exists()

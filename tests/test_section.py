@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import rewrite_spots
 from stmdit import STMDiTPipeline
 from stmdit.data.images import tissue_fraction
 from stmdit.data.store import DatasetStore
@@ -314,7 +315,7 @@ def store_without_image(her2st_store, tmp_path):
     shutil.copytree(her2st_store.root, root)
     adata = ad.read_h5ad(root / "spots.h5ad")
     del adata.uns["stmdit"]["samples"]["C2"]["image_path"]
-    adata.write_h5ad(root / "spots.h5ad")
+    rewrite_spots(root, adata)
     return DatasetStore(root)
 
 

@@ -361,6 +361,14 @@ def evaluate(
     download_weights: Annotated[
         bool, typer.Option("--download-weights", help="Fetch the FID Inception weights if absent (network)")
     ] = False,
+    update_model_card: Annotated[
+        bool,
+        typer.Option(
+            "--update-model-card",
+            help="Also write the metrics into each pipeline's own README.md (its model card); "
+            "by default the pipelines are only read and the cards go to OUT/model_cards/MODEL.md",
+        ),
+    ] = False,
     verbose: Verbose = False,
 ) -> None:
     """Compare models on the same held-out spots and seeds: FID/KID/FD, fidelity AUC, GE ablation, report."""
@@ -369,7 +377,11 @@ def evaluate(
 
     _setup_logging(verbose)
     cfg = EvaluateConfig.from_yaml(
-        config, out=out, inception_weights=inception_weights, download_weights=download_weights or None
+        config,
+        out=out,
+        inception_weights=inception_weights,
+        download_weights=download_weights or None,
+        update_model_card=update_model_card or None,
     )
     results = run_evaluate(cfg)
     typer.echo(f"{'model':<16}{'setting':<12}{'FID':>10}{'FD-morph':>11}{'fidelity':>10}")
@@ -391,6 +403,9 @@ def evaluate(
     for warning in results["warnings"]:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW)
     typer.echo(f"report: {Path(cfg.out) / 'report.html'} (numbers and protocol in metrics.json)")
+    for name, model in results["models"].items():
+        updated = f"; also written to {model['pipeline_card']}" if "pipeline_card" in model else ""
+        typer.echo(f"model card of {name}: {model['model_card']}{updated}")
 
 
 @command()
@@ -632,6 +647,29 @@ def generate(
         seed=seed,
     )
     typer.echo(f"wrote {path}")
+
+
+@command()
+def check(
+    dataset: Annotated[Path, typer.Argument(help="Prepared dataset folder")],
+    repair: Annotated[
+        bool, typer.Option(help="Unmark the damaged chunks, so that rerunning what made them rewrites just them")
+    ] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Verify a prepared dataset: every chunk there and decodable, every digest as recorded."""
+    from stmdit.data.integrity import check_store
+
+    _setup_logging(verbose)
+    report = check_store(dataset, repair=repair, progress=True)
+    if not report["problems"]:
+        typer.echo(f"{dataset}: intact (every chunk decodes and matches its record)")
+        return
+    typer.echo(f"{dataset} is damaged:\n" + "\n".join(f"  {p}" for p in report["problems"]))
+    if report["rerun"]:
+        done = "the damaged chunks are unmarked; " if repair else f"`stmdit check {dataset} --repair`, then "
+        typer.echo(f"To mend it: {done}rerun " + " and ".join(report["rerun"]) + " (only those chunks are redone).")
+    raise typer.Exit(1)
 
 
 @command()

@@ -5,10 +5,17 @@ marker file exists, and the marker is created after the chunk's data is on disk,
 killed mid-chunk leaves that chunk unmarked and a rerun writes it again: no partial or
 duplicated records. Chunks are independent files, so several processes can fill disjoint
 chunks of one array at once (``shard``).
+
+A marker records the size and SHA-256 of its chunk's file as written, so that a chunk file
+that later goes missing, is truncated or is replaced is noticed (:mod:`stmdit.data.integrity`):
+zarr itself reads a missing chunk as its fill value, without a word. Every chunk is written as
+a file, all-zero ones included, for the same reason.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +24,35 @@ import numpy as np
 import zarr
 
 from stmdit.io import atomic_path, writing
+
+# Write every chunk, even one equal to the fill value: an absent chunk file then always means
+# a lost one (zarr's default skips such chunks and reads them back as the fill value).
+WRITE_ALL_CHUNKS = {"write_empty_chunks": True}
+
+
+def open_chunks(path: str | os.PathLike, mode: str = "r") -> zarr.Array:
+    """An existing zarr array that writes every chunk as a file."""
+    return zarr.open_array(path, mode=mode).with_config(WRITE_ALL_CHUNKS)
+
+
+def chunk_file(array: zarr.Array, path: Path, chunk: int) -> Path:
+    """The file of row chunk ``chunk`` of ``array`` (stored at ``path``)."""
+    key = array.metadata.chunk_key_encoding.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+    return path / key
+
+
+def marker_record(marker: Path) -> dict | None:
+    """What a done-marker says of its chunk's file (bytes, sha256); None for an empty marker
+    (written by a version before markers held records) or one cut short by a kill."""
+    try:
+        text = marker.read_text()
+        return json.loads(text) if text else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class StoreMismatchError(ValueError):
@@ -45,7 +81,7 @@ class ChunkedArray:
         self.markers = self.path.with_name(self.path.name + ".done")
         chunks = (self.chunk_rows, *self.shape[1:])
         if (self.path / "zarr.json").exists():
-            self.array = zarr.open_array(self.path, mode="r+")
+            self.array = open_chunks(self.path, mode="r+")
             found = (tuple(self.array.shape), np.dtype(self.array.dtype), tuple(self.array.chunks))
             if found != (self.shape, self.dtype, chunks):
                 raise StoreMismatchError(
@@ -66,7 +102,7 @@ class ChunkedArray:
                     fill_value=0,
                     compressors=compressors,
                 )
-            self.array = zarr.open_array(self.path, mode="r+")
+            self.array = open_chunks(self.path, mode="r+")
         self.markers.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -98,7 +134,10 @@ class ChunkedArray:
             )
         with writing(self.path):
             self.array[rows] = values.astype(self.dtype, copy=False)
-            (self.markers / str(chunk)).touch()
+            written = chunk_file(self.array, self.path, chunk)
+            record = {"bytes": written.stat().st_size, "sha256": file_sha256(written)}
+            with atomic_path(self.markers / str(chunk)) as tmp:
+                tmp.write_text(json.dumps(record))
 
     @property
     def complete(self) -> bool:

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from stmdit.config import ConfigModel, Count
 from stmdit.data.chunks import ChunkedArray
+from stmdit.data.integrity import file_digest, record_digests
 from stmdit.data.store import (
     DatasetStore,
     _check_parameters,
-    file_digest,
     remove_entries,
     source_files,
     verify_sources,
@@ -319,6 +319,7 @@ def encode(
             }
             for name, arr in arrays.items()
         }
+        record_digests(store.root, manifest, [f"features/{name}.zarr" for name in arrays])
         manifest["stages"]["encode"] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "processes": state.num_processes,

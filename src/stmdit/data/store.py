@@ -20,7 +20,6 @@ chunks across processes under ``accelerate launch``.
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import logging
 import os
@@ -51,7 +50,15 @@ from stmdit.config import (
     describe_validation_error,
 )
 from stmdit.data import readers
-from stmdit.data.chunks import ChunkedArray, StoreMismatchError
+from stmdit.data.chunks import ChunkedArray, StoreMismatchError, open_chunks
+from stmdit.data.integrity import (
+    PREPARED_ARRAYS,
+    SPOTS,
+    CheckedArray,
+    file_digest,
+    record_digests,
+    require_intact,
+)
 from stmdit.data.readers import concat_samples
 from stmdit.data.readers.convention import read_h5ad, write_h5ad
 from stmdit.data.tiling import SpotTiler, open_slide, slide_key, tile_boxes
@@ -65,33 +72,6 @@ SPLITS = ("train", "val", "test")
 
 
 # -- provenance ---------------------------------------------------------------------------
-
-
-def file_digest(path: str | os.PathLike, full_limit: int = 256 * 2**20, block: int = 8 * 2**20) -> dict:
-    """SHA-256 of a source file. Files up to ``full_limit`` bytes are hashed whole; larger ones
-    (whole-slide images of several GB) by their size plus their first, middle and last
-    ``block`` bytes, and the record says so."""
-    path = Path(path)
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= full_limit:
-            for piece in iter(lambda: f.read(block), b""):
-                h.update(piece)
-            method = "sha256"
-        else:
-            h.update(str(size).encode())
-            for offset in (0, size // 2, max(0, size - block)):
-                f.seek(offset)
-                h.update(f.read(block))
-            method = f"sha256 of size + 3 x {block // 2**20} MiB samples"
-    return {
-        "path": str(path.resolve()),
-        "bytes": size,
-        "mtime_ns": path.stat().st_mtime_ns,
-        "digest": h.hexdigest(),
-        "method": method,
-    }
 
 
 class SourceChangedError(StoreMismatchError):
@@ -428,6 +408,13 @@ class DatasetStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._intact: set[str] = set()  # the files and arrays already checked by this handle
+
+    def _require_intact(self, name: str) -> None:
+        """The cheap integrity check of ``name`` (see :mod:`stmdit.data.integrity`), once per handle."""
+        if name not in self._intact:
+            require_intact(self.root, self.manifest(), [name])
+            self._intact.add(name)
 
     @property
     def manifest_path(self) -> Path:
@@ -446,12 +433,15 @@ class DatasetStore:
         write_json(self.manifest_path, manifest)
 
     def spots(self) -> ad.AnnData:
-        return read_h5ad(self.root / "spots.h5ad")
+        self._require_intact(SPOTS)
+        return read_h5ad(self.root / SPOTS)
 
-    def tiles(self):
-        import zarr
+    def tiles(self) -> CheckedArray:
+        return self._array("tiles.zarr")
 
-        return zarr.open_array(self.root / "tiles.zarr", mode="r")
+    def _array(self, name: str) -> CheckedArray:
+        self._require_intact(name)
+        return CheckedArray(open_chunks(self.root / name), self.root, name)
 
     def feature_path(self, name: str) -> Path:
         return self.root / "features" / f"{name}.zarr"
@@ -460,12 +450,10 @@ class DatasetStore:
         """Complete cached features: name -> manifest record."""
         return {k: v for k, v in self.manifest().get("features", {}).items() if v.get("complete")}
 
-    def feature(self, name: str):
-        import zarr
-
+    def feature(self, name: str) -> CheckedArray:
         if name not in self.features():
             raise KeyError(f"{self.root} has no complete cached feature {name!r}; run `stmdit encode`")
-        return zarr.open_array(self.feature_path(name), mode="r")
+        return self._array(f"features/{name}.zarr")
 
     def rows(self, split: str | None = "train", only_kept: bool = True) -> np.ndarray:
         obs = self.spots().obs
@@ -549,6 +537,7 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
     )
     spots_path = store.root / "spots.h5ad"
     if manifest["stages"].get("spots") and spots_path.exists():
+        require_intact(store.root, manifest, [SPOTS])
         adata = read_h5ad(spots_path)
     else:
         # Digests first: a file that changes while it is read shows up on the rerun. Names are
@@ -579,6 +568,7 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
         _expression_layers(adata)
         write_h5ad(adata, spots_path)
         manifest["sources"] = sources
+        record_digests(store.root, manifest, [SPOTS])
         manifest["versions"] = package_versions()
         manifest["stages"]["spots"] = {"n_spots": adata.n_obs, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         store.write_manifest(manifest)
@@ -631,5 +621,9 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
             "at_edge": int(adata.obs["at_edge"].sum()),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        record_digests(store.root, manifest, [SPOTS, *PREPARED_ARRAYS])
+        store.write_manifest(manifest)
+    elif pending:  # chunks rewritten after `stmdit check --repair`
+        record_digests(store.root, manifest, PREPARED_ARRAYS)
         store.write_manifest(manifest)
     return store
