@@ -1,6 +1,7 @@
 """The web app through its JSON API (FastAPI TestClient): listings, counterfactual generation,
 and a readable 4xx JSON error for every kind of bad input."""
 
+import asyncio
 import base64
 import fnmatch
 import io
@@ -462,6 +463,92 @@ def test_uploads_stay_out_of_the_data_folder(pipeline_dir, data_dir, tissue, tmp
         names = [d["name"] for d in test_client.get("/api/datasets").json()["datasets"]]
         assert names == ["store", "tissue.h5ad", "upload 2: s1"]  # the oldest upload made room
     assert sorted(p.name for p in data_dir.iterdir()) == before
+
+
+def chunked(*parts: bytes):
+    """A body as a generator: httpx sends it with Transfer-Encoding: chunked and no Content-Length."""
+    yield from parts
+
+
+def multipart_file(content: bytes, boundary: str = "stmdit-test-boundary") -> tuple[bytes, ...]:
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="data.h5ad"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    )
+    return head.encode(), content, f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_chunked_bodies_keep_their_size_limits(own_client, tissue, tmp_path):
+    """Without a Content-Length the guard counts the body as it arrives: an oversize chunked
+    body gets the same 413 as one that declares its length (not FastAPI's 400 for a body it
+    failed to read), and a chunked body within the limit is served."""
+    form = {"content-type": "multipart/form-data; boundary=stmdit-test-boundary"}
+    response = own_client.post(
+        "/api/upload", content=chunked(*multipart_file(b"\0" * (2**20 + 10))), headers=form
+    )
+    assert "content-length" not in response.request.headers
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    assert_error(response, 413, "1 MB limit")
+    json_type = {"content-type": "application/json"}
+    assert_error(
+        own_client.post("/api/generate", content=chunked(b" " * 100_000), headers=json_type), 413, "too large"
+    )
+
+    data = h5ad_bytes(tissue.adata[:30].copy(), tmp_path)
+    response = own_client.post("/api/upload", content=chunked(*multipart_file(data)), headers=form)
+    assert response.status_code == 200, response.text
+    body = json.dumps(request(tissue, n_seeds=1)).encode()
+    response = own_client.post("/api/generate", content=chunked(body[:10], body[10:]), headers=json_type)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "limit", "words"),
+    [
+        ("/api/upload", "multipart/form-data; boundary=stmdit-test-boundary", 2**20 + 2**16, "1 MB limit"),
+        ("/api/generate", "application/json", 2**16, "too large"),
+    ],
+)
+def test_endless_body_is_refused_after_its_limit(client, path, content_type, limit, words):
+    """An endless chunked body, message by message as a server passes it on (the test client
+    hands the app the whole body as one message): refused with a 413 once past the limit (the
+    file's 1 MB and room for the form's framing), having read at most one message beyond it."""
+    head = multipart_file(b"")[0] if path == "/api/upload" else b""
+    chunk = b" " * 2**16
+    read = 0
+
+    async def receive():
+        nonlocal read
+        body = head if read == 0 and head else chunk
+        read += len(body)
+        return {"type": "http.request", "body": body, "more_body": True}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", content_type.encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(client.app(scope, receive, send))
+    assert limit < read <= limit + len(chunk)
+    assert [(m["type"], m.get("status")) for m in sent] == [
+        ("http.response.start", 413),
+        ("http.response.body", None),
+    ]
+    assert words in json.loads(sent[1]["body"])["error"]
 
 
 def test_unusable_data_folder_dataset_is_reported(pipeline_dir, tmp_path, tissue):

@@ -21,7 +21,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -309,6 +311,18 @@ CASES = [
         ["x.h5ad", "cannot be read as an AnnData file"],
     ),
     Case("encode_missing_dataset", ["encode", "nowhere"], expect=["nowhere", "stmdit prepare"]),
+    Case(
+        "generate_expression_without_spots",
+        ["generate", "pipe", "--expression", "empty.h5ad", "--out", "out"],
+        {"empty.h5ad": "{h5ad_no_spots}"},
+        ["empty.h5ad", "no spots", "one row per spot"],
+    ),
+    Case(
+        "simulate_data_not_hdf5",
+        ["simulate", "c.yaml"],
+        {"c.yaml": SIMULATE, "d.h5ad": "spot,gene\ns1,3\n"},
+        ["d.h5ad", "not an HDF5 file", "written by anndata", "prepared dataset folder"],
+    ),
 ]
 
 
@@ -325,6 +339,11 @@ def _materialise(case: Case, folder: Path, test_data: Path) -> list[str]:
         elif content == "{gzip_head}":  # a gzip stream cut in the middle
             whole = (test_data / "her2st" / "C2" / "counts.tsv.gz").read_bytes()
             content = whole[: len(whole) // 2]
+        elif content == "{h5ad_no_spots}":  # a well-formed AnnData with genes but not one spot
+            ad.AnnData(np.zeros((0, 3), np.float32), var=pd.DataFrame(index=["A", "B", "C"])).write_h5ad(
+                folder / name
+            )
+            continue
         elif isinstance(content, str):
             content = content.replace("{data}", str(test_data)).encode()
         (folder / name).write_bytes(content)

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from stmdit import defaults
 from stmdit.data.readers.convention import derived_anndata, read_h5ad, write_h5ad
+from stmdit.errors import InputFileError
 from stmdit.io import atomic_path, path_inside
 
 
@@ -44,6 +45,8 @@ def generate_tiles(
         if not expression.is_file():
             raise FileNotFoundError(f"expression file {expression} does not exist")
         adata = read_h5ad(expression)  # names the file when it is not a readable .h5ad
+        if adata.n_obs == 0:  # checked before the pipeline loads; else a KeyError once nothing is drawn
+            raise InputFileError(expression, "has no spots (obs is empty); expected one row per spot")
         if spots is not None:
             unknown = [s for s in spots if s not in adata.obs_names]
             if unknown:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -40,7 +41,9 @@ from pydantic import AfterValidator, Field, model_validator
 
 from stmdit import defaults
 from stmdit.config import ConfigModel, Count, PathStr, Probability
+from stmdit.data.readers.convention import read_anndata
 from stmdit.data.store import DatasetStore
+from stmdit.errors import InputFileError
 from stmdit.experiments.statistics import (
     ALPHA,
     adjust_changes,
@@ -507,9 +510,14 @@ def load_expression_data(path: str | os.PathLike):
     if (path / "manifest.json").exists():
         store = DatasetStore(path)
         return store.spots(), store.tiles(), float(store.manifest()["prepare"]["tile_um"])
-    if path.suffix == ".h5ad" and path.is_file():
-        return ad.read_h5ad(path), None, None
-    raise FileNotFoundError(f"{path} is neither a prepared dataset folder nor an .h5ad file")
+    if not (path.suffix == ".h5ad" and path.is_file()):
+        raise FileNotFoundError(f"{path} is neither a prepared dataset folder nor an .h5ad file")
+    if not h5py.is_hdf5(path):  # h5py's own error would not name the file
+        raise InputFileError(
+            path, "not an HDF5 file; expected an .h5ad written by anndata, or a prepared dataset folder"
+        )
+    # A damaged HDF5 file (truncated, say) gets the shared reader's error, which names it too.
+    return read_anndata(path, "an .h5ad written by anndata"), None, None
 
 
 def _state_keys(spec: SimulateConfig | StateSpec) -> dict:

@@ -78,9 +78,12 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         started = False
+        refused_body = False  # the guard answered 413 itself; the app's own answer is dropped
 
         async def secured_send(message):
             nonlocal started
+            if refused_body:
+                return
             if message["type"] == "http.response.start":
                 started = True
                 names = {k.decode("latin-1").lower() for k, _ in message.get("headers", [])}
@@ -105,19 +108,26 @@ class Guard:
         received = 0
 
         async def counted_receive():
-            nonlocal received
+            nonlocal received, refused_body
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
+                # Answer here rather than where BodyTooLarge ends up: FastAPI turns any error
+                # while reading a request body (a chunked one, with no Content-Length to refuse
+                # it by) into its own "400 There was an error parsing the body".
+                if not started:
+                    await too_large(scope, receive, secured_send)
+                    refused_body = True
                 raise BodyTooLarge
             return message
 
         try:
             await self.app(scope, counted_receive, secured_send)
         except BodyTooLarge:
-            if not started:
-                await too_large(scope, receive, secured_send)
+            pass  # answered in counted_receive, if the app had not begun its answer
         except Exception:
+            if refused_body:
+                return  # the app's failure to read the body it was refused
             logger.exception("unexpected error serving %s %s", scope.get("method"), scope["path"])
             if not started:
                 message = "unexpected server error; the details are in the server's log"
