@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import zarr
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -25,6 +24,7 @@ from stmdit import (
     STMDiTPipeline,
     make_sampling_scheduler,
 )
+from stmdit.data.chunks import ChunkedArray
 from stmdit.data.synthetic import simulate_tissue
 from stmdit.experiments.statistics import paired_change
 from stmdit.genesets import load_gene_sets
@@ -67,11 +67,11 @@ def write_data_dir(root, tissue):
     spots.obs["keep"] = True
     spots.obs.loc[spots.obs_names[0], "keep"] = False
     spots.write_h5ad(store / "spots.h5ad")
-    tiles = zarr.open_array(
-        store / "tiles.zarr", mode="w", shape=tissue.tiles.shape, dtype="uint8", chunks=(16, 16, 16, 3)
-    )
-    tiles[:] = tissue.tiles
-    (store / "manifest.json").write_text(json.dumps({"prepare": {"tile_um": 64.0}}))
+    # Written as prepare writes its tiles (chunks with done-markers), which a store's open checks.
+    tiles = ChunkedArray(store / "tiles.zarr", tissue.tiles.shape, np.uint8, chunk_rows=16)
+    for chunk in range(tiles.n_chunks):
+        tiles.write(chunk, tissue.tiles[tiles.rows(chunk)])
+    (store / "manifest.json").write_text(json.dumps({"prepare": {"tile_um": 64.0}, "stages": {"tiles": {}}}))
     (root / "notes.txt").write_text("not a dataset")
     return root
 
