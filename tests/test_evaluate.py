@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 from types import SimpleNamespace
 
 import anndata as ad
@@ -58,10 +59,17 @@ def test_predictor_training_evaluation_and_report_end_to_end(
                 "predictor": str(tmp_path / "predictor"), "max_spots_per_sample": 24, "seeds": [0, 1], "steps": 3,
                 "sweep_guidance_ge": [4.0], "kid_subsets": 5, "n_bootstrap": 50, "batch_size": 24}  # fmt: skip
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_cfg))
+    cards = {name: (Path(folder) / "README.md").read_bytes() for name, folder in eval_cfg["models"].items()}
     output = _invoke(["evaluate", tmp_path / "eval.yaml", "--inception-weights", random_inception_weights])
     assert "report:" in output and "warning:" in output  # 24 tiles are far too few for a stable FID
 
     report = tmp_path / "report"
+    # The model cards with their metrics go to the report; the pipelines' own cards are only read.
+    for name, folder in eval_cfg["models"].items():
+        assert (Path(folder) / "README.md").read_bytes() == cards[name]
+        assert f"model card of {name}: {report / 'model_cards' / f'{name}.md'}" in output
+    assert "| ge | " in (report / "model_cards" / "xattn.md").read_text()
+    assert "| none | " in (report / "model_cards" / "no_ge.md").read_text()
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics["models"]) == {"no_ge", "xattn"}
     assert set(metrics["models"]["no_ge"]["settings"]) == {"none"}
@@ -107,8 +115,12 @@ def test_predictor_training_evaluation_and_report_end_to_end(
     stamp = cached.stat().st_mtime_ns
     (tmp_path / "again.yaml").write_text(yaml.safe_dump({**eval_cfg, "models": {"no_ge": eval_cfg["models"]["no_ge"]},
                                                          "seeds": [0], "sweep_guidance_ge": []}))  # fmt: skip
-    _invoke(["evaluate", tmp_path / "again.yaml", "--inception-weights", random_inception_weights])
+    # Asked to, it also writes the metrics into the pipeline's own card.
+    output = _invoke(["evaluate", tmp_path / "again.yaml", "--inception-weights", random_inception_weights,
+                      "--update-model-card"])  # fmt: skip
     assert cached.stat().st_mtime_ns == stamp
+    own_card = Path(eval_cfg["models"]["no_ge"]) / "README.md"
+    assert f"also written to {own_card}" in output and "| none | " in own_card.read_text()
     rerun = json.loads((report / "metrics.json").read_text())["models"]["no_ge"]["settings"]["none"][
         "summary"
     ]

@@ -89,6 +89,15 @@ def test_training_writes_a_model_card_that_evaluate_updates(tmp_path):
         "max_steps: 2" in card.text and "| transformer | `STMDiT` |" in card.text and NO_METRICS in card.text
     )
 
+    # What evaluate does by default: the card with its metrics in the report folder, the
+    # pipeline's own card untouched.
+    trained = (pipeline / "README.md").read_bytes()
+    report = update_model_card(pipeline, EVALUATION, target=tmp_path / "report" / "model_cards" / "m.md")
+    assert report == tmp_path / "report" / "model_cards" / "m.md"
+    assert (pipeline / "README.md").read_bytes() == trained
+    assert "| ge | 81.25 ± 1.5 |" in report.read_text() and "max_steps: 2" in report.read_text()
+
+    # With --update-model-card: into the pipeline's own card.
     update_model_card(pipeline, EVALUATION, source="test split of a store, seeds [0, 1]")
     update_model_card(
         pipeline, EVALUATION, source="test split of a store, seeds [0, 1]"

@@ -4,9 +4,12 @@ A YAML header (``library_name``, ``tags``, a ``license`` to be chosen, ``dataset
 built from ``templates/model_card.md``: the components and their encoders, the training data
 (samples, spot counts, source-file digests from the prepared store), the training
 configuration and, once ``stmdit evaluate`` has run on the pipeline, its metrics table
-(:func:`update_model_card`). :meth:`STMDiTPipeline.save_pretrained
+(:func:`card_with_metrics`). :meth:`STMDiTPipeline.save_pretrained
 <stmdit.pipeline.STMDiTPipeline.save_pretrained>` writes the card; the trainer hands it its
-record through ``pipe.training_record`` (:func:`training_record`).
+record through ``pipe.training_record`` (:func:`training_record`). Evaluation writes the card
+with its metrics into its own report folder and leaves the pipeline's ``README.md`` alone
+unless asked (``--update-model-card``): an evaluated model may sit on a read-only share, and
+two evaluations of one model would race on its card.
 """
 
 from __future__ import annotations
@@ -19,11 +22,21 @@ import yaml
 
 from stmdit.io import write_text
 
-__all__ = ["METRICS_END", "METRICS_START", "render_model_card", "training_record", "update_model_card"]
+__all__ = [
+    "METRICS_END",
+    "METRICS_START",
+    "card_with_metrics",
+    "render_model_card",
+    "training_record",
+    "update_model_card",
+]
 
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 METRICS_START, METRICS_END = "<!-- stmdit:metrics -->", "<!-- /stmdit:metrics -->"
-NO_METRICS = "Not evaluated yet: `stmdit evaluate` adds its table here."
+NO_METRICS = (
+    "Not evaluated yet: `stmdit evaluate` writes this card with its metrics table into its report "
+    "folder (`model_cards/`), and here with `--update-model-card`."
+)
 # The evaluation's summary metrics, in the order of the paper's table: (key, column title).
 METRIC_COLUMNS = (
     ("fid", "FID"),
@@ -143,10 +156,11 @@ def _metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def update_model_card(pipeline_dir: str | os.PathLike, metrics: dict, source: str = "") -> Path | None:
-    """Put ``stmdit evaluate``'s results for one pipeline (its entry of ``metrics.json``'s
-    ``models``) into the card of ``pipeline_dir``, replacing an earlier table. A hub id (no local
-    folder) is left alone (None); a folder without a card gets one first."""
+def card_with_metrics(pipeline_dir: str | os.PathLike, metrics: dict, source: str = "") -> str | None:
+    """The card of the pipeline folder ``pipeline_dir`` with ``stmdit evaluate``'s results for it
+    (its entry of ``metrics.json``'s ``models``) as its metrics table, replacing an earlier table;
+    the folder itself is only read. A hub id (no local folder) gives None; a folder without a
+    card gets one built from its ``model_index.json``."""
     folder = Path(pipeline_dir)
     if not folder.is_dir():
         return None
@@ -160,10 +174,23 @@ def update_model_card(pipeline_dir: str | os.PathLike, metrics: dict, source: st
         table += f"\n\nFrom `stmdit evaluate` ({source}); lower is better for FID, KID and FD."
     block = f"{METRICS_START}\n{table}\n{METRICS_END}"
     pattern = re.compile(re.escape(METRICS_START) + ".*?" + re.escape(METRICS_END), re.S)
-    text = (
-        pattern.sub(lambda _: block, text)
-        if pattern.search(text)
-        else f"{text.rstrip()}\n\n## Evaluation\n\n{block}\n"
-    )
-    write_text(readme, text)
-    return readme
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text)
+    return f"{text.rstrip()}\n\n## Evaluation\n\n{block}\n"
+
+
+def update_model_card(
+    pipeline_dir: str | os.PathLike,
+    metrics: dict,
+    source: str = "",
+    target: str | os.PathLike | None = None,
+) -> Path | None:
+    """Write :func:`card_with_metrics` to ``target``, by default the pipeline's own ``README.md``
+    (the one write into a pipeline folder; ``stmdit evaluate`` does it only when asked). A hub
+    id (no local folder) is left alone (None)."""
+    text = card_with_metrics(pipeline_dir, metrics, source)
+    if text is None:
+        return None
+    path = Path(target) if target is not None else Path(pipeline_dir) / "README.md"
+    write_text(path, text)
+    return path

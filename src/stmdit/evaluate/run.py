@@ -24,6 +24,11 @@ Numbers, each with its protocol:
 
 Generated tiles are saved (``generated/<model>/<setting>/seed<k>.npy``) and reused, so an
 interrupted evaluation continues where it stopped.
+
+Everything is written under ``out``; the evaluated pipelines, the dataset and the predictor are
+only read. Each model's card with its metrics table goes to ``out/model_cards/<model>.md``; the
+pipeline's own ``README.md`` is updated too only with ``update_model_card`` (a pipeline on a
+read-only share can be evaluated, and two evaluations of one model do not race on its card).
 """
 
 from __future__ import annotations
@@ -103,6 +108,18 @@ class EvaluateConfig(ConfigModel):
     batch_size: Count = 16
     grid_spots: Count = 8
     scatter_genes: list[str] = []
+    # Also write the metrics into each pipeline's own README.md; by default the pipelines are only
+    # read and the cards go to out/model_cards/ (MODEL_CARDS).
+    update_model_card: bool = False
+
+
+# Where an evaluation's report folder keeps each model's card: <out>/model_cards/<model>.md.
+MODEL_CARDS = "model_cards"
+
+
+def model_card_path(out: str | os.PathLike, name: str) -> Path:
+    """The card with its metrics of the model ``name`` in the report folder ``out``."""
+    return Path(out) / MODEL_CARDS / f"{name}.md"
 
 
 @dataclass
@@ -505,7 +522,11 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
                 for ablation in cfg.ablations
             }
         results["models"][name] = model_res
-        update_model_card(folder, model_res, source=f"{cfg.split} split of {cfg.dataset}, seeds {cfg.seeds}")
+        source = f"{cfg.split} split of {cfg.dataset}, seeds {cfg.seeds}"
+        card = update_model_card(folder, model_res, source=source, target=model_card_path(out, name))
+        model_res["model_card"] = str(card)
+        if cfg.update_model_card:
+            model_res["pipeline_card"] = str(update_model_card(folder, model_res, source=source))
         del pipe
 
     sources = set(held.adata.obs.get("expression_source", ["measured"]))
