@@ -32,6 +32,75 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         raise OutputWriteError(path, os.strerror(err.errno)) from err
 
 
+# safetensors' Rust writer reports a failed write as SafetensorError("Error while serializing: I/O
+# error: No space left on device (os error 28)"): the errno survives only in the message.
+_RUST_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def writing_tensors(path: str | os.PathLike) -> Iterator[None]:
+    """:func:`writing` for blocks that save with safetensors (directly or through
+    ``save_pretrained``), whose failed writes raise its own error type rather than an
+    ``OSError``; pair with :func:`save_torch` for ``torch.save``."""
+    with writing(path):
+        try:
+            yield
+        except Exception as err:
+            from safetensors import SafetensorError
+
+            match = _RUST_OS_ERROR_RE.search(str(err)) if isinstance(err, SafetensorError) else None
+            if match is None:
+                raise
+            code = int(match.group(1))
+            raise OSError(code, os.strerror(code)) from err
+
+
+class _PythonWrites:
+    """A binary file seen through ``write`` and ``flush`` alone. Libraries that write a real file
+    by its descriptor report a failed write without its errno (torch's zip writer raises
+    ``RuntimeError("... unexpected pos ...")``, numpy ``OSError("N requested and M written")``);
+    through this they call Python's ``write``, whose ``OSError`` carries it. The error is kept
+    for torch, which replaces it."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)``, except that a failed write (disk full, file too large) raises
+    its ``OSError`` rather than torch's ``RuntimeError``, which names neither cause nor file.
+    Written as it is serialised: no second copy of ``obj`` in memory."""
+    import torch
+
+    with open(path, "wb") as f:
+        sink = _PythonWrites(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError as err:
+            if sink.error is None:
+                raise
+            raise sink.error from err
+
+
+def save_npy(path: str | os.PathLike, array) -> None:
+    """``np.save`` to ``path`` atomically; a failed write raises :class:`OutputWriteError`
+    naming ``path`` (numpy's own file write loses the errno, see :class:`_PythonWrites`)."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(_PythonWrites(f), array)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.

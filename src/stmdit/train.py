@@ -48,7 +48,8 @@ from stmdit.config import (
     PositiveFloat,
     Probability,
 )
-from stmdit.data.features import FeatureDataset, StepBatchSampler, batch_condition, collate_batch
+from stmdit.data.features import FeatureDataset, batch_condition, collate_batch
+from stmdit.data.loading import ACCESS, DEFAULT_ACCESS, split_steps
 from stmdit.diffusion import (
     DEFAULT_P_DROP_BOTH,
     DEFAULT_P_DROP_GE,
@@ -64,7 +65,16 @@ from stmdit.diffusion import (
 from stmdit.distributed import cpu_process_group, process_state
 from stmdit.encoders.vae import decode_latents
 from stmdit.errors import StmditError, TrainingDiverged
-from stmdit.io import atomic_path, differences, remove_stale_temporaries, write_json, write_text
+from stmdit.io import (
+    atomic_path,
+    differences,
+    remove_stale_temporaries,
+    save_torch,
+    write_json,
+    write_text,
+    writing,
+    writing_tensors,
+)
 from stmdit.model import GE_INJECTIONS, GE_POOLINGS, PRESETS, STMDiT
 from stmdit.model_card import training_record
 
@@ -127,6 +137,8 @@ class StoreDataSpec(ConfigModel):
     path: PathStr
     split: str = "train"
     val_split: str = "val"
+    # How batches are read (stmdit.data.loading): auto = in memory when they fit, else blocks.
+    access: Literal[ACCESS] = DEFAULT_ACCESS
 
 
 def _data_source(value) -> str:
@@ -372,7 +384,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             final = self.run_dir / "checkpoints" / f"step_{step:08d}"
-            with atomic_path(final) as tmp:
+            with atomic_path(final) as tmp, writing_tensors(final):
                 tmp.mkdir()
                 unwrapped = accelerator.unwrap_model(model)
                 unwrapped.save_pretrained(tmp / "transformer", safe_serialization=True)
@@ -389,7 +401,7 @@ class Trainer:
                 }
                 if accelerator.scaler is not None:
                     state["grad_scaler"] = accelerator.scaler.state_dict()
-                torch.save(state, tmp / "training_state.pt")
+                save_torch(state, tmp / "training_state.pt")
                 write_json(
                     tmp / "trainer_state.json",
                     {"step": step, "processes": accelerator.num_processes, "config": self.config.to_dict()},
@@ -513,9 +525,10 @@ class Trainer:
             vae=self.vae,
         )
         pipe.training_record = training_record(self.config.to_dict(), self.dataset)
-        with atomic_path(self.run_dir / "pipeline") as tmp:
+        target = self.run_dir / "pipeline"
+        with atomic_path(target) as tmp, writing_tensors(target):
             pipe.save_pretrained(tmp)
-        return self.run_dir / "pipeline"
+        return target
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -574,20 +587,24 @@ class Trainer:
                     for r in map(json.loads, losses_path.read_text().splitlines())
                     if r["step"] < start_step
                 ]
+        # accelerate's tensorboard tracker writes its event file from a thread: a failed write
+        # comes back at the next log call or at end_training, without a file name.
+        board = self.run_dir / "tensorboard"
         if accelerator.is_main_process:
             write_text(losses_path, "".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in history))
-            accelerator.init_trackers("tensorboard")
+            with writing(board):
+                accelerator.init_trackers("tensorboard")
 
-        sampler = StepBatchSampler(
-            len(self.dataset),
+        sampler = self.dataset.batch_sampler(
             cfg.batch_size,
             cfg.seed,
-            start_step,
-            cfg.max_steps,
-            accelerator.process_index,
-            accelerator.num_processes,
+            start_step=start_step,
+            max_steps=cfg.max_steps,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
         )
-        # Batches are fetched by __getitems__ (one call per step), in worker processes if asked.
+        # Batches are fetched by __getitems__ (one call per request of one or several steps, cut
+        # into steps by split_steps), in worker processes if asked.
         loader = DataLoader(
             self.dataset,
             batch_sampler=sampler,
@@ -616,11 +633,14 @@ class Trainer:
         model.train()
         try:
             with (
+                # The loss log's appends, flushes and close (the other writes below name their own files).
+                writing(losses_path),
                 open(losses_path, "a")
                 if accelerator.is_main_process
-                else contextlib.nullcontext() as loss_log
+                else contextlib.nullcontext() as loss_log,
             ):
-                for step, raw in enumerate(loader, start=start_step):
+                per_step = cfg.batch_size // accelerator.num_processes
+                for step, raw in enumerate(split_steps(loader, per_step), start=start_step):
                     batch = _on_device(self.dataset, raw, device)
                     gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, accelerator.process_index))
                     with accelerator.autocast():
@@ -658,7 +678,10 @@ class Trainer:
                         if done % cfg.log_every == 0 or done == cfg.max_steps:
                             loss_log.flush()
                             mean = sum(window) / len(window)
-                            accelerator.log({"loss": mean, "lr": lr_scheduler.get_last_lr()[0]}, step=done)
+                            with writing(board):
+                                accelerator.log(
+                                    {"loss": mean, "lr": lr_scheduler.get_last_lr()[0]}, step=done
+                                )
                             bar.set_postfix(loss=f"{mean:.4f}")
                             window = []
                     stop = self._stop_requested_anywhere(accelerator)
@@ -676,14 +699,16 @@ class Trainer:
                 signal.signal(s, handler)
         accelerator.wait_for_everyone()
         if done < cfg.max_steps:
-            accelerator.end_training()
+            with writing(board):
+                accelerator.end_training()
             raise TrainingInterrupted(done, find_checkpoints(self.run_dir)[-1])
         pipeline_dir = (
             self._save_pipeline(unwrapped, ema) if accelerator.is_main_process else self.run_dir / "pipeline"
         )
         accelerator.wait_for_everyone()
         # Every process: this closes the trackers on the main one and ends the process group.
-        accelerator.end_training()
+        with writing(board):
+            accelerator.end_training()
         return TrainResult(self.run_dir, done, history, pipeline_dir)
 
     def _stop_requested_anywhere(self, accelerator: Accelerator) -> bool:

@@ -41,7 +41,7 @@ import torch
 import zarr
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from stmdit.io import write_json
+from stmdit.io import write_json, writing
 
 __all__ = [
     "ROW_CHUNK",
@@ -109,10 +109,11 @@ def create_array(path: Path, shape, dtype, row_axis: int, compressors=None) -> z
     compress, so they are stored raw by default."""
     chunks = list(shape)
     chunks[row_axis] = max(1, min(ROW_CHUNK, shape[row_axis]))
-    return zarr.create_array(
-        store=str(path), shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=0,
-        compressors=compressors, overwrite=True,
-    )  # fmt: skip
+    with writing(path):
+        return zarr.create_array(
+            store=str(path), shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=0,
+            compressors=compressors, overwrite=True,
+        )  # fmt: skip
 
 
 def _as_float32(rows) -> np.ndarray:
@@ -164,7 +165,8 @@ class CanvasWorkdir:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"workdir {self.path} is a file; give a folder (it is created if missing)")
-        self.path.mkdir(parents=True, exist_ok=True)
+        with writing(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
 
     def _state_name(self, steps_done: int) -> str:
         return f"state.{steps_done % 2}.zarr"
@@ -213,12 +215,14 @@ class CanvasWorkdir:
         for name, source in inputs.items():
             src_shape = tuple(int(s) for s in source.shape)
             # keep (0/1 with a transition band) compresses well; known and noise hardly.
+            path = self.path / f"{name}.zarr"
             target = create_array(
-                self.path / f"{name}.zarr", src_shape, np.float32, row_axis=len(src_shape) - 2,
+                path, src_shape, np.float32, row_axis=len(src_shape) - 2,
                 compressors="auto" if name == "keep" else None,
             )  # fmt: skip
-            for start, stop in row_chunks(src_shape[-2]):
-                target[..., start:stop, :] = input_rows(source, start, stop)
+            with writing(path):
+                for start, stop in row_chunks(src_shape[-2]):
+                    target[..., start:stop, :] = input_rows(source, start, stop)
             arrays.append(f"{name}.zarr")
         return arrays
 

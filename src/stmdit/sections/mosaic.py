@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from stmdit import defaults
-from stmdit.io import atomic_path, safe_file_name, write_json
+from stmdit.io import atomic_path, safe_file_name, save_npy, write_json
 from stmdit.tiles import to_tensor, to_uint8
 
 __all__ = [
@@ -505,8 +505,7 @@ def _generate(pipe, adata, rows, store, settings, batch_size, cache, progress) -
         for r, image in zip(batch, to_uint8(images), strict=True):
             tiles[r] = image
             if cache is not None:
-                with atomic_path(cache / f"{r}.npy") as tmp, open(tmp, "wb") as f:
-                    np.save(f, image)
+                save_npy(cache / f"{r}.npy", image)
         bar.update(len(batch))
     bar.close()
     return np.stack([tiles[int(r)] for r in rows]), len(pending)

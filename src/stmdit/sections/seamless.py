@@ -85,6 +85,7 @@ from scipy.spatial import cKDTree
 from stmdit import defaults
 from stmdit.diffusion import Condition, guided_prediction, noise_level, x0_threshold_of
 from stmdit.encoders.vae import decode_latents, vae_scale
+from stmdit.io import writing
 from stmdit.precision import current_default
 from stmdit.sections.canvas import (
     BandStepper,
@@ -542,10 +543,13 @@ def _denoise_in_bands(
                 if step < total - 1:
                     known_rows = _noised(scheduler, known_rows, noise_rows(a, ready), timesteps, step)
                 rows = keep_rows * known_rows + (1 - keep_rows) * rows
-            target[:, a:ready] = rows[0].float().cpu().numpy()
-            for j, h in enumerate(new_history):
-                if h is not None:
-                    history[1][j, :, a:ready] = h[0].float().cpu().numpy()
+            # A failed write names the work folder: the step's buffers are its files, and a rerun
+            # resumes there from the last recorded step, whose buffers this step does not touch.
+            with writing(work.path):
+                target[:, a:ready] = rows[0].float().cpu().numpy()
+                for j, h in enumerate(new_history):
+                    if h is not None:
+                        history[1][j, :, a:ready] = h[0].float().cpu().numpy()
         stepper.end_step()
         work.commit(step + 1)
         if on_step is not None:
@@ -664,11 +668,12 @@ def _decode_in_bands(vae, canvas: DiskCanvas, corners, window: int, batch_size: 
     as no remaining window covers them, so memory holds a strip of rows, not the section."""
     _, height, width = canvas.shape
     s = vae_scale(vae)
-    pixels = create_array(canvas.workdir / "pixels.zarr", (height * s, width * s, 3), np.uint8, row_axis=0,
-                          compressors="auto")  # fmt: skip
+    path = canvas.workdir / "pixels.zarr"
+    pixels = create_array(path, (height * s, width * s, 3), np.uint8, row_axis=0, compressors="auto")
     if vae is None:
-        for a, b in row_chunks(height):
-            pixels[a:b] = to_uint8(((canvas.rows(a, b) + 1) / 2).clamp(0, 1))
+        with writing(path):
+            for a, b in row_chunks(height):
+                pixels[a:b] = to_uint8(((canvas.rows(a, b) + 1) / 2).clamp(0, 1))
         return pixels
     corners = [(int(y), int(x)) for y, x in corners]
     px = window * s
@@ -690,5 +695,6 @@ def _decode_in_bands(vae, canvas: DiskCanvas, corners, window: int, batch_size: 
         if ready > latents.lo:
             a = latents.lo
             latents.release(ready)
-            pixels[a * s : ready * s] = to_uint8(numerator.release(ready) / denominator.release(ready))
+            with writing(path):
+                pixels[a * s : ready * s] = to_uint8(numerator.release(ready) / denominator.release(ready))
     return pixels
