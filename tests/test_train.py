@@ -6,7 +6,8 @@ import torch
 import yaml
 
 from conftest import run_two_processes
-from stmdit.data.features import FeatureDataset, StepBatchSampler
+from stmdit.data.features import FeatureDataset
+from stmdit.data.loading import StepBatchSampler
 from stmdit.errors import ConfigError, TrainingDiverged
 from stmdit.train import (
     ConfigMismatchError,

@@ -1,19 +1,19 @@
 """Training examples as precomputed features.
 
 PixCell pre-extracts VAE latents and UNI embeddings once per tile; the trainer then only
-reads tensors. :class:`FeatureDataset` holds them in memory; the batch order comes from
-:class:`StepBatchSampler`, which derives every batch from (seed, step) alone so that a
+reads tensors. :class:`FeatureDataset` holds them in memory, :class:`StoreDataset` reads
+them from a prepared store; the batch order comes from each one's ``batch_sampler``
+(:mod:`stmdit.data.loading`), which derives every batch from (seed, step) alone so that a
 resumed run sees exactly the batches an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from stmdit.data.loading import DEFAULT_ACCESS, BlockBatchSampler, StepBatchSampler, choose_access
 from stmdit.diffusion import Condition
 from stmdit.tiles import to_tensor
 
@@ -74,6 +74,10 @@ class FeatureDataset(Dataset):
             kw["ge_token_dim"] = self.tensors["ge_tokens"].shape[2]
         return kw
 
+    def batch_sampler(self, batch_size: int, seed: int, **kw) -> Sampler[list[int]]:
+        """Fully random batches (the rows are in memory); ``kw`` as :class:`StepBatchSampler`."""
+        return StepBatchSampler(len(self), batch_size, seed, **kw)
+
     def subset(self, indices) -> FeatureDataset:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return FeatureDataset(**{k: v[idx] for k, v in self.tensors.items()})
@@ -90,56 +94,6 @@ def batch_condition(batch: dict[str, torch.Tensor], use_ge: bool = True) -> Cond
     return cond if use_ge else cond.without_ge()
 
 
-class StepBatchSampler(Sampler[list[int]]):
-    """Global batch indices for steps ``start_step .. max_steps - 1``.
-
-    Epoch ``e`` is a permutation seeded by ``(seed, e)``; step ``s`` takes positions
-    ``s * batch_size .. (s + 1) * batch_size`` of the concatenated epochs. With several
-    processes, process ``p`` of ``P`` takes every ``P``-th index of the global batch.
-    """
-
-    def __init__(
-        self,
-        dataset_size: int,
-        batch_size: int,
-        seed: int,
-        start_step: int = 0,
-        max_steps: int = 1,
-        process_index: int = 0,
-        num_processes: int = 1,
-    ):
-        if dataset_size < 1:
-            raise ValueError("the training set is empty")
-        if batch_size % num_processes:
-            raise ValueError(
-                f"batch_size ({batch_size}) must be divisible by the number of processes ({num_processes})"
-            )
-        self.n, self.batch_size, self.seed = dataset_size, batch_size, seed
-        self.start_step, self.max_steps = start_step, max_steps
-        self.process_index, self.num_processes = process_index, num_processes
-
-    def _epoch(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def global_batch(self, step: int) -> np.ndarray:
-        start = step * self.batch_size
-        first_epoch, offset = divmod(start, self.n)
-        chunks, need, epoch = [], self.batch_size, first_epoch
-        while need > 0:
-            perm = self._epoch(epoch)[offset:]
-            chunks.append(perm[:need])
-            need -= len(chunks[-1])
-            epoch, offset = epoch + 1, 0
-        return np.concatenate(chunks)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start_step, self.max_steps):
-            yield self.global_batch(step)[self.process_index :: self.num_processes].tolist()
-
-    def __len__(self) -> int:
-        return max(0, self.max_steps - self.start_step)
-
-
 class StoreDataset(Dataset):
     """Training examples from a prepared dataset (:mod:`stmdit.data.store`).
 
@@ -150,7 +104,14 @@ class StoreDataset(Dataset):
     open their own handles.
     """
 
-    def __init__(self, root, split: str = "train", ge_tokens: bool = False, encoders: dict | None = None):
+    def __init__(
+        self,
+        root,
+        split: str = "train",
+        ge_tokens: bool = False,
+        encoders: dict | None = None,
+        access: str = DEFAULT_ACCESS,
+    ):
         from stmdit.data.encode import load_encoders
         from stmdit.data.store import DatasetStore
 
@@ -170,16 +131,35 @@ class StoreDataset(Dataset):
         )
         self._counts = None
         self._arrays = None
+        self._memory = None
+        self.access = choose_access(access, self._row_bytes() * len(self.indices))
+        if self.access == "memory":  # before any DataLoader worker forks: they share it
+            self._memory = {name: np.asarray(a.oindex[self.indices]) for name, a in self._open().items()}
+        self._arrays = None  # each DataLoader worker opens its own handles
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def _open(self) -> dict:
+        """The arrays a batch reads: the cached features wanted, and the tiles when a feature
+        is made from them on the fly."""
         if self._arrays is None:
             arrays = {name: self.store.feature(name) for name in self.cached & self.want}
-            arrays["tiles"] = self.store.tiles()
+            if self.want - self.cached & {"latents", "morphology"}:
+                arrays["tiles"] = self.store.tiles()
             self._arrays = arrays
         return self._arrays
+
+    def _row_bytes(self) -> int:
+        return sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in self._open().values())
+
+    def batch_sampler(self, batch_size: int, seed: int, **kw) -> Sampler[list[int]]:
+        """The batch order of this dataset's ``access`` (:mod:`stmdit.data.loading`); ``kw`` as
+        :class:`StepBatchSampler`."""
+        if self.access != "blocks":
+            return StepBatchSampler(len(self), batch_size, seed, **kw)
+        chunk_rows = int(self.store.manifest()["prepare"]["chunk_rows"])
+        return BlockBatchSampler(self.indices // chunk_rows, batch_size, seed, **kw)
 
     def _panel_counts(self) -> tuple[np.ndarray, np.ndarray]:
         if self._counts is None:
@@ -195,13 +175,17 @@ class StoreDataset(Dataset):
         sorted_rows = rows[order]
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
-        arrays = self._open()
-        out = {}
-        for name in self.cached & self.want:
-            out[name] = torch.from_numpy(np.asarray(arrays[name].oindex[sorted_rows])[back])
+        if self._memory is not None:
+            out = {
+                name: torch.from_numpy(a[np.asarray(indices, dtype=np.int64)])
+                for name, a in self._memory.items()
+            }
+        else:  # one sorted request per array: each chunk it touches is decompressed once
+            out = {
+                name: torch.from_numpy(np.asarray(a.oindex[sorted_rows])[back])
+                for name, a in self._open().items()
+            }
         missing = self.want - self.cached
-        if missing & {"latents", "morphology"}:
-            out["tiles"] = torch.from_numpy(np.asarray(arrays["tiles"].oindex[sorted_rows])[back])
         if missing & {"ge", "ge_tokens", "ge_mask"}:
             counts, library = self._panel_counts()
             out["counts"], out["library"] = torch.from_numpy(counts[rows]), torch.from_numpy(library[rows])

@@ -2,7 +2,8 @@
 
 ``source: synthetic`` simulates tissue with the embedded simulator (the demo's default);
 its keys are those of :func:`prepare_synthetic`, encoder specs included.
-``source: store`` reads a prepared dataset (``path``; ``split`` default train, ``val_split``
+``source: store`` reads a prepared dataset (``path``; ``access``, how batches are read, see
+:mod:`stmdit.data.loading`; ``split`` default train, ``val_split``
 default val), with cached features where ``stmdit encode`` wrote them.
 """
 
@@ -115,19 +116,23 @@ def load_training_data(spec: dict, model: dict | None = None) -> TrainingData:
             raise ValueError(f"data (source: synthetic): {err}") from err
     if source == "store":
         from stmdit.data.features import StoreDataset
+        from stmdit.data.loading import DEFAULT_ACCESS
 
         if "path" not in spec:
             raise ValueError("data (source: store) needs path: the prepared dataset folder")
-        unknown = set(spec) - {"path", "split", "val_split"}
+        unknown = set(spec) - {"path", "split", "val_split", "access"}
         if unknown:
             raise ValueError(
-                f"data (source: store): unknown keys {sorted(unknown)}; use path, split, val_split"
+                f"data (source: store): unknown keys {sorted(unknown)}; use path, split, val_split, access"
             )
-        train = StoreDataset(spec["path"], spec.get("split", "train"), ge_tokens=needs_tokens)
+        access = spec.get("access", DEFAULT_ACCESS)
+        train = StoreDataset(spec["path"], spec.get("split", "train"), ge_tokens=needs_tokens, access=access)
         val_split = spec.get("val_split", "val")
         val = None
         if len(train.store.rows(val_split)):
-            val = StoreDataset(spec["path"], val_split, ge_tokens=needs_tokens, encoders=train.encoders)
+            val = StoreDataset(
+                spec["path"], val_split, ge_tokens=needs_tokens, encoders=train.encoders, access=access
+            )
         enc = train.encoders
         return TrainingData(train, val, enc["ge_encoder"], enc["morphology_encoder"], enc["vae"])
     raise ValueError(f"data.source must be 'synthetic' or 'store'; got {source!r}")
