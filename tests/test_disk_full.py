@@ -308,3 +308,24 @@ def test_a_full_disk_at_the_section_report_fails_in_one_line(tiny_pipe, her2st_s
         == f"error: cannot write {out / 'C2_section.json'}: {NO_SPACE}. {RESUMES}"
     )
     assert not list(out.glob(".*.tmp"))  # the report's temporary is gone
+
+
+def test_a_full_disk_inside_save_pretrained_names_the_output(tmp_path, monkeypatch):
+    # Encoders and predictors are saved with save_pretrained inside atomic_path; safetensors
+    # reports the failed write as its own error with the errno in its message alone.
+    from safetensors import SafetensorError
+
+    from stmdit.encoders.morphology import StainFeatureEncoder
+    from stmdit.errors import OutputWriteError
+    from stmdit.io import atomic_path
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "encoder" / "config.json").write_text("{}")
+    with pytest.raises(OutputWriteError, match=r"encoder: No space left on device"):
+        with atomic_path(tmp_path / "encoder") as tmp:
+            StainFeatureEncoder(image_size=32).save_pretrained(tmp)
+    assert (tmp_path / "encoder" / "config.json").read_text() == "{}"  # the earlier save is intact

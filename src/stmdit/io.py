@@ -113,7 +113,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
     try:
-        with writing(path):
+        with writing_tensors(path):  # save_pretrained inside, too
             yield target
         if path.is_dir() and not path.is_symlink():
             # os.replace cannot replace a non-empty folder: move the old one aside first.

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from stmdit import defaults
 from stmdit.config import ConfigModel, Count, NonNegativeInt, PathStr
 from stmdit.evaluate.fidelity import bootstrap_interval, ceiling_ratio, fidelity_auc
-from stmdit.io import atomic_path, safe_file_name, write_json
+from stmdit.io import safe_file_name, save_npy, write_json
 from stmdit.model_card import update_model_card
 from stmdit.tiles import resize, to_tensor, to_uint8
 
@@ -283,9 +283,7 @@ def generate_setting(
         ).images
         out.append(to_uint8(images))
     tiles = np.concatenate(out)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, tiles)
+    save_npy(path, tiles)
     write_json(record, made_by)
     return tiles
 
