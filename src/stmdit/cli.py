@@ -653,7 +653,8 @@ def generate(
 def check(
     dataset: Annotated[Path, typer.Argument(help="Prepared dataset folder")],
     repair: Annotated[
-        bool, typer.Option(help="Unmark the damaged chunks, so that rerunning what made them rewrites just them")
+        bool,
+        typer.Option(help="Unmark the damaged chunks, so that rerunning what made them rewrites just them"),
     ] = False,
     verbose: Verbose = False,
 ) -> None:
@@ -668,7 +669,9 @@ def check(
     typer.echo(f"{dataset} is damaged:\n" + "\n".join(f"  {p}" for p in report["problems"]))
     if report["rerun"]:
         done = "the damaged chunks are unmarked; " if repair else f"`stmdit check {dataset} --repair`, then "
-        typer.echo(f"To mend it: {done}rerun " + " and ".join(report["rerun"]) + " (only those chunks are redone).")
+        typer.echo(
+            f"To mend it: {done}rerun " + " and ".join(report["rerun"]) + " (only those chunks are redone)."
+        )
     raise typer.Exit(1)
 
 
