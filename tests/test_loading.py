@@ -106,3 +106,25 @@ def test_training_from_blocks_resumes_exactly(encoded, tmp_path):
     straight = run(tmp_path / "a", 6)
     run(tmp_path / "b", 3)
     assert run(tmp_path / "b", 6) == straight
+
+
+def test_the_training_path_reads_the_spots_table_in_columns(encoded, monkeypatch):
+    """A million spots' counts would be read whole by read_h5ad; training needs a few obs columns."""
+    from stmdit.data.encode import load_encoders
+    from stmdit.data.store import DatasetStore
+    from stmdit.model_card import training_record
+
+    encoders = load_encoders(DatasetStore(encoded))
+    whole = DatasetStore(encoded).spots()
+
+    def refuse(path):
+        raise AssertionError(f"{path} was read whole")
+
+    monkeypatch.setattr("stmdit.data.store.read_h5ad", refuse)
+    data = StoreDataset(encoded, access="blocks", encoders=encoders)
+    expected = np.flatnonzero(whole.obs["keep"].to_numpy(bool) & (whole.obs["split"] == "train").to_numpy())
+    assert data.indices.tolist() == expected.tolist()
+    record = training_record({}, data)["data"]
+    counts = whole.obs["sample_id"].iloc[expected].astype(str).value_counts()
+    assert {s["sample_id"]: s["spots"] for s in record["samples"]} == counts.to_dict()
+    assert {s["source_format"] for s in record["samples"]} == {"legacy_st"}

@@ -54,9 +54,8 @@ def training_record(config: dict, dataset) -> dict:
     store = getattr(dataset, "store", None)
     if store is None:
         return record
-    spots = store.spots()
-    obs = spots.obs.iloc[dataset.indices]
-    formats = {sid: info.get("source_format", "") for sid, info in spots.uns["stmdit"]["samples"].items()}
+    obs = store.obs("sample_id").iloc[dataset.indices]  # one column: not the counts of every spot
+    formats = {sid: info.get("source_format", "") for sid, info in store.samples().items()}
     counts = obs["sample_id"].astype(str).value_counts().sort_index()
     record["data"] = {
         "store": store.root.name,

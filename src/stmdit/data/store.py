@@ -62,6 +62,7 @@ from stmdit.data.integrity import (
 from stmdit.data.readers import concat_samples
 from stmdit.data.readers.convention import read_h5ad, write_h5ad
 from stmdit.data.tiling import SpotTiler, open_slide, slide_key, tile_boxes
+from stmdit.errors import InputFileError
 from stmdit.io import differences, write_json
 
 logger = logging.getLogger(__name__)
@@ -455,8 +456,31 @@ class DatasetStore:
             raise KeyError(f"{self.root} has no complete cached feature {name!r}; run `stmdit encode`")
         return self._array(f"features/{name}.zarr")
 
+    def obs(self, *columns: str) -> pd.DataFrame:
+        """Columns of the spots' obs, read alone: without the counts and the other columns, so
+        that memory stays small however many spots the store has."""
+        import h5py
+        from anndata.io import read_elem
+
+        self._require_intact(SPOTS)
+        path = self.root / SPOTS
+        with h5py.File(path, "r") as f:
+            missing = [c for c in columns if c not in f["obs"]]
+            if missing:
+                raise InputFileError(path, f"obs has no column {missing[0]!r} (it has {sorted(f['obs'])})")
+            return pd.DataFrame({c: read_elem(f["obs"][c]) for c in columns})
+
+    def samples(self) -> dict:
+        """``uns['stmdit']['samples']`` of the spots: what each sample is and where it came from."""
+        import h5py
+        from anndata.io import read_elem
+
+        self._require_intact(SPOTS)
+        with h5py.File(self.root / SPOTS, "r") as f:
+            return read_elem(f["uns"]["stmdit"]["samples"])
+
     def rows(self, split: str | None = "train", only_kept: bool = True) -> np.ndarray:
-        obs = self.spots().obs
+        obs = self.obs("keep", "split")
         mask = np.ones(len(obs), dtype=bool)
         if only_kept:
             mask &= obs["keep"].to_numpy(dtype=bool)
