@@ -1,7 +1,9 @@
-"""Cost of ``stmdit prepare`` for one section (her2st C2), against decoding its image once.
+"""Cost of ``stmdit prepare`` for one section (her2st C2), against decoding its image once;
+with ``--processes``, of the three her2st sections in one process against two.
 
     STMDIT_TEST_DATA=../shared/data python bench/prepare.py [--tile-px 256 64] [--repeats 3]
         [--baseline-src DIR]
+    STMDIT_TEST_DATA=../shared/data python bench/prepare.py --processes [--tile-px 256 64] [--repeats 3]
 
 The full-resolution JPEG (about 9300 x 9900 px) must be decoded to crop anything from it, so
 one decode (``Image.open``, RGB, to an array) is the floor for a section; the ratio says what
@@ -18,6 +20,13 @@ are busy with other jobs, threads cannot run side by side and the wall ratio app
 CPU ratio; on an idle machine prepare's threads overlap and the wall ratio is the lower one.
 (Linux's autogroup scheduling gives each session an equal share of the CPU: beside another
 session's busy job, this one gets one core of two, whatever its threads or nice value.)
+
+``--processes`` runs ``stmdit prepare`` on C2, C3 and C4 from the command line as a user does,
+once as one process and once under ``torchrun --nproc_per_node 2`` (alternating, each into a
+fresh folder), and reports wall time and the CPU time of the whole command (launcher and every
+process, all threads, from the children's resource usage). Work shared among the processes
+costs about what it costs one process, plus one more start-up (the imports, timed alone) and
+the launcher's; work that every process does whole would double.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import argparse
 import datetime
 import json
 import os
+import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -72,6 +83,57 @@ def run_worker(src: Path, data: Path, px: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+SECTIONS = ("C2", "C3", "C4")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_command(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall, CPU) seconds of a command and all its processes."""
+    wall, cpu = time.perf_counter(), _children_cpu()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return time.perf_counter() - wall, _children_cpu() - cpu
+
+
+def processes(data: Path, sizes: list[int], repeats: int) -> None:
+    """One process against two on the three her2st sections (see the module's docstring)."""
+    import yaml
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    samples = [_sample(data / s) | {"sample_id": s} for s in SECTIONS]
+    starts = []
+    print("| tile_px | spots | processes | wall (s) | CPU (s) | CPU / one process |")
+    print("|---|---|---|---|---|---|")
+    for px in sizes:
+        runs: dict[int, list] = {1: [], 2: []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for i in range(repeats):
+                starts.append(
+                    run_command([sys.executable, "-c", "import stmdit.cli, stmdit.data.store"], env)
+                )
+                for n, timed in runs.items():
+                    out, cfg = f"{tmp}/{n}-{i}", Path(tmp) / f"{n}-{i}.yaml"
+                    cfg.write_text(yaml.safe_dump({"out": out, "samples": samples, "tile_px": px,
+                                                   "split_by": "sample_id"}))  # fmt: skip
+                    launch = ["-m", "stmdit"]
+                    if n > 1:
+                        with socket.socket() as free:
+                            free.bind(("127.0.0.1", 0))
+                            port = free.getsockname()[1]
+                        launch = ["-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
+                                  f"--master_port={port}", *launch]  # fmt: skip
+                    timed.append(run_command([sys.executable, *launch, "prepare", str(cfg)], env))
+            spots = json.loads(Path(f"{tmp}/1-0/manifest.json").read_text())["stages"]["spots"]["n_spots"]
+        for n, timed in runs.items():
+            wall, cpu = (statistics.median(t[k] for t in timed) for k in (0, 1))
+            ratio = statistics.median(t[1] / one[1] for t, one in zip(timed, runs[1], strict=True))
+            print(f"| {px} | {spots} | {n} | {wall:.2f} | {cpu:.2f} | {ratio:.2f} |")
+    print(f"start-up of one process (its imports alone): CPU {statistics.median(c for _, c in starts):.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -79,6 +141,7 @@ def main() -> None:
     parser.add_argument("--tile-px", type=int, nargs="+", default=[256, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline-src", type=Path, help="another checkout's src/ to time alongside")
+    parser.add_argument("--processes", action="store_true", help="three sections: one process against two")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -92,6 +155,11 @@ def main() -> None:
 
     from common import machine
 
+    if args.processes:
+        print(f"# {datetime.date.today()} | {machine()} | load {os.getloadavg()}")
+        processes(data.parent, args.tile_px, args.repeats)
+        print(f"load after: {os.getloadavg()}")
+        return
     here = Path(__file__).resolve().parents[1] / "src"
     codes = {"this checkout": here}
     if args.baseline_src is not None:

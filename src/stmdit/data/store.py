@@ -13,8 +13,9 @@ Layout::
 
 ``prepare`` (readers + tiling) and ``encode`` (features) write in row chunks with done-markers
 (:mod:`stmdit.data.chunks`): a killed run resumes where it stopped, without partial or
-duplicated records, and gives the same bytes as an uninterrupted run. ``encode`` shards its
-chunks across processes under ``accelerate launch``.
+duplicated records, and gives the same bytes as an uninterrupted run. Under ``accelerate
+launch`` (or ``torchrun``) ``prepare`` shares whole samples among the processes and ``encode``
+shards its chunks.
 """
 
 from __future__ import annotations
@@ -532,48 +533,84 @@ def _named_splits(config: PrepareConfig, parts: list[ad.AnnData]) -> dict[str, s
     return named
 
 
+def _source_paths(specs: list[dict]) -> list[str]:
+    """The paths a list of sample entries reads. Names are not paths, even when a folder of the
+    same name happens to exist."""
+    return [
+        v
+        for spec in specs
+        for k, v in spec.items()
+        if k not in ("format", "split", "sample_id", "patient_id") and isinstance(v, str)
+    ]
+
+
+def _places(adata: ad.AnnData) -> ad.AnnData:
+    """What tiling needs of the spot table (each spot's sample and tile box, the samples' images),
+    without the expression and thumbnails that the other processes have no use for."""
+    samples = {"samples": adata.uns["stmdit"]["samples"]}
+    return ad.AnnData(
+        obs=adata.obs[["sample_id"]], obsm={"tile_box": adata.obsm["tile_box"]}, uns={"stmdit": samples}
+    )
+
+
+def _slide_owners(adata: ad.AnnData, n_processes: int) -> np.ndarray:
+    """The process that tiles each spot: the slides, in row order, dealt round-robin, so that each
+    slide is decoded by one process and the shares stay even whatever order the samples come in."""
+    slides = {s: slide_key(v["image_path"]) for s, v in adata.uns["stmdit"]["samples"].items()}
+    slides = adata.obs["sample_id"].astype(str).map(slides)
+    return pd.factorize(slides)[0] % n_processes
+
+
 def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False) -> DatasetStore:
     """Readers + tiling into ``config.out``; resumes an interrupted run of the same config from the
-    same (unchanged) sources. ``restart`` removes what an earlier run wrote there and starts over."""
+    same (unchanged) sources. ``restart`` removes what an earlier run wrote there and starts over.
 
+    Under ``accelerate launch`` or ``torchrun`` the processes share the work by whole samples:
+    each reads its share of the sample entries (round-robin) and tiles the spots of its share of
+    the slides, so that each image is decoded by one process; the main process alone assembles
+    and writes the spot table and the manifest. The store is the one a single process writes."""
+    from stmdit.distributed import broadcast_from_main, gather_to_main, process_state, wait_patiently
+
+    state = process_state()
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
     store = DatasetStore(config.out)
-    if restart:
+    if restart and main:
         remove_entries(store.root, STORE_ENTRIES)
     store.root.mkdir(parents=True, exist_ok=True)
+    wait_patiently(state)
     manifest = store.manifest() if store.manifest_path.exists() else {"format": STORE_FORMAT, "stages": {}}
     _check_parameters(manifest, "prepare", config.parameters(), store.root)
-    if manifest.get("sources"):
+    if manifest.get("sources") and main:
         verify_sources(manifest["sources"], "start over with `stmdit prepare --restart`")
     manifest["prepare"] = config.parameters()
+    spots_path = store.root / "spots.h5ad"
+    spots_done = bool(manifest["stages"].get("spots")) and spots_path.exists()
+    mine = list(range(rank, len(config.samples), world))  # this process's sample entries
 
     # Decoding a section's image is the floor of prepare's cost; it runs on a second thread
     # (Pillow releases the GIL), followed by the slide's tissue threshold, while the counts are
     # parsed (the reader's own thumbnail of the image waits for and reuses that decode), and the
     # next chunk's tiles are cut while the previous chunk is compressed and written.
-    # Only the first sample's slide: the tiler opens each next one while it cuts the tiles of
-    # the one before, and releases each when done, so that at most two are held in memory.
+    # Only this process's first sample's slide: the tiler opens each next one while it cuts the
+    # tiles of the one before, and releases each when done, so that at most two are held in memory.
     background = ThreadPoolExecutor(2)
-    first = config.samples[0].get("image")
+    first = config.samples[mine[0]].get("image") if mine else None
     opened = (
         {slide_key(first): background.submit(open_slide, first)}
-        if not manifest["stages"].get("spots") and isinstance(first, str) and Path(first).is_file()
+        if not spots_done and isinstance(first, str) and Path(first).is_file()
         else {}
     )
-    spots_path = store.root / "spots.h5ad"
-    if manifest["stages"].get("spots") and spots_path.exists():
-        require_intact(store.root, manifest, [SPOTS])
-        adata = read_h5ad(spots_path)
-    else:
-        # Digests first: a file that changes while it is read shows up on the rerun. Names are
-        # not paths, even when a folder of the same name happens to exist.
-        paths = [
-            v
-            for spec in config.samples
-            for k, v in spec.items()
-            if k not in ("format", "split", "sample_id", "patient_id") and isinstance(v, str)
-        ]
-        sources = [file_digest(p) for p in source_files(paths, exclude=store.root)]
-        parts = [read_sample(s) for s in tqdm(config.samples, desc="reading samples", disable=not progress)]
+    if not spots_done:
+        # Digests first: a file that changes while it is read shows up on the rerun.
+        specs = [config.samples[k] for k in mine]
+        sources = [file_digest(p) for p in source_files(_source_paths(specs), exclude=store.root)]
+        parts = [read_sample(s) for s in tqdm(specs, desc="reading samples", disable=not progress)]
+        logger.info("process %d of %d: read sample entries %s of %d", rank, world, mine, len(config.samples))
+        # Splits are dealt over every sample's spots, so the main process assembles the table.
+        gathered = gather_to_main((mine, sources, parts), state)
+    if not spots_done and main:
+        parts = [part for _, _, ps in gathered for part in ps]
+        parts = [parts[i] for i in np.argsort([k for ks, _, _ in gathered for k in ks])]  # config order
         named = _named_splits(config, parts)
         adata = parts[0] if len(parts) == 1 else concat_samples(parts)
         boxes, at_edge = tile_boxes(adata, config.tile_um)
@@ -591,26 +628,51 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
         adata.uns["stmdit"]["splits"] = {"by": key, "seed": config.seed, **splits}
         _expression_layers(adata)
         write_h5ad(adata, spots_path)
-        manifest["sources"] = sources
+        # As source_files orders them, each file once (entries of two processes may share one).
+        manifest["sources"] = sorted(
+            {d["path"]: d for _, found, _ in gathered for d in found}.values(), key=lambda d: Path(d["path"])
+        )
         record_digests(store.root, manifest, [SPOTS])
         manifest["versions"] = package_versions()
         manifest["stages"]["spots"] = {"n_spots": adata.n_obs, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         store.write_manifest(manifest)
+    parts = gathered = adata = None  # the readers' outputs (thumbnails included): in spots.h5ad now
+    if main:
+        if spots_done:
+            require_intact(store.root, manifest, [SPOTS])
+        # Read back even when just written, as a resumed run reads it: the table with tissue
+        # fractions is then written from the same object, to the same bytes (anndata reads
+        # uns's keys in another order than the readers built them in).
+        adata = read_h5ad(spots_path)
 
-    n, px = adata.n_obs, config.tile_px
-    # zstd at level 1: H&E pixels compress as well (33 vs 32 MB on her2st C2) as at zarr's
-    # default level 3, in a third of the time, which was as long as decoding the section's image.
-    tiles = ChunkedArray(
-        store.root / "tiles.zarr", (n, px, px, 3), np.uint8, config.chunk_rows, compressors=ZstdCodec(level=1)
-    )
-    tissue = ChunkedArray(store.root / "tissue_fraction.zarr", (n,), np.float32, config.chunk_rows)
-    tiler = SpotTiler(adata, config.tile_um, px, boxes=adata.obsm["tile_box"], opened=opened)
+    px = config.tile_px
+
+    def arrays(n: int) -> tuple[ChunkedArray, ChunkedArray]:
+        # zstd at level 1: H&E pixels compress as well (33 vs 32 MB on her2st C2) as at zarr's
+        # default level 3, in a third of the time, which was as long as decoding the section's image.
+        rows, zstd = config.chunk_rows, ZstdCodec(level=1)
+        tiles = ChunkedArray(store.root / "tiles.zarr", (n, px, px, 3), np.uint8, rows, compressors=zstd)
+        return tiles, ChunkedArray(store.root / "tissue_fraction.zarr", (n,), np.float32, rows)
+
+    if main:  # the main process creates the arrays, the others open them
+        tiles, tissue = arrays(adata.n_obs)
+    places = broadcast_from_main(_places(adata) if main else None, state)
+    if not main:
+        tiles, tissue = arrays(places.n_obs)
+
+    owner = _slide_owners(places, world)
+    own = np.flatnonzero(owner == rank)
+    tiler = SpotTiler(places[own], config.tile_um, px, boxes=places.obsm["tile_box"][own], opened=opened)
     # A kill between the two writes of a chunk leaves one marked and not the other: redo both.
-    pending = [c for c in range(tiles.n_chunks) if not (tiles.is_done(c) and tissue.is_done(c))]
+    pending = [
+        c
+        for c in range(tiles.n_chunks)
+        if not (tiles.is_done(c) and tissue.is_done(c)) and (owner[tiles.rows(c)] == rank).any()
+    ]
     bar = tqdm(
-        total=n,
-        initial=n - sum(tiles.rows(c).stop - tiles.rows(c).start for c in pending),
-        desc="tiling",
+        total=len(own),
+        initial=len(own) - sum(int((owner[tiles.rows(c)] == rank).sum()) for c in pending),
+        desc="tiling" if world == 1 else f"tiling (process {rank})",
         unit="tile",
         disable=not progress,
     )
@@ -619,23 +681,48 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
         tiles.write(chunk, block)
         tissue.write(chunk, fractions)
 
+    # A chunk that straddles slides of two processes is written by the main process at the end,
+    # from the rows each of them cut: each chunk file has one writer, each slide one decoder.
+    shared: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     writing = None
     try:
         for chunk in pending:
-            rows = tiles.rows(chunk)
-            block, fractions = tiler.read(np.arange(rows.start, rows.stop))
+            rows = np.arange(tiles.rows(chunk).start, tiles.rows(chunk).stop)
+            ours = owner[rows] == rank
+            block, fractions = tiler.read(np.searchsorted(own, rows[ours]))
+            bar.update(len(block))
+            if not ours.all():
+                shared[chunk] = (ours, block, fractions)
+                continue
             if writing is not None:
                 writing.result()  # one write in flight: memory stays at two chunks
             writing = background.submit(write, chunk, block, fractions)
-            bar.update(len(block))
         if writing is not None:
             writing.result()
     finally:
         tiler.close()
         background.shutdown()
         bar.close()
+    slides = tiler.opened_samples
+    logger.info(
+        "process %d of %d: tiled %d chunks, opened the slides of %s", rank, world, len(pending), slides
+    )
 
-    if not manifest["stages"].get("tiles"):
+    gathered = gather_to_main((shared, len(pending)), state)
+    if main:
+        for chunk in sorted({c for cuts, _ in gathered for c in cuts}):
+            rows = tiles.rows(chunk)
+            block = np.empty((rows.stop - rows.start, px, px, 3), np.uint8)
+            fractions = np.empty(rows.stop - rows.start, np.float32)
+            for cuts, _ in gathered:
+                if chunk in cuts:
+                    ours, cut, measured = cuts[chunk]
+                    block[ours], fractions[ours] = cut, measured
+            write(chunk, block, fractions)
+        rewritten = any(count for _, count in gathered)
+    gathered = shared = None
+
+    if main and not manifest["stages"].get("tiles"):
         adata.obs["tissue_fraction"] = np.asarray(tissue.array[:], dtype=np.float32)
         adata.obs["keep"] = adata.obs["tissue_fraction"].to_numpy() >= config.min_tissue
         write_h5ad(adata, spots_path)
@@ -643,11 +730,13 @@ def prepare(config: PrepareConfig, progress: bool = True, restart: bool = False)
             "kept": int(adata.obs["keep"].sum()),
             "dropped_background": int((~adata.obs["keep"]).sum()),
             "at_edge": int(adata.obs["at_edge"].sum()),
+            "processes": world,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         record_digests(store.root, manifest, [SPOTS, *PREPARED_ARRAYS])
         store.write_manifest(manifest)
-    elif pending:  # chunks rewritten after `stmdit check --repair`
+    elif main and rewritten:  # chunks rewritten after `stmdit check --repair`
         record_digests(store.root, manifest, PREPARED_ARRAYS)
         store.write_manifest(manifest)
+    wait_patiently(state)  # the manifest is complete for every process that returns
     return store

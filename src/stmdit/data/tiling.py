@@ -129,6 +129,9 @@ class SpotTiler:
         self.boxes = tile_boxes(adata, tile_um)[0] if boxes is None else np.asarray(boxes)
         self._opened = opened if opened is not None else {}
         self._images: dict[str, tuple] = {}
+        # The samples whose slides this tiler opened, in order: what prepare's processes report,
+        # each of which must open only its own slides.
+        self.opened_samples: list[str] = []
         self._pool = ThreadPoolExecutor(TILING_THREADS) if TILING_THREADS > 1 else None
         self._last_row = {sid: row for row, sid in enumerate(self.sample_ids)}
         self._next = dict(itertools.pairwise(self._last_row))  # sample -> the one after it
@@ -150,6 +153,7 @@ class SpotTiler:
                 else:
                     threshold.set_result(slide_threshold(image))
             self._images[sid] = (image, threshold)
+            self.opened_samples.append(sid)
             following = self._next.get(sid)
             if self._pool is not None and following is not None and following not in self._images:
                 path = self.samples[following]["image_path"]
