@@ -234,6 +234,10 @@ def prepare(
 
     _setup_logging(verbose)
     store = run_prepare(PrepareConfig.from_yaml(config, out=out), restart=restart)
+    from stmdit.distributed import process_state
+
+    if not process_state().is_main_process:  # one summary, not one per process
+        return
     stages = store.manifest()["stages"]
     typer.echo(
         f"{store.root}: {stages['spots']['n_spots']} spots, {stages['tiles']['kept']} kept "
