@@ -233,3 +233,37 @@ def test_bad_edits_fail_in_one_line(simulator_section, tmp_path, edit, extra, me
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     assert f"error: {message}" in result.output or "error: " in result.output.split(message)[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_virtual_edit_starts_from_the_drawn_section_instead_of_drawing_it_again(simulator_section, pipe):
+    from stmdit.sections.synthesis import synthesize_seamless
+
+    _, store, _ = simulator_section
+    config = EditConfig(region={"polygon_um": central_square(store)}, changes=[{"gene_set": LYMPHOCYTES, "value": 8}],
+                        seeds=[3, 4])  # fmt: skip
+    drawn = synthesize_seamless(
+        pipe, store, SAMPLE, seed=3, steps=2, progress=False
+    )  # the first seed: its images are compared
+    fresh_calls, reused_calls = [], []
+    fresh = run_edit(
+        pipe, store, SAMPLE, config, steps=2, progress=False, on_step=lambda *a: fresh_calls.append(a)
+    )
+    reused = run_edit(pipe, store, SAMPLE, config, steps=2, progress=False, drawn=drawn,
+                      on_step=lambda *a: reused_calls.append(a))  # fmt: skip
+    assert fresh_calls[-1] == (8, 8) and reused_calls[-1] == (6, 6)  # one canvas of two steps fewer
+    assert np.array_equal(fresh.edited, reused.edited) and np.array_equal(fresh.unedited, reused.unedited)
+    assert fresh.report["local_change"] == reused.report["local_change"]
+    with pytest.raises(
+        ValueError, match=r"other settings than this edit's: steps: 2 \(drawn\) vs 3 \(edit\)"
+    ):
+        run_edit(pipe, store, SAMPLE, config, steps=3, progress=False, drawn=drawn)
+    with pytest.raises(ValueError, match="its seed 3 is not among the edit's seeds"):
+        run_edit(
+            pipe,
+            store,
+            SAMPLE,
+            config.model_copy(update={"seeds": [0]}),
+            steps=2,
+            progress=False,
+            drawn=drawn,
+        )

@@ -63,7 +63,7 @@ from stmdit.encoders.vae import encode_images, vae_scale
 from stmdit.experiments.simulate import MEASUREMENTS, read_back, readback_geometry, tile_statistics
 from stmdit.experiments.statistics import ALPHA, adjust_changes, describe_replicates, replicate_change
 from stmdit.genesets import marker_programmes
-from stmdit.io import safe_file_name, save_figure, write_json
+from stmdit.io import differences, safe_file_name, save_figure, write_json
 from stmdit.sections.edits import (
     EditConfig,
     edit_canvas,
@@ -295,13 +295,16 @@ def run_edit(
     predictor: str | os.PathLike | None = None,
     progress: bool = True,
     on_step: OnStep | None = None,
+    drawn: SectionResult | None = None,
 ) -> EditResult:
     """Redraw the edit's region of ``sample`` for every seed of ``config`` and measure the
     change (see the module docstring). Sampling options as
     :func:`~stmdit.sections.synthesis.synthesize_seamless`; ``predictor``: a predictor folder
     (``stmdit train-predictor``) whose read-back of the region's spots is measured too;
-    ``on_step(steps_done, total)``: progress over all the edit's denoising steps. Every input
-    is checked before any denoising."""
+    ``on_step(steps_done, total)``: progress over all the edit's denoising steps; ``drawn``:
+    the unedited section of one of the seeds as ``synthesize_seamless`` drew it with these
+    settings (anchor virtual), used instead of drawing it again. Every input is checked before
+    any denoising."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     # The unedited section is drawn as synthesize_seamless draws it (shifted window grids); the
@@ -334,9 +337,11 @@ def run_edit(
         cond_unedited, in_range_unedited = window_conditions(pipe, canvas, centres)
         known = encode_canvas(pipe.vae, canvas.real[px], corners, canvas.window, batch_size)
 
+    reused = _reusable(drawn, pipe, canvas, config, guidance_ge, guidance_morph, steps,
+                       in_range_full if config.anchor == "virtual" else None)  # fmt: skip
     sampling = {"guidance_ge": guidance_ge, "guidance_morph": guidance_morph, "steps": steps,
                 "batch_size": batch_size, "progress": progress}  # fmt: skip
-    total = 2 * len(config.seeds) * steps
+    total = (2 * len(config.seeds) - len(reused)) * steps
     offsets = iter(range(0, total, steps))  # two canvases a seed, each ``steps`` steps
 
     def counted() -> OnStep | None:
@@ -364,7 +369,12 @@ def run_edit(
     first, seed_changes, crops, predicted = None, [], [], []
     for seed in config.seeds:
         if config.anchor == "virtual":
-            full = draw_canvas(pipe, canvas, cond_full, in_range_full, seed, **sampling, on_step=counted())
+            if seed in reused:
+                full = reused[seed]
+            else:
+                full = draw_canvas(
+                    pipe, canvas, cond_full, in_range_full, seed, **sampling, on_step=counted()
+                )
             unedited = canvas_pixels(pipe, canvas, full, batch_size=batch_size)
             unedited[~canvas.coverage] = 255
             edited = paste(
@@ -399,6 +409,28 @@ def run_edit(
                           "n_windows_redrawn_without_ge": int((~in_range_edit).sum()),
                           "redrawn_box_px": dict(zip(("y0", "x0", "height", "width"), box_px, strict=True))}  # fmt: skip
     return EditResult(str(sample), config, canvas, first[1], first[0], region, band, box_px, report, section)
+
+
+def _reusable(drawn, pipe, canvas, config, guidance_ge, guidance_morph, steps, in_range) -> dict:
+    """``{seed: model canvas}`` of a drawn unedited section an edit can start from: anchor
+    virtual, one of the edit's seeds, and drawn with the settings the edit would draw it with
+    (anything else is refused, naming what differs)."""
+    if drawn is None:
+        return {}
+    if config.anchor != "virtual":
+        raise ValueError("a drawn section is the anchor of a virtual edit only; this edit's anchor is real")
+    seed = drawn.settings.get("seed")
+    if drawn.model_canvas is None or seed not in config.seeds:
+        raise ValueError(
+            f"the drawn section cannot be reused: it holds no model canvas or its seed {seed} is not among "
+            f"the edit's seeds {list(config.seeds)} (draw it with synthesize_seamless)"
+        )
+    expected = section_settings(pipe, canvas, seed, guidance_ge, guidance_morph, steps, in_range)
+    if drawn.sample != canvas.sample or drawn.settings != expected:
+        diffs = "; ".join(differences(drawn.settings, expected, "drawn", "edit"))
+        raise ValueError(f"the drawn section was made with other settings than this edit's: {diffs}")
+    model = drawn.model_canvas
+    return {seed: model if isinstance(model, torch.Tensor) else model.load()}
 
 
 def _report(

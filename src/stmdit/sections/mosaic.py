@@ -271,6 +271,9 @@ class SectionResult:
     settings: dict = field(default_factory=dict)
     n_generated: int = 0
     expression: ad.AnnData | None = None
+    # A seamless section's denoised canvas in the model's space (a tensor, or its zarr array
+    # when drawn out of core): an edit of the section starts from it instead of drawing it again.
+    model_canvas: object = None
 
     def centres_px(self) -> np.ndarray:
         """Spot centres as continuous canvas coordinates (N, 2: col, row)."""

@@ -384,11 +384,13 @@ def _window_counts(canvas: SectionCanvas, in_range) -> dict:
             "n_windows_per_phase": sizes, "n_windows_without_ge_per_phase": without}  # fmt: skip
 
 
-def section_result(canvas: SectionCanvas, virtual: np.ndarray, settings: dict) -> SectionResult:
+def section_result(
+    canvas: SectionCanvas, virtual: np.ndarray, settings: dict, model_canvas=None
+) -> SectionResult:
     """The :class:`SectionResult` of a drawn virtual image (glass outside ``coverage`` already)."""
     return SectionResult(
         canvas.sample, virtual, canvas.real, canvas.coverage, canvas.geometry, spot_tiles(canvas, virtual),
-        canvas.obs, canvas.tile_um, canvas.real_image, settings, len(canvas.obs), canvas.spots.copy(),
+        canvas.obs, canvas.tile_um, canvas.real_image, settings, len(canvas.obs), canvas.spots.copy(), model_canvas,
     )  # fmt: skip
 
 
@@ -438,4 +440,4 @@ def synthesize_seamless(
     virtual = canvas_pixels(pipe, canvas, model_canvas, batch_size=batch_size)
     virtual[~canvas.coverage] = 255
     settings = section_settings(pipe, canvas, seed, guidance_ge, guidance_morph, steps, in_range)
-    return section_result(canvas, virtual, settings)
+    return section_result(canvas, virtual, settings, model_canvas)

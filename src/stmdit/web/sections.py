@@ -12,10 +12,9 @@ waits behind an unknown number of others. A job also waits for the tile generati
 
 The last unedited section is kept (one per server); an edit names it by its job id (refused
 once another section replaced it) and takes from it the store, sample, seed, steps and guidance,
-and the geometry that maps the polygon drawn in canvas pixels to microns. The edit runner
-(:func:`stmdit.sections.editing.run_edit`) takes no drawn canvas yet, so it draws the unedited
-canvas of the section's seed again as its anchor (the same pixels: the noise depends only on
-the seed and the position), which doubles an edit's steps.
+the geometry that maps the polygon drawn in canvas pixels to microns, and its denoised canvas:
+the edit (:func:`stmdit.sections.editing.run_edit`) starts from that canvas for the section's
+seed instead of drawing it again, and draws only the other seeds' unedited canvases.
 """
 
 from __future__ import annotations
@@ -385,8 +384,9 @@ class Sections:
                 "images": {name: self.image_url(job.id, name) for name in ("edited", "unedited")},
             }, {"edited": png_bytes(edited), "unedited": png_bytes(unedited)}
 
-        # Per seed: the section redrawn (the anchor), then the region under the edit.
-        return self.start("edit", 2 * len(seeds) * steps, work)
+        # Per seed: the unedited section (the anchor; the drawn one for the first seed), then the
+        # region under the edit.
+        return self.start("edit", (2 * len(seeds) - 1) * steps, work)
 
 
 def finite(value):
@@ -428,6 +428,7 @@ def run_edit(pipe, drawn: Drawn, polygon_um, changes, gene_sets, band_um, seeds,
         steps=drawn.steps,
         progress=False,
         on_step=on_step,
+        drawn=drawn.section,
     )
     report = result.report
     numbers = {
