@@ -4,7 +4,6 @@ with a tiny random pipeline (the geometry, the real reference, the cache and the
 import json
 import math
 import shutil
-import time
 
 import anndata as ad
 import numpy as np
@@ -91,12 +90,6 @@ def c2_extent_px(store, um_per_px: float) -> tuple[int, tuple[int, int]]:
     return len(kept), tuple(math.ceil(e / um_per_px - 1e-6) for e in extent)
 
 
-def _timed(**kwargs):
-    start = time.perf_counter()
-    result = synthesize_section(progress=False, **kwargs)
-    return result, time.perf_counter() - start
-
-
 @pytest.mark.slow
 def test_whole_section_on_her2st(tiny_pipe, her2st_store, tmp_path):
     settings = {
@@ -106,7 +99,7 @@ def test_whole_section_on_her2st(tiny_pipe, her2st_store, tmp_path):
         "steps": 2,
         "cache_dir": tmp_path / "cache",
     }
-    result, first = _timed(**settings)
+    result = synthesize_section(progress=False, **settings)
     paths = result.save(tmp_path / "out")
 
     # Default scale: the generated tiles' own (128 µm / 32 px).
@@ -153,11 +146,13 @@ def test_whole_section_on_her2st(tiny_pipe, her2st_store, tmp_path):
         np.testing.assert_array_equal(figure[y0:y1, x0:x1], panel)
     assert figure.shape[1] > 2 * width and figure.shape[0] > height
 
-    # A rerun takes every tile from the cache: nothing generated, the same bytes, faster.
+    # A rerun takes every tile from the cache: nothing generated, the same bytes. (Not timed: at
+    # two steps of a tiny model, generating is too small a share of the call to win reliably
+    # against a busy machine's noise.)
     before = {k: p.read_bytes() for k, p in paths.items()}
-    again, second = _timed(**settings)
+    again = synthesize_section(progress=False, **settings)
     again_paths = again.save(tmp_path / "out")
-    assert again.n_generated == 0 and second < first
+    assert again.n_generated == 0
     assert {k: p.read_bytes() for k, p in again_paths.items()} == before
 
     # An interrupted run resumes: only the missing tiles are made, with the same noise per spot,
@@ -166,7 +161,7 @@ def test_whole_section_on_her2st(tiny_pipe, her2st_store, tmp_path):
     assert len(cached) == n_kept
     for path in cached[::4]:
         path.unlink()
-    resumed, _ = _timed(**settings, batch_size=40)
+    resumed = synthesize_section(progress=False, **settings, batch_size=40)
     assert resumed.n_generated == len(cached[::4])
     assert np.abs(resumed.tiles.astype(int) - result.tiles).max() <= 1
 

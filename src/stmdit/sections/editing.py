@@ -23,8 +23,9 @@ vocabulary and an anchor. :func:`run_edit` lays out the section's seamless canva
   the expression's alone; outside the region and band both equal the real H&E.
 * **Only the region is redrawn.** Every redraw denoises the sub-canvas of the region and band
   plus a window of context on each side, with the full canvas' noise there
-  (:func:`~stmdit.sections.seamless.position_noise`): outside it the imposed canvas is kept
-  exactly, so nothing further away could change. A latent model's decoded redraw is blended
+  (:func:`~stmdit.sections.seamless.position_noise`) and in the shifted window grids the
+  section is drawn in (on the sub-canvas padded as the section is): outside it the imposed
+  canvas is kept exactly, so nothing further away could change. A latent model's decoded redraw is blended
   into the anchor's pixels with ``keep`` at pixel scale (the VAE decoder sees the whole window,
   so decoded pixels beside the region would otherwise differ slightly).
 * **Measurements.** Inside the region, on the edited and the unedited image of every seed:
@@ -75,7 +76,7 @@ from stmdit.sections.edits import (
     transition_band,
 )
 from stmdit.sections.mosaic import SectionResult, blend_window
-from stmdit.sections.seamless import position_noise, window_grid
+from stmdit.sections.seamless import window_grid
 from stmdit.sections.synthesis import (
     FUSION_WEIGHTS,
     OnStep,
@@ -307,8 +308,10 @@ def run_edit(
     any denoising."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    # The unedited section is drawn as synthesize_seamless draws it (shifted window grids); the
-    # region's redraw, a small sub-canvas with the anchor imposed around it, keeps one grid.
+    # The unedited section is drawn as synthesize_seamless draws it, and so is the region's redraw
+    # (a sub-canvas with the anchor imposed around it): in shifted window grids. A fixed grid there
+    # drew the region differently from the section around it (a redraw with unchanged expression
+    # moved its haematoxylin by about one seed sd on the simulator).
     canvas = section_canvas(pipe, dataset, sample, use_morphology, stride, bandwidth_um, shift_windows=True)
     g, mg, s = canvas.geometry, canvas.model_geometry(), canvas.s
     spot_radius = canvas.pitch / 2
@@ -326,11 +329,17 @@ def run_edit(
 
     y0, x0, h, w = _redraw_box(keep, canvas.window, canvas.height, canvas.width)
     box_px = (y0 * s, x0 * s, h * s, w * s)
-    corners = window_grid(h, w, canvas.window, canvas.stride)
-    centres = canvas.centres_um(corners, (y0, x0))
+    corners = window_grid(h, w, canvas.window, canvas.stride)  # the box's own: encoding and decoding
+    # Denoised padded by the section's padding, which is left free (keep 0): the anchor is
+    # imposed at every step where keep is 1, so the free ring reaches no pixel of the region.
+    p = canvas.pad
+    grids = [window_grid(h + 2 * p, w + 2 * p, canvas.window, canvas.stride, o) for o in canvas.offsets]
+    centres = [canvas.centres_um(grid, (y0 - p, x0 - p)) for grid in grids]
     cond_edit, in_range_edit = window_conditions(pipe, canvas, centres, edited_spots)
     px = (slice(y0 * s, (y0 + h) * s), slice(x0 * s, (x0 + w) * s))
-    keep_box, keep_box_px = torch.from_numpy(keep[y0 : y0 + h, x0 : x0 + w]), keep_px[px][..., None]
+    keep_box = torch.zeros(h + 2 * p, w + 2 * p)
+    keep_box[p : p + h, p : p + w] = torch.from_numpy(keep[y0 : y0 + h, x0 : x0 + w])
+    keep_box_px = keep_px[px][..., None]
     if config.anchor == "virtual":
         cond_full, in_range_full = window_conditions(pipe, canvas, canvas.window_centres_um())
     else:
@@ -351,13 +360,15 @@ def run_edit(
 
     def redraw(cond, in_range, seed, known_box) -> np.ndarray:
         """The box redrawn with ``known_box`` imposed, as pixels blended into the anchor."""
+        known = torch.zeros(known_box.shape[0], h + 2 * p, w + 2 * p)
+        known[:, p : p + h, p : p + w] = known_box
         model = edit_canvas(
-            pipe, h, w, corners, cond, known_box, keep_box, seed=int(seed), ge_available=in_range,
+            pipe, h + 2 * p, w + 2 * p, grids, cond, known, keep_box, seed=int(seed), ge_available=in_range,
             num_inference_steps=steps, guidance_scale_morphology=guidance_morph, guidance_scale_ge=guidance_ge,
-            batch_size=batch_size, weights=FUSION_WEIGHTS, progress=progress,
-            noise=position_noise(int(seed), y0, x0, h, w, int(pipe.transformer.config.in_channels)), on_step=counted(),
+            batch_size=batch_size, weights=FUSION_WEIGHTS, progress=progress, origin=(y0 - p, x0 - p),
+            on_step=counted(),
         )  # fmt: skip
-        return canvas_pixels(pipe, canvas, model, corners, batch_size)
+        return canvas_pixels(pipe, canvas, model[:, p : p + h, p : p + w], corners, batch_size)
 
     def paste(base: np.ndarray, redrawn: np.ndarray) -> np.ndarray:
         out = base.copy()
@@ -405,8 +416,8 @@ def run_edit(
     if not virtual:  # no whole canvas was drawn: only the redrawn windows count
         del settings["n_windows"], settings["n_windows_without_ge"]
     report["settings"] = {**settings, "seeds": list(config.seeds), "spot_radius_um": spot_radius,
-                          "band_um": band_um, "n_windows_redrawn": len(corners),
-                          "n_windows_redrawn_without_ge": int((~in_range_edit).sum()),
+                          "band_um": band_um, "n_windows_redrawn": max(map(len, grids)),
+                          "n_windows_redrawn_without_ge": max(int((~m).sum()) for m in in_range_edit),
                           "redrawn_box_px": dict(zip(("y0", "x0", "height", "width"), box_px, strict=True))}  # fmt: skip
     return EditResult(str(sample), config, canvas, first[1], first[0], region, band, box_px, report, section)
 
