@@ -51,6 +51,20 @@ def her2st_store(tmp_path_factory, test_data):
         return prepare(PrepareConfig(**her2st_prepare_config(test_data, out)), progress=False)
 
 
+@pytest.fixture(scope="session")
+def her2st_encoded(her2st_store, tmp_path_factory) -> Path:
+    """A copy of ``her2st_store`` with the default encoders' features cached (16-gene panel):
+    what training reads. Shared read-only by the tests (copy it to write)."""
+    import shutil
+
+    from stmdit.data.encode import EncodeConfig, encode
+
+    root = tmp_path_factory.mktemp("encoded") / "store"
+    shutil.copytree(her2st_store.root, root)
+    encode(root, EncodeConfig(n_genes=16), progress=False)
+    return root
+
+
 def rewrite_spots(root: Path, adata) -> None:
     """Write ``adata`` as a store's spots.h5ad and record it in the manifest, as a store prepared
     from it would: for tests of what a store with such spots does (an edit behind the manifest's

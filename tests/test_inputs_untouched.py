@@ -134,17 +134,6 @@ def predictor(her2st_store, tmp_path_factory) -> Path:
     return save_predictor(fit, encoder, tmp_path_factory.mktemp("predictor") / "predictor")
 
 
-@pytest.fixture(scope="module")
-def encoded_store(her2st_store, tmp_path_factory) -> Path:
-    """A copy of the store with the default encoders' features cached (what training reads)."""
-    from stmdit.data.encode import EncodeConfig, encode
-
-    root = tmp_path_factory.mktemp("encoded") / "store"
-    shutil.copytree(her2st_store.root, root)
-    encode(root, EncodeConfig(n_genes=32), progress=False)
-    return root
-
-
 # -- one test per command ----------------------------------------------------------------------
 
 
@@ -175,12 +164,12 @@ def test_encode_writes_into_its_store_only(her2st_store, tmp_path):
     assert (store / "encoders").is_dir()
 
 
-def test_train_does_not_write_into_its_dataset(encoded_store, tmp_path):
+def test_train_does_not_write_into_its_dataset(her2st_encoded, tmp_path):
     cfg = {"output_dir": str(tmp_path / "run"), "max_steps": 1, "batch_size": 4, "checkpoint_every": 1,
-           "data": {"source": "store", "path": str(encoded_store)},
+           "data": {"source": "store", "path": str(her2st_encoded)},
            "model": {"preset": "tiny", "patch_size": 8}}  # fmt: skip
     config = write_config(tmp_path / "config", "train.yaml", cfg)
-    with untouched("stmdit train", tmp_path / "config", encoded_store):
+    with untouched("stmdit train", tmp_path / "config", her2st_encoded):
         invoke("train", config)
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
 

@@ -1,13 +1,10 @@
 """How batches come off a store: block-shuffled order, in-memory rows, and exact resume with
 either (stmdit.data.loading)."""
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 
-from stmdit.data.encode import EncodeConfig, encode
 from stmdit.data.features import StoreDataset
 from stmdit.data.loading import BlockBatchSampler, StepBatchSampler, choose_access, split_steps
 from stmdit.data.sources import load_training_data
@@ -71,16 +68,8 @@ def test_access_auto_chooses_by_size_and_refuses_unknown():
         choose_access("chunks", 10)
 
 
-@pytest.fixture(scope="module")
-def encoded(her2st_store, tmp_path_factory):
-    root = tmp_path_factory.mktemp("loading") / "store"
-    shutil.copytree(her2st_store.root, root)
-    encode(root, EncodeConfig(n_genes=16), progress=False)
-    return root
-
-
-def test_every_access_reads_the_same_rows(encoded):
-    datasets = {a: StoreDataset(encoded, access=a) for a in ("memory", "blocks", "random")}
+def test_every_access_reads_the_same_rows(her2st_encoded):
+    datasets = {a: StoreDataset(her2st_encoded, access=a) for a in ("memory", "blocks", "random")}
     assert datasets["memory"]._memory is not None and datasets["random"]._memory is None
     idx = [17, 3, 3, 150, 0]
     batches = {a: d.batch(idx) for a, d in datasets.items()}
@@ -92,11 +81,11 @@ def test_every_access_reads_the_same_rows(encoded):
     assert type(datasets["memory"].batch_sampler(4, 0)) is StepBatchSampler
 
 
-def test_training_from_blocks_resumes_exactly(encoded, tmp_path):
+def test_training_from_blocks_resumes_exactly(her2st_encoded, tmp_path):
     def run(out, max_steps, resume=True):
         cfg = TrainConfig(output_dir=str(out), max_steps=max_steps, batch_size=4, checkpoint_every=3, seed=5,
                           model={"preset": "tiny", "patch_size": 8},
-                          data={"source": "store", "path": str(encoded), "access": "blocks"})  # fmt: skip
+                          data={"source": "store", "path": str(her2st_encoded), "access": "blocks"})  # fmt: skip
         data = load_training_data(cfg.to_dict()["data"], cfg.to_dict()["model"])
         assert data.train.access == "blocks"
         Trainer(cfg, data.train, ge_encoder=data.ge_encoder, morphology_encoder=data.morphology_encoder,
@@ -108,20 +97,20 @@ def test_training_from_blocks_resumes_exactly(encoded, tmp_path):
     assert run(tmp_path / "b", 6) == straight
 
 
-def test_the_training_path_reads_the_spots_table_in_columns(encoded, monkeypatch):
+def test_the_training_path_reads_the_spots_table_in_columns(her2st_encoded, monkeypatch):
     """A million spots' counts would be read whole by read_h5ad; training needs a few obs columns."""
     from stmdit.data.encode import load_encoders
     from stmdit.data.store import DatasetStore
     from stmdit.model_card import training_record
 
-    encoders = load_encoders(DatasetStore(encoded))
-    whole = DatasetStore(encoded).spots()
+    encoders = load_encoders(DatasetStore(her2st_encoded))
+    whole = DatasetStore(her2st_encoded).spots()
 
     def refuse(path):
         raise AssertionError(f"{path} was read whole")
 
     monkeypatch.setattr("stmdit.data.store.read_h5ad", refuse)
-    data = StoreDataset(encoded, access="blocks", encoders=encoders)
+    data = StoreDataset(her2st_encoded, access="blocks", encoders=encoders)
     expected = np.flatnonzero(whole.obs["keep"].to_numpy(bool) & (whole.obs["split"] == "train").to_numpy())
     assert data.indices.tolist() == expected.tolist()
     record = training_record({}, data)["data"]

@@ -22,17 +22,9 @@ from stmdit.data.integrity import StoreIntegrityError, check_store
 from stmdit.data.store import DatasetStore, PrepareConfig, prepare
 
 
-@pytest.fixture(scope="module")
-def encoded(her2st_store, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("integrity") / "store"
-    shutil.copytree(her2st_store.root, root)
-    encode(root, EncodeConfig(n_genes=16), progress=False)
-    return root
-
-
 @pytest.fixture
-def store(encoded, tmp_path) -> Path:
-    return Path(shutil.copytree(encoded, tmp_path / "store"))
+def store(her2st_encoded, tmp_path) -> Path:
+    return Path(shutil.copytree(her2st_encoded, tmp_path / "store"))
 
 
 def _chunk(root: Path, name: str, chunk: int) -> Path:
