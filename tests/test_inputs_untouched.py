@@ -174,6 +174,11 @@ def test_train_does_not_write_into_its_dataset(her2st_encoded, tmp_path):
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
 
 
+def test_check_does_not_write_into_the_store_it_verifies(her2st_encoded):
+    with untouched("stmdit check", her2st_encoded, shared=(her2st_encoded,)):
+        assert "intact" in invoke("check", her2st_encoded)
+
+
 @pytest.mark.filterwarnings("ignore:the predictor does not follow DeepSpot's protocol")
 def test_train_predictor_does_not_write_into_its_dataset(her2st_store, tmp_path):
     with untouched(
