@@ -373,8 +373,9 @@ def test_section_panel_draws_zooms_and_edits_a_region(sync_api, section_server, 
                 assert time.monotonic() < deadline, "the edit did not finish in 60 s"
                 page.wait_for_timeout(50)
             bar = page.locator("#section-progress")
-            assert bar.is_visible() and bar.evaluate("bar => [bar.value, bar.max]") == [4, 4]
-            assert "Editing the region: step 4 of 4" in page.locator("#section-status").inner_text()
+            # The region's 2 steps: the edit starts from the drawn section instead of drawing it again.
+            assert bar.is_visible() and bar.evaluate("bar => [bar.value, bar.max]") == [2, 2]
+            assert "Editing the region: step 2 of 2" in page.locator("#section-status").inner_text()
             assert page.locator("#edit-apply").is_disabled() and page.locator("#section-draw").is_disabled()
             page.locator("#section-panel").screenshot(path=str(artifacts / "section_panel_progress.png"))
             held[0].continue_()
@@ -383,7 +384,7 @@ def test_section_panel_draws_zooms_and_edits_a_region(sync_api, section_server, 
             page.locator("#section-progress").wait_for(state="hidden")
             seen = page.evaluate("window.progressSeen")
             shown = [(value, top) for hidden, value, top in seen if not hidden]
-            assert shown and {top for _, top in shown} == {4} and shown[-1][0] == 4, seen  # section + region
+            assert shown and {top for _, top in shown} == {2} and shown[-1][0] == 2, seen  # the region alone
             assert page.locator("#error").is_hidden(), page.locator("#error").inner_text()
             assert page.evaluate("window.stmditSection.state().edited")
             assert page.locator("#show-edited").is_checked() and page.locator("#show-edited").is_enabled()
