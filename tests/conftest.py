@@ -65,6 +65,19 @@ def her2st_encoded(her2st_store, tmp_path_factory) -> Path:
     return root
 
 
+# A training run of a few seconds on the embedded simulator, for CLI tests that stop, kill or
+# starve `stmdit train` (each sets its own checkpoint_every and max_steps).
+TINY_TRAINING = {
+    "output_dir": "run",
+    "data": {"source": "synthetic", "n_sections": 2, "grid": 4, "tile_size": 16, "n_genes": 12},
+    "model": {"preset": "tiny", "patch_size": 4},
+    "batch_size": 4,
+    "learning_rate": 1e-3,
+    "warmup_steps": 2,
+    "log_every": 1,
+}
+
+
 def rewrite_spots(root: Path, adata) -> None:
     """Write ``adata`` as a store's spots.h5ad and record it in the manifest, as a store prepared
     from it would: for tests of what a store with such spots does (an edit behind the manifest's

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 from zarr.storage import _local
 
-from conftest import her2st_prepare_config, random_window_pipe
+from conftest import TINY_TRAINING, her2st_prepare_config, random_window_pipe
 from stmdit.cli import app
 from stmdit.data.store import DatasetStore, PrepareConfig, prepare
 from stmdit.diffusion import Condition
@@ -45,17 +45,7 @@ RESUMES = "Nothing written before was lost; free space (or make the folder writa
 
 # -- stmdit train ----------------------------------------------------------------------------------------
 
-CONFIG = {
-    "output_dir": "run",
-    "data": {"source": "synthetic", "n_sections": 2, "grid": 4, "tile_size": 16, "n_genes": 12},
-    "model": {"preset": "tiny", "patch_size": 4},
-    "batch_size": 4,
-    "learning_rate": 1e-3,
-    "warmup_steps": 2,
-    "log_every": 1,
-    "checkpoint_every": 2,
-    "max_steps": 4,
-}
+CONFIG = {**TINY_TRAINING, "checkpoint_every": 2, "max_steps": 4}
 STEP_2, STEP_4 = "step_00000002", "step_00000004"
 PROGRESS_BAR = re.compile(r"^training \S+: +\d+%")
 

@@ -16,16 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import TINY_TRAINING
 from stmdit.train import find_checkpoints
 
 CONFIG = {
-    "output_dir": "run",
-    "data": {"source": "synthetic", "n_sections": 2, "grid": 4, "tile_size": 16, "n_genes": 12},
-    "model": {"preset": "tiny", "patch_size": 4},
-    "batch_size": 4,
-    "learning_rate": 1e-3,
-    "warmup_steps": 2,
-    "log_every": 1,
+    **TINY_TRAINING,
     "checkpoint_every": 100000,  # only the signal writes one
     "max_steps": 100000,  # far more than the test waits for
 }
