@@ -589,3 +589,30 @@ def test_page_and_templates_are_package_data():
     for f in files:
         relative = f.relative_to(package).as_posix()
         assert any(fnmatch.fnmatch(relative, p) for p in patterns["stmdit"]), relative
+
+
+def test_a_body_passing_the_limit_after_the_answer_began_cuts_it_short_and_says_so(caplog):
+    """An app that starts answering before it has read the whole body: the guard cannot answer
+    413 any more; it stops the read, lets the begun answer stand, and logs that it was cut short."""
+    from stmdit.web.guard import MAX_JSON_BYTES, Guard
+
+    async def streaming_app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:  # reads until the guard stops it
+            await receive()
+
+    async def receive():
+        return {"type": "http.request", "body": b" " * 2**16, "more_body": True}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "scheme": "http", "path": "/api/generate",
+             "headers": [(b"host", b"127.0.0.1")]}  # fmt: skip
+    guard = Guard(streaming_app, {"127.0.0.1"}, max_upload_bytes=2**20)
+    with caplog.at_level("WARNING", logger="stmdit.web.guard"):
+        asyncio.run(guard(scope, receive, send))
+    assert [(m["type"], m.get("status")) for m in sent] == [("http.response.start", 200)]
+    assert f"passed the {MAX_JSON_BYTES}-byte limit after the answer had begun" in caplog.text

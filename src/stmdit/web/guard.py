@@ -124,7 +124,16 @@ class Guard:
         try:
             await self.app(scope, counted_receive, secured_send)
         except BodyTooLarge:
-            pass  # answered in counted_receive, if the app had not begun its answer
+            # Answered with 413 in counted_receive, unless the app had already begun its answer:
+            # then that answer is cut short, which the server's log should say.
+            if not refused_body:
+                logger.warning(
+                    "%s %s: the request body passed the %d-byte limit after the answer had begun; "
+                    "the answer was cut short",
+                    scope.get("method"),
+                    scope["path"],
+                    limit,
+                )
         except Exception:
             if refused_body:
                 return  # the app's failure to read the body it was refused
