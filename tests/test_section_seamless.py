@@ -2,6 +2,8 @@
 denoised jointly in overlapping windows, with a tiny random pixel-space pipeline."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +85,35 @@ def test_seamless_record(c2_seamless, tmp_path):
         assert tif.is_ome
         np.testing.assert_array_equal(tif.series[0].levels[0].asarray(), c2_seamless.virtual)
         assert 'PhysicalSizeX="4.0"' in tif.ome_metadata and 'PhysicalSizeXUnit="µm"' in tif.ome_metadata
+
+
+def bioformats(jar: Path, tool: str, *args: str) -> str:
+    """Run a Bio-Formats command-line tool (``ImageInfo`` is showinf, ``ImageConverter`` bfconvert)."""
+    done = subprocess.run(
+        ["java", "-cp", str(jar), f"loci.formats.tools.{tool}", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_bioformats_opens_the_virtual_slide_as_one_pyramid(c2_seamless, bioformats_jar, tmp_path):
+    """QuPath opens OME-TIFF through Bio-Formats' OMETiffReader: it must see one image with all
+    its levels as resolutions (not a series per level), the pixel size, and every level's pixels."""
+    slide = c2_seamless.save(tmp_path)["slide"]
+    with tifffile.TiffFile(slide) as tif:
+        levels = [level.asarray() for level in tif.series[0].levels]
+    assert len(levels) >= 2
+    info = bioformats(bioformats_jar, "ImageInfo", "-nopix", "-noflat", "-omexml", str(slide))
+    assert "OMETiffReader" in info and "No validation errors found" in info
+    assert "Series count = 1" in info and f"Resolutions = {len(levels)}" in info
+    assert 'PhysicalSizeX="4.0" PhysicalSizeXUnit="µm" PhysicalSizeY="4.0"' in info
+    # Flattened (bfconvert's default), series k is resolution k.
+    for k, expected in enumerate(levels):
+        out = tmp_path / f"level{k}.tif"
+        bioformats(bioformats_jar, "ImageConverter", "-series", str(k), str(slide), str(out))
+        read = tifffile.imread(out)  # planar: (3, H, W)
+        np.testing.assert_array_equal(np.moveaxis(read, 0, -1), expected)
 
 
 @pytest.mark.slow
