@@ -333,7 +333,8 @@ def run_edit(
     # Denoised padded by the section's padding, which is left free (keep 0): the anchor is
     # imposed at every step where keep is 1, so the free ring reaches no pixel of the region.
     p = canvas.pad
-    grids = [window_grid(h + 2 * p, w + 2 * p, canvas.window, canvas.stride, o) for o in canvas.offsets]
+    schedule = canvas.schedule(steps, h + 2 * p, w + 2 * p)
+    grids = schedule.grids
     centres = [canvas.centres_um(grid, (y0 - p, x0 - p)) for grid in grids]
     cond_edit, in_range_edit = window_conditions(pipe, canvas, centres, edited_spots)
     px = (slice(y0 * s, (y0 + h) * s), slice(x0 * s, (x0 + w) * s))
@@ -341,7 +342,7 @@ def run_edit(
     keep_box[p : p + h, p : p + w] = torch.from_numpy(keep[y0 : y0 + h, x0 : x0 + w])
     keep_box_px = keep_px[px][..., None]
     if config.anchor == "virtual":
-        cond_full, in_range_full = window_conditions(pipe, canvas, canvas.window_centres_um())
+        cond_full, in_range_full = window_conditions(pipe, canvas, canvas.window_centres_um(steps))
     else:
         cond_unedited, in_range_unedited = window_conditions(pipe, canvas, centres)
         known = encode_canvas(pipe.vae, canvas.real[px], corners, canvas.window, batch_size)
@@ -366,7 +367,7 @@ def run_edit(
             pipe, h + 2 * p, w + 2 * p, grids, cond, known, keep_box, seed=int(seed), ge_available=in_range,
             num_inference_steps=steps, guidance_scale_morphology=guidance_morph, guidance_scale_ge=guidance_ge,
             batch_size=batch_size, weights=FUSION_WEIGHTS, progress=progress, origin=(y0 - p, x0 - p),
-            on_step=counted(),
+            phase_order=schedule.order, on_step=counted(),
         )  # fmt: skip
         return canvas_pixels(pipe, canvas, model[:, p : p + h, p : p + w], corners, batch_size)
 

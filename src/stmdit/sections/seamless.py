@@ -21,6 +21,13 @@ Pieces:
   phase, step ``k`` in phase ``k % phases``. Each grid covers the whole canvas (windows flush
   with the edges fill what the move uncovers), so pad the canvas (a stride each side) and give
   ``origin`` to keep the noise of the region of interest (:mod:`stmdit.sections.synthesis`).
+* :func:`patch_phase_grid`: a trained DiT's prediction shows its patch grid (edges at patch
+  borders; the walkthrough's model: 1.5x the edge energy there). The patch grid starts afresh
+  in every window, so on a canvas it repeats at the stride, where one grid's windows begin, and
+  the last steps' grids leave it in the image. Fusing a step from the union of ``patch`` copies
+  of its grid moved diagonally by 0 .. patch - 1 pixels averages every patch phase at every
+  pixel, which evens the patch grid out (``phase_order`` of :func:`denoise_canvas` says which
+  steps; :mod:`stmdit.sections.synthesis` does it for the last quarter).
 * :func:`position_noise`: the initial noise depends only on ``(seed, absolute position)``:
   fixed blocks, each from its own generator, cropped. A rerun, another window batch size or a
   sub-region reproduces the same noise.
@@ -111,6 +118,8 @@ __all__ = [
     "denoise_canvas",
     "expression_for_encoder",
     "grid_offsets",
+    "patch_phase_grid",
+    "window_schedule",
     "interpolate_expression",
     "pitch_um",
     "position_noise",
@@ -160,6 +169,49 @@ def grid_offsets(stride: int, count: int = 8) -> list[tuple[int, int]]:
         raise ValueError(f"need stride >= 1 and a power of two count; got stride {stride}, count {count}")
     points = qmc.Sobol(d=2, scramble=False).random(count)
     return [(int(dy), int(dx)) for dy, dx in np.floor(points * stride).astype(int)]
+
+
+def patch_phase_grid(
+    height: int, width: int, window: int, stride: int, offset: tuple[int, int], patch: int
+) -> list[tuple[int, int]]:
+    """The union of the :func:`window_grid` s moved by ``offset + (j, j)`` (modulo ``stride``)
+    for ``j = 0 .. patch - 1``, row-major without repeats: together their windows begin at every
+    phase of the patch grid on both axes, so a pixel's fused prediction averages all ``patch``
+    positions within a patch instead of one (the module docstring). ``patch = 1``: the grid."""
+    if patch < 1:
+        raise ValueError(f"the patch size must be >= 1; got {patch}")
+    moved = (((offset[0] + j) % stride, (offset[1] + j) % stride) for j in range(patch))
+    return sorted({corner for o in moved for corner in window_grid(height, width, window, stride, o)})
+
+
+def window_schedule(
+    height: int,
+    width: int,
+    window: int,
+    stride: int,
+    offsets: Sequence[tuple[int, int]],
+    patch: int,
+    steps: int,
+    patch_phase_steps: int,
+) -> tuple[list[list[tuple[int, int]]], list[int]]:
+    """Shifted windows for ``steps`` steps: ``(grids, order)``, :func:`denoise_canvas`'s
+    ``corners`` and ``phase_order``. Step ``k`` is denoised in the grid moved by
+    ``offsets[k % len(offsets)]``, the last ``patch_phase_steps`` steps in that offset's
+    :func:`patch_phase_grid`; ``grids`` holds each grid used once."""
+    if not 0 <= patch_phase_steps <= steps:
+        raise ValueError(f"patch_phase_steps must be in [0, steps ({steps})]; got {patch_phase_steps}")
+    grids = [window_grid(height, width, window, stride, offset) for offset in offsets]
+    unions: dict[int, int] = {}  # offset index -> the index of its patch-phase grid in grids
+    order = []
+    for k in range(steps):
+        i = k % len(offsets)
+        if k >= steps - patch_phase_steps:
+            if i not in unions:
+                unions[i] = len(grids)
+                grids.append(patch_phase_grid(height, width, window, stride, offsets[i], patch))
+            i = unions[i]
+        order.append(i)
+    return grids, order
 
 
 def _block_generator(seed: int, row: int, col: int) -> torch.Generator:
@@ -321,6 +373,7 @@ def denoise_canvas(
     workdir: str | os.PathLike | None = None,
     on_step: Callable[[int, int], None] | None = None,
     origin: tuple[int, int] = (0, 0),
+    phase_order: Sequence[int] | None = None,
 ) -> torch.Tensor | DiskCanvas:
     """Denoise a (height, width) canvas of the model's space jointly from its windows.
 
@@ -349,8 +402,9 @@ def denoise_canvas(
     *phase*, ``corners`` as a list of as many grids (e.g. :func:`window_grid` with each of
     :func:`grid_offsets`) and ``ge_available`` as None or a list of as many masks (each None or
     one bool per window of its grid). Step ``k`` is denoised from phase ``k % len(corners)``:
-    its windows, their condition rows and GE mask. Every phase's windows must lie inside the
-    canvas and cover it. ``origin`` ``(y, x)``: where the canvas' top-left pixel lies in the
+    its windows, their condition rows and GE mask; ``phase_order`` (one phase index per step)
+    chooses the phase of each step instead, e.g. to fuse the last steps from
+    :func:`patch_phase_grid` s. Every phase's windows must lie inside the canvas and cover it. ``origin`` ``(y, x)``: where the canvas' top-left pixel lies in the
     absolute positions of :func:`position_noise` (default noise only), e.g. ``(-pad, -pad)``
     for a canvas padded by ``pad`` on each side, so that the pixels of the unpadded region get
     the noise they have without the padding.
@@ -372,6 +426,7 @@ def denoise_canvas(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     phases = _phases(window_conditions, corners, ge_available, window, height, width)
+    order = _phase_order(phase_order, len(phases), num_inference_steps)
     origin = (int(origin[0]), int(origin[1]))
     shape = (channels, height, width)
     _check_shapes(noise, known, keep, shape)
@@ -394,9 +449,11 @@ def denoise_canvas(
         }  # fmt: skip
         if origin != (0, 0):
             settings["origin"] = list(origin)
+        if phase_order is not None:
+            settings["phase_order"] = order
         inputs = {k: v for k, v in (("noise", noise), ("known", known), ("keep", keep)) if v is not None}
         return _denoise_in_bands(
-            pipe, scheduler, shape, phases, weight, workdir, settings, inputs, origin, progress=progress,
+            pipe, scheduler, shape, phases, order, weight, workdir, settings, inputs, origin, progress=progress,
             on_step=on_step, batch_size=batch_size,
         )  # fmt: skip
 
@@ -425,7 +482,7 @@ def denoise_canvas(
     for step, t in enumerate(pipe.progress_bar(steps) if progress else steps):
         x_in = scheduler.scale_model_input(x, t)
         s_g = _guidance_ge(scheduler, t, guidance_scale_ge, guidance_ge_interval)
-        k = step % len(phases)
+        k = order[step]
         corners, cond, ge_available = phases[k].corners, conds[k], phases[k].ge_available
         numerator = torch.zeros(channels, height, width, device=device)
         for start in range(0, len(corners), batch_size):
@@ -448,7 +505,7 @@ def denoise_canvas(
 
 
 def _denoise_in_bands(
-    pipe, scheduler, shape, phases, weight, workdir, settings, inputs, origin, *, progress, on_step,
+    pipe, scheduler, shape, phases, order, weight, workdir, settings, inputs, origin, *, progress, on_step,
     batch_size,
 ) -> DiskCanvas:  # fmt: skip
     """:func:`denoise_canvas` out of core (module docstring, "Memory"); arguments checked there.
@@ -502,7 +559,7 @@ def _denoise_in_bands(
     for step in pipe.progress_bar(remaining) if progress else remaining:
         t = timesteps[step]
         s_g = _guidance_ge(scheduler, t, guidance_ge, interval)
-        k = step % len(phases)
+        k = order[step]
         corners, cond, ge_available = phases[k].corners, conds[k], phases[k].ge_available
         batches, finals = row_batches[k]
         state = work.state(step) if step else None
@@ -595,6 +652,18 @@ def _phases(window_conditions, corners, ge_available, window: int, height: int, 
             raise ValueError(f"ge_available needs one value per window ({n}); got shape {mask.shape}")
         phases.append(_Phase(grid, cond, mask))
     return phases
+
+
+def _phase_order(phase_order, phases: int, steps: int) -> list[int]:
+    """The phase of each step: ``phase_order`` checked, or step ``k`` in phase ``k % phases``."""
+    if phase_order is None:
+        return [k % phases for k in range(steps)]
+    order = [int(k) for k in phase_order]
+    if len(order) != steps or any(not 0 <= k < phases for k in order):
+        raise ValueError(
+            f"phase_order needs one phase index in [0, {phases}) per step ({steps}); got {list(phase_order)}"
+        )
+    return order
 
 
 def _check_shapes(noise, known, keep, shape) -> None:

@@ -18,7 +18,11 @@ pasting an independent tile per spot (:func:`stmdit.sections.mosaic.synthesize_s
   instead of leaving a grid of soft seams at the stride. The canvas is then denoised padded by
   one stride on each side (the grids' edge windows, fixed at every step, lie mostly in the
   padding) and cropped back; its noise is the same position noise, so the section's pixels do
-  not depend on the padding.
+  not depend on the padding. The last quarter of the steps (:func:`patch_phase_steps`) is
+  fused from its offset's :func:`~stmdit.sections.seamless.patch_phase_grid` (``patch``
+  grids moved by 0 .. patch - 1 pixels): otherwise the model's patch grid, which restarts in
+  every window, is left at the last grids' stride (on her2st C4 it was most of the residual
+  seam score: bench/seams.py).
 * **Conditions.** Each window's expression is the Gaussian-kernel mean of the spots' log1p
   CP10k over the encoder's panel at the window centre (bandwidth half the spot pitch by
   default, radius 3 bandwidths), encoded by ``pipe.encode_expression``; windows with no spot in
@@ -45,7 +49,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import anndata as ad
 import numpy as np
@@ -78,6 +82,7 @@ from stmdit.sections.seamless import (
     interpolate_expression,
     pitch_um,
     window_grid,
+    window_schedule,
 )
 from stmdit.tiles import to_tensor, to_uint8
 
@@ -86,11 +91,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SectionCanvas",
+    "WindowSchedule",
     "canvas_pixels",
     "default_stride",
     "draw_canvas",
     "section_canvas",
     "section_result",
+    "patch_phase_steps",
     "section_settings",
     "spot_tiles",
     "synthesize_seamless",
@@ -101,6 +108,22 @@ RADIUS = 3.0  # bandwidths: spots farther from a window centre do not condition 
 FUSION_WEIGHTS = "cosine"
 INTERPOLATION = "gaussian kernel over spots in log1p CP10k, radius 3 bandwidths"
 OnStep = Callable[[int, int], None]
+# The share of the steps, the last ones, fused from every patch phase (bench/seams.py on her2st
+# C4: seam score 0.096 with the last step, 0.077 with 3 of 20, 0.073 with 5, real H&E 0.068).
+PATCH_PHASE_FRACTION = 0.25
+
+
+def patch_phase_steps(steps: int) -> int:
+    """How many of ``steps`` steps, the last ones, are fused from every patch phase."""
+    return min(steps, max(1, math.ceil(PATCH_PHASE_FRACTION * steps)))
+
+
+class WindowSchedule(NamedTuple):
+    """The window grids of a shifted-window denoising (distinct) and each step's index into them
+    (``denoise_canvas``'s ``corners`` and ``phase_order``)."""
+
+    grids: list[list[tuple[int, int]]]
+    order: list[int]
 
 
 def default_stride(window: int, patch_size: int) -> int:
@@ -121,8 +144,8 @@ class SectionCanvas:
     ``coverage``: the real tissue mask dilated by ``dilation`` pixels, within
     :data:`~stmdit.sections.metrics.SPOT_REACH` pitches of a spot (outside it is glass).
     ``corners``: the fixed window grid over the canvas. Shifted windows (``offsets`` not
-    None): the canvas is denoised padded by ``pad`` on each side, step ``k`` in the grid
-    :meth:`grids` ``[k % len(offsets)]`` of the padded canvas."""
+    None): the canvas is denoised padded by ``pad`` on each side, in the grids of
+    :meth:`schedule`."""
 
     store: DatasetStore
     sample: str
@@ -156,19 +179,29 @@ class SectionCanvas:
     def shifted(self) -> bool:
         return self.offsets is not None
 
-    def grids(self) -> list[list[tuple[int, int]]]:
-        """The shifted grids: :func:`window_grid` of the padded canvas moved by each offset."""
+    def schedule(self, steps: int, height: int | None = None, width: int | None = None) -> WindowSchedule:
+        """The shifted grids of ``steps`` denoising steps on the padded canvas, or on a padded
+        sub-canvas of ``height`` x ``width`` model units (padding included): step ``k`` in
+        :func:`window_grid` moved by ``offsets[k % len(offsets)]``, the last
+        :func:`patch_phase_steps` in that offset's patch-phase grid
+        (:func:`~stmdit.sections.seamless.window_schedule`)."""
         if self.offsets is None:
             raise ValueError("this canvas has a fixed window grid (section_canvas(shift_windows=False))")
-        h, w = self.height + 2 * self.pad, self.width + 2 * self.pad
-        return [window_grid(h, w, self.window, self.stride, offset) for offset in self.offsets]
+        h = self.height + 2 * self.pad if height is None else height
+        w = self.width + 2 * self.pad if width is None else width
+        return WindowSchedule(
+            *window_schedule(
+                h, w, self.window, self.stride, self.offsets, self.patch, steps, patch_phase_steps(steps)
+            )
+        )
 
-    def window_centres_um(self) -> np.ndarray | list[np.ndarray]:
+    def window_centres_um(self, steps: int) -> np.ndarray | list[np.ndarray]:
         """The centres of the windows the canvas is denoised in: of ``corners``, or of each
-        shifted grid (a list; padded-canvas corners, ``pad`` above and left of this canvas)."""
+        grid of :meth:`schedule` (a list; padded-canvas corners, ``pad`` above and left of this
+        canvas)."""
         if self.offsets is None:
             return self.centres_um(self.corners)
-        return [self.centres_um(grid, (-self.pad, -self.pad)) for grid in self.grids()]
+        return [self.centres_um(grid, (-self.pad, -self.pad)) for grid in self.schedule(steps).grids]
 
     def model_geometry(self) -> SectionGeometry:
         """The canvas in model units (a latent canvas: ``s`` times coarser than ``geometry``)."""
@@ -297,8 +330,8 @@ def draw_canvas(
     ``in_range`` (:func:`window_conditions` at the canvas' windows), noise
     :func:`position_noise` of ``seed``; with ``workdir``, out of core there (resumable,
     :func:`~stmdit.sections.seamless.denoise_canvas`). Lists of Conditions and masks (at
-    :meth:`SectionCanvas.window_centres_um` of a shifted canvas): denoised in the shifted grids
-    on the padded canvas, cropped back to the canvas."""
+    :meth:`SectionCanvas.window_centres_um` of a shifted canvas): denoised in the grids of
+    :meth:`SectionCanvas.schedule` on the padded canvas, cropped back to the canvas."""
     sampling = dict(
         seed=int(seed), num_inference_steps=steps, guidance_scale_morphology=guidance_morph,
         guidance_scale_ge=guidance_ge, ge_available=in_range, batch_size=batch_size, weights=FUSION_WEIGHTS,
@@ -307,15 +340,17 @@ def draw_canvas(
     if isinstance(cond, Condition):
         return denoise_canvas(pipe, canvas.height, canvas.width, cond, canvas.corners, **sampling)
     p = canvas.pad
-    if len(cond) != len(canvas.grids()):
-        raise ValueError(f"{len(cond)} Conditions for the canvas' {len(canvas.grids())} shifted grids")
+    schedule = canvas.schedule(steps)
+    if len(cond) != len(schedule.grids):
+        raise ValueError(f"{len(cond)} Conditions for the canvas' {len(schedule.grids)} shifted grids")
     padded = denoise_canvas(
         pipe,
         canvas.height + 2 * p,
         canvas.width + 2 * p,
         list(cond),
-        canvas.grids(),
+        schedule.grids,
         origin=(-p, -p),
+        phase_order=schedule.order,
         **sampling,
     )
     if isinstance(padded, DiskCanvas):
@@ -356,7 +391,7 @@ def section_settings(pipe, canvas: SectionCanvas, seed, guidance_ge, guidance_mo
         "stride": canvas.stride * canvas.s,
         "pixels_per_model_unit": canvas.s,
         "patch_size": canvas.patch,
-        **_window_counts(canvas, in_range),
+        **_window_counts(canvas, in_range, steps),
         "bandwidth_um": float(canvas.bandwidth),
         "pitch_um": float(canvas.pitch),
         "interpolation": INTERPOLATION,
@@ -367,6 +402,8 @@ def section_settings(pipe, canvas: SectionCanvas, seed, guidance_ge, guidance_mo
             {
                 "window_offsets_px": [[dy * canvas.s, dx * canvas.s] for dy, dx in canvas.offsets],
                 "padding_px": canvas.pad * canvas.s,
+                "patch_phase_steps": patch_phase_steps(steps),
+                "phase_order": canvas.schedule(steps).order,
             }
             if canvas.shifted
             else {}
@@ -374,13 +411,15 @@ def section_settings(pipe, canvas: SectionCanvas, seed, guidance_ge, guidance_mo
     }
 
 
-def _window_counts(canvas: SectionCanvas, in_range) -> dict:
-    """Windows per step and those without GE: of the fixed grid, or per shifted grid (a step's
-    mean, and the lists)."""
+def _window_counts(canvas: SectionCanvas, in_range, steps: int) -> dict:
+    """Windows per step and those without GE: of the fixed grid, or per shifted grid (the
+    lists, and their means over the steps, each grid weighted by the steps it denoises)."""
     if not isinstance(in_range, list):
         return {"n_windows": len(canvas.corners), "n_windows_without_ge": int((~np.asarray(in_range)).sum())}
     sizes, without = [len(m) for m in in_range], [int((~np.asarray(m)).sum()) for m in in_range]
-    return {"n_windows": round(float(np.mean(sizes))), "n_windows_without_ge": round(float(np.mean(without))),
+    order = canvas.schedule(steps).order
+    return {"n_windows": round(float(np.mean([sizes[k] for k in order]))),
+            "n_windows_without_ge": round(float(np.mean([without[k] for k in order]))),
             "n_windows_per_phase": sizes, "n_windows_without_ge_per_phase": without}  # fmt: skip
 
 
@@ -432,7 +471,7 @@ def synthesize_seamless(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     canvas = section_canvas(pipe, dataset, sample, use_morphology, stride, bandwidth_um, shift_windows)
-    cond, in_range = window_conditions(pipe, canvas, canvas.window_centres_um())
+    cond, in_range = window_conditions(pipe, canvas, canvas.window_centres_um(steps))
     model_canvas = draw_canvas(
         pipe, canvas, cond, in_range, seed, guidance_ge=guidance_ge, guidance_morph=guidance_morph, steps=steps,
         batch_size=batch_size, progress=progress, on_step=on_step, workdir=workdir,
