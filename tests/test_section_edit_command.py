@@ -96,6 +96,8 @@ def test_virtual_anchor_command_changes_the_region_only(simulator_section, tmp_p
     print(result.output)
     assert f"edit_slide: {out / 'section3_edit.ome.tif'}" in result.output
     assert "edit of section3 (anchor virtual, 16 spots, 2 seeds): haematoxylin" in result.output
+    # A bar over the edit's steps: two seeds, the unedited section and the region's redraw each.
+    assert "edit section3" in result.output and "16/16" in result.output
     names = {p.name for p in out.iterdir()}
     assert {"section3_edit.json", "section3_edit.ome.tif", "section3_edit.png", "section3_section.json",
             "section3_virtual.png", "section3_virtual.ome.tif", "section3_section.h5ad"} <= names  # fmt: skip

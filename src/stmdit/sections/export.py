@@ -24,6 +24,7 @@ section under edited expression and writes the edit's files beside these
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -198,6 +199,18 @@ def write_section_files(
     return paths
 
 
+@contextlib.contextmanager
+def _step_bar(description: str, enabled: bool):
+    """A bar over denoising steps; yields the ``on_step(done, total)`` that moves it."""
+    with tqdm(desc=description, unit="step", disable=not enabled) as bar:
+
+        def on_step(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield on_step
+
+
 def section_command(
     pipeline: str | os.PathLike,
     dataset: str | os.PathLike,
@@ -256,21 +269,17 @@ def section_command(
     common = {"guidance_ge": guidance_ge, "guidance_morph": guidance_morph, "steps": steps,
               "use_morphology": use_morphology, "batch_size": batch_size}  # fmt: skip
     if edit_config is not None:
-        edited = run_edit(pipe, dataset, sample, edit_config, stride=stride, bandwidth_um=bandwidth_um,
-                          predictor=predictor, progress=False, **common)  # fmt: skip
+        with _step_bar(f"edit {sample}", progress) as on_step:
+            edited = run_edit(pipe, dataset, sample, edit_config, stride=stride, bandwidth_um=bandwidth_um,
+                              predictor=predictor, progress=False, on_step=on_step, **common)  # fmt: skip
         paths = {}
         if edited.section is not None:
             paths = {**edited.section.save(out), **write_section_files(edited.section, out, spatialdata)}
         return {**paths, **edited.save(out)}
     if mode == "seamless":
         # Out of core under the output folder: memory bounded by the canvas' width, and a
-        # killed run resumes at its next step; a bar over the steps shows how far it is.
-        with tqdm(desc=f"section {sample}", unit="step", disable=not progress) as bar:
-
-            def on_step(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
+        # killed run resumes at its next step.
+        with _step_bar(f"section {sample}", progress) as on_step:
             result = synthesize_seamless(
                 pipe,
                 dataset,
