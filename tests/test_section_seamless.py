@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from stmdit import STMDiTPipeline, make_sampling_scheduler
 from stmdit.cli import app
 from stmdit.data.images import tissue_mask
+from stmdit.precision import resolve_precision
 from stmdit.sections.metrics import near_spots, tissue_coverage
 from stmdit.sections.mosaic import synthesize_section
 from stmdit.sections.seamless import pitch_um
@@ -71,6 +72,7 @@ def test_seamless_record(c2_seamless, tmp_path):
     settings = record["settings"]
     assert settings["mode"] == "seamless" and settings["window"] == 32 and settings["patch_size"] == 8
     assert settings["stride"] == 23 and settings["bandwidth_um"] == pytest.approx(settings["pitch_um"] / 2)
+    assert settings["precision"] == "fp32"  # the Python API's default
     assert settings["pitch_um"] == pytest.approx(200, rel=0.1)  # legacy ST: a 200 µm pitch
     assert "MultiDiffusion" in record["blending"] and "real tissue" in record["background"]
     metrics = record["metrics"]
@@ -128,6 +130,8 @@ def test_cli_seamless_and_spots(tiny_pipe, her2st_store, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "seamless" / "C2_section.json").read_text())
     assert record["settings"]["stride"] == 20 and record["settings"]["bandwidth_um"] == 150
+    # The CLI samples in --precision auto (bf16 on a CPU with bf16 units), and says so.
+    assert record["settings"]["precision"] == resolve_precision("auto")
     assert {p.name for p in (tmp_path / "seamless").iterdir()} >= {
         "C2_section.png",
         "C2_virtual.png",

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from stmdit import defaults
 from stmdit.io import atomic_path, safe_file_name, save_npy, write_json
+from stmdit.precision import current_default, resolve_precision
 from stmdit.tiles import to_tensor, to_uint8
 
 __all__ = [
@@ -424,6 +425,8 @@ def sampling_settings(pipe, store, sample, seed, guidance_ge, guidance_morph, st
         "guidance_morph": float(guidance_morph),
         "steps": int(steps),
         "use_morphology": bool(use_morphology),
+        # What the transformer ran in (the CLI's --precision auto is bf16 on CPUs with bf16 units).
+        "precision": resolve_precision(current_default(), next(pipe.transformer.parameters()).device),
         "pipeline_sha256": pipeline_fingerprint(pipe, use_morphology),
     }
 
