@@ -1,7 +1,7 @@
 """Training-batch read rates from a store: fully random rows vs block-shuffled requests vs
 contiguous reads vs rows in RAM, for latents, UNI-size embeddings and tiles.
 
-    python bench/loader.py [--spots 200000] [--tile-spots 20000] [--seconds 6] [--out DIR]
+    python bench/loader.py [--spots 200000] [--tile-spots N] [--seconds 6] [--out DIR]
 
 Arrays are written in the store's layout (zarr, 64-row chunks, zstd, done-markers, as
 ``prepare`` and ``encode`` write them) into ``--out`` (default a temporary folder, removed
@@ -145,7 +145,8 @@ def measure(array, seconds: float) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spots", type=int, default=200_000)
-    parser.add_argument("--tile-spots", type=int, default=20_000, help="256 px tiles: 196 kB a row raw")
+    parser.add_argument("--tile-spots", type=int, default=None,
+                        help="rows of 256 px tiles (196 kB a row raw, ~29 GiB at 200,000); default --spots")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--out", type=Path, default=None, help="keep the arrays here (default: temporary)")
     args = parser.parse_args()
@@ -153,7 +154,7 @@ def main() -> None:
     root = args.out or Path(tempfile.mkdtemp(prefix="stmdit-loader-"))
     try:
         start = time.perf_counter()
-        arrays = write_arrays(root, args.spots, args.tile_spots)
+        arrays = write_arrays(root, args.spots, args.tile_spots or args.spots)
         written = time.perf_counter() - start
         disk = {
             name: sum(f.stat().st_size for f in a.path.rglob("*") if f.is_file())
