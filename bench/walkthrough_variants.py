@@ -48,6 +48,9 @@ VARIANTS: dict[str, dict] = {
     # without and with the joint drop.
     "rates_0.1": {"p_drop_morphology": 0.1, "p_drop_ge": 0.1, "p_drop_both": 0.0},
     "rates_0.1_joint_0.1": {"p_drop_morphology": 0.1, "p_drop_ge": 0.1, "p_drop_both": 0.1},
+    # The walkthrough's store fits in memory, so access auto reads it in memory mode (the fully
+    # random batches of "independent"); this one forces the block-shuffled order.
+    "access_blocks": {"data": {"source": "store", "path": "outputs/her2st/dataset", "access": "blocks"}},
 }
 
 
