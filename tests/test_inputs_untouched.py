@@ -240,6 +240,18 @@ def test_section_does_not_write_into_the_pipeline_or_the_dataset(her2st_store, p
     assert (tmp_path / "out" / f"{sample}_section.json").is_file()
 
 
+def test_a_section_edit_does_not_write_into_its_inputs(her2st_store, pipeline, predictor, tmp_path):
+    sample = HER2ST_SECTIONS[-1]
+    spots = [name for name in map(str, her2st_store.spots().obs_names) if name.startswith(f"{sample}:")][:3]
+    edit = write_config(tmp_path / "edit", "edit.yaml", {"region": {"spots": spots}, "anchor": "real", "seeds": [0],
+                                                          "changes": [{"genes": ["ERBB2"], "mode": "knockout"}]})  # fmt: skip
+    inputs = (pipeline, predictor, tmp_path / "edit", her2st_store.root, *store_sources(her2st_store))
+    with untouched("stmdit section --edit", *inputs, shared=(her2st_store.root,)):
+        invoke("section", pipeline, "--dataset", her2st_store.root, "--sample", sample, "--out", tmp_path / "out",
+               "--steps", "1", "--edit", edit, "--predictor", predictor)  # fmt: skip
+    assert (tmp_path / "out" / f"{sample}_edit.json").is_file()
+
+
 def test_simulate_does_not_write_into_the_pipeline_or_the_data(her2st_store, pipeline, tiny_pipe, tmp_path):
     spot = str(her2st_store.spots().obs_names[her2st_store.rows("test")[0]])
     gene = tiny_pipe.ge_encoder.genes[0]

@@ -203,6 +203,14 @@ def test_a_shifted_run_resumes(pipes, small_chunks, tmp_path):
         denoise_canvas(pipe, h, w, changes.get("conds", conds), changes.get("corners", GRIDS),
                        ge_available=changes.get("masks", masks), workdir=workdir, on_step=on_step, **kwargs)  # fmt: skip
         assert calls == [(1, 3), (2, 3), (3, 3)], changes
+    # The same grids in another order of steps: started over, not the finished canvas of before.
+    denoise_canvas(pipe, h, w, conds, GRIDS, ge_available=masks, workdir=workdir, **SHIFTED)
+    calls, on_step = steps_seen()
+    reordered = denoise_canvas(pipe, h, w, conds, GRIDS, ge_available=masks, workdir=workdir, on_step=on_step,
+                               phase_order=[3, 3, 0], **SHIFTED)  # fmt: skip
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    expected = denoise_canvas(pipe, h, w, conds, GRIDS, ge_available=masks, phase_order=[3, 3, 0], **SHIFTED)
+    assert torch.equal(reordered.load(), expected.float())
 
 
 def test_bad_phases_are_refused(pipes):
@@ -347,7 +355,9 @@ def test_a_section_is_drawn_in_shifted_windows_by_default(tiny_pipe, her2st_stor
     # One step: it is the last quarter, fused from the patch-phase grid of the first offset.
     assert settings["patch_phase_steps"] == 1 and settings["phase_order"] == [8]
     assert len(settings["n_windows_per_phase"]) == 9
-    assert settings["n_windows"] == settings["n_windows_per_phase"][8] > 3 * settings["n_windows_per_phase"][0]
+    assert (
+        settings["n_windows"] == settings["n_windows_per_phase"][8] > 3 * settings["n_windows_per_phase"][0]
+    )
     on_disk = synthesize_seamless(tiny_pipe, her2st_store, "C2", workdir=tmp_path / "w", **kwargs)
     assert on_disk.virtual.shape == shifted.virtual.shape
     assert int(abs(on_disk.virtual.astype(int) - shifted.virtual).max()) <= 1

@@ -25,9 +25,9 @@ vocabulary and an anchor. :func:`run_edit` lays out the section's seamless canva
   plus a window of context on each side, with the full canvas' noise there
   (:func:`~stmdit.sections.seamless.position_noise`) and in the shifted window grids the
   section is drawn in (on the sub-canvas padded as the section is): outside it the imposed
-  canvas is kept exactly, so nothing further away could change. A latent model's decoded redraw is blended
-  into the anchor's pixels with ``keep`` at pixel scale (the VAE decoder sees the whole window,
-  so decoded pixels beside the region would otherwise differ slightly).
+  canvas is kept exactly, so nothing further away could change. A latent model's decoded
+  redraw is blended into the anchor's pixels with ``keep`` at pixel scale (the VAE decoder
+  sees the whole window, so decoded pixels beside the region would otherwise differ slightly).
 * **Measurements.** Inside the region, on the edited and the unedited image of every seed:
   haematoxylin, eosin and brown densities and nuclei per area
   (:func:`~stmdit.experiments.simulate.tile_statistics` on the region's bounding box with the

@@ -118,12 +118,12 @@ __all__ = [
     "denoise_canvas",
     "expression_for_encoder",
     "grid_offsets",
-    "patch_phase_grid",
-    "window_schedule",
     "interpolate_expression",
+    "patch_phase_grid",
     "pitch_um",
     "position_noise",
     "window_grid",
+    "window_schedule",
 ]
 
 NOISE_BLOCK = 64  # canvas pixels (or latents) per side of one noise block
@@ -404,7 +404,8 @@ def denoise_canvas(
     one bool per window of its grid). Step ``k`` is denoised from phase ``k % len(corners)``:
     its windows, their condition rows and GE mask; ``phase_order`` (one phase index per step)
     chooses the phase of each step instead, e.g. to fuse the last steps from
-    :func:`patch_phase_grid` s. Every phase's windows must lie inside the canvas and cover it. ``origin`` ``(y, x)``: where the canvas' top-left pixel lies in the
+    :func:`patch_phase_grid` s. Every phase's windows must lie inside the canvas and cover it.
+    ``origin`` ``(y, x)``: where the canvas' top-left pixel lies in the
     absolute positions of :func:`position_noise` (default noise only), e.g. ``(-pad, -pad)``
     for a canvas padded by ``pad`` on each side, so that the pixels of the unpadded region get
     the noise they have without the padding.
